@@ -1,0 +1,40 @@
+# Everything TT CI needs on a Debian 12 host, installed by the project itself.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := \
+	qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils \
+	qemu-user-static binfmt-support mmdebstrap arch-test e2fsprogs xz-utils zstd kmod cpio \
+	openssh-client openssh-server libvirt-daemon-system libvirt-dev pkg-config gcc \
+	nftables iproute2 python3-venv debian-archive-keyring ca-certificates
+
+.PHONY: deps venv install demo test lint clean
+
+deps: .deps-stamp
+.deps-stamp:
+	DEBIAN_FRONTEND=noninteractive apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	touch $@
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+venv: $(PY)
+
+install: deps venv
+	$(PY) -m pip install -q -e '.[dev]'
+
+# The main job on the embedded default: build images, boot fresh VMs, run a small os x arch matrix.
+demo: install
+	$(VENV)/bin/tt demo
+
+# The whole test suite: lint, pure tests, real image builds and real VM boots.
+test: install
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .deps-stamp .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""hostd: everything one host owns (images, VMs, agent connections)."""

@@ -1,0 +1,8 @@
+#!/usr/bin/python3 -S
+"""Launcher of the guest agent; the ttci package sits beside this file."""
+
+import sys
+
+from ttci.guest_agent import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image building and the image catalogue."""

@@ -1,0 +1,59 @@
+"""`tt image check`: boot an image and ask its agent `uname -m`, timing the first answer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostd.accel import probe_kvm
+from hostd.direct_vm import boot
+from hostd.images.catalogue import Image
+from ttci.arch import Arch
+from ttci.errors import BootError
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    accel: str
+    accel_why: str
+    machine: str
+    expected: str
+    first_answer_s: float
+    uname_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.machine == self.expected
+
+    def to_dict(self) -> dict[str, object]:
+        return {**self.__dict__, "ok": self.ok}
+
+
+def choose_accel(image: Image, state_dir: Path | None) -> tuple[str, str]:
+    cache = state_dir / "kvm-probe.json" if state_dir else None
+    ok, why = probe_kvm(image, cache)
+    return ("kvm" if ok else "tcg"), why
+
+
+def check_image(image: Image, *, state_dir: Path | None = None, timeout: float = 90) -> CheckResult:
+    """Raises BootError (with the console's last lines) when the agent never answers."""
+    accel, why = choose_accel(image, state_dir)
+    arch = Arch.parse(image.manifest.arch)
+    with boot(image.manifest, image.path, accel=accel) as vm, vm.connect(timeout=timeout) as agent:
+        first = time.monotonic() - vm.started
+        t0 = time.monotonic()
+        status, out, err = agent.output(["uname", "-m"])
+        took = time.monotonic() - t0
+    if not status.ok:
+        raise BootError(f"uname -m failed in {image.name}: {err.decode(errors='replace')}")
+    return CheckResult(
+        name=image.name,
+        accel=accel,
+        accel_why=why,
+        machine=out.decode().strip(),
+        expected=arch.row.uname,
+        first_answer_s=first,
+        uname_s=took,
+    )

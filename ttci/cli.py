@@ -1,0 +1,23 @@
+"""`tt`: the user's command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from hostd import image_cli
+from ttci import __version__, demo
+from ttci.entry import run_cli
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tt", description="TT CI: fresh VMs for every CI job")
+    p.add_argument("--version", action="version", version=f"tt {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    image_cli.register(sub)
+    demo.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(make_parser(), argv)

@@ -1,0 +1,144 @@
+"""The one place that runs subprocesses: argv lists, fixed environment, typed errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from ttci.errors import CommandFailed, MissingTool
+
+log = logging.getLogger("ttci.run")
+
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "HOME": "/root",
+}
+
+# Which Debian package brings each tool we call: used in "missing tool" hints.
+TOOL_PACKAGES = {
+    "mmdebstrap": "mmdebstrap",
+    "qemu-img": "qemu-utils",
+    "mkfs.ext4": "e2fsprogs",
+    "depmod": "kmod",
+    "cpio": "cpio",
+    "update-binfmts": "binfmt-support",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-system-i386": "qemu-system-x86",
+    "qemu-system-aarch64": "qemu-system-arm",
+    "qemu-system-arm": "qemu-system-arm",
+    "qemu-system-ppc64": "qemu-system-ppc",
+    "qemu-system-s390x": "qemu-system-misc",
+    "qemu-system-riscv64": "qemu-system-misc",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+}
+
+
+def need(tool: str) -> str:
+    """Return the tool's path or raise MissingTool naming the package to install."""
+    path = shutil.which(tool, path=BASE_ENV["PATH"])
+    if path is None:
+        pkg = TOOL_PACKAGES.get(tool, tool)
+        raise MissingTool(
+            f"{tool} is not installed",
+            hint=f"run `make deps` or `apt-get install {pkg}`",
+        )
+    return path
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(BASE_ENV)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    input: bytes | None = None,
+    timeout: float | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command to completion, capturing its output.
+
+    Raises:
+        CommandFailed: non-zero exit (with check) or timeout; the message quotes stderr's tail.
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    try:
+        proc = subprocess.run(
+            args,
+            env=_env(env),
+            cwd=cwd,
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(f"{shlex.join(args)} timed out after {timeout} s") from e
+    except FileNotFoundError as e:
+        need(args[0])
+        raise CommandFailed(f"{args[0]}: {e}") from e
+    if check and proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-2000:]
+        raise CommandFailed(f"{shlex.join(args)} exited with {proc.returncode}: {tail}")
+    return proc
+
+
+def run_streaming(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    on_line: Callable[[str], None],
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> None:
+    """Run a long command, handing each line of its merged output to on_line (progress).
+
+    The child is killed if we are interrupted, so no build outlives its caller.
+
+    Raises:
+        CommandFailed: non-zero exit; the message quotes the last lines printed.
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    tail: list[str] = []
+    try:
+        proc = subprocess.Popen(
+            args,
+            env=_env(env),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as e:
+        need(args[0])
+        raise CommandFailed(f"{args[0]}: {e}") from e
+    try:
+        for raw in proc.stdout or ():
+            line = raw.decode(errors="replace").rstrip()
+            tail = [*tail[-19:], line]
+            on_line(line)
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if rc != 0:
+        raise CommandFailed(f"{shlex.join(args)} exited with {rc}:\n" + "\n".join(tail))

@@ -278,11 +278,15 @@ class Agent:
 
 
 def serve(path: str, token: str | None) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    serve_fd(os.open(path, os.O_RDWR | os.O_CLOEXEC), token)
+
+
+def serve_fd(fd: int, token: str | None, stop: threading.Event | None = None) -> None:
+    """Serve the protocol on fd until stop is set (never, in a guest)."""
     link = Link(fd)
     agent = Agent(link, token)
     decoder = Decoder()
-    while True:
+    while stop is None or not stop.is_set():
         data = os.read(fd, READ_SIZE)
         if not data:  # no host connected: the port reads EOF until one is
             decoder.reset()

@@ -6,7 +6,7 @@ APT_PACKAGES := \
 	qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils \
 	qemu-user-static binfmt-support mmdebstrap arch-test e2fsprogs xz-utils zstd kmod cpio \
 	openssh-client openssh-server libvirt-daemon-system libvirt-dev pkg-config gcc \
-	nftables iproute2 python3-venv debian-archive-keyring ca-certificates
+	nftables iproute2 python3-venv dpkg-dev openssl debian-archive-keyring ca-certificates
 
 .PHONY: deps venv install demo test lint clean
 

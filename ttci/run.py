@@ -15,7 +15,10 @@ from ttci.errors import CommandFailed, MissingTool
 log = logging.getLogger("ttci.run")
 
 BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    # TT_TOOL_PATH lets an operator point at tools installed elsewhere.
+    "PATH": os.environ.get(
+        "TT_TOOL_PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    ),
     "LANG": "C.UTF-8",
     "LC_ALL": "C.UTF-8",
     "HOME": "/root",

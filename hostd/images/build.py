@@ -17,11 +17,11 @@ from pathlib import Path
 
 import ttci
 from hostd.images import cpio
-from hostd.images.binfmt import foreign_binaries
+from hostd.images.binfmt import foreign_binaries, restore_leftovers
 from hostd.images.fs import atomic_replace_dir, free_bytes, safe_rmtree
 from hostd.images.modules import load_order, parse_builtin, parse_modules_dep
 from hostd.images.recipe import BuildSpec
-from ttci.errors import ImageError
+from ttci.errors import BadInput, ImageError
 from ttci.log import step
 from ttci.manifest import MANIFEST_FILE, FileEntry, Manifest, parse_dpkg_status
 from ttci.protocol import PROTOCOL_VERSION
@@ -68,7 +68,7 @@ def _digest_adds(spec: BuildSpec) -> str:
     h = hashlib.sha256()
     for add in spec.adds:
         if not add.src.exists():
-            raise ImageError(f"--add source {add.src} does not exist", hint="check the path")
+            raise BadInput(f"--add source {add.src} does not exist", hint="check the path")
         h.update(f"{add.dest}\0".encode())
         paths = [add.src] if add.src.is_file() else sorted(p for p in add.src.rglob("*"))
         for p in paths:
@@ -258,6 +258,7 @@ def build_image(
     key = spec.inputs_key(_digest_files(files), _digest_adds(spec))
     final = image_path / spec.name.dirname
     with _build_lock(cache_dir):
+        restore_leftovers(cache_dir)
         _clean_stale([image_path, cache_dir])
         old = existing_manifest(final)
         if (
@@ -277,7 +278,7 @@ def build_image(
             work.mkdir()
             with step(log, f"{spec.name}: kernel {spec.arch.row.kernel_package}"):
                 ktree = _cached_tree(cache_dir, "kernel", spec.kernel_key(), spec.kernel_argv)
-            stack.enter_context(foreign_binaries(spec.arch))
+            stack.enter_context(foreign_binaries(spec.arch, cache_dir))
             with step(log, f"{spec.name}: rootfs ({spec.release.suite}, mmdebstrap)"):
                 rtree = _cached_tree(cache_dir, "rootfs", spec.rootfs_key(), spec.rootfs_argv)
             root = work / "root"

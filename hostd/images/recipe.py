@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ttci.arch import Arch
 from ttci.errors import BadInput
 from ttci.naming import DEFAULT_PROFILE, ImageName, Release, parse_profile
-from ttci.protocol import PORT_NAME, PROTOCOL_VERSION
+from ttci.protocol import PROTOCOL_VERSION
 
 BUILDER_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -103,7 +104,7 @@ class BuildSpec:
                 "arch": self.arch.value,
                 "packages": self.all_packages(),
                 "mirror": self.mirror,
-                "hooks": _ROOTFS_HOOKS,
+                "hooks": (_ESSENTIAL_HOOKS, _ROOTFS_HOOKS),  # templates: no venv path
             }
         )
 
@@ -148,7 +149,9 @@ class BuildSpec:
             "--dpkgopt=path-exclude=/usr/share/locale/*",
         ]
         argv += [f"--aptopt={o}" for o in self.apt_options()]
-        argv += [f"--customize-hook={hook}" for hook in _ROOTFS_HOOKS]
+        argv += ["--hook-directory=/usr/share/mmdebstrap/hooks/eatmydata"]
+        argv += [f"--essential-hook={h}" for h in _ESSENTIAL_HOOKS]
+        argv += [f"--customize-hook={h.format(python=sys.executable)}" for h in _ROOTFS_HOOKS]
         argv += [self.release.suite, str(target), self.mirror]
         return argv
 
@@ -175,8 +178,17 @@ class BuildSpec:
         return " ".join(words)
 
 
-# Run by mmdebstrap inside the new rootfs ("$1" is its path). Users, host name, fstab.
+# update-ca-certificates takes ~65 s under qemu-user: divert it to a no-op during the install and
+# do its work natively afterwards (hostd.images.cacerts).
+_UCC = "/usr/sbin/update-ca-certificates"
+_ESSENTIAL_HOOKS = (
+    f'chroot "$1" dpkg-divert --quiet --local --rename --add {_UCC}',
+    f'printf "#!/bin/sh\\nexit 0\\n" > "$1{_UCC}"; chmod 755 "$1{_UCC}"',
+)
+# Run by mmdebstrap inside the new rootfs ("$1" is its path). Users, host name, fstab, CA certs.
 _ROOTFS_HOOKS = (
+    f'rm -f "$1{_UCC}"; chroot "$1" dpkg-divert --quiet --local --rename --remove {_UCC}',
+    '{python} -m hostd.images.cacerts "$1"',
     'chroot "$1" useradd --create-home --shell /bin/bash --uid 1000 --user-group ci',
     'chroot "$1" passwd --delete root',
     'echo tt-guest > "$1/etc/hostname"',
@@ -189,14 +201,3 @@ _ROOTFS_HOOKS = (
 def _key(obj: object) -> str:
     data = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class GuestFile:
-    dest: str
-    mode: int
-    content: bytes = field(repr=False)
-
-
-def agent_port_name() -> str:
-    return PORT_NAME

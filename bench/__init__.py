@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table, compares against its baseline in the same run."""

@@ -1,0 +1,156 @@
+"""Boot benchmark: time to first agent answer per image, against ssh into a systemd guest.
+
+    python bench/boot.py [--runs 3] [--json out.json] [--build]
+
+For every default image: median time from starting QEMU to the agent's first answer. In the same
+run, the amd64 image built with the `systemd` profile and sshd: time until `ssh true` works (how
+GitLab's documented libvirt executor waits for its VMs), and until its agent answers. With
+--build, the nine images are first rebuilt from an empty cache and the build times reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import bench_key, free_port, median, print_table, wait_ssh, write_json
+from hostd.direct_vm import boot
+from hostd.images.build import build_image
+from hostd.images.catalogue import Image
+from hostd.images.check import choose_accel
+from hostd.images.recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
+from ttci.log import setup_logging
+from ttci.naming import parse_arch, parse_release
+
+
+def agent_boot(image: Image, accel: str) -> float:
+    with boot(image.manifest, image.path, accel=accel) as vm, vm.connect(timeout=120) as agent:
+        first = time.monotonic() - vm.started
+        status, _, _ = agent.output(["true"])
+        assert status.ok
+        return first
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=3, help="boots per image (median reported)")
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--image-path", type=Path, default=Path("/var/lib/ttci/images"))
+    p.add_argument("--cache-dir", type=Path, default=Path("/var/cache/ttci"))
+    p.add_argument("--build", action="store_true", help="rebuild all images from an empty cache")
+    p.add_argument("--only", action="append", help="only these arches (e.g. amd64)")
+    args = p.parse_args()
+    setup_logging()
+    targets = [(r, a) for r, a in DEFAULT_TARGETS if not args.only or a.value in args.only]
+
+    build_rows, build_times = [], {}
+    image_path, cache_dir = args.image_path, args.cache_dir
+    if args.build:
+        tmp = Path(tempfile.mkdtemp(prefix="tt-bench-build-", dir="/var/tmp"))
+        image_path, cache_dir = tmp / "images", tmp / "cache"
+    total0 = time.monotonic()
+    images: list[Image] = []
+    for release, arch in targets:
+        spec = BuildSpec(parse_release(release), arch)
+        t0 = time.monotonic()
+        manifest, _ = build_image(spec, image_path, cache_dir)
+        build_times[str(spec.name)] = time.monotonic() - t0
+        images.append(Image(manifest, image_path / spec.name.dirname))
+        build_rows.append(
+            [
+                str(spec.name),
+                f"{build_times[str(spec.name)]:.0f} s",
+                "native" if arch.is_native() else "foreign (qemu-user)",
+            ]
+        )
+    total_build = time.monotonic() - total0
+
+    rows, results = [], []
+    amd64_agent = None
+    for image in images:
+        accel, _ = choose_accel(image, None)
+        times = [agent_boot(image, accel) for _ in range(args.runs)]
+        med = median(times)
+        if image.name == "qemu:debian-12:amd64":
+            amd64_agent = med
+        results.append(
+            {"image": image.name, "accel": accel, "agent_first_answer_s": times, "median_s": med}
+        )
+        rows.append(
+            [
+                image.name,
+                accel,
+                f"{med:.2f} s",
+                " ".join(f"{t:.2f}" for t in times),
+                "yes" if med <= 4.0 else "no",
+            ]
+        )
+    print_table(
+        "time to first agent answer (target <= 4 s)",
+        ["image", "accel", "median", "runs", "<= 4 s"],
+        rows,
+    )
+
+    # The ssh baseline: the same Debian on amd64, booted with systemd and sshd.
+    key = bench_key(args.cache_dir)
+    sd_spec = BuildSpec(
+        parse_release("debian-12"),
+        parse_arch("amd64"),
+        profile="systemd",
+        adds=(AddedFile(key.with_suffix(".pub"), "/root/.ssh/authorized_keys"),),
+    )
+    sd_manifest, _ = build_image(sd_spec, args.image_path, args.cache_dir)
+    sd_image = Image(sd_manifest, args.image_path / sd_spec.name.dirname)
+    accel, _ = choose_accel(sd_image, None)
+    ssh_runs = []
+    for _ in range(args.runs):
+        port = free_port()
+        with boot(sd_manifest, sd_image.path, accel=accel, ssh_forward_port=port) as vm:
+            wait_ssh(key, port, timeout=180)
+            ssh_runs.append(time.monotonic() - vm.started)
+    ssh_med = median(ssh_runs)
+    ratio = ssh_med / amd64_agent if amd64_agent else float("nan")
+    print_table(
+        "amd64: agent (default profile) vs ssh into a systemd guest (target >= 3x)",
+        ["path", "median", "runs"],
+        [
+            ["agent, default profile", f"{amd64_agent or float('nan'):.2f} s", ""],
+            [
+                "ssh true, systemd + sshd",
+                f"{ssh_med:.2f} s",
+                " ".join(f"{t:.2f}" for t in ssh_runs),
+            ],
+            ["ratio ssh / agent", f"{ratio:.1f}x", "yes" if ratio >= 3 else "no"],
+        ],
+    )
+    if args.build:
+        foreign = [
+            t for (r, a), t in zip(targets, build_times.values(), strict=True) if not a.is_native()
+        ]
+        build_rows.append(["all images", f"{total_build:.0f} s", "target <= 900 s"])
+        build_rows.append(
+            ["slowest foreign build", f"{max(foreign, default=0):.0f} s", "target <= 120 s"]
+        )
+        print_table("image builds from an empty cache", ["image", "time", "note"], build_rows)
+    write_json(
+        args.json,
+        {
+            "boot": results,
+            "ssh_runs_s": ssh_runs,
+            "ssh_median_s": ssh_med,
+            "agent_amd64_median_s": amd64_agent,
+            "ssh_over_agent": ratio,
+            "build_s": build_times if args.build else None,
+            "build_total_s": total_build if args.build else None,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

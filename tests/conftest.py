@@ -1,0 +1,33 @@
+"""Shared fixtures. Images are built once per machine into TT_TEST_IMAGE_PATH (cached across runs:
+an unchanged image is not rebuilt) with the build cache in TT_TEST_CACHE_DIR."""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostd.images.build import build_image
+from hostd.images.catalogue import Image
+from hostd.images.recipe import BuildSpec
+from ttci.log import setup_logging
+from ttci.naming import parse_arch, parse_release
+
+IMAGE_PATH = Path(os.environ.get("TT_TEST_IMAGE_PATH", "/var/lib/ttci/images"))
+CACHE_DIR = Path(os.environ.get("TT_TEST_CACHE_DIR", "/var/cache/ttci"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    setup_logging()
+
+
+def built_image(release: str, arch: str, profile: str = "agent") -> Image:
+    spec = BuildSpec(parse_release(release), parse_arch(arch), profile=profile)
+    manifest, _ = build_image(spec, IMAGE_PATH, CACHE_DIR)
+    return Image(manifest, IMAGE_PATH / spec.name.dirname)
+
+
+@pytest.fixture(scope="session")
+def amd64_image() -> Iterator[Image]:
+    yield built_image("debian-12", "amd64")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from hostd.images.build import build_image
+from hostd.images.build import Builder
 from hostd.images.catalogue import find, scan
 from hostd.images.check import CheckResult, check_image
 from hostd.images.recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
 from ttci.errors import BadInput, TTError
+from ttci.manifest import Manifest
 from ttci.naming import parse_arch, parse_profile, parse_release
 from ttci.settings import add_setting
 
@@ -52,6 +54,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     b.add_argument("--size", default="4G", help="disk size of the image (default 4G)")
     b.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
+    b.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="images built at once (default: one per core)",
+    )
     b.add_argument("--json", action="store_true", help="print manifests as JSON")
     for s in ("image-path", "cache-dir", "mirror"):
         add_setting(b, s)
@@ -101,20 +110,30 @@ def specs_from_args(args: argparse.Namespace) -> list[BuildSpec]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    specs = specs_from_args(args)
-    manifests = []
-    for n, spec in enumerate(specs, 1):
-        out.print(f"[bold]({n}/{len(specs)}) building {spec.name}[/bold]", highlight=False)
-        manifest, built = build_image(spec, args.image_path, args.cache_dir, force=args.force)
-        manifests.append(manifest.to_dict())
+    specs = list(dict.fromkeys(specs_from_args(args)))
+    if args.jobs < 1:
+        raise BadInput(f"--jobs {args.jobs} is below 1", hint="pass --jobs 1 or more")
+    names = ", ".join(str(s.name) for s in specs)
+    out.print(
+        f"[bold]building {len(specs)} image(s), {args.jobs} at a time:[/bold] {names}",
+        highlight=False,
+    )
+    done = 0
+
+    def report(manifest: Manifest, built: bool) -> None:
+        nonlocal done
+        done += 1
         word = "built" if built else "up to date"
         out.print(
-            f"  {manifest.name}: {word}, disk {manifest.disk.size >> 20} MiB, "
-            f"kernel {manifest.kernel_version}",
+            f"({done}/{len(specs)}) {manifest.name}: {word}, disk "
+            f"{manifest.disk.size >> 20} MiB, kernel {manifest.kernel_version}",
             highlight=False,
         )
+
+    builder = Builder(args.image_path, args.cache_dir)
+    results = builder.build_many(specs, force=args.force, jobs=args.jobs, on_done=report)
     if args.json:
-        print(json.dumps(manifests, indent=2))
+        print(json.dumps([m.to_dict() for m, _ in results], indent=2))
     return 0
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from hostd.images.build import build_image
+from hostd.images.build import Builder, build_image
 from hostd.images.catalogue import Image
-from hostd.images.recipe import BuildSpec
+from hostd.images.recipe import DEFAULT_TARGETS, BuildSpec
 from ttci.log import setup_logging
 from ttci.naming import parse_arch, parse_release
 
@@ -31,3 +31,11 @@ def built_image(release: str, arch: str, profile: str = "agent") -> Image:
 @pytest.fixture(scope="session")
 def amd64_image() -> Iterator[Image]:
     yield built_image("debian-12", "amd64")
+
+
+@pytest.fixture(scope="session")
+def default_images() -> dict[str, Image]:
+    """The nine default images, built two at a time (one per core) on a fresh machine."""
+    specs = [BuildSpec(parse_release(r), a) for r, a in DEFAULT_TARGETS]
+    results = Builder(IMAGE_PATH, CACHE_DIR).build_many(specs, jobs=os.cpu_count() or 1)
+    return {m.name: Image(m, IMAGE_PATH / m.image_name.dirname) for m, _ in results}

@@ -12,7 +12,7 @@ from hostd.direct_vm import boot
 from hostd.images.catalogue import Image, scan
 from hostd.images.check import check_image
 from hostd.images.recipe import DEFAULT_TARGETS
-from tests.conftest import IMAGE_PATH, built_image
+from tests.conftest import IMAGE_PATH
 from ttci.arch import Arch
 
 pytestmark = [pytest.mark.vm, pytest.mark.image]
@@ -22,8 +22,10 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     ("release", "arch"), DEFAULT_TARGETS, ids=[f"{r}-{a.value}" for r, a in DEFAULT_TARGETS]
 )
-def test_image_builds_and_boots_to_its_agent(release: str, arch: Arch, tmp_path: Path) -> None:
-    image = built_image(release, arch.value)
+def test_image_builds_and_boots_to_its_agent(
+    release: str, arch: Arch, tmp_path: Path, default_images: dict[str, Image]
+) -> None:
+    image = default_images[f"qemu:{release}:{arch.value}"]
     m = image.manifest
     assert m.name == f"qemu:{release}:{arch.value}"
     assert any(p.startswith(("python3=", f"python3:{arch.value}=")) for p in m.packages)

@@ -314,7 +314,12 @@ def main() -> int:
             return 1
         time.sleep(0.01)
         path = find_port()
-    print(f"tt-agent {__version__}: serving on {path}", file=sys.stderr, flush=True)
+    try:
+        with open("/proc/uptime") as f:
+            up = f.read().split()[0]
+    except OSError:
+        up = "?"
+    print(f"tt-agent {__version__}: serving on {path} at {up} s", file=sys.stderr, flush=True)
     serve(path, token)
     return 0
 

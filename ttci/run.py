@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -106,13 +107,16 @@ def run_streaming(
     on_line: Callable[[str], None],
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Run a long command, handing each line of its merged output to on_line (progress).
 
-    The child is killed if we are interrupted, so no build outlives its caller.
+    The child is terminated if we are interrupted or `cancel` is set, so no build outlives its
+    caller.
 
     Raises:
         CommandFailed: non-zero exit; the message quotes the last lines printed.
+        KeyboardInterrupt: cancel was set (the child has been stopped).
     """
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
@@ -129,6 +133,16 @@ def run_streaming(
     except FileNotFoundError as e:
         need(args[0])
         raise CommandFailed(f"{args[0]}: {e}") from e
+    done = threading.Event()
+
+    def watch() -> None:
+        while cancel is not None and not done.wait(0.2):
+            if cancel.is_set():
+                proc.terminate()
+                return
+
+    if cancel is not None:
+        threading.Thread(target=watch, daemon=True).start()
     try:
         for raw in proc.stdout or ():
             line = raw.decode(errors="replace").rstrip()
@@ -143,5 +157,9 @@ def run_streaming(
             proc.kill()
             proc.wait()
         raise
+    finally:
+        done.set()
+    if cancel is not None and cancel.is_set():
+        raise KeyboardInterrupt(f"{args[0]} cancelled")
     if rc != 0:
         raise CommandFailed(f"{shlex.join(args)} exited with {rc}:\n" + "\n".join(tail))

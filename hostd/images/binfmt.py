@@ -1,7 +1,8 @@
 """binfmt_misc for foreign-architecture builds, restored to how we found it.
 
-What we change is written to a journal in the build cache *before* we change it, so a build that
-was SIGKILLed is undone by the next build (`restore_leftovers`).
+Several builds may run at once: the manager counts users per entry and undoes a change when the
+last user is done. What we change is written to a journal in the build cache *before* we change
+it, so a build that was SIGKILLed is undone by the next build (`restore_leftovers`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,31 +53,68 @@ def restore_leftovers(cache_dir: Path) -> None:
     journal.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def foreign_binaries(arch: Arch, cache_dir: Path) -> Iterator[None]:
-    """Make arch's binaries runnable (qemu-user) for the duration; undo what we changed."""
-    if arch.is_native():
-        yield
-        return
-    name = arch.row.qemu_user
-    need(f"qemu-{name}-static")
-    need("update-binfmts")
-    journal = cache_dir / JOURNAL
-    mount_it = not _mounted()
-    enable = [] if not mount_it and _enabled(name) else [name]
-    journal.write_text(json.dumps({"mounted": mount_it, "enabled": enable}))
-    try:
-        if mount_it:
-            run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)])
-        if enable:
-            run(["update-binfmts", "--enable", f"qemu-{name}"])
+class Binfmt:
+    """Process-wide owner of our binfmt_misc changes for one build cache."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.journal = cache_dir / JOURNAL
+        self._lock = threading.Lock()
+        self._users: dict[str, int] = {}
+        self._mounted_here = False
+        self._enabled_here: list[str] = []
+
+    def _write_journal(self) -> None:
+        if self._mounted_here or self._enabled_here:
+            self.journal.write_text(
+                json.dumps({"mounted": self._mounted_here, "enabled": self._enabled_here})
+            )
+        else:
+            self.journal.unlink(missing_ok=True)
+
+    def _acquire(self, name: str) -> None:
+        with self._lock:
+            self._users[name] = self._users.get(name, 0) + 1
+            if self._users[name] > 1:
+                return
+            if not _mounted():
+                self._mounted_here = True
+                self._write_journal()
+                run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)])
             if not _enabled(name):
-                raise ImageError(
-                    f"binfmt_misc entry qemu-{name} did not enable",
-                    hint="apt-get install qemu-user-static binfmt-support",
-                )
-        log.info("binfmt: qemu-%s enabled for the build", name)
-        yield
-    finally:
-        _undo(mount_it, enable)
-        journal.unlink(missing_ok=True)
+                self._enabled_here.append(name)
+                self._write_journal()
+                run(["update-binfmts", "--enable", f"qemu-{name}"])
+                if not _enabled(name):
+                    raise ImageError(
+                        f"binfmt_misc entry qemu-{name} did not enable",
+                        hint="apt-get install qemu-user-static binfmt-support",
+                    )
+            log.info("binfmt: qemu-%s enabled for the build", name)
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            self._users[name] -= 1
+            if self._users[name] > 0:
+                return
+            if name in self._enabled_here:
+                _undo(False, [name])
+                self._enabled_here.remove(name)
+            if self._mounted_here and not any(self._users.values()):
+                _undo(True, [])
+                self._mounted_here = False
+            self._write_journal()
+
+    @contextlib.contextmanager
+    def foreign(self, arch: Arch) -> Iterator[None]:
+        """Make arch's binaries runnable (qemu-user) for the duration; undo what we changed."""
+        if arch.is_native():
+            yield
+            return
+        name = arch.row.qemu_user
+        need(f"qemu-{name}-static")
+        need("update-binfmts")
+        try:
+            self._acquire(name)
+            yield
+        finally:
+            self._release(name)

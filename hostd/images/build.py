@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
@@ -12,12 +13,13 @@ import lzma
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ttci
 from hostd.images import cpio
-from hostd.images.binfmt import foreign_binaries, restore_leftovers
+from hostd.images.binfmt import Binfmt, restore_leftovers
 from hostd.images.fs import atomic_replace_dir, free_bytes, safe_rmtree
 from hostd.images.modules import load_order, parse_builtin, parse_modules_dep
 from hostd.images.recipe import BuildSpec
@@ -118,16 +120,20 @@ def _progress(prefix: str) -> Callable[[str], None]:
 
 
 def _cached_tree(
-    cache_dir: Path, kind: str, key: str, argv_for: Callable[[Path], list[str]]
+    cache_dir: Path,
+    kind: str,
+    key: str,
+    argv_for: Callable[[Path], list[str]],
+    cancel: threading.Event | None = None,
 ) -> Path:
     final = cache_dir / f"{kind}-{key}"
     if (final / ".tt-complete").exists():
         log.info("%s: cached at %s", kind, final)
         return final
-    tmp = cache_dir / f".tmp-{kind}-{key}-{os.getpid()}"
+    tmp = cache_dir / f".tmp-{kind}-{key}-{os.getpid()}-{threading.get_ident()}"
     safe_rmtree(tmp)
     try:
-        run_streaming(argv_for(tmp), on_line=_progress(f"[{kind}]"))
+        run_streaming(argv_for(tmp), on_line=_progress(f"[{kind}]"), cancel=cancel)
         (tmp / ".tt-complete").write_text(dt.datetime.now(dt.UTC).isoformat())
         if final.exists():
             safe_rmtree(final)
@@ -233,33 +239,83 @@ def existing_manifest(final: Path) -> Manifest | None:
         return None
 
 
-def build_image(
-    spec: BuildSpec, image_path: Path, cache_dir: Path, *, force: bool = False
-) -> tuple[Manifest, bool]:
-    """Build spec's image into image_path unless an identical one is there.
+class Builder:
+    """Builds images into one image path with one cache; several may build at once (--jobs).
 
-    Returns:
-        The manifest and whether anything was built (False: up to date).
-    Raises:
-        ImageError, MissingTool, CommandFailed: with what failed and how to fix it; nothing
-        partial is left in image_path and nothing stays mounted.
+    Builds of one process share the cache lock, binfmt_misc changes and per-key tree locks, so
+    two images that need the same kernel or rootfs tree build it once.
     """
-    for tool in ("mmdebstrap", "qemu-img", "mkfs.ext4", "depmod"):
-        need(tool)
-    image_path.mkdir(parents=True, exist_ok=True)
-    for d in (image_path, cache_dir):
-        free = free_bytes(d)
-        if free < MIN_FREE:
-            raise ImageError(
-                f"only {free >> 20} MiB free under {d}; a build needs {MIN_FREE >> 30} GiB",
-                hint="free some space or pass --image-path/--cache-dir on a bigger disk",
-            )
-    files = guest_files(spec.profile)
-    key = spec.inputs_key(_digest_files(files), _digest_adds(spec))
-    final = image_path / spec.name.dirname
-    with _build_lock(cache_dir):
-        restore_leftovers(cache_dir)
-        _clean_stale([image_path, cache_dir])
+
+    def __init__(self, image_path: Path, cache_dir: Path) -> None:
+        self.image_path = image_path
+        self.cache_dir = cache_dir
+        self.binfmt = Binfmt(cache_dir)
+        self.cancel = threading.Event()
+        self._tree_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def _tree_lock(self, key: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._tree_locks.setdefault(key, threading.Lock())
+
+    def preflight(self) -> None:
+        for tool in ("mmdebstrap", "qemu-img", "mkfs.ext4", "depmod"):
+            need(tool)
+        self.image_path.mkdir(parents=True, exist_ok=True)
+        for d in (self.image_path, self.cache_dir):
+            free = free_bytes(d)
+            if free < MIN_FREE:
+                raise ImageError(
+                    f"only {free >> 20} MiB free under {d}; a build needs {MIN_FREE >> 30} GiB",
+                    hint="free some space or pass --image-path/--cache-dir on a bigger disk",
+                )
+
+    def build_many(
+        self,
+        specs: list[BuildSpec],
+        *,
+        force: bool = False,
+        jobs: int = 1,
+        on_done: Callable[[Manifest, bool], None] | None = None,
+    ) -> list[tuple[Manifest, bool]]:
+        """Build specs, `jobs` at a time. Ctrl-C/SIGTERM cancels every build and cleans up.
+
+        Raises:
+            ImageError, MissingTool, CommandFailed: the first failure (the others finish first).
+        """
+        self.preflight()
+        for spec in specs:
+            _digest_adds(spec)  # bad --add fails before anything starts
+        with _build_lock(self.cache_dir):
+            restore_leftovers(self.cache_dir)
+            _clean_stale([self.image_path, self.cache_dir])
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                futures = [pool.submit(self._build_one, spec, force) for spec in specs]
+                try:
+                    results = []
+                    for f in futures:
+                        results.append(f.result())
+                        if on_done:
+                            on_done(*results[-1])
+                    return results
+                except BaseException:
+                    self.cancel.set()
+                    for f in futures:
+                        f.cancel()
+                    concurrent.futures.wait(futures)
+                    raise
+
+    def _cached_tree(self, kind: str, key: str, argv_for: Callable[[Path], list[str]]) -> Path:
+        with self._tree_lock(f"{kind}-{key}"):
+            return _cached_tree(self.cache_dir, kind, key, argv_for, self.cancel)
+
+    def _build_one(self, spec: BuildSpec, force: bool) -> tuple[Manifest, bool]:
+        if self.cancel.is_set():
+            raise KeyboardInterrupt("cancelled")
+        image_path = self.image_path
+        files = guest_files(spec.profile)
+        key = spec.inputs_key(_digest_files(files), _digest_adds(spec))
+        final = image_path / spec.name.dirname
         old = existing_manifest(final)
         if (
             old
@@ -272,15 +328,15 @@ def build_image(
         ):
             log.info("%s is up to date (inputs %s)", spec.name, key)
             return old, False
-        work = image_path / f".build-{spec.name.dirname}-{os.getpid()}"
+        work = image_path / f".build-{spec.name.dirname}-{os.getpid()}-{threading.get_ident()}"
         with contextlib.ExitStack() as stack:
             stack.callback(safe_rmtree, work)
             work.mkdir()
             with step(log, f"{spec.name}: kernel {spec.arch.row.kernel_package}"):
-                ktree = _cached_tree(cache_dir, "kernel", spec.kernel_key(), spec.kernel_argv)
-            stack.enter_context(foreign_binaries(spec.arch, cache_dir))
+                ktree = self._cached_tree("kernel", spec.kernel_key(), spec.kernel_argv)
+            stack.enter_context(self.binfmt.foreign(spec.arch))
             with step(log, f"{spec.name}: rootfs ({spec.release.suite}, mmdebstrap)"):
-                rtree = _cached_tree(cache_dir, "rootfs", spec.rootfs_key(), spec.rootfs_argv)
+                rtree = self._cached_tree("rootfs", spec.rootfs_key(), spec.rootfs_argv)
             root = work / "root"
             with step(log, f"{spec.name}: assemble"):
                 run(["cp", "-a", "--reflink=auto", str(rtree), str(root)])
@@ -370,6 +426,13 @@ def build_image(
             stack.pop_all()
         log.info("%s built: %s", spec.name, final)
         return manifest, True
+
+
+def build_image(
+    spec: BuildSpec, image_path: Path, cache_dir: Path, *, force: bool = False
+) -> tuple[Manifest, bool]:
+    """Build one image unless an identical one is there; returns (manifest, built)."""
+    return Builder(image_path, cache_dir).build_many([spec], force=force)[0]
 
 
 def _entry(work: Path, name: str) -> FileEntry:

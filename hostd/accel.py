@@ -15,7 +15,8 @@ from ttci.arch import Arch
 from ttci.run import BASE_ENV
 
 log = logging.getLogger("hostd.accel")
-PROBE_TIMEOUT_S = 20.0
+PROBE_TIMEOUT_S = 10.0
+CACHE_FILE = Path("/run/ttci/kvm-probe.json")  # per boot of the host: /run is a tmpfs
 MARKER = b"TT-PROBE-OK"
 
 
@@ -36,7 +37,7 @@ def kvm_usable_device() -> str | None:
     return None
 
 
-def probe_kvm(image: Image, cache_file: Path | None = None) -> tuple[bool, str]:
+def probe_kvm(image: Image, cache_file: Path | None = CACHE_FILE) -> tuple[bool, str]:
     """Boot image's kernel+initrd under KVM to a marker the initrd prints, with a timeout.
 
     Returns:

@@ -130,6 +130,7 @@ class AgentClient:
         timeout: float | None = None,
         on_stdout: OutputFn | None = None,
         on_stderr: OutputFn | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> ExitStatus:
         """Run argv in the guest, streaming output to the callbacks as it arrives.
 
@@ -148,11 +149,15 @@ class AgentClient:
             if timeout is not None:
                 req["timeout"] = timeout
             self._send(encode_json(MsgType.EXEC, channel, req))
+            if on_start:
+                on_start(channel)
             if stdin is not None:
                 for frame in encode_data(MsgType.STDIN, channel, stdin) if stdin else []:
                     self._send(frame)
                 self._send(encode(MsgType.STDIN_EOF, channel))
             while True:
+                if self._closed and call.frames.empty():
+                    raise AgentError(f"connection to the agent was lost while running {argv[0]}")
                 item = call.frames.get()
                 if item is None:
                     raise AgentError(f"connection to the agent was lost while running {argv[0]}")
@@ -166,6 +171,15 @@ class AgentClient:
                     raise AgentError(f"agent refused {argv[0]}: {item.json().get('message')}")
         finally:
             self._calls.pop(channel, None)
+
+    def cancel(self, channel: int, signal: int = 15) -> None:
+        """Signal a running command's process group (SIGTERM, then SIGKILL after a grace)."""
+        with contextlib.suppress(OSError):
+            self._send(encode_json(MsgType.CANCEL, channel, {"signal": signal}))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def output(self, argv: Sequence[str], **kw: Any) -> tuple[ExitStatus, bytes, bytes]:
         out: list[bytes] = []

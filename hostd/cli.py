@@ -1,10 +1,10 @@
-"""`tt-hostd`: the host daemon's command line (image verbs; `serve` comes with the ENV issue)."""
+"""`tt-hostd`: the host daemon (`serve`) and the host's image tools."""
 
 from __future__ import annotations
 
 import argparse
 
-from hostd import image_cli
+from hostd import image_cli, serve
 from ttci import __version__
 from ttci.entry import run_cli
 
@@ -15,6 +15,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     image_cli.register(sub)
+    serve.register(sub)
     return p
 
 

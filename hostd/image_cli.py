@@ -15,6 +15,7 @@ from hostd.images.build import Builder
 from hostd.images.catalogue import find, scan
 from hostd.images.check import CheckResult, check_image
 from hostd.images.recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
+from ttci.env_cli import cmd_image_list
 from ttci.errors import BadInput, TTError
 from ttci.manifest import Manifest
 from ttci.naming import parse_arch, parse_profile, parse_release
@@ -33,7 +34,10 @@ def parse_size(text: str) -> int:
         raise BadInput(f"size {text!r} does not parse", hint="write e.g. 4G or 2048M") from None
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], *, pool: bool = False
+) -> None:
+    """The image verbs; with pool, `list` asks the scheduler unless --local is given."""
     image = sub.add_parser("image", help="build, check and list guest images on this host")
     isub = image.add_subparsers(dest="image_cmd", required=True, metavar="VERB")
 
@@ -75,10 +79,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_setting(c, "state-dir")
     c.set_defaults(func=cmd_check)
 
-    ls = isub.add_parser("list", help="list the images on this host (and broken ones)")
+    if pool:
+        ls = isub.add_parser("list", help="list the pool's images (--local: this host's)")
+        ls.add_argument("--local", action="store_true", help="list this host's --image-path")
+        ls.set_defaults(func=_list_pool_or_local)
+    else:
+        ls = isub.add_parser("list", help="list the images on this host (and broken ones)")
+        ls.set_defaults(func=cmd_list)
     ls.add_argument("--json", action="store_true", help="print as JSON")
     add_setting(ls, "image-path")
-    ls.set_defaults(func=cmd_list)
 
 
 def specs_from_args(args: argparse.Namespace) -> list[BuildSpec]:
@@ -215,3 +224,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for b in broken:
         out.print(f"[red]broken[/red] {b.path}: {b.reason}", highlight=False)
     return 0
+
+
+def _list_pool_or_local(args: argparse.Namespace) -> int:
+    return cmd_list(args) if args.local else cmd_image_list(args)

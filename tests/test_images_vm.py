@@ -89,12 +89,20 @@ def test_catalogue_reports_partial_images_and_never_offers_them(
 def test_image_dropped_in_appears_without_restart(tmp_path: Path, amd64_image: Image) -> None:
     env = {**os.environ, "TT_IMAGE_PATH": str(tmp_path)}
     before = subprocess.run(
-        [BIN / "tt", "image", "list", "--json"], env=env, capture_output=True, text=True, check=True
+        [BIN / "tt", "image", "list", "--local", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert json.loads(before.stdout)["images"] == []
     subprocess.run(["cp", "-a", str(amd64_image.path), str(tmp_path)], check=True)
     after = subprocess.run(
-        [BIN / "tt", "image", "list", "--json"], env=env, capture_output=True, text=True, check=True
+        [BIN / "tt", "image", "list", "--local", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert [i["name"] for i in json.loads(after.stdout)["images"]] == ["qemu:debian-12:amd64"]
 
@@ -139,3 +147,39 @@ def test_check_cli_prints_arch_and_time(amd64_image: Image) -> None:
     assert res["machine"] == "x86_64" and res["ok"]
     assert res["accel"] in ("kvm", "tcg")
     assert res["first_answer_s"] > 0
+
+
+def test_systemd_profile_with_operator_package_and_file(tmp_path: Path) -> None:
+    """The systemd profile boots systemd with the agent as an early service; --package and
+    --add put the operator's extras (e.g. the gitlab-runner helper) into the image."""
+    from hostd.images.build import build_image
+    from hostd.images.recipe import AddedFile, BuildSpec
+    from tests.conftest import CACHE_DIR
+    from ttci.naming import parse_release
+
+    helper = tmp_path / "helper-src" / "gitlab-runner-helper"
+    helper.parent.mkdir()
+    helper.write_text("#!/bin/sh\necho helper works\n")
+    helper.chmod(0o755)
+    spec = BuildSpec(
+        parse_release("debian-12"),
+        Arch.AMD64,
+        profile="systemd",
+        packages=("jq",),
+        adds=(AddedFile(helper, "/usr/local/bin/gitlab-runner-helper"),),
+    )
+    manifest, _ = build_image(spec, IMAGE_PATH, CACHE_DIR)
+    assert manifest.name == "qemu:debian-12+systemd:amd64"
+    assert any(p.startswith("jq") for p in manifest.packages)
+    image = Image(manifest, IMAGE_PATH / spec.name.dirname)
+    with boot(manifest, image.path) as vm, vm.connect(timeout=120) as agent:
+        status, out, err = agent.output(
+            [
+                "sh",
+                "-c",
+                "cat /proc/1/comm; gitlab-runner-helper; echo '{\"a\":5}' | jq .a; "
+                "systemctl is-active tt-agent.service",
+            ]
+        )
+    assert status.ok, err
+    assert out.decode().split() == ["systemd", "helper", "works", "5", "active"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hostd import image_cli
-from ttci import __version__, demo
+from ttci import __version__, allinone, demo, env_cli
 from ttci.entry import run_cli
 
 
@@ -14,7 +14,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tt {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    image_cli.register(sub)
+    image_cli.register(sub, pool=True)
+    env_cli.register(sub)
+    allinone.register(sub)
     demo.register(sub)
     return p
 

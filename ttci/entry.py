@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -37,3 +39,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> i
     except KeyboardInterrupt:
         print("interrupted; cleaned up", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `tt ... | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0

@@ -32,8 +32,8 @@ class CheckResult:
 
 
 def choose_accel(image: Image, state_dir: Path | None) -> tuple[str, str]:
-    cache = state_dir / "kvm-probe.json" if state_dir else None
-    ok, why = probe_kvm(image, cache)
+    del state_dir  # the probe's answer is cached per host boot in /run, not per state dir
+    ok, why = probe_kvm(image)
     return ("kvm" if ok else "tcg"), why
 
 

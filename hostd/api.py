@@ -1,0 +1,230 @@
+"""hostd's internal HTTP API (used by the scheduler). Views parse, then call VMManager."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import platform
+import queue
+import tarfile
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from hostd.agent_client import ExitStatus
+from hostd.engine import EngineError
+from hostd.vms import NoCapacity, NotFound, VMLost, VMManager, VMRequest
+from ttci import __version__
+from ttci.errors import AgentError, BadInput, BootError
+from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, ndjson
+
+bp = Blueprint("hostd", __name__, url_prefix="/v1")
+
+
+def _mgr() -> VMManager:
+    mgr: VMManager = current_app.config["VMS"]
+    return mgr
+
+
+@bp.get("/host")
+def host() -> Response:
+    mgr = _mgr()
+    used = mgr.used()
+    return jsonify(
+        {
+            "host_id": mgr.cfg.host_id,
+            "version": __version__,
+            "api": API_VERSION,
+            "machine": platform.machine(),
+            "total": mgr.cfg.total.to_dict(),
+            "used": used.to_dict(),
+            "free": (mgr.cfg.total - used).to_dict(),
+            "vms": sum(1 for r in mgr.all() if r["state"] == "running"),
+            "images": [_image_json(i) for i in mgr.images()],
+            "engine": mgr.engine.check(),
+            "kvm": os.path.exists("/dev/kvm"),
+        }
+    )
+
+
+def _image_json(i: Any) -> dict[str, Any]:
+    m = i.manifest
+    return {
+        "name": m.name,
+        "os": m.os,
+        "release": m.release,
+        "arch": m.arch,
+        "profile": m.profile,
+        "kernel": m.kernel_version,
+        "built_at": m.built_at,
+        "disk_gib": m.disk_virtual_size >> 30,
+    }
+
+
+@bp.get("/images")
+def images() -> Response:
+    return jsonify([_image_json(i) for i in _mgr().images()])
+
+
+@bp.get("/vms")
+def list_vms() -> Response:
+    return jsonify(_mgr().all())
+
+
+@bp.post("/vms")
+def create_vm() -> tuple[Response, int]:
+    row = _mgr().create(VMRequest.from_dict(json_body()))
+    return jsonify(row), 201
+
+
+@bp.get("/vms/<vm_id>")
+def get_vm(vm_id: str) -> Response:
+    return jsonify(_mgr().get(vm_id))
+
+
+@bp.delete("/vms/<vm_id>")
+def delete_vm(vm_id: str) -> tuple[str, int]:
+    _mgr().delete(vm_id)
+    return "", 204
+
+
+def _status_json(st: ExitStatus) -> dict[str, Any]:
+    return {
+        "event": "exit",
+        "code": st.code,
+        "signal": st.signal,
+        "timed_out": st.timed_out,
+        "cancelled": st.cancelled,
+    }
+
+
+def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Run a command and yield its events as they happen; a dropped client cancels it."""
+    argv = req.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise BadInput("argv must be a non-empty list of strings", hint='{"argv": ["uname"]}')
+    stdin = base64.b64decode(req["stdin_b64"]) if req.get("stdin_b64") is not None else None
+    agent = mgr.agent(vm_id)  # raises before the stream starts: a proper HTTP error
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)
+    channel: list[int] = []
+
+    def work() -> None:
+        try:
+            st = mgr.exec(
+                vm_id,
+                argv,
+                env=req.get("env"),
+                cwd=req.get("cwd"),
+                stdin=stdin,
+                timeout=req.get("timeout"),
+                on_start=channel.append,
+                on_stdout=lambda b: events.put(
+                    {"event": "stdout", "data": base64.b64encode(b).decode()}
+                ),
+                on_stderr=lambda b: events.put(
+                    {"event": "stderr", "data": base64.b64encode(b).decode()}
+                ),
+            )
+            events.put(_status_json(st))
+        except VMLost as e:
+            events.put({"event": "error", "message": e.message, "lost": True})
+        except (AgentError, BadInput, EngineError) as e:
+            events.put({"event": "error", "message": e.message, "lost": False})
+        finally:
+            events.put(None)
+
+    def gen() -> Iterator[dict[str, Any]]:
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        finished = False
+        try:
+            yield {"event": "start"}
+            while (ev := events.get()) is not None:
+                yield ev
+            finished = True
+        finally:
+            if not finished and channel:
+                agent.cancel(channel[0])
+
+    return gen()
+
+
+@bp.post("/vms/<vm_id>/exec")
+def exec_vm(vm_id: str) -> Response:
+    return ndjson(exec_events(_mgr(), vm_id, json_body()))
+
+
+@bp.put("/vms/<vm_id>/files")
+def push(vm_id: str) -> Response:
+    """Body: a tar stream, unpacked into ?dest= in the guest (created if missing)."""
+    dest = request.args.get("dest", "")
+    if not dest.startswith("/"):
+        raise BadInput(f"dest {dest!r} is not an absolute guest path", hint="dest=/root/work")
+    data = request.get_data()
+    out: list[bytes] = []
+    st = _mgr().exec(
+        vm_id,
+        ["sh", "-c", 'mkdir -p "$1" && tar -x -C "$1"', "tt-push", dest],
+        stdin=data,
+        on_stderr=out.append,
+        on_stdout=out.append,
+    )
+    if not st.ok:
+        raise BadInput(
+            f"unpacking into {dest} failed: {b''.join(out).decode(errors='replace')}",
+            hint="check the destination path and permissions in the VM",
+        )
+    return jsonify({"bytes": len(data), "dest": dest})
+
+
+@bp.get("/vms/<vm_id>/files")
+def get(vm_id: str) -> Response:
+    """A tar stream of ?path= in the guest (a file or a directory)."""
+    path = request.args.get("path", "")
+    if not path.startswith("/"):
+        raise BadInput(f"path {path!r} is not an absolute guest path", hint="path=/etc/os-release")
+    out: list[bytes] = []
+    err: list[bytes] = []
+    parent, name = os.path.split(path.rstrip("/")) if path != "/" else ("/", ".")
+    st = _mgr().exec(
+        vm_id,
+        ["tar", "-c", "-h", "-C", parent or "/", name],
+        on_stdout=out.append,
+        on_stderr=err.append,
+    )
+    if not st.ok:
+        raise BadInput(
+            f"cannot read {path}: {b''.join(err).decode(errors='replace').strip()}",
+            hint="check the path exists in the VM",
+        )
+    data = b"".join(out)
+    tarfile.open(fileobj=io.BytesIO(data)).close()  # a valid archive, or TarError -> 500
+    return Response(data, mimetype="application/x-tar")
+
+
+def create_app(mgr: VMManager, token: str) -> Flask:
+    app = Flask("hostd")
+    app.config["VMS"] = mgr
+    install_auth(app, {token: "scheduler"}, open_paths=("/v1/health",))
+    install_errors(
+        app,
+        {
+            NotFound: 404,
+            NoCapacity: 409,
+            VMLost: 410,
+            BadInput: 400,
+            BootError: 502,
+            EngineError: 503,
+            AgentError: 502,
+        },
+    )
+    app.register_blueprint(bp)
+
+    @app.get("/v1/health")
+    def health() -> Response:
+        return jsonify({"ok": True, "host_id": mgr.cfg.host_id})
+
+    return app

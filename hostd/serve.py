@@ -1,0 +1,119 @@
+"""`tt-hostd serve`: the host daemon (successor of TT's ttserver)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import waitress
+
+from hostd.api import create_app
+from hostd.engine import Engine
+from hostd.libvirtd import PrivateLibvirtd, become_subreaper
+from hostd.vms import HostConfig, VMManager
+from ttci.errors import BadInput
+from ttci.resources import Resources
+from ttci.settings import add_setting
+
+log = logging.getLogger("hostd.serve")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadInput(
+            f"--listen {text!r} does not parse", hint="write ADDR:PORT, e.g. 127.0.0.1:7420"
+        )
+    return host or "127.0.0.1", int(port)
+
+
+def default_total(state_dir: Path) -> Resources:
+    """2 vCPUs per core (CI guests idle a lot), 80 % of memory, 80 % of free disk."""
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    probe = state_dir if state_dir.exists() else Path("/")
+    disk = shutil.disk_usage(probe).free
+    return Resources((os.cpu_count() or 1) * 2, int(mem_kib * 0.8 / 1024), int(disk * 0.8 / 2**30))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("serve", help="run the host daemon (its API is used by the scheduler)")
+    s.add_argument("--listen", default="127.0.0.1:7420", help="ADDR:PORT to serve the API on")
+    s.add_argument(
+        "--token",
+        default=os.environ.get("TT_HOSTD_TOKEN", ""),
+        help="bearer token the scheduler must send (env TT_HOSTD_TOKEN)",
+    )
+    s.add_argument(
+        "--host-id",
+        default=socket.gethostname().split(".")[0].lower(),
+        help="this host's name in the pool (default: the hostname)",
+    )
+    for name in ("image-path", "state-dir"):
+        add_setting(s, name)
+    s.add_argument("--cpu-total", type=float, help="vCPUs to hand out (default 2 per core)")
+    s.add_argument("--mem-total", type=int, help="MiB of memory to hand out (default 80 %%)")
+    s.add_argument("--disk-total", type=int, help="GiB of disk to hand out (default 80 %% free)")
+    s.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt to drive")
+    s.add_argument(
+        "--private-libvirtd",
+        action="store_true",
+        help="start an own libvirtd under --state-dir instead of using the system's",
+    )
+    s.add_argument(
+        "--keep-vms",
+        action="store_true",
+        help="leave VMs running when stopped (a restart re-attaches them)",
+    )
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.token:
+        raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
+    host, port = parse_listen(args.listen)
+    state_dir: Path = args.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    dflt = default_total(state_dir)
+    total = Resources(
+        args.cpu_total or dflt.cpus,
+        args.mem_total or dflt.memory_mib,
+        args.disk_total or dflt.disk_gib,
+    )
+    if total.cpus <= 0 or total.memory_mib <= 0 or total.disk_gib <= 0:
+        raise BadInput(f"totals must be positive, got {total.text()}", hint="fix --*-total")
+    libvirtd = None
+    uri = args.libvirt_uri
+    become_subreaper()
+    if args.private_libvirtd:
+        libvirtd = PrivateLibvirtd(state_dir / "libvirt")
+        libvirtd.start()
+        uri = libvirtd.uri
+    engine = Engine(uri)
+    mgr = None
+    try:
+        log.info("engine: %s", engine.check())
+        mgr = VMManager(HostConfig(args.host_id, args.image_path, state_dir, total), engine)
+        mgr.reconcile()
+        app = create_app(mgr, args.token)
+        server = waitress.create_server(
+            app, host=host, port=port, threads=32, channel_timeout=3600, ident="tt-hostd"
+        )
+        log.info("tt-hostd %s serving on %s:%d (%s)", args.host_id, host, port, total.text())
+        print(f"tt-hostd ready on {host}:{server.effective_port}", flush=True)
+        server.run()
+    except KeyboardInterrupt:
+        log.info("stopping%s", " (keeping VMs)" if args.keep_vms else "")
+    finally:
+        if mgr is not None:
+            mgr.shutdown(keep_vms=args.keep_vms)
+        if libvirtd is not None and not args.keep_vms:
+            libvirtd.stop()
+    return 0

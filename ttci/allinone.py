@@ -1,0 +1,186 @@
+"""`tt up`: the all-in-one local cloud. One hostd (with a private libvirtd) and one scheduler on
+loopback, the client configured to use them; Ctrl-C stops both and removes every VM."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttci import config
+from ttci.errors import TTError
+from ttci.run import BASE_ENV
+from ttci.settings import add_setting
+
+log = logging.getLogger("ttci.allinone")
+START_TIMEOUT_S = 120
+
+
+class StartError(TTError):
+    """A service of the all-in-one cloud did not start."""
+
+
+@dataclass
+class Stack:
+    scheduler: str  # ADDR:PORT
+    hostd: str
+    token: str  # the admin's API token
+    state_dir: Path
+
+
+def _python_main(module: str) -> list[str]:
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+def _spawn(
+    argv: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    name: str,
+) -> subprocess.Popen[bytes]:
+    logf = log_path.open("ab")
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=logf,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    assert proc.stdout is not None  # noqa: S101 - PIPE was asked for
+    line = b""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if b"ready on" in line or not line:
+            break
+    if b"ready on" not in line:
+        _stop(proc)
+        tail = log_path.read_text(errors="replace")[-2500:]
+        raise StartError(
+            f"{name} did not start; its log ({log_path}) ends:\n{tail}",
+            hint="fix what the log says, then run `tt up` again",
+        )
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def running(
+    state_dir: Path,
+    image_path: Path,
+    *,
+    scheduler_listen: str = "127.0.0.1:7400",
+    hostd_listen: str = "127.0.0.1:7420",
+    libvirt_uri: str | None = None,
+    cpu_total: float | None = None,
+    mem_total: int | None = None,
+) -> Iterator[Stack]:
+    """Start hostd and the scheduler; stop both (destroying VMs) on exit."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    admin_token = secrets.token_urlsafe(24)
+    hostd_token = secrets.token_urlsafe(24)
+    env = {
+        **BASE_ENV,
+        **{k: v for k, v in os.environ.items() if k.startswith("TT_")},
+        "TT_HOSTD_TOKEN": hostd_token,
+        "TT_ADMIN_TOKEN": admin_token,
+    }
+    hostd_argv = [
+        *_python_main("hostd.cli"),
+        "serve",
+        "--listen",
+        hostd_listen,
+        "--state-dir",
+        str(state_dir / "hostd"),
+        "--image-path",
+        str(image_path),
+        "--host-id",
+        "local",
+    ]
+    hostd_argv += ["--libvirt-uri", libvirt_uri] if libvirt_uri else ["--private-libvirtd"]
+    if cpu_total:
+        hostd_argv += ["--cpu-total", str(cpu_total)]
+    if mem_total:
+        hostd_argv += ["--mem-total", str(mem_total)]
+    hostd = _spawn(hostd_argv, env, state_dir / "hostd.log", "tt-hostd")
+    try:
+        sched = _spawn(
+            [
+                *_python_main("ttci.scheduler.serve"),
+                "--listen",
+                scheduler_listen,
+                "--server-set",
+                f"local={hostd_listen}",
+                "--state-dir",
+                str(state_dir),
+            ],
+            env,
+            state_dir / "scheduler.log",
+            "tt-scheduler",
+        )
+        try:
+            yield Stack(scheduler_listen, hostd_listen, admin_token, state_dir)
+        finally:
+            _stop(sched)
+    finally:
+        _stop(hostd)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    u = sub.add_parser("up", help="run the all-in-one local cloud (scheduler + hostd + libvirtd)")
+    u.add_argument("--listen", default="127.0.0.1:7400", help="scheduler ADDR:PORT")
+    u.add_argument("--hostd-listen", default="127.0.0.1:7420", help="hostd ADDR:PORT")
+    u.add_argument("--libvirt-uri", help="use this libvirt instead of starting a private one")
+    u.add_argument("--cpu-total", type=float, help="vCPUs to hand out (default 2 per core)")
+    u.add_argument("--mem-total", type=int, help="MiB to hand out (default 80 %% of memory)")
+    u.add_argument("--no-config", action="store_true", help="do not write the client config")
+    add_setting(u, "state-dir")
+    add_setting(u, "image-path")
+    u.set_defaults(func=cmd_up)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    with running(
+        args.state_dir,
+        args.image_path,
+        scheduler_listen=args.listen,
+        hostd_listen=args.hostd_listen,
+        libvirt_uri=args.libvirt_uri,
+        cpu_total=args.cpu_total,
+        mem_total=args.mem_total,
+    ) as stack:
+        if not args.no_config:
+            path = config.save(stack.scheduler, stack.token)
+            print(f"client configured in {path}")
+        print(
+            f"TT CI is up: scheduler {stack.scheduler}, hostd {stack.hostd}; logs in "
+            f"{stack.state_dir}. Ctrl-C stops it and deletes every VM.",
+            flush=True,
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping ...", flush=True)
+    return 0

@@ -1,0 +1,1 @@
+"""The scheduler: the one public API (state, hosts, placement, ENVs)."""

@@ -1,0 +1,98 @@
+"""The scheduler's client for one hostd. HTTP errors become TTErrors with hostd's message."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from ttci.errors import BadInput, TTError
+
+
+class HostdError(TTError):
+    """hostd refused a request or could not be reached."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, status: int = 0, kind: str = ""
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.kind = kind
+
+
+class HostUnreachable(HostdError):
+    """The host did not answer."""
+
+
+class HostdClient:
+    def __init__(self, host_id: str, url: str, token: str, timeout: float = 10) -> None:
+        self.host_id = host_id
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def _call(
+        self, method: str, path: str, *, timeout: float | None = None, **kw: Any
+    ) -> requests.Response:
+        try:
+            r = self.session.request(method, self.url + path, timeout=timeout or self.timeout, **kw)
+        except requests.RequestException as e:
+            raise HostUnreachable(
+                f"host {self.host_id} ({self.url}) is unreachable: {e}",
+                hint="check that tt-hostd runs there",
+            ) from e
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"error": r.text[:300]}
+            cls = BadInput if r.status_code == 400 else HostdError
+            msg = str(body.get("error", r.reason))
+            if cls is BadInput:
+                raise BadInput(msg, hint=body.get("hint"))
+            raise HostdError(
+                msg, hint=body.get("hint"), status=r.status_code, kind=str(body.get("kind", ""))
+            )
+        return r
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = self._call("GET", "/v1/host", timeout=5).json()
+        return out
+
+    def vms(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self._call("GET", "/v1/vms").json()
+        return out
+
+    def create_vm(self, req: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = self._call("POST", "/v1/vms", json=req, timeout=300).json()
+        return out
+
+    def delete_vm(self, vm_id: str) -> None:
+        try:
+            self._call("DELETE", f"/v1/vms/{vm_id}", timeout=120)
+        except HostdError as e:
+            if e.status != 404:
+                raise
+
+    def exec(self, vm_id: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The command's events as hostd streams them."""
+        r = self._call("POST", f"/v1/vms/{vm_id}/exec", json=req, stream=True, timeout=(10, None))  # type: ignore[arg-type]
+        try:
+            for line in r.iter_lines():
+                if line:
+                    yield json.loads(line)
+        except requests.RequestException as e:
+            raise HostUnreachable(f"host {self.host_id} went away mid-command: {e}") from e
+        finally:
+            r.close()
+
+    def push(self, vm_id: str, dest: str, tar: bytes) -> None:
+        self._call("PUT", f"/v1/vms/{vm_id}/files", params={"dest": dest}, data=tar, timeout=600)
+
+    def get(self, vm_id: str, path: str) -> bytes:
+        return self._call(
+            "GET", f"/v1/vms/{vm_id}/files", params={"path": path}, timeout=600
+        ).content

@@ -1,0 +1,97 @@
+"""`tt-scheduler`: the scheduler service (successor of TT's ttproxy)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import waitress
+
+from ttci import __version__
+from ttci.entry import run_cli
+from ttci.errors import BadInput
+from ttci.scheduler.api import create_app
+from ttci.scheduler.service import Scheduler, User
+from ttci.settings import add_setting
+
+log = logging.getLogger("ttci.scheduler.serve")
+
+
+def parse_server_set(text: str, token: str) -> dict[str, tuple[str, str]]:
+    """`ADDR:PORT,ADDR:PORT` or `id=ADDR:PORT,...` -> host id -> (url, token)."""
+    out: dict[str, tuple[str, str]] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        hid, sep, addr = item.rpartition("=")
+        addr = addr.removeprefix("http://")
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise BadInput(
+                f"--server-set entry {item!r} does not parse",
+                hint="write ADDR:PORT or ID=ADDR:PORT, comma separated",
+            )
+        out[hid if sep else addr] = (f"http://{addr}", token)
+    if not out:
+        raise BadInput("--server-set names no host", hint="e.g. --server-set 10.0.0.2:7420")
+    return out
+
+
+def serve(
+    scheduler: Scheduler, listen: str, admin_token: str, ready: os.PathLike[str] | None = None
+) -> None:
+    host, _, port = listen.rpartition(":")
+    app = create_app(scheduler, {"admin": User("admin", admin=True)}, {admin_token: "admin"})
+    server = waitress.create_server(
+        app,
+        host=host or "127.0.0.1",
+        port=int(port),
+        threads=32,
+        channel_timeout=3600,
+        ident="tt-scheduler",
+    )
+    scheduler.start_reaper()
+    log.info("tt-scheduler %s on %s:%s", __version__, host, server.effective_port)
+    print(f"tt-scheduler ready on {host}:{server.effective_port}", flush=True)
+    try:
+        server.run()
+    finally:
+        scheduler.stop()
+        server.close()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tt-scheduler", description="TT CI scheduler")
+    p.add_argument("--version", action="version", version=f"tt-scheduler {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--listen", default="127.0.0.1:7400", help="ADDR:PORT of the public API")
+    p.add_argument("--server-set", required=True, help="hostds: ADDR:PORT[,ADDR:PORT...]")
+    p.add_argument(
+        "--hostd-token",
+        default=os.environ.get("TT_HOSTD_TOKEN", ""),
+        help="token the hostds expect (env TT_HOSTD_TOKEN)",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("TT_ADMIN_TOKEN", ""),
+        help="token of the admin user (env TT_ADMIN_TOKEN)",
+    )
+    add_setting(p, "state-dir")
+    p.set_defaults(func=_main)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not args.hostd_token or not args.admin_token:
+        raise BadInput("tokens missing", hint="pass --hostd-token and --admin-token")
+    state: Path = args.state_dir
+    sched = Scheduler(state / "scheduler", parse_server_set(args.server_set, args.hostd_token))
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(sched, args.listen, args.admin_token)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(make_parser(), argv if argv is not None else sys.argv[1:])

@@ -1,0 +1,454 @@
+"""The scheduler's logic: hosts, the image catalogue, ENVs and their VMs, lifetimes.
+
+State lives in SQLite (sqlite-utils, named migrations), so a restarted scheduler loses nothing.
+An ENV is created all or nothing: if any VM fails, the ones already made are deleted again.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime as dt
+import json
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ttci.db import Store, now
+from ttci.errors import BadInput, TTError
+from ttci.naming import ImageName
+from ttci.resources import Resources
+from ttci.scheduler.envspec import EnvRequest
+from ttci.scheduler.hostd_client import HostdClient, HostdError, HostUnreachable
+from ttci.scheduler.placement import Ask, HostView, place
+
+log = logging.getLogger("ttci.scheduler")
+PARALLEL_CREATES = 8
+
+
+class EnvNotFound(TTError):
+    """No such ENV (or not yours)."""
+
+
+class EnvExists(TTError):
+    """An ENV of that name exists."""
+
+
+def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
+    def base(db: sqlite_utils.Database) -> None:
+        db.table("hosts").create(
+            {"id": str, "url": str, "state": str, "last_seen": str, "info": str}, pk="id"
+        )
+        db.table("envs").create(
+            {
+                "name": str,
+                "owner": str,
+                "os_prefix": str,
+                "state": str,
+                "created_at": str,
+                "expires_at": str,
+                "request": str,
+                "error": str,
+            },
+            pk="name",
+        )
+        db.table("vms").create(
+            {
+                "id": str,
+                "env": str,
+                "name": str,
+                "host": str,
+                "image": str,
+                "arch": str,
+                "cpus": float,
+                "memory_mib": int,
+                "disk_gib": int,
+                "state": str,
+                "error": str,
+                "boot_s": float,
+                "accel": str,
+                "created_at": str,
+            },
+            pk="id",
+        )
+        db.table("vms").create_index(["env"])
+
+    return [("0001_base", base)]
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    admin: bool = False
+
+
+class Scheduler:
+    def __init__(self, state_dir: Path, hosts: dict[str, tuple[str, str]]) -> None:
+        """hosts: host id -> (url, token), the static --server-set."""
+        self.store = Store(state_dir / "scheduler.db", _migrations())
+        self.clients = {hid: HostdClient(hid, url, tok) for hid, (url, tok) in hosts.items()}
+        with self.store.lock:
+            for hid, (url, _) in hosts.items():
+                self.store.db.table("hosts").upsert(
+                    {"id": hid, "url": url, "state": "unknown", "last_seen": "", "info": "{}"},
+                    pk="id",
+                )
+        self._stop = threading.Event()
+
+    # -- hosts and images --------------------------------------------------------------------
+    def refresh_hosts(self) -> list[dict[str, Any]]:
+        out = []
+        for hid, client in self.clients.items():
+            try:
+                info = client.info()
+                row = {
+                    "id": hid,
+                    "url": client.url,
+                    "state": "up",
+                    "last_seen": now(),
+                    "info": json.dumps(info),
+                }
+            except HostdError as e:
+                row = {
+                    "id": hid,
+                    "url": client.url,
+                    "state": "down",
+                    "info": json.dumps({"error": e.message}),
+                }
+            with self.store.lock:
+                self.store.db.table("hosts").upsert(row, pk="id")
+            out.append(self._host_json(self._host_row(hid)))
+        return out
+
+    def _host_row(self, hid: str) -> dict[str, Any]:
+        with self.store.lock:
+            return dict(self.store.db.table("hosts").get(hid))
+
+    @staticmethod
+    def _host_json(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "url": row["url"],
+            "state": row["state"],
+            "last_seen": row["last_seen"],
+            **json.loads(row["info"] or "{}"),
+        }
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return self.refresh_hosts()
+
+    def images(self) -> list[dict[str, Any]]:
+        """The union of all hosts' images, with the hosts that have each."""
+        merged: dict[str, dict[str, Any]] = {}
+        for h in self.refresh_hosts():
+            for img in h.get("images", []):
+                entry = merged.setdefault(img["name"], {**img, "hosts": []})
+                entry["hosts"].append(h["id"])
+        return [merged[k] for k in sorted(merged)]
+
+    # -- ENVs --------------------------------------------------------------------------------
+    def _env_row(self, name: str, user: User) -> dict[str, Any]:
+        with self.store.lock:
+            rows = list(self.store.db.table("envs").rows_where("name = ?", [name]))
+        if not rows or (rows[0]["owner"] != user.name and not user.admin):
+            raise EnvNotFound(f"no ENV named {name!r}", hint="see `tt env list`")
+        return rows[0]
+
+    def _vm_rows(self, env: str) -> list[dict[str, Any]]:
+        with self.store.lock:
+            return list(self.store.db.table("vms").rows_where("env = ?", [env], order_by="name"))
+
+    def env_json(self, row: dict[str, Any], vms: bool = True) -> dict[str, Any]:
+        out = {
+            k: row[k]
+            for k in ("name", "owner", "os_prefix", "state", "created_at", "expires_at", "error")
+        }
+        vm_rows = self._vm_rows(row["name"])
+        out["vm_count"] = len(vm_rows)
+        out["lost"] = sum(1 for v in vm_rows if v["state"] == "lost")
+        if vms:
+            out["vms"] = [
+                {
+                    k: v[k]
+                    for k in (
+                        "name",
+                        "image",
+                        "arch",
+                        "host",
+                        "state",
+                        "cpus",
+                        "memory_mib",
+                        "disk_gib",
+                        "accel",
+                        "boot_s",
+                        "error",
+                    )
+                }
+                for v in vm_rows
+            ]
+        return out
+
+    def list_envs(self, user: User, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        with self.store.lock:
+            where, args = ("1=1", []) if user.admin else ("owner = ?", [user.name])
+            rows = list(
+                self.store.db.table("envs").rows_where(
+                    where, args, order_by="created_at, name", offset=offset, limit=limit
+                )
+            )
+        return [self.env_json(r, vms=False) for r in rows]
+
+    def show_env(self, name: str, user: User) -> dict[str, Any]:
+        return self.env_json(self._env_row(name, user))
+
+    def create_env(
+        self, req: EnvRequest, user: User, progress: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """Place and boot every VM of the ENV; all or nothing."""
+        hosts = self.refresh_hosts()
+        images = sorted(
+            {i["name"] for h in hosts if h["state"] == "up" for i in h.get("images", [])}
+        )
+        wanted = req.vms(images)
+        views = [
+            HostView(
+                id=h["id"],
+                free=Resources.from_dict(h.get("free", {})),
+                images=frozenset(i["name"] for i in h.get("images", [])),
+                up=h["state"] == "up",
+            )
+            for h in hosts
+        ]
+        sizes = {i["name"]: i.get("disk_gib", 4) for h in hosts for i in h.get("images", [])}
+        asks = [
+            Ask(
+                key=name,
+                image=image,
+                arch=ImageName.parse(image).arch.value,
+                need=Resources(req.cpus, req.memory_mib, req.disk_gib or sizes[image]),
+            )
+            for name, image in wanted
+        ]
+        placement = place(asks, views)
+        created = now()
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=req.life_s)).isoformat(
+            timespec="seconds"
+        )
+        with self.store.lock:
+            if self.store.db.table("envs").count_where("name = ?", [req.name]):
+                raise EnvExists(
+                    f"an ENV named {req.name!r} exists",
+                    hint="pick another name or `tt env del` it first",
+                )
+            self.store.db.table("envs").insert(
+                {
+                    "name": req.name,
+                    "owner": user.name,
+                    "os_prefix": req.os_prefix,
+                    "state": "creating",
+                    "created_at": created,
+                    "expires_at": expires,
+                    "request": json.dumps(req.__dict__),
+                    "error": "",
+                }
+            )
+            self.store.db.table("vms").insert_all(
+                [
+                    {
+                        "id": uuid.uuid4().hex[:12],
+                        "env": req.name,
+                        "name": a.key,
+                        "host": placement[a.key],
+                        "image": a.image,
+                        "arch": a.arch,
+                        "cpus": a.need.cpus,
+                        "memory_mib": a.need.memory_mib,
+                        "disk_gib": a.need.disk_gib,
+                        "state": "creating",
+                        "error": "",
+                        "boot_s": 0.0,
+                        "accel": "",
+                        "created_at": created,
+                    }
+                    for a in asks
+                ]
+            )
+        vm_rows = self._vm_rows(req.name)
+        failures: list[str] = []
+
+        def boot(v: dict[str, Any]) -> None:
+            try:
+                r = self.clients[v["host"]].create_vm(
+                    {
+                        "id": v["id"],
+                        "env": req.name,
+                        "name": v["name"],
+                        "owner": user.name,
+                        "image": v["image"],
+                        "cpus": v["cpus"],
+                        "memory_mib": v["memory_mib"],
+                        "disk_gib": v["disk_gib"],
+                    }
+                )
+                self._set_vm(
+                    v["id"], state="running", boot_s=r.get("boot_s", 0.0), accel=r.get("accel", "")
+                )
+                if progress:
+                    progress(f"{v['name']} up on {v['host']} in {r.get('boot_s', 0):.1f} s")
+            except TTError as e:
+                self._set_vm(v["id"], state="failed", error=e.message)
+                failures.append(f"{v['name']} on {v['host']}: {e.message}")
+
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
+            list(pool.map(boot, vm_rows))
+        if failures:
+            self._delete_env_vms(req.name)
+            with self.store.lock:
+                self.store.db.table("vms").delete_where("env = ?", [req.name])
+                self.store.db.table("envs").delete(req.name)
+            raise TTError(
+                f"ENV {req.name} could not be created (nothing was kept): "
+                + "; ".join(failures[:5]),
+                hint="see the reasons; `tt image list` shows what exists",
+            )
+        with self.store.lock:
+            self.store.db.table("envs").update(req.name, {"state": "ready"})
+        return self.show_env(req.name, user)
+
+    def _set_vm(self, vm_id: str, **fields: Any) -> None:
+        with self.store.lock:
+            self.store.db.table("vms").update(vm_id, fields)
+
+    def _delete_env_vms(self, env: str) -> list[str]:
+        problems: list[str] = []
+
+        def drop(v: dict[str, Any]) -> None:
+            try:
+                self.clients[v["host"]].delete_vm(v["id"])
+            except TTError as e:
+                problems.append(f"{v['name']}: {e.message}")
+
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
+            list(pool.map(drop, self._vm_rows(env)))
+        return problems
+
+    def delete_env(self, name: str, user: User) -> dict[str, Any]:
+        row = self._env_row(name, user)
+        with self.store.lock:
+            self.store.db.table("envs").update(name, {"state": "deleting"})
+        problems = self._delete_env_vms(name)
+        if problems:
+            with self.store.lock:
+                self.store.db.table("envs").update(name, {"error": "; ".join(problems)})
+            raise TTError(
+                f"ENV {name}: some VMs could not be deleted: {'; '.join(problems)}",
+                hint="retry `tt env del`; hosts reap orphans when they come back",
+            )
+        with self.store.lock:
+            self.store.db.table("vms").delete_where("env = ?", [name])
+            self.store.db.table("envs").delete(name)
+        log.info("ENV %s deleted", name)
+        return {"name": row["name"], "deleted": True}
+
+    # -- commands and files ------------------------------------------------------------------
+    def run(self, name: str, user: User, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Run on every VM of the ENV at once; events are tagged with the VM's name."""
+        self._env_row(name, user)
+        vms = self._vm_rows(name)
+        if not vms:
+            raise BadInput(f"ENV {name} has no VMs", hint="create it again")
+        events: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1024)
+
+        def one(v: dict[str, Any]) -> None:
+            try:
+                if v["state"] != "running":
+                    raise TTError(f"VM is {v['state']}: {v['error'] or 'not running'}")
+                for ev in self.clients[v["host"]].exec(v["id"], req):
+                    if ev.get("event") == "error" and ev.get("lost"):
+                        self._set_vm(v["id"], state="lost", error=ev.get("message", ""))
+                    events.put({**ev, "vm": v["name"]})
+            except HostUnreachable as e:
+                self._set_vm(v["id"], state="lost", error=e.message)
+                events.put({"event": "error", "vm": v["name"], "message": e.message, "lost": True})
+            except TTError as e:
+                if isinstance(e, HostdError) and e.status == 410:
+                    self._set_vm(v["id"], state="lost", error=e.message)
+                events.put({"event": "error", "vm": v["name"], "message": e.message})
+            finally:
+                events.put({"event": "done", "vm": v["name"]})
+
+        threads = [threading.Thread(target=one, args=(v,), daemon=True) for v in vms]
+        for t in threads:
+            t.start()
+        remaining = len(vms)
+        while remaining:
+            ev = events.get()
+            if ev["event"] == "done":
+                remaining -= 1
+                continue
+            if ev["event"] != "start":
+                yield ev
+
+    def push(self, name: str, user: User, dest: str, tar: bytes) -> list[dict[str, Any]]:
+        self._env_row(name, user)
+
+        def one(c: HostdClient, v: dict[str, Any]) -> None:
+            c.push(v["id"], dest, tar)
+
+        return self._each_vm(name, one)
+
+    def get(self, name: str, user: User, path: str) -> list[dict[str, Any]]:
+        self._env_row(name, user)
+        return self._each_vm(name, lambda c, v: base64.b64encode(c.get(v["id"], path)).decode())
+
+    def _each_vm(
+        self, env: str, fn: Callable[[HostdClient, dict[str, Any]], Any]
+    ) -> list[dict[str, Any]]:
+        def one(v: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return {"vm": v["name"], "ok": True, "data": fn(self.clients[v["host"]], v)}
+            except TTError as e:
+                return {"vm": v["name"], "ok": False, "error": e.message}
+
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
+            return list(pool.map(one, self._vm_rows(env)))
+
+    # -- lifetimes ---------------------------------------------------------------------------
+    def reap_expired(self) -> list[str]:
+        stamp = now()
+        with self.store.lock:
+            names = [
+                r["name"]
+                for r in self.store.db.table("envs").rows_where(
+                    "expires_at < ? and state != 'creating'", [stamp]
+                )
+            ]
+        done = []
+        for name in names:
+            try:
+                self.delete_env(name, User("reaper", admin=True))
+                log.info("ENV %s expired and was deleted", name)
+                done.append(name)
+            except TTError as e:
+                log.warning("could not reap expired ENV %s: %s", name, e)
+        return done
+
+    def start_reaper(self, interval: float = 5.0) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.reap_expired()
+                except Exception:  # the reaper must survive anything
+                    log.exception("reaper failed")
+
+        threading.Thread(target=loop, name="reaper", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()

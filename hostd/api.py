@@ -45,7 +45,7 @@ def host() -> Response:
             "vms": sum(1 for r in mgr.all() if r["state"] == "running"),
             "images": [_image_json(i) for i in mgr.images()],
             "engine": mgr.engine.check(),
-            "kvm": os.path.exists("/dev/kvm"),
+            **dict(zip(("accel", "accel_why"), mgr.accel(), strict=True)),
         }
     )
 

@@ -95,8 +95,27 @@ class PrivateLibvirtd:
         for target in DIRS.values():
             Path(target).mkdir(parents=True, exist_ok=True)
 
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "libvirtd.pid"
+
+    def _alive_pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
     def start(self, timeout: float = 30) -> None:
-        """Raises LibvirtdError with libvirtd's output when it does not come up."""
+        """Start it, or adopt the one a crashed hostd left running (its VMs live on in it).
+
+        Raises:
+            LibvirtdError: with libvirtd's output when it does not come up.
+        """
+        if self._alive_pid() and self.socket.exists():
+            log.info("adopting the running private libvirtd at %s", self.socket)
+            return
         need("libvirtd")
         need("unshare")
         self._prepare()
@@ -116,6 +135,7 @@ class PrivateLibvirtd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.socket.exists():
+                self.pidfile.write_text(str(self.proc.pid))
                 log.info("private libvirtd up at %s", self.socket)
                 return
             if self.proc.poll() is not None:
@@ -127,6 +147,16 @@ class PrivateLibvirtd:
 
     def stop(self) -> None:
         if self.proc is None:
+            pid = self._alive_pid()  # adopted: not our child
+            if pid:
+                os.kill(pid, 15)
+                for _ in range(300):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.05)
+            self.pidfile.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
             return
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -136,5 +166,6 @@ class PrivateLibvirtd:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self.pidfile.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()

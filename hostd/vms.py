@@ -165,6 +165,13 @@ class VMManager:
     def get(self, vm_id: str) -> dict[str, Any]:
         return _public(self._row(vm_id))
 
+    def accel(self) -> tuple[str, str]:
+        """("kvm"|"tcg", why) for native guests, from a probe boot of a native image."""
+        native = [i for i in self.images() if Arch.parse(i.manifest.arch).is_native()]
+        if not native:
+            return "tcg", "no native image to probe KVM with"
+        return choose_accel(native[0], self.cfg.state_dir)
+
     def images(self) -> list[Image]:
         return scan(self.cfg.image_path)[0]
 

@@ -42,7 +42,7 @@ def test_module_load_order_puts_dependencies_first() -> None:
 
 def test_builtin_modules_need_no_file() -> None:
     deps = parse_modules_dep(MODULES_DEP)
-    builtin = parse_builtin("kernel/drivers/virtio/virtio_ccw.ko\n")
+    builtin = parse_builtin("kernel/drivers/s390/virtio/virtio_ccw.ko\n")
     assert load_order(deps, builtin, ("virtio_ccw",)) == []
     with pytest.raises(ImageError, match="no module virtio_ccw"):
         load_order(deps, set(), ("virtio_ccw",))

@@ -36,6 +36,8 @@ class Stack:
     hostd: str
     token: str  # the admin's API token
     state_dir: Path
+    hostd_proc: subprocess.Popen[bytes]
+    scheduler_proc: subprocess.Popen[bytes]
 
 
 def _python_main(module: str) -> list[str]:
@@ -48,30 +50,34 @@ def _spawn(
     log_path: Path,
     name: str,
 ) -> subprocess.Popen[bytes]:
-    logf = log_path.open("ab")
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=logf,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    assert proc.stdout is not None  # noqa: S101 - PIPE was asked for
-    line = b""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if b"ready on" in line or not line:
-            break
-    if b"ready on" not in line:
-        _stop(proc)
-        tail = log_path.read_text(errors="replace")[-2500:]
-        raise StartError(
-            f"{name} did not start; its log ({log_path}) ends:\n{tail}",
-            hint="fix what the log says, then run `tt up` again",
+    """Start a service and wait for its "ready on" line; its stderr goes to log_path."""
+    with log_path.open("ab") as logf:
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=logf,
+            start_new_session=True,
         )
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+    ready = threading.Event()
+
+    def drain() -> None:
+        with proc.stdout or open(os.devnull, "rb") as out:
+            for line in out:
+                if b"ready on" in line:
+                    ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready.wait(0.1):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            tail = log_path.read_text(errors="replace")[-2500:]
+            raise StartError(
+                f"{name} did not start; its log ({log_path}) ends:\n{tail}",
+                hint="fix what the log says, then run `tt up` again",
+            )
     return proc
 
 
@@ -140,7 +146,7 @@ def running(
             "tt-scheduler",
         )
         try:
-            yield Stack(scheduler_listen, hostd_listen, admin_token, state_dir)
+            yield Stack(scheduler_listen, hostd_listen, admin_token, state_dir, hostd, sched)
         finally:
             _stop(sched)
     finally:

@@ -69,8 +69,10 @@ class Arch(enum.StrEnum):
 
     def initrd_modules(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(required, optional) modules the initrd loads: the disk and agent port must work."""
-        transport = "virtio_ccw" if self.row.bus is VirtioBus.CCW else "virtio_pci"
-        return (transport, *_REQUIRED_MODULES), _OPTIONAL_MODULES
+        if self.row.bus is VirtioBus.CCW:
+            # Debian builds virtio_ccw in (CONFIG_S390_GUEST=y, a bool: not in modules.builtin)
+            return _REQUIRED_MODULES, ("virtio_ccw", *_OPTIONAL_MODULES)
+        return ("virtio_pci", *_REQUIRED_MODULES), _OPTIONAL_MODULES
 
     def virtio_device(self, kind: str) -> str:
         """QEMU device name for a virtio device kind (blk, serial, net, rng) on this arch."""

@@ -134,7 +134,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"{used.get('cpus', 0):g}/{total.get('cpus', 0):g}",
                     f"{used.get('memory_mib', 0)}/{total.get('memory_mib', 0)}",
                     f"{used.get('disk_gib', 0)}/{total.get('disk_gib', 0)}",
-                    "kvm" if h.get("kvm") else "tcg",
+                    h.get("accel", "?"),
                     h.get("vms", 0),
                     len(h.get("images", [])),
                     h.get("error", ""),

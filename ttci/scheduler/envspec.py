@@ -24,10 +24,10 @@ def parse_duration(text: str | int | float) -> int:
         if not m:
             raise BadInput(f"lifetime {text!r} does not parse", hint="write e.g. 90s, 30m, 1h, 2d")
         seconds = int(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
-    if not 60 <= seconds <= 30 * 86400:
+    if not 10 <= seconds <= 30 * 86400:
         raise BadInput(
-            f"lifetime {seconds} s is outside 1 minute .. 30 days",
-            hint="pass --life-time between 1m and 30d",
+            f"lifetime {seconds} s is outside 10 s .. 30 days",
+            hint="pass --life-time between 10s and 30d",
         )
     return seconds
 

@@ -1,0 +1,58 @@
+"""Helpers for tests that run the real cloud: free ports, the CLI as a subprocess, leftovers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tt(*args: str, config: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TT_CONFIG": str(config)}
+    return subprocess.run(
+        [BIN / "tt", *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """QEMU processes whose command line mentions marker (a state dir or a domain name)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in cmd and marker in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def cgroup_dir(pid: int, controller: str) -> Path:
+    """The v1 cgroup directory of pid for controller (memory, cpu)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if controller in ctrls.split(","):
+            return Path("/sys/fs/cgroup") / ctrls / path.lstrip("/")
+    raise AssertionError(f"no {controller} cgroup for {pid}")
+
+
+def leftovers(state_dir: Path) -> list[str]:
+    """What a stopped cloud must not leave: QEMU processes, VM work dirs, sockets."""
+    found = [f"qemu pid {p}" for p in qemu_pids(str(state_dir))]
+    vms = state_dir / "hostd" / "vms"
+    if vms.exists():
+        found += [f"workdir {d}" for d in vms.iterdir()]
+    found += [f"socket {s}" for s in state_dir.rglob("*.sock")]
+    return found

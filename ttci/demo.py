@@ -1,20 +1,25 @@
-"""`tt demo`: the embedded default job. Builds a small os x arch matrix of images, boots each VM,
-runs a command through its agent, prints the results, and tears everything down."""
+"""`tt demo`: the main job on the embedded default. Builds the images of a small os x arch
+matrix, starts the all-in-one cloud (`tt up`'s stack), creates one ENV with a fresh VM per
+matrix cell, runs the job on all of them at once, prints the results and tears everything down."""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import os
+import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from hostd.direct_vm import boot
-from hostd.images.build import build_image
-from hostd.images.catalogue import Image
-from hostd.images.check import choose_accel
+from hostd.images.build import Builder
 from hostd.images.recipe import BuildSpec
+from ttci import allinone, config
+from ttci.client import Client
 from ttci.naming import parse_arch, parse_release
 from ttci.settings import add_setting
 
@@ -22,20 +27,20 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 MATRIX_OS = ("debian-12", "debian-13")
 MATRIX_ARCH = ("amd64", "arm64")
 JOB = (
-    'echo "hello from $(uname -m) running $(. /etc/os-release; echo $PRETTY_NAME)"; '
-    "python3 -c 'import platform; print(\"python\", platform.python_version())'"
+    'echo "hello from $(uname -m), $(. /etc/os-release; echo $PRETTY_NAME)"; '
+    "python3 -c 'import platform; print(\"python\", platform.python_version())'; "
+    "git --version"
 )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    d = sub.add_parser(
-        "demo", help="build images and run a small os x arch matrix job in fresh VMs"
-    )
+    d = sub.add_parser("demo", help="run a small os x arch matrix job in fresh VMs, end to end")
     d.add_argument("--os", action="append", help=f"matrix os (default {', '.join(MATRIX_OS)})")
     d.add_argument(
         "--arch", action="append", help=f"matrix arch (default {', '.join(MATRIX_ARCH)})"
     )
-    for s in ("image-path", "cache-dir", "state-dir", "mirror"):
+    d.add_argument("--cmd", default=JOB, help="the job's shell command")
+    for s in ("image-path", "cache-dir", "mirror"):
         add_setting(d, s)
     d.set_defaults(func=cmd_demo)
 
@@ -46,40 +51,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for o in (args.os or MATRIX_OS)
         for a in (args.arch or MATRIX_ARCH)
     ]
+    specs = [BuildSpec(release=r, arch=a, mirror=args.mirror) for r, a in cells]
     out.print(
-        f"[bold]matrix:[/bold] {len(cells)} jobs: "
+        f"[bold]matrix[/bold]: {len(cells)} jobs: "
         + ", ".join(f"{r.name}/{a.value}" for r, a in cells),
         highlight=False,
     )
-    rows = []
-    failed = 0
-    for n, (release, arch) in enumerate(cells, 1):
-        spec = BuildSpec(release=release, arch=arch, mirror=args.mirror)
-        out.print(f"[bold]({n}/{len(cells)}) {spec.name}[/bold]: image", highlight=False)
-        manifest, _ = build_image(spec, args.image_path, args.cache_dir)
-        image = Image(manifest, args.image_path / spec.name.dirname)
-        accel, _why = choose_accel(image, args.state_dir)
-        out.print(f"  booting a fresh VM ({accel}) and running the job ...", highlight=False)
-        with boot(manifest, image.path, accel=accel) as vm, vm.connect() as agent:
-            boot_s = time.monotonic() - vm.started
-            status, stdout, stderr = agent.output(["/bin/sh", "-c", JOB])
-        text = (stdout + stderr).decode(errors="replace").strip()
-        for line in text.splitlines():
-            out.print(f"  [{spec.name}] {line}", highlight=False, markup=False)
-        failed += not status.ok
-        rows.append(
-            (
-                release.name,
-                arch.value,
-                accel,
-                f"{boot_s:.1f} s",
-                "ok" if status.ok else f"failed ({status.code})",
-            )
+    out.print("[bold]1. images[/bold] (built once, then cached)", highlight=False)
+    Builder(args.image_path, args.cache_dir).build_many(
+        specs,
+        jobs=os.cpu_count() or 1,
+        on_done=lambda m, built: out.print(
+            f"   {m.name}: {'built' if built else 'cached'}", highlight=False
+        ),
+    )
+    with tempfile.TemporaryDirectory(prefix="tt-demo-") as tmp:
+        state = Path(tmp)
+        out.print(
+            "[bold]2. starting the all-in-one cloud[/bold] (scheduler, hostd, libvirtd)",
+            highlight=False,
         )
-    t = Table(title="matrix results (every VM is gone again)")
-    for col in ("os", "arch", "accel", "VM up", "job"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(*r)
-    out.print(t)
-    return 1 if failed else 0
+        with allinone.running(
+            state,
+            args.image_path,
+            scheduler_listen=f"127.0.0.1:{_free_port()}",
+            hostd_listen=f"127.0.0.1:{_free_port()}",
+        ) as stack:
+            client = Client(config.ClientConfig(stack.scheduler, stack.token))
+            prefix = ",".join(str(s.name) for s in specs)
+            out.print(f"[bold]3. tt env add demo --os-prefix {prefix}[/bold]", highlight=False)
+            t0 = time.monotonic()
+            env = client.create_env(
+                {"name": "demo", "os_prefix": prefix, "memory_mib": 512, "life_time": "15m"}
+            )
+            out.print(
+                f"   {env['vm_count']} fresh VMs up in {time.monotonic() - t0:.1f} s",
+                highlight=False,
+            )
+            out.print("[bold]4. tt env run demo --cmd ...[/bold]", highlight=False)
+            results: dict[str, str] = {}
+            for ev in client.run("demo", {"cmd": args.cmd}):
+                if ev["event"] in ("stdout", "stderr"):
+                    for line in base64.b64decode(ev["data"]).decode(errors="replace").splitlines():
+                        out.print(f"   [{ev['vm']}] {line}", highlight=False, markup=False)
+                elif ev["event"] == "exit":
+                    results[ev["vm"]] = "ok" if ev["code"] == 0 else f"exit {ev['code']}"
+                elif ev["event"] == "error":
+                    results[ev["vm"]] = f"error: {ev['message']}"
+            shown = client.get("/v1/envs/demo")
+            out.print("[bold]5. tt env del demo[/bold]", highlight=False)
+            t1 = time.monotonic()
+            client.delete_env("demo")
+            out.print(f"   deleted in {time.monotonic() - t1:.1f} s", highlight=False)
+        t = Table(title="matrix results (every VM is gone again)")
+        for col in ("VM", "image", "accel", "boot", "job"):
+            t.add_column(col)
+        for vm in shown["vms"]:
+            t.add_row(
+                vm["name"],
+                vm["image"],
+                vm["accel"],
+                f"{vm['boot_s']:.1f} s",
+                results.get(vm["name"], "no result"),
+            )
+        out.print(t)
+    failed = [r for r in results.values() if r != "ok"]
+    return 1 if failed or len(results) != len(cells) else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

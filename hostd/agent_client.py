@@ -107,7 +107,7 @@ class AgentClient:
         decoder = Decoder()
         try:
             while True:
-                data = self._sock.recv(1 << 16)
+                data = self._sock.recv(1 << 20)
                 if not data:
                     break
                 for frame in decoder.feed(data):

@@ -77,7 +77,10 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
             pk="id",
         )
 
-    return [("0001_vms", vms)]
+    def guest_boot(db: sqlite_utils.Database) -> None:
+        db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
+
+    return [("0001_vms", vms), ("0002_guest_boot_s", guest_boot)]
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,7 @@ class VMManager:
         self.engine.start(spec)
         overhead = TCG_OVERHEAD_MIB if accel == "tcg" else KVM_OVERHEAD_MIB
         self.engine.set_limits(row["domain"], row["memory_mib"] + overhead, row["cpus"])
+        started = time.monotonic()
         try:
             agent = AgentClient.connect(
                 spec.agent_socket, token=row["token"], timeout=BOOT_TIMEOUT_S
@@ -318,6 +322,7 @@ class VMManager:
             ) from None
         with self._agent_lock:
             self._agents[row["id"]] = agent
+        self._update(row["id"], guest_boot_s=round(time.monotonic() - started, 3))
 
     # -- delete and reclaim ------------------------------------------------------------------
     def _reclaim(self, vm_id: str, keep_row: bool = False) -> None:

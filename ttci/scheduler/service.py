@@ -80,7 +80,10 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
         )
         db.table("vms").create_index(["env"])
 
-    return [("0001_base", base)]
+    def guest_boot(db: sqlite_utils.Database) -> None:
+        db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
+
+    return [("0001_base", base), ("0002_guest_boot_s", guest_boot)]
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class Scheduler:
                         "disk_gib",
                         "accel",
                         "boot_s",
+                        "guest_boot_s",
                         "error",
                     )
                 }
@@ -298,7 +302,11 @@ class Scheduler:
                     }
                 )
                 self._set_vm(
-                    v["id"], state="running", boot_s=r.get("boot_s", 0.0), accel=r.get("accel", "")
+                    v["id"],
+                    state="running",
+                    boot_s=r.get("boot_s", 0.0),
+                    accel=r.get("accel", ""),
+                    guest_boot_s=r.get("guest_boot_s", 0.0),
                 )
                 if progress:
                     progress(f"{v['name']} up on {v['host']} in {r.get('boot_s', 0):.1f} s")

@@ -96,20 +96,22 @@ def _probe_boot(image: Image, arch: Arch) -> tuple[bool, str]:
             "none",
         ]
         t0 = time.monotonic()
-        proc = subprocess.Popen(
-            argv,
-            env=dict(BASE_ENV),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        err_path = Path(tmp) / "qemu.err"
+        with err_path.open("wb") as err:
+            proc = subprocess.Popen(
+                argv,
+                env=dict(BASE_ENV),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         try:
             while time.monotonic() - t0 < PROBE_TIMEOUT_S:
                 if log_path.exists() and MARKER in log_path.read_bytes():
                     return True, f"probe boot reached its marker in {time.monotonic() - t0:.1f} s"
                 if proc.poll() is not None:
-                    err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
-                    return False, f"probe boot failed: {err.strip()[-300:] or 'qemu exited'}"
+                    text = err_path.read_text(errors="replace").strip()[-300:]
+                    return False, f"probe boot failed: {text or 'qemu exited'}"
                 time.sleep(0.05)
             return False, f"probe boot did not reach its marker in {PROBE_TIMEOUT_S:.0f} s"
         finally:

@@ -90,13 +90,14 @@ def boot(
         argv = qemu_argv(spec)
         log.debug("+ %s", " ".join(argv))
         started = time.monotonic()
-        proc = subprocess.Popen(
-            argv,
-            env=dict(BASE_ENV),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(work / "qemu.err").open("wb"),
-        )
+        with (work / "qemu.err").open("wb") as err:
+            proc = subprocess.Popen(
+                argv,
+                env=dict(BASE_ENV),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         yield DirectVM(work, proc, spec.agent_socket, spec.console_log, token, started)
     finally:
         if proc is not None and proc.poll() is None:

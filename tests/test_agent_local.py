@@ -126,3 +126,13 @@ def test_find_port_by_name(tmp_path: "os.PathLike[str]") -> None:
             f.write(name + "\n")
     assert guest_agent.find_port(sys_dir=base) == "/dev/vport1p1"
     assert guest_agent.find_port("absent", sys_dir=base) is None
+
+
+def test_cancel_stops_a_running_command(agent: AgentClient) -> None:
+    channels: list[int] = []
+    timer = threading.Timer(0.5, lambda: agent.cancel(channels[0]))
+    timer.start()
+    t0 = time.monotonic()
+    status = agent.run(["sh", "-c", "sleep 30; echo never"], on_start=channels.append)
+    assert status.cancelled and status.signal == 15
+    assert time.monotonic() - t0 < 5

@@ -148,7 +148,12 @@ def test_build_killed_half_way_leaves_nothing(tmp_path: Path) -> None:
     time.sleep(3)
     assert _binfmt_state() != before or before[1].get("qemu-aarch64") == "enabled"
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, "".join(seen[-10:]) + rest
     assert "interrupted; cleaned up" in rest
     assert [p.name for p in img.iterdir()] == []

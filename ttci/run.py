@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -129,6 +131,7 @@ def run_streaming(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stopped as a whole below
         )
     except FileNotFoundError as e:
         need(args[0])
@@ -138,7 +141,7 @@ def run_streaming(
     def watch() -> None:
         while cancel is not None and not done.wait(0.2):
             if cancel.is_set():
-                proc.terminate()
+                _stop_group(proc)
                 return
 
     if cancel is not None:
@@ -150,16 +153,29 @@ def run_streaming(
             on_line(line)
         rc = proc.wait()
     except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_group(proc)
         raise
     finally:
         done.set()
+        if proc.stdout:
+            proc.stdout.close()
     if cancel is not None and cancel.is_set():
         raise KeyboardInterrupt(f"{args[0]} cancelled")
     if rc != 0:
         raise CommandFailed(f"{shlex.join(args)} exited with {rc}:\n" + "\n".join(tail))
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
+    """SIGTERM the child's process group, SIGKILL it after a grace period.
+
+    mmdebstrap defers SIGTERM until its current phase ends (minutes under emulation); whatever it
+    leaves mounted is unmounted by the caller's clean-up (hostd.images.fs.safe_rmtree).
+    """
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

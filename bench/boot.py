@@ -18,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_key, free_port, median, print_table, wait_ssh, write_json
+from bench.common import free_port, median, print_table, ssh_image, wait_ssh, write_json
 from hostd.direct_vm import boot
 from hostd.images.build import build_image
 from hostd.images.catalogue import Image
 from hostd.images.check import choose_accel
-from hostd.images.recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
+from hostd.images.recipe import DEFAULT_TARGETS, BuildSpec
 from ttci.log import setup_logging
-from ttci.naming import parse_arch, parse_release
+from ttci.naming import parse_release
 
 
 def agent_boot(image: Image, accel: str) -> float:
@@ -97,16 +97,8 @@ def main() -> int:
     )
 
     # The ssh baseline: the same Debian on amd64, booted with systemd and sshd.
-    key = bench_key(args.cache_dir)
-    sd_spec = BuildSpec(
-        parse_release("debian-12"),
-        parse_arch("amd64"),
-        profile="systemd",
-        adds=(AddedFile(key.with_suffix(".pub"), "/root/.ssh/authorized_keys"),),
-    )
-    sd_manifest, _ = build_image(sd_spec, args.image_path, args.cache_dir)
-    sd_image = Image(sd_manifest, args.image_path / sd_spec.name.dirname)
-    accel, _ = choose_accel(sd_image, None)
+    sd_image, key, accel = ssh_image(args.image_path, args.cache_dir)
+    sd_manifest = sd_image.manifest
     ssh_runs = []
     for _ in range(args.runs):
         port = free_port()

@@ -12,6 +12,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from hostd.images.build import build_image
+from hostd.images.catalogue import Image
+from hostd.images.check import choose_accel
+from hostd.images.recipe import AddedFile, BuildSpec
+from ttci.naming import parse_arch, parse_release
 from ttci.run import run
 
 console = Console(width=160)
@@ -79,3 +84,21 @@ def write_json(path: Path | None, data: object) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")
         console.print(f"wrote {path}")
+
+
+def ssh_image(image_path: Path, cache_dir: Path) -> tuple[Image, Path, str]:
+    """The ssh baseline's image: debian-12 amd64 with the systemd profile, sshd and our key.
+
+    Returns:
+        The image, the private key and the accelerator to boot it with.
+    """
+    key = bench_key(cache_dir)
+    spec = BuildSpec(
+        parse_release("debian-12"),
+        parse_arch("amd64"),
+        profile="systemd",
+        adds=(AddedFile(key.with_suffix(".pub"), "/root/.ssh/authorized_keys"),),
+    )
+    manifest, _ = build_image(spec, image_path, cache_dir)
+    image = Image(manifest, image_path / spec.name.dirname)
+    return image, key, choose_accel(image, None)[0]

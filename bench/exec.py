@@ -20,21 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
-    bench_key,
     free_port,
     median,
     print_table,
     ssh_argv,
+    ssh_image,
     wait_ssh,
     write_json,
 )
 from hostd.direct_vm import boot
-from hostd.images.build import build_image
-from hostd.images.catalogue import Image
-from hostd.images.check import choose_accel
-from hostd.images.recipe import AddedFile, BuildSpec
 from ttci.log import setup_logging
-from ttci.naming import parse_arch, parse_release
 
 
 def timed(fn: object, runs: int) -> list[float]:
@@ -55,16 +50,8 @@ def main() -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("/var/cache/ttci"))
     args = p.parse_args()
     setup_logging()
-    key = bench_key(args.cache_dir)
-    spec = BuildSpec(
-        parse_release("debian-12"),
-        parse_arch("amd64"),
-        profile="systemd",
-        adds=(AddedFile(key.with_suffix(".pub"), "/root/.ssh/authorized_keys"),),
-    )
-    manifest, _ = build_image(spec, args.image_path, args.cache_dir)
-    image = Image(manifest, args.image_path / spec.name.dirname)
-    accel, _ = choose_accel(image, None)
+    image, key, accel = ssh_image(args.image_path, args.cache_dir)
+    manifest = image.manifest
     port = free_port()
     nbytes = args.mb * 1_000_000
     with (

@@ -56,3 +56,14 @@ def leftovers(state_dir: Path) -> list[str]:
         found += [f"workdir {d}" for d in vms.iterdir()]
     found += [f"socket {s}" for s in state_dir.rglob("*.sock")]
     return found
+
+
+def configure_client(scheduler: str, token: str, cfg: Path) -> None:
+    """Write a client config at cfg pointing at a test cloud (as `tt up` does for users)."""
+    from ttci import config
+
+    os.environ["TT_CONFIG"] = str(cfg)
+    try:
+        config.save(scheduler, token)
+    finally:
+        os.environ.pop("TT_CONFIG")

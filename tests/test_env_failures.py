@@ -4,15 +4,13 @@ whole: no ENV, no VM, no domain, no overlay left."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.cloudutil import free_port, leftovers, qemu_pids, tt
+from tests.cloudutil import configure_client, free_port, leftovers, qemu_pids, tt
 from tests.conftest import built_image
-from ttci import config
 from ttci.allinone import running
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -44,11 +42,7 @@ def test_half_failed_env_is_taken_back_whole(tmp_path: Path) -> None:
         cpu_total=4,
         mem_total=4096,
     ) as stack:
-        os.environ["TT_CONFIG"] = str(cfg)
-        try:
-            config.save(stack.scheduler, stack.token)
-        finally:
-            os.environ.pop("TT_CONFIG")
+        configure_client(stack.scheduler, stack.token, cfg)
         r = tt("env", "add", "half", "--os-prefix", "debian", "--mem", "384", config=cfg)
         assert r.returncode == 1, r.stdout
         assert "could not be created (nothing was kept)" in r.stderr

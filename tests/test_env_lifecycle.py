@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cloudutil import cgroup_dir, free_port, leftovers, qemu_pids, tt
+from tests.cloudutil import cgroup_dir, configure_client, free_port, leftovers, qemu_pids, tt
 from tests.conftest import IMAGE_PATH, built_image
-from ttci import config
 from ttci.allinone import Stack, running
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -36,11 +35,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pat
         cpu_total=8,
         mem_total=6144,
     ) as stack:
-        os.environ["TT_CONFIG"] = str(cfg)
-        try:
-            config.save(stack.scheduler, stack.token)
-        finally:
-            os.environ.pop("TT_CONFIG")
+        configure_client(stack.scheduler, stack.token, cfg)
         yield stack, cfg
     # A graceful stop destroys every VM and leaves nothing on the host.
     assert leftovers(state) == []

@@ -100,8 +100,11 @@ class AgentClient:
         raise BootError(f"agent at {path} did not answer within {timeout:.0f} s ({last_err})")
 
     def _send(self, data: bytes) -> None:
-        with self._lock:
-            self._sock.sendall(data)
+        try:
+            with self._lock:
+                self._sock.sendall(data)
+        except OSError as e:
+            raise AgentError(f"connection to the agent was lost: {e.strerror or e}") from e
 
     def _read_loop(self) -> None:
         decoder = Decoder()
@@ -174,7 +177,7 @@ class AgentClient:
 
     def cancel(self, channel: int, signal: int = 15) -> None:
         """Signal a running command's process group (SIGTERM, then SIGKILL after a grace)."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(AgentError):
             self._send(encode_json(MsgType.CANCEL, channel, {"signal": signal}))
 
     @property

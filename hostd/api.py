@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import io
+import logging
 import os
 import platform
 import queue
@@ -18,10 +20,11 @@ from hostd.agent_client import ExitStatus
 from hostd.engine import EngineError
 from hostd.vms import NoCapacity, NotFound, VMLost, VMManager, VMRequest
 from ttci import __version__
-from ttci.errors import AgentError, BadInput, BootError
+from ttci.errors import AgentError, BadInput, BootError, TTError
 from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, ndjson
 
 bp = Blueprint("hostd", __name__, url_prefix="/v1")
+log = logging.getLogger("hostd.api")
 
 
 def _mgr() -> VMManager:
@@ -101,44 +104,76 @@ def _status_json(st: ExitStatus) -> dict[str, Any]:
     }
 
 
-def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Run a command and yield its events as they happen; a dropped client cancels it."""
+def parse_exec(req: dict[str, Any]) -> dict[str, Any]:
+    """Validate an exec request (argv, env, cwd, timeout, stdin_b64) into run() keywords."""
     argv = req.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise BadInput("argv must be a non-empty list of strings", hint='{"argv": ["uname"]}')
-    stdin = base64.b64decode(req["stdin_b64"]) if req.get("stdin_b64") is not None else None
+    env = req.get("env")
+    if env is not None and (
+        not isinstance(env, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise BadInput("env must be an object of strings", hint='{"env": {"CI": "true"}}')
+    cwd = req.get("cwd")
+    if cwd is not None and not (isinstance(cwd, str) and cwd.startswith("/")):
+        raise BadInput("cwd must be an absolute path", hint='{"cwd": "/root"}')
+    timeout = req.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise BadInput(
+            f"timeout {timeout!r} is not a positive number of seconds", hint='{"timeout": 600}'
+        )
+    stdin = None
+    if req.get("stdin_b64") is not None:
+        try:
+            stdin = base64.b64decode(str(req["stdin_b64"]), validate=True)
+        except binascii.Error as e:
+            raise BadInput(f"stdin_b64 is not base64: {e}", hint="encode stdin with base64") from e
+    return {"argv": argv, "env": env, "cwd": cwd, "timeout": timeout, "stdin": stdin}
+
+
+def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Run a command and yield its events as they happen; a dropped client cancels it."""
+    kw = parse_exec(req)
+    argv = kw.pop("argv")
     agent = mgr.agent(vm_id)  # raises before the stream starts: a proper HTTP error
     events: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)
+    abandoned = threading.Event()
     channel: list[int] = []
+
+    def emit(ev: dict[str, Any] | None) -> None:
+        while not abandoned.is_set():  # nobody reads an abandoned stream: drop, never block
+            try:
+                events.put(ev, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def work() -> None:
         try:
             st = mgr.exec(
                 vm_id,
                 argv,
-                env=req.get("env"),
-                cwd=req.get("cwd"),
-                stdin=stdin,
-                timeout=req.get("timeout"),
+                **kw,
                 on_start=channel.append,
-                on_stdout=lambda b: events.put(
-                    {"event": "stdout", "data": base64.b64encode(b).decode()}
-                ),
-                on_stderr=lambda b: events.put(
-                    {"event": "stderr", "data": base64.b64encode(b).decode()}
-                ),
+                on_stdout=lambda b: emit({"event": "stdout", "data": base64.b64encode(b).decode()}),
+                on_stderr=lambda b: emit({"event": "stderr", "data": base64.b64encode(b).decode()}),
             )
-            events.put(_status_json(st))
+            emit(_status_json(st))
         except VMLost as e:
-            events.put({"event": "error", "message": e.message, "lost": True})
-        except (AgentError, BadInput, EngineError) as e:
-            events.put({"event": "error", "message": e.message, "lost": False})
+            emit({"event": "error", "message": e.message, "lost": True})
+        except TTError as e:
+            emit({"event": "error", "message": e.message, "lost": False})
+        except Exception as e:  # the stream must always end with exit or error
+            log.exception("exec on %s failed", vm_id)
+            emit({"event": "error", "message": f"hostd failed: {e!r}", "lost": False})
         finally:
-            events.put(None)
+            emit(None)
 
     def gen() -> Iterator[dict[str, Any]]:
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
+        threading.Thread(target=work, daemon=True).start()
         finished = False
         try:
             yield {"event": "start"}
@@ -146,6 +181,7 @@ def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dic
                 yield ev
             finished = True
         finally:
+            abandoned.set()
             if not finished and channel:
                 agent.cancel(channel[0])
 

@@ -98,7 +98,7 @@ class Engine:
             if dom.isActive():
                 dom.destroy()
         except libvirt.libvirtError as e:
-            if dom.isActive():
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN and self.is_running(name):
                 raise EngineError(f"cannot stop {name}: {e.get_error_message()}") from e
         try:
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)

@@ -48,22 +48,39 @@ class LibvirtdError(TTError):
     """libvirtd could not be started or reached."""
 
 
+def _orphaned_qemu_zombies(me: int) -> list[int]:
+    """Zombie QEMU processes adopted by us. Only those: a reaper that took any child would steal
+    the exit codes of our own subprocesses (Popen would then report 0 for a failed command)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[1]) == me and comm.startswith("qemu-system"):
+            out.append(int(entry))
+    return out
+
+
 def become_subreaper() -> None:
     """Adopt orphaned QEMU processes and reap them at once (this sandbox's PID 1 takes ~2 s)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         return
+    me = os.getpid()
 
     def reap() -> None:
         while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid = 0
-            if pid == 0:
-                time.sleep(0.05)
+            for pid in _orphaned_qemu_zombies(me):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
 
-    # subprocess.Popen.wait() of our own children copes with a lost race (returns code 0).
     threading.Thread(target=reap, name="subreaper", daemon=True).start()
 
 
@@ -100,12 +117,14 @@ class PrivateLibvirtd:
         return self.root / "libvirtd.pid"
 
     def _alive_pid(self) -> int | None:
+        """The recorded libvirtd's pid if that process still is a libvirtd (pids get reused)."""
         try:
             pid = int(self.pidfile.read_text())
-            os.kill(pid, 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if b"libvirtd" in cmdline else None
 
     def start(self, timeout: float = 30) -> None:
         """Start it, or adopt the one a crashed hostd left running (its VMs live on in it).

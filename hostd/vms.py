@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+import sqlite_utils.db
 
 from hostd.agent_client import AgentClient, ExitStatus
 from hostd.domain_xml import DomainSpec
@@ -349,9 +350,9 @@ class VMManager:
         """Destroy a VM and forget it; False when it did not exist (delete is idempotent)."""
         try:
             self._row(vm_id)
-        except NotFound:
-            return False
-        self._update(vm_id, state="deleting")
+            self._update(vm_id, state="deleting")
+        except (NotFound, sqlite_utils.db.NotFoundError):
+            return False  # gone already (a concurrent delete): deleting is idempotent
         self._reclaim(vm_id)
         log.info("VM %s deleted", vm_id)
         return True

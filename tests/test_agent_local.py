@@ -136,3 +136,32 @@ def test_cancel_stops_a_running_command(agent: AgentClient) -> None:
     status = agent.run(["sh", "-c", "sleep 30; echo never"], on_start=channels.append)
     assert status.cancelled and status.signal == 15
     assert time.monotonic() - t0 < 5
+
+
+def test_background_child_does_not_hold_the_command_open(agent: AgentClient) -> None:
+    t0 = time.monotonic()
+    status, out, _ = agent.output(["sh", "-c", "sleep 20 & echo started"])
+    assert status.ok and out == b"started\n"
+    assert time.monotonic() - t0 < 6
+
+
+def test_unread_stdin_does_not_block_other_commands(agent: AgentClient) -> None:
+    done: list[int | None] = []
+    t = threading.Thread(
+        target=lambda: done.append(
+            agent.output(["sh", "-c", "sleep 2"], stdin=b"x" * 300_000)[0].code
+        ),
+        daemon=True,
+    )
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert agent.output(["echo", "still here"])[1] == b"still here\n"
+    assert time.monotonic() - t0 < 1.5
+    t.join(timeout=10)
+    assert done == [0]
+
+
+def test_bad_timeout_is_refused(agent: AgentClient) -> None:
+    with pytest.raises(AgentError, match="timeout must be a positive number"):
+        agent.output(["true"], timeout="5")  # type: ignore[arg-type]

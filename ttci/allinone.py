@@ -70,14 +70,17 @@ def _spawn(
 
     threading.Thread(target=drain, daemon=True).start()
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not ready.wait(0.1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            tail = log_path.read_text(errors="replace")[-2500:]
-            raise StartError(
-                f"{name} did not start; its log ({log_path}) ends:\n{tail}",
-                hint="fix what the log says, then run `tt up` again",
-            )
+    try:
+        while not ready.wait(0.1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2500:]
+                raise StartError(
+                    f"{name} did not start; its log ({log_path}) ends:\n{tail}",
+                    hint="fix what the log says, then run `tt up` again",
+                )
+    except BaseException:  # also Ctrl-C while waiting: the child is in its own session
+        _stop(proc)
+        raise
     return proc
 
 

@@ -68,6 +68,11 @@ class Client:
             for line in r.iter_lines():
                 if line:
                     yield json.loads(line)
+        except requests.RequestException as e:
+            raise TTError(
+                f"the scheduler's stream broke off: {e}",
+                hint="`tt env show` tells the VMs' state; run the command again",
+            ) from e
         finally:
             r.close()
 

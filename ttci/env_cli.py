@@ -271,9 +271,11 @@ def cmd_env_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"cmd": args.cmd}
     if args.timeout:
         body["timeout"] = args.timeout
+    client = _client()
+    vms = [v["name"] for v in client.get(f"/v1/envs/{args.name}")["vms"]]
     results: dict[str, str] = {}
     partial: dict[tuple[str, str], bytes] = {}
-    for ev in _client().run(args.name, body):
+    for ev in client.run(args.name, body):
         if args.json:
             print(json.dumps(ev), flush=True)
         vm = ev.get("vm", "?")
@@ -290,6 +292,8 @@ def cmd_env_run(args: argparse.Namespace) -> int:
             results[vm] = _exit_word(ev)
         elif kind == "error":
             results[vm] = f"error: {ev.get('message')}" + (" (VM lost)" if ev.get("lost") else "")
+    for vm in vms:
+        results.setdefault(vm, "no result (the command's stream ended early)")
     if not args.json:
         for (vm, kind), rest in partial.items():
             if rest:

@@ -34,6 +34,7 @@ READ_SIZE = 1 << 16
 PIPE_SIZE = 1 << 20  # bigger pipes mean fewer, larger frames: throughput under TCG
 F_SETPIPE_SZ = 1031
 KILL_GRACE_S = 2.0
+OUTPUT_GRACE_S = 2.0
 
 
 def find_port(name: str = PORT_NAME, sys_dir: str = "/sys/class/virtio-ports") -> str | None:
@@ -111,7 +112,13 @@ class Job:
             env = dict(os.environ)
         elif not isinstance(env, dict):
             raise ValueError("env must be an object of strings")
-        self.timeout = req.get("timeout")
+        timeout = req.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ValueError("timeout must be a positive number of seconds")
+        self.timeout = timeout
+        self.finished = False
+        self.stdin_queue: list[bytes | None] = []
+        self.stdin_ready = threading.Condition()
         self.proc = subprocess.Popen(
             argv,
             env={str(k): str(v) for k, v in env.items()},
@@ -131,6 +138,8 @@ class Job:
         ]
         for t in self.pumps:
             t.start()
+        if self.proc.stdin is not None:
+            threading.Thread(target=self._feed_stdin, daemon=True).start()
         threading.Thread(target=self._wait, daemon=True).start()
 
     def _pump(self, pipe: Any, mtype: MsgType) -> None:
@@ -151,23 +160,34 @@ class Job:
         pipe.close()
 
     def _wait(self) -> None:
-        try:
-            self.proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            self.timed_out = True
-            self.kill(signal.SIGTERM)
-            self.proc.wait()
-        for t in self.pumps:
-            t.join()
-        rc = self.proc.returncode
         status: dict[str, Any] = {
-            "code": rc if rc >= 0 else None,
-            "signal": -rc if rc < 0 else None,
-            "timed_out": self.timed_out,
+            "code": None,
+            "signal": None,
+            "timed_out": False,
             "timeout": self.timeout,
-            "cancelled": self.cancelled,
+            "cancelled": False,
         }
-        self.link.send_json(MsgType.EXIT, self.channel, status)
+        try:
+            try:
+                self.proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                self.timed_out = True
+                self.kill(signal.SIGTERM)
+                self.proc.wait()
+            # A background child (`server &`) may keep stdout open: the command is over when
+            # its leader exits, so wait only a moment for the rest of the output.
+            for t in self.pumps:
+                t.join(timeout=OUTPUT_GRACE_S)
+            rc = self.proc.returncode
+            status.update(
+                code=rc if rc >= 0 else None,
+                signal=-rc if rc < 0 else None,
+                timed_out=self.timed_out,
+                cancelled=self.cancelled,
+            )
+        finally:
+            self.finished = True
+            self.link.send_json(MsgType.EXIT, self.channel, status)
 
     def kill(self, sig: int) -> None:
         """Signal the whole process group, then SIGKILL it if it lingers."""
@@ -184,21 +204,35 @@ class Job:
         except ProcessLookupError:
             pass
 
-    def write_stdin(self, data: bytes) -> None:
-        if self.proc.stdin is None:
-            return
-        try:
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+    def write_stdin(self, data: bytes | None) -> None:
+        """Queue stdin (None: end of input); a thread feeds it, so a command that does not
+        read its stdin never blocks the agent's read loop."""
+        with self.stdin_ready:
+            self.stdin_queue.append(data)
+            self.stdin_ready.notify()
 
     def close_stdin(self) -> None:
-        if self.proc.stdin is not None:
+        self.write_stdin(None)
+
+    def _feed_stdin(self) -> None:
+        pipe = self.proc.stdin
+        while pipe is not None:
+            with self.stdin_ready:
+                while not self.stdin_queue:
+                    self.stdin_ready.wait()
+                data = self.stdin_queue.pop(0)
             try:
-                self.proc.stdin.close()
-            except (BrokenPipeError, ValueError):
-                pass
+                if data is None:
+                    pipe.close()
+                    return
+                pipe.write(data)
+                pipe.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+                return
 
 
 class Agent:
@@ -282,7 +316,7 @@ class Agent:
             self.link.send_json(MsgType.ERROR, frame.channel, {"message": str(e)})
 
     def reap_finished(self) -> None:
-        for ch in [c for c, j in self.jobs.items() if j.proc.poll() is not None]:
+        for ch in [c for c, j in self.jobs.items() if j.finished]:
             del self.jobs[ch]
 
 

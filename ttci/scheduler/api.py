@@ -12,7 +12,7 @@ from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, n
 from ttci.scheduler.envspec import EnvRequest
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
 from ttci.scheduler.placement import NoPlacement
-from ttci.scheduler.service import EnvExists, EnvNotFound, Scheduler, User
+from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler, User
 
 bp = Blueprint("scheduler", __name__, url_prefix="/v1")
 
@@ -128,6 +128,7 @@ def create_app(scheduler: Scheduler, users: dict[str, User], tokens: dict[str, s
         {
             EnvNotFound: 404,
             EnvExists: 409,
+            EnvBusy: 409,
             NoPlacement: 409,
             HostUnreachable: 503,
             HostdError: 502,

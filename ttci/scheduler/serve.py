@@ -52,6 +52,7 @@ def serve(
         channel_timeout=3600,
         ident="tt-scheduler",
     )
+    scheduler.recover()
     scheduler.start_reaper()
     log.info("tt-scheduler %s on %s:%s", __version__, host, server.effective_port)
     print(f"tt-scheduler ready on {host}:{server.effective_port}", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+import sqlite_utils.db
 
+from ttci.arch import Arch
 from ttci.db import Store, now
 from ttci.errors import BadInput, TTError
 from ttci.naming import ImageName
@@ -39,6 +42,10 @@ class EnvNotFound(TTError):
 
 class EnvExists(TTError):
     """An ENV of that name exists."""
+
+
+class EnvBusy(TTError):
+    """The ENV is in the middle of being created."""
 
 
 def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
@@ -227,6 +234,7 @@ class Scheduler:
                 free=Resources.from_dict(h.get("free", {})),
                 images=frozenset(i["name"] for i in h.get("images", [])),
                 up=h["state"] == "up",
+                kvm_arches=_kvm_arches(h),
             )
             for h in hosts
         ]
@@ -310,16 +318,23 @@ class Scheduler:
                 )
                 if progress:
                     progress(f"{v['name']} up on {v['host']} in {r.get('boot_s', 0):.1f} s")
-            except TTError as e:
-                self._set_vm(v["id"], state="failed", error=e.message)
-                failures.append(f"{v['name']} on {v['host']}: {e.message}")
+            except Exception as e:  # any failure takes the whole ENV back, never a 500
+                msg = e.message if isinstance(e, TTError) else repr(e)
+                self._set_vm(v["id"], state="failed", error=msg)
+                failures.append(f"{v['name']} on {v['host']}: {msg}")
 
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
             list(pool.map(boot, vm_rows))
         if failures:
-            self._delete_env_vms(req.name)
+            kept = self._drop_vms(req.name)
+            if kept:
+                self._mark_failed(req.name, "; ".join(kept))
+                raise TTError(
+                    f"ENV {req.name} could not be created: {'; '.join(failures[:5])}; and "
+                    f"{len(kept)} VM(s) could not be deleted yet: {'; '.join(kept[:3])}",
+                    hint="the reaper retries; or run `tt env del` when the host is back",
+                )
             with self.store.lock:
-                self.store.db.table("vms").delete_where("env = ?", [req.name])
                 self.store.db.table("envs").delete(req.name)
             raise TTError(
                 f"ENV {req.name} could not be created (nothing was kept): "
@@ -331,10 +346,22 @@ class Scheduler:
         return self.show_env(req.name, user)
 
     def _set_vm(self, vm_id: str, **fields: Any) -> None:
-        with self.store.lock:
+        with self.store.lock, contextlib.suppress(sqlite_utils.db.NotFoundError):
             self.store.db.table("vms").update(vm_id, fields)
 
-    def _delete_env_vms(self, env: str) -> list[str]:
+    def _mark_failed(self, env: str, why: str) -> None:
+        """Left for the reaper: it deletes what remains as soon as the hosts let it."""
+        with self.store.lock:
+            self.store.db.table("envs").update(
+                env, {"state": "failed", "error": why, "expires_at": now()}
+            )
+
+    def _drop_vms(self, env: str) -> list[str]:
+        """Delete the ENV's VMs on their hosts; forget those that are gone.
+
+        Returns:
+            What could not be deleted ("name: why"), still recorded for a later try.
+        """
         problems: list[str] = []
 
         def drop(v: dict[str, Any]) -> None:
@@ -342,6 +369,9 @@ class Scheduler:
                 self.clients[v["host"]].delete_vm(v["id"])
             except TTError as e:
                 problems.append(f"{v['name']}: {e.message}")
+                return
+            with self.store.lock:
+                self.store.db.table("vms").delete_where("id = ?", [v["id"]])
 
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
             list(pool.map(drop, self._vm_rows(env)))
@@ -349,21 +379,35 @@ class Scheduler:
 
     def delete_env(self, name: str, user: User) -> dict[str, Any]:
         row = self._env_row(name, user)
-        with self.store.lock:
-            self.store.db.table("envs").update(name, {"state": "deleting"})
-        problems = self._delete_env_vms(name)
-        if problems:
-            with self.store.lock:
-                self.store.db.table("envs").update(name, {"error": "; ".join(problems)})
-            raise TTError(
-                f"ENV {name}: some VMs could not be deleted: {'; '.join(problems)}",
-                hint="retry `tt env del`; hosts reap orphans when they come back",
+        if row["state"] == "creating":
+            raise EnvBusy(
+                f"ENV {name} is still being created",
+                hint="wait for `tt env add` to finish, then delete it",
             )
         with self.store.lock:
-            self.store.db.table("vms").delete_where("env = ?", [name])
+            self.store.db.table("envs").update(name, {"state": "deleting"})
+        problems = self._drop_vms(name)
+        if problems:
+            self._mark_failed(name, "; ".join(problems))
+            raise TTError(
+                f"ENV {name}: some VMs could not be deleted: {'; '.join(problems)}",
+                hint="retry `tt env del`; the reaper also retries",
+            )
+        with self.store.lock:
             self.store.db.table("envs").delete(name)
         log.info("ENV %s deleted", name)
         return {"name": row["name"], "deleted": True}
+
+    def recover(self) -> None:
+        """After a restart: ENVs whose creation was cut short are taken back by the reaper."""
+        with self.store.lock:
+            names = [
+                r["name"]
+                for r in self.store.db.table("envs").rows_where("state in ('creating', 'deleting')")
+            ]
+        for name in names:
+            log.warning("ENV %s was left half-done by a restart; the reaper takes it back", name)
+            self._mark_failed(name, "interrupted by a scheduler restart")
 
     # -- commands and files ------------------------------------------------------------------
     def run(self, name: str, user: User, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -373,36 +417,60 @@ class Scheduler:
         if not vms:
             raise BadInput(f"ENV {name} has no VMs", hint="create it again")
         events: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1024)
+        stop = threading.Event()
+
+        def put(ev: dict[str, Any]) -> bool:
+            while not stop.is_set():  # the client left: drop, never block
+                try:
+                    events.put(ev, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def one(v: dict[str, Any]) -> None:
+            ended = False
             try:
                 if v["state"] != "running":
                     raise TTError(f"VM is {v['state']}: {v['error'] or 'not running'}")
                 for ev in self.clients[v["host"]].exec(v["id"], req):
                     if ev.get("event") == "error" and ev.get("lost"):
                         self._set_vm(v["id"], state="lost", error=ev.get("message", ""))
-                    events.put({**ev, "vm": v["name"]})
+                    ended = ended or ev.get("event") in ("exit", "error")
+                    if not put({**ev, "vm": v["name"]}):
+                        return  # closing the stream makes hostd cancel the command
+                if not ended:
+                    put(
+                        {
+                            "event": "error",
+                            "vm": v["name"],
+                            "message": "the command's output ended without a result",
+                        }
+                    )
             except HostUnreachable as e:
                 self._set_vm(v["id"], state="lost", error=e.message)
-                events.put({"event": "error", "vm": v["name"], "message": e.message, "lost": True})
-            except TTError as e:
+                put({"event": "error", "vm": v["name"], "message": e.message, "lost": True})
+            except Exception as e:
+                msg = e.message if isinstance(e, TTError) else repr(e)
                 if isinstance(e, HostdError) and e.status == 410:
-                    self._set_vm(v["id"], state="lost", error=e.message)
-                events.put({"event": "error", "vm": v["name"], "message": e.message})
+                    self._set_vm(v["id"], state="lost", error=msg)
+                put({"event": "error", "vm": v["name"], "message": msg})
             finally:
-                events.put({"event": "done", "vm": v["name"]})
+                put({"event": "done", "vm": v["name"]})
 
-        threads = [threading.Thread(target=one, args=(v,), daemon=True) for v in vms]
-        for t in threads:
-            t.start()
+        for v in vms:
+            threading.Thread(target=one, args=(v,), daemon=True).start()
         remaining = len(vms)
-        while remaining:
-            ev = events.get()
-            if ev["event"] == "done":
-                remaining -= 1
-                continue
-            if ev["event"] != "start":
-                yield ev
+        try:
+            while remaining:
+                ev = events.get()
+                if ev["event"] == "done":
+                    remaining -= 1
+                    continue
+                if ev["event"] != "start":
+                    yield ev
+        finally:
+            stop.set()
 
     def push(self, name: str, user: User, dest: str, tar: bytes) -> list[dict[str, Any]]:
         self._env_row(name, user)
@@ -435,7 +503,7 @@ class Scheduler:
             names = [
                 r["name"]
                 for r in self.store.db.table("envs").rows_where(
-                    "expires_at < ? and state != 'creating'", [stamp]
+                    "expires_at < ? and state not in ('creating', 'deleting')", [stamp]
                 )
             ]
         done = []
@@ -460,3 +528,10 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _kvm_arches(host: dict[str, Any]) -> frozenset[str]:
+    """The arches a host runs natively under KVM (its probe boot said KVM works)."""
+    if host.get("accel") != "kvm":
+        return frozenset()
+    return frozenset(a.value for a in Arch if a.is_native(str(host.get("machine", ""))))

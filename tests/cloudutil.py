@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -55,7 +56,25 @@ def leftovers(state_dir: Path) -> list[str]:
     if vms.exists():
         found += [f"workdir {d}" for d in vms.iterdir()]
     found += [f"socket {s}" for s in state_dir.rglob("*.sock")]
+    found += [f"cgroup {d}" for d in vm_cgroups()]
+    db = state_dir / "hostd" / "hostd.db"
+    if db.exists():
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = conn.execute("select id, state from vms").fetchall()
+        found += [f"hostd state row {r}" for r in rows]
     return found
+
+
+def vm_cgroups() -> list[Path]:
+    """cgroups libvirt made for our domains (named after them: tt-HOST-VMID)."""
+    out: list[Path] = []
+    for ctrl in ("memory", "cpu", "blkio", "pids"):
+        base = Path("/sys/fs/cgroup") / ctrl / "machine"
+        if base.is_dir():
+            out += [d for d in base.iterdir() if d.is_dir() and "-tt-" in d.name]
+    return out
 
 
 def configure_client(scheduler: str, token: str, cfg: Path) -> None:

@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -251,6 +252,7 @@ class Builder:
         self.cache_dir = cache_dir
         self.binfmt = Binfmt(cache_dir)
         self.cancel = threading.Event()
+        self.durations: dict[str, float] = {}  # image name -> seconds its build took
         self._tree_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -310,6 +312,13 @@ class Builder:
             return _cached_tree(self.cache_dir, kind, key, argv_for, self.cancel)
 
     def _build_one(self, spec: BuildSpec, force: bool) -> tuple[Manifest, bool]:
+        t0 = time.monotonic()
+        try:
+            return self._build_one_timed(spec, force)
+        finally:
+            self.durations[str(spec.name)] = time.monotonic() - t0
+
+    def _build_one_timed(self, spec: BuildSpec, force: bool) -> tuple[Manifest, bool]:
         if self.cancel.is_set():
             raise KeyboardInterrupt("cancelled")
         image_path = self.image_path

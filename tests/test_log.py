@@ -1,0 +1,26 @@
+import logging
+
+import pytest
+
+from ttci.log import MaskingFormatter, mask
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("token=abc123secret", "abc123secret"),
+        ('{"token": "s3cr3t-value"}', "s3cr3t-value"),
+        ("Authorization: Bearer eyJhbGciOi", "eyJhbGciOi"),
+        ("registered glrt-AbCdEf123456", "AbCdEf123456"),
+        ("jitconfig=ZW5jb2RlZA==", "ZW5jb2RlZA=="),
+        ("webhook secret: hunter2", "hunter2"),
+    ],
+)
+def test_secrets_never_reach_logs(text: str, secret: str) -> None:
+    assert secret not in mask(text)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", (text,), None)
+    assert secret not in MaskingFormatter("%(message)s").format(record)
+
+
+def test_ordinary_text_is_left_alone() -> None:
+    assert mask("VM debian-12-arm64 up in 2.1 s") == "VM debian-12-arm64 up in 2.1 s"

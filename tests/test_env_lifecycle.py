@@ -233,3 +233,12 @@ def test_status_and_images(cloud: tuple[Stack, Path]) -> None:
     r = tt("image", "list", "--json", config=cfg)
     names = {i["name"] for i in json.loads(r.stdout)}
     assert {"qemu:debian-12:amd64", "qemu:debian-12:arm64"} <= names
+
+
+def test_wrong_token_is_refused_with_a_hint(cloud: tuple[Stack, Path], tmp_path: Path) -> None:
+    stack, _ = cloud
+    bad = tmp_path / "bad.json"
+    configure_client(stack.scheduler, "not-the-token", bad)
+    r = tt("env", "list", config=bad)
+    assert r.returncode == 1
+    assert "missing or wrong token" in r.stderr and "hint:" in r.stderr

@@ -169,3 +169,26 @@ def test_libvirtd_not_running_says_how_to_start_it(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "cannot connect to libvirt" in r.stderr
     assert "start libvirtd" in r.stderr and "tt up" in r.stderr
+
+
+def test_keep_vms_on_graceful_stop_then_reattach(state: Path) -> None:
+    port = free_port()
+    hostd = start_hostd(state, port, "--keep-vms")
+    client = HostdClient("crashy", f"http://127.0.0.1:{port}", TOKEN)
+    client.create_vm(
+        {
+            "id": "kept",
+            "env": "e",
+            "name": "kept",
+            "image": "qemu:debian-12:amd64",
+            "memory_mib": 384,
+        }
+    )
+    _stop(hostd)  # SIGTERM with --keep-vms: the VM stays
+    assert qemu_pids("tt-crashy-kept")
+    hostd = start_hostd(state, port)
+    try:
+        assert run(client, "kept", "echo back") == (0, "back\n")
+    finally:
+        _stop(hostd)  # without --keep-vms: everything goes
+    assert leftovers(state) == []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -57,6 +57,39 @@ class Client:
     def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = self._call("POST", "/v1/envs", json=body, timeout=900).json()
         return out
+
+    def create_env_progress(
+        self, body: dict[str, Any], on_vm: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        """Create an ENV, calling on_vm as each VM comes up; returns the ready ENV."""
+        r = self._call(
+            "POST", "/v1/envs", params={"progress": "1"}, json=body, stream=True, timeout=(10, 900)
+        )
+        try:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                ev = json.loads(line)
+                if ev["event"] == "vm":
+                    on_vm(ev)
+                elif ev["event"] == "ready":
+                    env: dict[str, Any] = ev["env"]
+                    return env
+                elif ev["event"] == "error":
+                    if ev.get("status") == 400:
+                        raise BadInput(ev["error"], hint=ev.get("hint"))
+                    raise ApiError(ev["error"], hint=ev.get("hint"), status=ev.get("status", 0))
+        except requests.RequestException as e:
+            raise TTError(
+                f"the scheduler's stream broke off: {e}",
+                hint="`tt env show` tells what exists; delete and retry",
+            ) from e
+        finally:
+            r.close()
+        raise TTError(
+            "the scheduler ended the ENV stream without an answer",
+            hint="`tt env show` tells what exists",
+        )
 
     def delete_env(self, name: str) -> dict[str, Any]:
         out: dict[str, Any] = self._call("DELETE", f"/v1/envs/{name}", timeout=600).json()

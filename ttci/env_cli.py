@@ -212,26 +212,27 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         "life_time": args.life_time,
     }
     t0 = time.monotonic()
-    with (
-        out.status(f"creating ENV {args.name} (booting fresh VMs) ...")
-        if not args.json
-        else _null()
-    ):
+    if args.json:
         env = _client().create_env(body)
+    else:
+        with out.status(f"creating ENV {args.name}: placing and booting fresh VMs ...") as st:
+
+            def on_vm(ev: dict[str, Any]) -> None:
+                out.print(
+                    f"  {ev['vm']} up on {ev['host']} ({ev['accel']}) in {ev['boot_s']:.1f} s",
+                    highlight=False,
+                )
+                st.update(
+                    f"creating ENV {args.name}: {ev['vm']} is up, {time.monotonic() - t0:.0f} s ..."
+                )
+
+            env = _client().create_env_progress(body, on_vm)
     if args.json:
         print(json.dumps(env, indent=2))
     else:
         _show_env(env)
         print(f"ready in {time.monotonic() - t0:.1f} s")
     return 0
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def cmd_env_list(args: argparse.Namespace) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from ttci import __version__
-from ttci.errors import BadInput
+from ttci.errors import BadInput, TTError
 from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, ndjson
 from ttci.scheduler.envspec import EnvRequest
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
@@ -68,8 +70,32 @@ def list_envs() -> Response:
 
 @bp.post("/envs")
 def create_env() -> tuple[Response, int]:
-    env = _s().create_env(EnvRequest.from_dict(json_body()), _user())
-    return jsonify(env), 201
+    """Create an ENV; with ?progress=1 the answer is an NDJSON stream: one `vm` event per VM
+    as it comes up, then `ready` (with the ENV) or `error`."""
+    req, user = EnvRequest.from_dict(json_body()), _user()
+    s = _s()
+    if request.args.get("progress") not in ("1", "true"):
+        return jsonify(s.create_env(req, user)), 201
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def work() -> None:
+        try:
+            env = s.create_env(req, user, progress=lambda ev: events.put({"event": "vm", **ev}))
+            events.put({"event": "ready", "env": env})
+        except TTError as e:
+            status = (
+                400
+                if isinstance(e, BadInput)
+                else 409
+                if isinstance(e, EnvExists | NoPlacement | EnvBusy)
+                else 500
+            )
+            events.put({"event": "error", "error": e.message, "hint": e.hint, "status": status})
+        finally:
+            events.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    return ndjson(iter(events.get, None)), 201
 
 
 @bp.get("/envs/<name>")

@@ -220,7 +220,7 @@ class Scheduler:
         return self.env_json(self._env_row(name, user))
 
     def create_env(
-        self, req: EnvRequest, user: User, progress: Callable[[str], None] | None = None
+        self, req: EnvRequest, user: User, progress: Callable[[dict[str, Any]], None] | None = None
     ) -> dict[str, Any]:
         """Place and boot every VM of the ENV; all or nothing."""
         hosts = self.refresh_hosts()
@@ -317,7 +317,15 @@ class Scheduler:
                     guest_boot_s=r.get("guest_boot_s", 0.0),
                 )
                 if progress:
-                    progress(f"{v['name']} up on {v['host']} in {r.get('boot_s', 0):.1f} s")
+                    progress(
+                        {
+                            "vm": v["name"],
+                            "host": v["host"],
+                            "image": v["image"],
+                            "boot_s": r.get("boot_s", 0.0),
+                            "accel": r.get("accel", ""),
+                        }
+                    )
             except Exception as e:  # any failure takes the whole ENV back, never a 500
                 msg = e.message if isinstance(e, TTError) else repr(e)
                 self._set_vm(v["id"], state="failed", error=msg)

@@ -151,7 +151,7 @@ def test_push_get_exit_codes_and_dup_each(cloud: tuple[Stack, Path], tmp_path: P
         (
             ["x4", "--os-prefix", "debian-12:amd64", "--dup-each", "40", "--mem", "1024"],
             1,
-            "free on those hosts together",
+            "free on the hosts that have it",
         ),
         (["x5", "--os-prefix", "debian-12:amd64", "--vm-port", "22"], 2, "networking"),
     ],

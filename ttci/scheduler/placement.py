@@ -50,12 +50,17 @@ def place(asks: list[Ask], hosts: list[HostView]) -> dict[str, str]:
             )
         fitting = [hid for hid in candidates if ask.need.fits_in(free[hid])]
         if not fitting:
-            total_free = Resources()
-            for hid in candidates:
-                total_free = total_free + free[hid]
+            same = [a for a in asks if a.image == ask.image]
+            need = Resources()
+            for a in same:
+                need = need + a.need
+            pool = Resources()
+            for h in hosts:
+                if h.id in free and ask.image in h.images:
+                    pool = pool + h.free
             raise NoPlacement(
-                f"VM {ask.key} needs {ask.need.text()}; no host with {ask.image} has that free "
-                f"(free on those hosts together: {total_free.text()})",
+                f"the {len(same)} VM(s) of image {ask.image} need {need.text()} in all; "
+                f"free on the hosts that have it: {pool.text()}",
                 hint="ask for fewer or smaller VMs, delete ENVs, or add hosts",
             )
         best = max(

@@ -251,7 +251,13 @@ class VMManager:
             self._boot(self._row(req.id), image, disk_gib)
             stack.pop_all()
         self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
-        log.info("VM %s (%s, %s) up in %.1f s", req.name, image.name, req.id, time.monotonic() - t0)
+        log.info(
+            "VM %s up in %.1f s (guest boot %.1f s)",
+            req.name,
+            time.monotonic() - t0,
+            self._row(req.id)["guest_boot_s"],
+            extra={"vm": req.id, "env": req.env, "image": image.name},
+        )
         return self.get(req.id)
 
     def _boot(self, row: dict[str, Any], image: Image, disk_gib: int) -> None:
@@ -354,11 +360,11 @@ class VMManager:
         except (NotFound, sqlite_utils.db.NotFoundError):
             return False  # gone already (a concurrent delete): deleting is idempotent
         self._reclaim(vm_id)
-        log.info("VM %s deleted", vm_id)
+        log.info("VM deleted", extra={"vm": vm_id})
         return True
 
     def mark_lost(self, vm_id: str, why: str) -> None:
-        log.warning("VM %s lost: %s", vm_id, why)
+        log.warning("VM lost: %s", why, extra={"vm": vm_id})
         self._update(vm_id, error=why)
         self._reclaim(vm_id, keep_row=True)
 

@@ -24,3 +24,26 @@ def test_secrets_never_reach_logs(text: str, secret: str) -> None:
 
 def test_ordinary_text_is_left_alone() -> None:
     assert mask("VM debian-12-arm64 up in 2.1 s") == "VM debian-12-arm64 up in 2.1 s"
+
+
+def test_context_and_json_lines() -> None:
+    import json
+
+    from ttci.log import JsonFormatter
+
+    record = logging.LogRecord(
+        "hostd.vms",
+        logging.INFO,
+        __file__,
+        1,
+        "VM %s up, token=%s",
+        ("debian-12-arm64", "s3cret"),
+        None,
+    )
+    record.vm = "ab12"
+    record.env = "ci-7"
+    text = MaskingFormatter("%(name)s: %(message)s").format(record)
+    assert text == "hostd.vms: [env=ci-7 vm=ab12] VM debian-12-arm64 up, token=***"
+    obj = json.loads(JsonFormatter().format(record))
+    assert obj["vm"] == "ab12" and obj["env"] == "ci-7" and obj["level"] == "info"
+    assert "s3cret" not in obj["msg"]

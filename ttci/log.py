@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import re
 import sys
 import time
@@ -23,14 +25,48 @@ def mask(text: str) -> str:
     return _KNOWN_SECRET_RE.sub(lambda m: m.group(1) + "***", text)
 
 
+# Context a record may carry (`log.info(..., extra={"vm": ..., "env": ...})`).
+CONTEXT_KEYS = ("host", "env", "vm", "image", "job")
+
+
+def _context(record: logging.LogRecord) -> dict[str, str]:
+    return {k: str(getattr(record, k)) for k in CONTEXT_KEYS if hasattr(record, k)}
+
+
 class MaskingFormatter(logging.Formatter):
+    """Text lines: time, level, logger, the context as key=value, the message; secrets masked."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return mask(super().format(record))
+        ctx = " ".join(f"{k}={v}" for k, v in _context(record).items())
+        line = super().format(record)
+        if ctx:
+            head, sep, msg = line.partition(": ")
+            line = f"{head}: [{ctx}] {msg}" if sep else f"[{ctx}] {line}"
+        return mask(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (TT_LOG_FORMAT=json): for log shippers; secrets masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_context(record),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return mask(json.dumps(out, ensure_ascii=False))
 
 
 def setup_logging(verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s"))
+    if os.environ.get("TT_LOG_FORMAT", "text") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hostd.images.build import Builder
+from hostd.images.build import Builder, prune_cache
 from hostd.images.catalogue import find, scan
 from hostd.images.check import CheckResult, check_image
 from hostd.images.recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
@@ -78,6 +78,11 @@ def register(
     add_setting(c, "image-path")
     add_setting(c, "state-dir")
     c.set_defaults(func=cmd_check)
+
+    pr = isub.add_parser("prune", help="remove build-cache trees no image here was made from")
+    add_setting(pr, "image-path")
+    add_setting(pr, "cache-dir")
+    pr.set_defaults(func=cmd_prune)
 
     if pool:
         ls = isub.add_parser("list", help="list the pool's images (--local: this host's)")
@@ -228,3 +233,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _list_pool_or_local(args: argparse.Namespace) -> int:
     return cmd_list(args) if args.local else cmd_image_list(args)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    removed = prune_cache(args.image_path, args.cache_dir)
+    for tree in removed:
+        print(f"removed {tree}")
+    print(f"{len(removed)} cache tree(s) removed")
+    return 0

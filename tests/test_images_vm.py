@@ -183,3 +183,25 @@ def test_systemd_profile_with_operator_package_and_file(tmp_path: Path) -> None:
         )
     assert status.ok, err
     assert out.decode().split() == ["systemd", "helper", "works", "5", "active"]
+
+
+def test_prune_removes_only_unreferenced_cache_trees(tmp_path: Path, amd64_image: Image) -> None:
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    subprocess.run(["cp", "-a", str(amd64_image.path), str(images)], check=True)
+    keys = amd64_image.manifest.cache_keys
+    assert len(keys) == 2 and keys[0].startswith("kernel-") and keys[1].startswith("rootfs-")
+    for name in (*keys, "rootfs-0000stale", "kernel-0000stale", "notes"):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "f").write_text("x")
+    r = subprocess.run(
+        [BIN / "tt", "image", "prune", "--image-path", str(images), "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "2 cache tree(s) removed" in r.stdout
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == sorted(
+        [*keys, "notes"]
+    )

@@ -48,6 +48,7 @@ class Manifest:
     added_files: tuple[str, ...] = ()
     version: int = MANIFEST_VERSION
     notes: tuple[str, ...] = field(default=())
+    cache_keys: tuple[str, ...] = ()  # the build-cache trees it was made from (for pruning)
 
     @property
     def image_name(self) -> ImageName:
@@ -58,7 +59,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("packages", "extra_packages", "added_files", "notes"):
+        for key in ("packages", "extra_packages", "added_files", "notes", "cache_keys"):
             d[key] = list(d[key])
         return d
 
@@ -90,6 +91,7 @@ class Manifest:
                 extra_packages=tuple(str(p) for p in d.get("extra_packages", ())),
                 added_files=tuple(str(p) for p in d.get("added_files", ())),
                 notes=tuple(str(p) for p in d.get("notes", ())),
+                cache_keys=tuple(str(p) for p in d.get("cache_keys", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ImageError(f"manifest is malformed: {e!r}", hint="rebuild the image") from e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ from pathlib import Path
 import ttci
 from hostd.images import cpio
 from hostd.images.binfmt import Binfmt, restore_leftovers
+from hostd.images.catalogue import scan
 from hostd.images.fs import atomic_replace_dir, free_bytes, safe_rmtree
 from hostd.images.modules import load_order, parse_builtin, parse_modules_dep
 from hostd.images.recipe import BuildSpec
@@ -336,6 +338,10 @@ class Builder:
             )
         ):
             log.info("%s is up to date (inputs %s)", spec.name, key)
+            keys = _cache_keys(spec)
+            if old.cache_keys != keys:  # a manifest from before cache keys were recorded
+                old = dataclasses.replace(old, cache_keys=keys)
+                (final / MANIFEST_FILE).write_text(json.dumps(old.to_dict(), indent=2) + "\n")
             return old, False
         work = image_path / f".build-{spec.name.dirname}-{os.getpid()}-{threading.get_ident()}"
         with contextlib.ExitStack() as stack:
@@ -423,6 +429,7 @@ class Builder:
                 disk_virtual_size=spec.disk_size,
                 built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 inputs_key=key,
+                cache_keys=_cache_keys(spec),
                 agent_protocol=PROTOCOL_VERSION,
                 packages=packages,
                 extra_packages=spec.packages,
@@ -447,3 +454,31 @@ def build_image(
 def _entry(work: Path, name: str) -> FileEntry:
     p = work / name
     return FileEntry(path=name, size=p.stat().st_size, sha256=sha256_file(p))
+
+
+def _cache_keys(spec: BuildSpec) -> tuple[str, ...]:
+    return (f"kernel-{spec.kernel_key()}", f"rootfs-{spec.rootfs_key()}")
+
+
+def prune_cache(image_path: Path, cache_dir: Path) -> list[Path]:
+    """Remove build-cache trees that no image under image_path was made from.
+
+    Images built before manifests recorded their cache keys keep every tree (nothing is
+    removed while any such image exists). Returns what was removed.
+    """
+    images, _ = scan(image_path)
+    if any(not i.manifest.cache_keys for i in images):
+        log.info("an image predates cache keys; rebuild it before pruning: nothing removed")
+        return []
+    keep = {k for i in images for k in i.manifest.cache_keys}
+    removed = []
+    with _build_lock(cache_dir):
+        for tree in sorted(cache_dir.glob("*-*")):
+            if (
+                tree.is_dir()
+                and tree.name.startswith(("kernel-", "rootfs-"))
+                and tree.name not in keep
+            ):
+                safe_rmtree(tree)
+                removed.append(tree)
+    return removed

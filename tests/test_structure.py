@@ -20,6 +20,12 @@ PURE = [
     "hostd/images/recipe.py",
     "hostd/images/modules.py",
     "hostd/qemu.py",
+    "hostd/domain_xml.py",
+    "hostd/net/plan.py",
+    "hostd/net/ruleset.py",
+    "ttci/resources.py",
+    "ttci/scheduler/placement.py",
+    "ttci/scheduler/envspec.py",
 ]
 FORBIDDEN = {
     "subprocess",

@@ -78,7 +78,7 @@ def main() -> int:
     rows, results = [], []
     amd64_agent = None
     for image in images:
-        accel, _ = choose_accel(image, None)
+        accel, _ = choose_accel(image)
         times = [agent_boot(image, accel) for _ in range(args.runs)]
         med = median(times)
         if image.name == "qemu:debian-12:amd64":

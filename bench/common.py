@@ -101,4 +101,4 @@ def ssh_image(image_path: Path, cache_dir: Path) -> tuple[Image, Path, str]:
     )
     manifest, _ = build_image(spec, image_path, cache_dir)
     image = Image(manifest, image_path / spec.name.dirname)
-    return image, key, choose_accel(image, None)[0]
+    return image, key, choose_accel(image)[0]

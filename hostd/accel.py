@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from hostd.images.catalogue import Image
 from ttci.arch import Arch
-from ttci.run import BASE_ENV
+from ttci.run import spawn
 
 log = logging.getLogger("hostd.accel")
 PROBE_TIMEOUT_S = 10.0
@@ -97,14 +96,7 @@ def _probe_boot(image: Image, arch: Arch) -> tuple[bool, str]:
         ]
         t0 = time.monotonic()
         err_path = Path(tmp) / "qemu.err"
-        with err_path.open("wb") as err:
-            proc = subprocess.Popen(
-                argv,
-                env=dict(BASE_ENV),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
+        proc = spawn(argv, log_path=err_path)
         try:
             while time.monotonic() - t0 < PROBE_TIMEOUT_S:
                 if log_path.exists() and MARKER in log_path.read_bytes():

@@ -18,7 +18,7 @@ from hostd.qemu import QemuSpec, qemu_argv
 from ttci.arch import Arch
 from ttci.errors import BootError
 from ttci.manifest import Manifest
-from ttci.run import BASE_ENV, need, run
+from ttci.run import need, run, spawn
 
 log = logging.getLogger("hostd.direct_vm")
 
@@ -88,16 +88,8 @@ def boot(
             ssh_forward_port=ssh_forward_port,
         )
         argv = qemu_argv(spec)
-        log.debug("+ %s", " ".join(argv))
         started = time.monotonic()
-        with (work / "qemu.err").open("wb") as err:
-            proc = subprocess.Popen(
-                argv,
-                env=dict(BASE_ENV),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
+        proc = spawn(argv, log_path=work / "qemu.err")
         yield DirectVM(work, proc, spec.agent_socket, spec.console_log, token, started)
     finally:
         if proc is not None and proc.poll() is None:

@@ -76,7 +76,6 @@ def register(
     c.add_argument("--json", action="store_true", help="print results as JSON")
     c.add_argument("--timeout", type=float, default=90, help="seconds to wait for the agent")
     add_setting(c, "image-path")
-    add_setting(c, "state-dir")
     c.set_defaults(func=cmd_check)
 
     pr = isub.add_parser("prune", help="remove build-cache trees no image here was made from")
@@ -182,7 +181,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not args.json:
             out.print(f"booting {img.name} ...", highlight=False)
         try:
-            results.append(check_image(img, state_dir=args.state_dir, timeout=args.timeout))
+            results.append(check_image(img, timeout=args.timeout))
         except TTError as e:
             failures.append(f"{img.name}: {e}")
     if args.json:

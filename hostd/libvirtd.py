@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ttci.errors import TTError
-from ttci.run import BASE_ENV, need
+from ttci.run import need, spawn
 
 log = logging.getLogger("hostd.libvirtd")
 
@@ -142,14 +142,10 @@ class PrivateLibvirtd:
             f"mount --bind {self.root / sub} {target}" for sub, target in DIRS.items()
         )
         script = f"{mounts} && exec libvirtd -f /etc/libvirt/libvirtd.conf"
-        logf = (self.root / "libvirtd.out").open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-            env=dict(BASE_ENV),
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
+            log_path=self.root / "libvirtd.out",
+            new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

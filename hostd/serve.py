@@ -17,18 +17,9 @@ from hostd.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vms import HostConfig, VMManager
 from ttci.errors import BadInput
 from ttci.resources import Resources
-from ttci.settings import add_setting
+from ttci.settings import add_setting, parse_hostport
 
 log = logging.getLogger("hostd.serve")
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadInput(
-            f"--listen {text!r} does not parse", hint="write ADDR:PORT, e.g. 127.0.0.1:7420"
-        )
-    return host or "127.0.0.1", int(port)
 
 
 def default_total(state_dir: Path) -> Resources:
@@ -78,7 +69,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     if not args.token:
         raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
-    host, port = parse_listen(args.listen)
+    host, port = parse_hostport(args.listen, "--listen")
     state_dir: Path = args.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     dflt = default_total(state_dir)

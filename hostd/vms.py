@@ -174,7 +174,7 @@ class VMManager:
         native = [i for i in self.images() if Arch.parse(i.manifest.arch).is_native()]
         if not native:
             return "tcg", "no native image to probe KVM with"
-        return choose_accel(native[0], self.cfg.state_dir)
+        return choose_accel(native[0])
 
     def images(self) -> list[Image]:
         return scan(self.cfg.image_path)[0]
@@ -279,7 +279,7 @@ class VMManager:
                 f"{disk_gib}G",
             ]
         )
-        accel, _ = choose_accel(image, self.cfg.state_dir)
+        accel, _ = choose_accel(image)
         self._update(row["id"], accel=accel)
         arch = Arch.parse(image.manifest.arch)
         cmdline = (

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ttci import config
 from ttci.errors import TTError
-from ttci.run import BASE_ENV
+from ttci.run import BASE_ENV, spawn
 from ttci.settings import add_setting
 
 log = logging.getLogger("ttci.allinone")
@@ -51,15 +51,7 @@ def _spawn(
     name: str,
 ) -> subprocess.Popen[bytes]:
     """Start a service and wait for its "ready on" line; its stderr goes to log_path."""
-    with log_path.open("ab") as logf:
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=logf,
-            start_new_session=True,
-        )
+    proc = spawn(argv, log_path=log_path, pipe_stdout=True, env=env, new_session=True)
     ready = threading.Event()
 
     def drain() -> None:

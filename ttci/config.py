@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttci.errors import BadInput
+from ttci.settings import parse_hostport
 
 
 def config_path() -> Path:
@@ -53,9 +54,7 @@ def save(server: str | None, token: str | None) -> Path:
         except ValueError:
             data = {}
     if server is not None:
-        host, _, port = server.removeprefix("http://").rpartition(":")
-        if not host or not port.isdigit():
-            raise BadInput(f"--server {server!r} does not parse", hint="write ADDR:PORT")
+        parse_hostport(server, "--server")
         data["server"] = server
     if token is not None:
         data["token"] = token

@@ -12,6 +12,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from ttci.errors import CommandFailed, MissingTool
 
@@ -101,6 +102,40 @@ def run(
         tail = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-2000:]
         raise CommandFailed(f"{shlex.join(args)} exited with {proc.returncode}: {tail}")
     return proc
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    log_path: Path | None = None,
+    pipe_stdout: bool = False,
+    env: Mapping[str, str] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running child (a VM, a daemon) and return it.
+
+    stdin is /dev/null; stderr, and stdout unless pipe_stdout, are appended to log_path (or
+    discarded). The parent's handle on the log file is closed before returning.
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ %s &", shlex.join(args))
+    full_env = dict(env) if env is not None else _env(None)
+    with contextlib.ExitStack() as stack:
+        sink: int | IO[bytes] = subprocess.DEVNULL
+        if log_path is not None:
+            sink = stack.enter_context(log_path.open("ab"))
+        try:
+            return subprocess.Popen(
+                args,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipe_stdout else sink,
+                stderr=sink,
+                start_new_session=new_session,
+            )
+        except FileNotFoundError as e:
+            need(args[0])
+            raise CommandFailed(f"{args[0]}: {e}") from e
 
 
 def run_streaming(

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttci.errors import BadInput
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -46,3 +48,13 @@ def add_setting(parser: argparse.ArgumentParser, name: str) -> None:
         default=s.type(s.value()),
         help=f"{s.help} (env {s.env}, default {s.default})",
     )
+
+
+def parse_hostport(text: str, flag: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """`ADDR:PORT` (an `http://` prefix is allowed) -> (host, port), or BadInput naming flag."""
+    host, sep, port = text.strip().removeprefix("http://").rstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadInput(
+            f"{flag} {text!r} does not parse", hint="write ADDR:PORT, e.g. 127.0.0.1:7420"
+        )
+    return host or default_host, int(port)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from hostd.accel import probe_kvm
 from hostd.direct_vm import boot
@@ -31,15 +30,15 @@ class CheckResult:
         return {**self.__dict__, "ok": self.ok}
 
 
-def choose_accel(image: Image, state_dir: Path | None) -> tuple[str, str]:
-    del state_dir  # the probe's answer is cached per host boot in /run, not per state dir
+def choose_accel(image: Image) -> tuple[str, str]:
+    """("kvm"|"tcg", why); the probe's answer is cached per host boot in /run/ttci."""
     ok, why = probe_kvm(image)
     return ("kvm" if ok else "tcg"), why
 
 
-def check_image(image: Image, *, state_dir: Path | None = None, timeout: float = 90) -> CheckResult:
+def check_image(image: Image, *, timeout: float = 90) -> CheckResult:
     """Raises BootError (with the console's last lines) when the agent never answers."""
-    accel, why = choose_accel(image, state_dir)
+    accel, why = choose_accel(image)
     arch = Arch.parse(image.manifest.arch)
     with boot(image.manifest, image.path, accel=accel) as vm, vm.connect(timeout=timeout) as agent:
         first = time.monotonic() - vm.started

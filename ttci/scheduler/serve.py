@@ -16,7 +16,7 @@ from ttci.entry import run_cli
 from ttci.errors import BadInput
 from ttci.scheduler.api import create_app
 from ttci.scheduler.service import Scheduler, User
-from ttci.settings import add_setting
+from ttci.settings import add_setting, parse_hostport
 
 log = logging.getLogger("ttci.scheduler.serve")
 
@@ -26,28 +26,25 @@ def parse_server_set(text: str, token: str) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         hid, sep, addr = item.rpartition("=")
-        addr = addr.removeprefix("http://")
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit():
+        host, port = parse_hostport(addr, "--server-set entry", default_host="")
+        if not host:
             raise BadInput(
-                f"--server-set entry {item!r} does not parse",
+                f"--server-set entry {item!r} names no address",
                 hint="write ADDR:PORT or ID=ADDR:PORT, comma separated",
             )
-        out[hid if sep else addr] = (f"http://{addr}", token)
+        out[hid if sep else f"{host}:{port}"] = (f"http://{host}:{port}", token)
     if not out:
         raise BadInput("--server-set names no host", hint="e.g. --server-set 10.0.0.2:7420")
     return out
 
 
-def serve(
-    scheduler: Scheduler, listen: str, admin_token: str, ready: os.PathLike[str] | None = None
-) -> None:
-    host, _, port = listen.rpartition(":")
+def serve(scheduler: Scheduler, listen: str, admin_token: str) -> None:
+    host, port = parse_hostport(listen, "--listen")
     app = create_app(scheduler, {"admin": User("admin", admin=True)}, {admin_token: "admin"})
     server = waitress.create_server(
         app,
-        host=host or "127.0.0.1",
-        port=int(port),
+        host=host,
+        port=port,
         threads=32,
         channel_timeout=3600,
         ident="tt-scheduler",

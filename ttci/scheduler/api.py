@@ -11,7 +11,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from ttci import __version__
 from ttci.errors import BadInput, TTError
 from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, ndjson
-from ttci.scheduler.envspec import EnvRequest
+from ttci.scheduler.envspec import EnvRequest, parse_duration
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
 from ttci.scheduler.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler, User
@@ -106,6 +106,15 @@ def show_env(name: str) -> Response:
 @bp.delete("/envs/<name>")
 def delete_env(name: str) -> Response:
     return jsonify(_s().delete_env(name, _user()))
+
+
+@bp.post("/envs/<name>/extend")
+def extend_env(name: str) -> Response:
+    """Body {"life_time": "1h"}: the ENV lives that long from now."""
+    body = json_body()
+    if "life_time" not in body:
+        raise BadInput("life_time is missing", hint='send {"life_time": "1h"}')
+    return jsonify(_s().extend_env(name, _user(), parse_duration(body["life_time"])))
 
 
 @bp.post("/envs/<name>/run")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ttci.errors import BadInput
@@ -13,6 +13,34 @@ from ttci.resources import validate_vm_size
 ENV_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 DEFAULT_LIFE_S = 3600
 MAX_VMS = 100_000
+ORIGIN_KINDS = ("cli", "gitlab", "github", "jenkins", "admin")
+ORIGIN_KEYS = {"kind": 20, "job": 200, "url": 500, "project": 200, "runner": 200}
+
+
+def parse_origin(d: Any) -> dict[str, str]:
+    """Where an ENV came from: {kind, job, url, project, runner}; shown on the admin page."""
+    if d is None:
+        return {"kind": "cli"}
+    if not isinstance(d, dict):
+        raise BadInput("origin must be an object", hint='e.g. {"kind": "gitlab", "job": "123"}')
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        if key not in ORIGIN_KEYS:
+            raise BadInput(
+                f"origin has an unknown key {key!r}", hint=f"keys: {', '.join(ORIGIN_KEYS)}"
+            )
+        if not isinstance(value, str | int) or len(str(value)) > ORIGIN_KEYS[key]:
+            raise BadInput(
+                f"origin.{key} must be a string of at most {ORIGIN_KEYS[key]} characters",
+                hint="shorten it",
+            )
+        out[key] = str(value)
+    out.setdefault("kind", "cli")
+    if out["kind"] not in ORIGIN_KINDS:
+        raise BadInput(f"origin.kind {out['kind']!r} is unknown", hint=f"one of {ORIGIN_KINDS}")
+    if out.get("url") and not re.match(r"^https?://", out["url"]):
+        raise BadInput(f"origin.url {out['url']!r} is not an http(s) link", hint="https://...")
+    return out
 
 
 def parse_duration(text: str | int | float) -> int:
@@ -41,6 +69,7 @@ class EnvRequest:
     disk_gib: int = 0
     dup_each: int = 1
     life_s: int = DEFAULT_LIFE_S
+    origin: dict[str, str] = field(default_factory=lambda: {"kind": "cli"}, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EnvRequest:
@@ -53,6 +82,7 @@ class EnvRequest:
                 disk_gib=int(d.get("disk_gib", 0)),
                 dup_each=int(d.get("dup_each", 1)),
                 life_s=parse_duration(d.get("life_time", DEFAULT_LIFE_S)),
+                origin=parse_origin(d.get("origin")),
             )
         except KeyError as e:
             raise BadInput(f"ENV request lacks {e}", hint="send name and os_prefix") from None

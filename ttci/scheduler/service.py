@@ -90,7 +90,10 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
     def guest_boot(db: sqlite_utils.Database) -> None:
         db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
 
-    return [("0001_base", base), ("0002_guest_boot_s", guest_boot)]
+    def origin(db: sqlite_utils.Database) -> None:
+        db.table("envs").add_column("origin", str, not_null_default='{"kind": "cli"}')
+
+    return [("0001_base", base), ("0002_guest_boot_s", guest_boot), ("0003_origin", origin)]
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ class Scheduler:
             k: row[k]
             for k in ("name", "owner", "os_prefix", "state", "created_at", "expires_at", "error")
         }
+        out["origin"] = json.loads(row.get("origin") or '{"kind": "cli"}')
         vm_rows = self._vm_rows(row["name"])
         out["vm_count"] = len(vm_rows)
         out["lost"] = sum(1 for v in vm_rows if v["state"] == "lost")
@@ -269,6 +273,7 @@ class Scheduler:
                     "expires_at": expires,
                     "request": json.dumps(req.__dict__),
                     "error": "",
+                    "origin": json.dumps(req.origin),
                 }
             )
             self.store.db.table("vms").insert_all(
@@ -405,6 +410,17 @@ class Scheduler:
             self.store.db.table("envs").delete(name)
         log.info("ENV %s deleted", name)
         return {"name": row["name"], "deleted": True}
+
+    def extend_env(self, name: str, user: User, life_s: int) -> dict[str, Any]:
+        """Give a ready ENV life_s more seconds from now (never shortens it)."""
+        row = self._env_row(name, user)
+        if row["state"] != "ready":
+            raise EnvBusy(f"ENV {name} is {row['state']}", hint="only a ready ENV can be extended")
+        new = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=life_s)).isoformat(timespec="seconds")
+        with self.store.lock:
+            self.store.db.table("envs").update(name, {"expires_at": max(new, row["expires_at"])})
+        log.info("ENV %s extended to %s", name, max(new, row["expires_at"]))
+        return self.show_env(name, user)
 
     def recover(self) -> None:
         """After a restart: ENVs whose creation was cut short are taken back by the reaper."""

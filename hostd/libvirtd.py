@@ -141,7 +141,11 @@ class PrivateLibvirtd:
         mounts = " && ".join(
             f"mount --bind {self.root / sub} {target}" for sub, target in DIRS.items()
         )
-        script = f"{mounts} && exec libvirtd -f /etc/libvirt/libvirtd.conf"
+        # Its pid file lives in its own /run/libvirt: private libvirtds must not share one.
+        script = (
+            f"{mounts} && exec libvirtd -f /etc/libvirt/libvirtd.conf"
+            " --pid-file /run/libvirt/libvirtd.pid"
+        )
         self.proc = spawn(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
             log_path=self.root / "libvirtd.out",

@@ -1,0 +1,109 @@
+"""`tt-gitlab-executor`: the GitLab Runner custom-executor driver (config/prepare/run/cleanup).
+
+Wire it in config.toml (`tt gitlab register` writes this):
+
+    [runners.custom]
+    config_exec = "/usr/local/bin/tt-gitlab-executor"
+    config_args = ["--tt-config", "/etc/gitlab-runner/tt.json", "config"]
+    prepare_exec = ...same..., prepare_args = [..., "prepare"]
+    run_exec = ...same..., run_args = [..., "run"]      # the runner appends SCRIPT STAGE
+    cleanup_exec = ...same..., cleanup_args = [..., "cleanup"]
+
+Exit codes are the runner's: BUILD_FAILURE_EXIT_CODE when the job's script (or request) is at
+fault, SYSTEM_FAILURE_EXIT_CODE for ours (the runner retries prepare). Nothing escapes as an
+unhandled exception, which Python would report as exit 1, a build failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import traceback
+from pathlib import Path
+
+from runner_executor import job
+from runner_executor.driver import Cancelled, Driver
+from ttci import __version__
+from ttci.errors import TTError
+from ttci.log import mask, setup_logging
+
+log = logging.getLogger("runner_executor")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tt-gitlab-executor",
+        description="GitLab Runner custom executor: every job in a fresh TT CI VM",
+    )
+    p.add_argument("--version", action="version", version=f"tt-gitlab-executor {__version__}")
+    p.add_argument("--tt-config", type=Path, help="the tt client config (server, token) to use")
+    p.add_argument("--runner-name", help="shown to operators as the ENV's origin runner")
+    d = job.Limits()
+    p.add_argument("--cpus", type=float, default=d.cpus, help=f"default vCPUs ({d.cpus:g})")
+    p.add_argument("--memory", type=int, default=d.memory_mib, help=f"default MiB ({d.memory_mib})")
+    p.add_argument("--disk", type=int, default=d.disk_gib, help="default GiB (0: image size)")
+    p.add_argument(
+        "--max-cpus",
+        type=float,
+        default=d.max_cpus,
+        help=f"most vCPUs a job may ask ({d.max_cpus:g})",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=int,
+        default=d.max_memory_mib,
+        help=f"most MiB a job may ask ({d.max_memory_mib})",
+    )
+    p.add_argument(
+        "--max-disk", type=int, default=d.max_disk_gib, help=f"most GiB ({d.max_disk_gib})"
+    )
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    sub.add_parser("config", help="print the runner's config JSON")
+    sub.add_parser("prepare", help="create the job's VM and wait for its agent")
+    r = sub.add_parser("run", help="run a stage's script in the VM")
+    r.add_argument("script", type=Path, help="the script the runner generated")
+    r.add_argument("name", help="the stage name (any: build_script, step_*, ...)")
+    sub.add_parser("cleanup", help="delete the job's VM (safe to call twice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    codes = job.ExitCodes.from_env(os.environ)
+    try:
+        args = make_parser().parse_args(argv)
+    except SystemExit as e:  # a wrong config.toml: the operator's error, so a system failure
+        return 0 if e.code == 0 else codes.system_failure
+    setup_logging(verbose=bool(os.environ.get("TT_DEBUG")))
+    if args.tt_config:
+        os.environ["TT_CONFIG"] = str(args.tt_config)
+    limits = job.Limits(
+        cpus=args.cpus,
+        memory_mib=args.memory,
+        disk_gib=args.disk,
+        max_cpus=args.max_cpus,
+        max_memory_mib=args.max_memory,
+        max_disk_gib=args.max_disk,
+    )
+    d = Driver(dict(os.environ), limits, runner=args.runner_name)
+    try:
+        if args.stage == "config":
+            return d.config(__version__)
+        if args.stage == "prepare":
+            return d.prepare()
+        if args.stage == "run":
+            return d.run(args.script, args.name)
+        return d.cleanup()
+    except Cancelled as e:
+        d.say(e.message)
+        return codes.system_failure
+    except TTError as e:
+        d.say(f"{args.stage} failed: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else ""))
+        if job.is_system_error(e):
+            return codes.system_failure
+        d._write_build_code(1)
+        return codes.build_failure
+    except BaseException as e:  # our bug or an interrupt: never exit 1 (a build failure)
+        d.say(f"{args.stage} failed inside the driver: {mask(repr(e))}")
+        log.debug("%s", mask(traceback.format_exc()))
+        return codes.system_failure

@@ -182,6 +182,16 @@ class JobResult:
         return self.log.decode(errors="replace")
 
 
+@dataclass(frozen=True)
+class Faults:
+    """What happens to a job from outside: a cancel, or the job's timeout, during a stage."""
+
+    cancel_during: str | None = None  # the user cancels the job during this stage
+    cancel_after_s: float = 0
+    job_timeout_s: float | None = None
+    kill_during: str | None = None  # the job times out during this stage: nothing more runs
+
+
 @dataclass
 class Runner:
     """`[runners.custom]`: one executable with per-stage args, as config.toml wires it."""
@@ -318,16 +328,8 @@ class Runner:
             tmp = Path(tempfile.mkdtemp(prefix="custom-executor"))
             try:
                 (tmp / "response.json").write_text(json.dumps(job.response()))
-                outcome = self._attempt(
-                    job,
-                    tmp,
-                    calls,
-                    log,
-                    cancel_during,
-                    cancel_after_s,
-                    job_timeout_s,
-                    kill_during,
-                )
+                faults = Faults(cancel_during, cancel_after_s, job_timeout_s, kill_during)
+                outcome = self._attempt(job, tmp, calls, log, faults)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             config = outcome[2]
@@ -343,11 +345,10 @@ class Runner:
         tmp: Path,
         calls: list[Call],
         log: list[bytes],
-        cancel_during: str | None,
-        cancel_after_s: float,
-        job_timeout_s: float | None,
-        kill_during: str | None,
+        faults: Faults,
     ) -> tuple[str, int | None, dict[str, object]]:
+        cancel_during, cancel_after_s = faults.cancel_during, faults.cancel_after_s
+        job_timeout_s, kill_during = faults.job_timeout_s, faults.kill_during
         started = time.monotonic()
         custom_cfg = job.all_variables("")  # during config the build dir is not set yet
         c = self._call(
@@ -401,7 +402,7 @@ class Runner:
             script.chmod(0o700)
             cancel = threading.Event()
             timer = None
-            if cancel_during == name or kill_during == name:
+            if name in (cancel_during, kill_during):
                 timer = threading.Timer(cancel_after_s, cancel.set)
                 timer.start()
             remaining = None

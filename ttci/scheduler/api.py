@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from ttci import __version__
+from ttci import __version__, admin
 from ttci.errors import BadInput, TTError
 from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, ndjson
 from ttci.scheduler.envspec import EnvRequest, parse_duration
@@ -171,6 +171,8 @@ def create_app(scheduler: Scheduler, users: dict[str, User], tokens: dict[str, s
         },
     )
     app.register_blueprint(bp)
+    resolve = admin.token_resolver(users, tokens)
+    admin.mount(app, scheduler, current_user=_user, resolve=resolve)
 
     @app.get("/v1/health")
     def health() -> Response:

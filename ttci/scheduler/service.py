@@ -28,6 +28,7 @@ from ttci.db import Store, now
 from ttci.errors import BadInput, TTError
 from ttci.naming import ImageName
 from ttci.resources import Resources
+from ttci.scheduler import history
 from ttci.scheduler.envspec import EnvRequest
 from ttci.scheduler.hostd_client import HostdClient, HostdError, HostUnreachable
 from ttci.scheduler.placement import Ask, HostView, place
@@ -93,7 +94,12 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
     def origin(db: sqlite_utils.Database) -> None:
         db.table("envs").add_column("origin", str, not_null_default='{"kind": "cli"}')
 
-    return [("0001_base", base), ("0002_guest_boot_s", guest_boot), ("0003_origin", origin)]
+    return [
+        ("0001_base", base),
+        ("0002_guest_boot_s", guest_boot),
+        ("0003_origin", origin),
+        (history.MIGRATION_NAME, history.migrate),
+    ]
 
 
 @dataclass(frozen=True)
@@ -356,6 +362,7 @@ class Scheduler:
             )
         with self.store.lock:
             self.store.db.table("envs").update(req.name, {"state": "ready"})
+        history.env_ready(self.store, req.name)
         return self.show_env(req.name, user)
 
     def _set_vm(self, vm_id: str, **fields: Any) -> None:
@@ -408,6 +415,7 @@ class Scheduler:
             )
         with self.store.lock:
             self.store.db.table("envs").delete(name)
+        history.env_deleted(self.store, name)
         log.info("ENV %s deleted", name)
         return {"name": row["name"], "deleted": True}
 

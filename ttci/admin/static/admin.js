@@ -1,0 +1,204 @@
+// TT CI admin page: polls api/state, redraws only the sections that changed, and sends actions
+// with the CSRF token. No framework, no CDN: the page works offline.
+"use strict";
+(function () {
+  const POLL_MS = 2500;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const last = {};          // section -> JSON text last drawn
+  let clockSkew = 0;        // server time - browser time, ms
+  let query = "";
+  let timer = null;
+
+  const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => (
+    { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  const num = (v) => (typeof v === "number" ? (Number.isInteger(v) ? v : v.toFixed(1)) : "0");
+
+  function dur(s) {
+    if (s === null || s === undefined || isNaN(s)) return "";
+    const neg = s < 0; s = Math.abs(Math.round(s));
+    const out = s < 90 ? `${s} s` : s < 5400 ? `${Math.round(s / 60)} min`
+      : s < 172800 ? `${(s / 3600).toFixed(1)} h` : `${(s / 86400).toFixed(1)} d`;
+    return neg ? `-${out}` : out;
+  }
+  const ts = (iso) => (iso ? Date.parse(iso) : NaN);
+  const nowMs = () => Date.now() + clockSkew;
+
+  function link(url, text) {
+    if (!url || !/^https?:\/\//.test(url)) return esc(text);
+    return `<a href="${esc(url)}" target="_blank" rel="noopener noreferrer">${esc(text)}</a>`;
+  }
+
+  function origin(o) {
+    o = o || { kind: "cli" };
+    const what = [o.project, o.job ? `job ${o.job}` : ""].filter(Boolean).join(" ");
+    const text = what ? `${o.kind}: ${what}` : o.kind;
+    const runner = o.runner ? ` <span class="muted">(${esc(o.runner)})</span>` : "";
+    return `<span class="kind kind-${esc(o.kind)}">${link(o.url, text)}</span>${runner}`;
+  }
+
+  function meter(used, total) {
+    used = used || 0; total = total || 0;
+    return `${num(used)}/${num(total)} <meter min="0" max="${esc(total || 1)}" value="${esc(used)}"` +
+      ` high="${esc(total * 0.85)}"></meter>`;
+  }
+
+  // Relative times are drawn as spans with data attributes and refreshed without a redraw.
+  const since = (iso) => `<span data-since="${esc(iso)}">${dur((nowMs() - ts(iso)) / 1000)}</span>`;
+  const until = (iso) => `<span data-until="${esc(iso)}">${dur((ts(iso) - nowMs()) / 1000)}</span>`;
+
+  function hostRows(hosts) {
+    return hosts.map((h) => {
+      const t = h.total || {}, u = h.used || {};
+      const health = h.state === "up" ? (h.drained ? "drained" : "up") : h.state;
+      const btn = h.drained
+        ? `<button data-action="undrain" data-host="${esc(h.id)}">Undrain</button>`
+        : `<button data-action="drain" data-host="${esc(h.id)}">Drain</button>`;
+      return `<tr data-host="${esc(h.id)}"><td>${esc(h.id)} <span class="muted">${esc(h.kind || "")}</span></td>` +
+        `<td><span class="state state-${esc(health)}">${esc(health)}</span>` +
+        `${h.error ? ` <span class="error">${esc(h.error)}</span>` : ""}</td>` +
+        `<td>${h.last_seen ? since(h.last_seen) : "never"}</td>` +
+        `<td title="${esc(h.accel_why || "")}">${esc(h.accel || "?")}</td><td>${esc(h.machine || "?")}</td>` +
+        `<td>${meter(u.cpus, t.cpus)}</td><td>${meter(u.memory_mib, t.memory_mib)}</td>` +
+        `<td>${meter(u.disk_gib, t.disk_gib)}</td><td>${esc(h.vms ?? 0)}</td>` +
+        `<td>${esc(h.image_count ?? 0)}</td><td>${btn}</td></tr>`;
+    }).join("");
+  }
+
+  function envRows(envs) {
+    const out = [];
+    for (const e of envs) {
+      const n = e.vm_count, shown = e.vms.length;
+      out.push(`<tr class="env" data-env="${esc(e.name)}"><td><b>${esc(e.name)}</b></td>` +
+        `<td>${esc(e.owner)}</td><td>${origin(e.origin)}</td>` +
+        `<td><span class="state state-${esc(e.state)}">${esc(e.state)}</span>` +
+        `${e.error ? ` <span class="error">${esc(e.error)}</span>` : ""}</td>` +
+        `<td class="muted">${esc(e.os_prefix)}</td><td>${n} VM${n === 1 ? "" : "s"}</td>` +
+        `<td>${since(e.created_at)}</td><td>${until(e.expires_at)}</td>` +
+        `<td><button data-action="extend" data-env="${esc(e.name)}">+1 h</button> ` +
+        `<button data-action="delete" data-env="${esc(e.name)}" class="danger">Delete</button></td></tr>`);
+      for (const v of e.vms) {
+        out.push(`<tr class="vm" data-vm="${esc(e.name)}/${esc(v.name)}"><td class="indent">${esc(v.name)}</td>` +
+          `<td></td><td></td><td><span class="state state-${esc(v.state)}">${esc(v.state)}</span>` +
+          `${v.error ? ` <span class="error">${esc(v.error)}</span>` : ""}</td>` +
+          `<td>${esc(v.image)} <span class="muted">on ${esc(v.host)} (${esc(v.accel || "?")})</span></td>` +
+          `<td>${num(v.cpus)} CPU, ${esc(v.memory_mib)} MiB</td>` +
+          `<td>${v.boot_s ? `booted in ${num(v.boot_s)} s` : ""}</td><td></td><td></td></tr>`);
+      }
+      if (shown < n) out.push(`<tr class="vm"><td class="indent muted" colspan="9">… ${n - shown} more VMs not listed (use the filter)</td></tr>`);
+    }
+    return out.join("");
+  }
+
+  function jobRows(jobs) {
+    return jobs.map((j) => {
+      const end = j.deleted_at ? ts(j.deleted_at) : nowMs();
+      const result = j.result || (j.deleted_at ? "unreported" : "running");
+      return `<tr data-job="${esc(j.env)}"><td>${esc(j.env)}</td><td>${origin(j.origin)}</td>` +
+        `<td>${esc(j.owner)}</td><td>${esc(j.vm_count)}</td><td>${since(j.created_at)} ago</td>` +
+        `<td>${dur(j.ready_s)}</td><td>${dur((end - ts(j.created_at)) / 1000)}</td>` +
+        `<td><span class="result result-${esc(result)}">${esc(result)}</span></td></tr>`;
+    }).join("");
+  }
+
+  function imageRows(images) {
+    return images.map((i) => `<tr><td>${esc(i.name)}</td><td>${esc(i.arch)}</td>` +
+      `<td>${esc(i.kernel)}</td><td>${esc((i.hosts || []).join(", "))}</td></tr>`).join("");
+  }
+
+  function draw(id, data, render) {
+    const text = JSON.stringify(data);
+    if (last[id] === text) return;
+    last[id] = text;
+    const el = document.getElementById(id);
+    (el.tBodies ? el.tBodies[0] : el).innerHTML = render(data);
+  }
+
+  function refreshTimes() {
+    const now = nowMs();
+    for (const el of document.querySelectorAll("[data-since]")) el.textContent = dur((now - ts(el.dataset.since)) / 1000);
+    for (const el of document.querySelectorAll("[data-until]")) el.textContent = dur((ts(el.dataset.until) - now) / 1000);
+  }
+
+  function render(s) {
+    clockSkew = ts(s.now) - Date.now();
+    const byState = Object.entries(s.vms_by_state).map(([k, v]) => `${v} ${k}`).join(", ") || "0";
+    document.getElementById("summary").textContent =
+      `${s.counts.hosts_up}/${s.counts.hosts} hosts up · ${s.env_total} ENVs · ${s.vm_total} VMs (${byState})`;
+    document.getElementById("env-note").textContent = s.vm_shown < s.vm_total && !query
+      ? `(${s.vm_shown} of ${s.vm_total} VMs listed)` : query ? `(filter: ${query})` : "";
+    draw("hosts", s.hosts, hostRows);
+    draw("envs", s.envs, envRows);
+    draw("jobs", s.jobs, jobRows);
+    draw("images", s.images, imageRows);
+    draw("plot-pool", s.plots.pool, (svg) => svg);        // SVG built by the server, text escaped
+    draw("plot-latency", s.plots.latency, (svg) => svg);
+    refreshTimes();
+    document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  }
+
+  function say(text, kind) {
+    const m = document.getElementById("message");
+    m.textContent = text; m.className = `message ${kind}`; m.hidden = !text;
+  }
+
+  async function poll() {
+    clearTimeout(timer);
+    try {
+      const r = await fetch(`api/state?q=${encodeURIComponent(query)}`, { credentials: "same-origin" });
+      if (r.status === 401) { window.location.href = "login"; return; }
+      if (!r.ok) throw new Error(`${r.status} ${r.statusText}`);
+      render(await r.json());
+      if (document.getElementById("message").classList.contains("stale")) say("", "");
+    } catch (err) {
+      say(`cannot reach the scheduler (${err.message}); retrying`, "error stale");
+    }
+    timer = setTimeout(poll, document.hidden ? POLL_MS * 4 : POLL_MS);
+  }
+
+  async function act(url, body, what) {
+    say(`${what} …`, "info");
+    try {
+      const r = await fetch(url, {
+        method: "POST", credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+        body: JSON.stringify(body || {}),
+      });
+      const data = await r.json().catch(() => ({ error: r.statusText }));
+      if (!r.ok) say(`${what} failed: ${data.error}${data.hint ? ` (${data.hint})` : ""}`, "error");
+      else say(`${what}: done`, "ok");
+    } catch (err) {
+      say(`${what} failed: ${err.message}`, "error");
+    }
+    poll();
+  }
+
+  document.addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-action]");
+    if (!b) return;
+    const env = b.dataset.env, host = b.dataset.host;
+    const e = encodeURIComponent;
+    switch (b.dataset.action) {
+      case "delete":
+        if (window.confirm(`Delete ENV ${env} and all its VMs?`)) act(`api/envs/${e(env)}/delete`, {}, `deleting ENV ${env}`);
+        break;
+      case "extend":
+        act(`api/envs/${e(env)}/extend`, { life_time: "1h" }, `extending ENV ${env} by 1 h`);
+        break;
+      case "drain":
+        act(`api/hosts/${e(host)}/drain`, { drained: true }, `draining host ${host}`);
+        break;
+      case "undrain":
+        act(`api/hosts/${e(host)}/drain`, { drained: false }, `undraining host ${host}`);
+        break;
+    }
+  });
+
+  let filterTimer = null;
+  document.getElementById("filter").addEventListener("input", (ev) => {
+    clearTimeout(filterTimer);
+    filterTimer = setTimeout(() => { query = ev.target.value.trim(); poll(); }, 250);
+  });
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
+  setInterval(refreshTimes, 1000);
+  poll();
+})();

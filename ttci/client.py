@@ -130,3 +130,10 @@ class Client:
             "GET", f"/v1/envs/{name}/files", params={"path": path}, timeout=900
         ).json()
         return out
+
+    def report_result(self, name: str, result: str) -> dict[str, Any]:
+        """Record how the job in ENV `name` ended: success, failed, cancelled or error."""
+        out: dict[str, Any] = self._call(
+            "POST", f"/v1/envs/{name}/result", json={"result": result}
+        ).json()
+        return out

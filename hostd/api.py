@@ -34,9 +34,13 @@ def _mgr() -> VMManager:
 
 @bp.get("/host")
 def host() -> Response:
-    mgr = _mgr()
+    return jsonify(host_info(_mgr()))
+
+
+def host_info(mgr: VMManager) -> dict[str, Any]:
+    """What this host offers: capacity, use, images, accelerator (also sent as heartbeat)."""
     used = mgr.used()
-    return jsonify(
+    return dict(
         {
             "host_id": mgr.cfg.host_id,
             "version": __version__,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import waitress
 
-from hostd.api import create_app
+from hostd.api import create_app, host_info
 from hostd.engine import Engine
+from hostd.joiner import Joiner
 from hostd.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vms import HostConfig, VMManager
 from ttci.errors import BadInput
@@ -63,7 +64,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="leave VMs running when stopped (a restart re-attaches them)",
     )
+    s.add_argument(
+        "--join",
+        metavar="ADDR:PORT",
+        help="register with this scheduler (instead of being listed in its --server-set)",
+    )
+    s.add_argument(
+        "--join-token",
+        default=os.environ.get("TT_JOIN_TOKEN", ""),
+        help="the scheduler's join token (env TT_JOIN_TOKEN)",
+    )
+    s.add_argument(
+        "--advertise",
+        metavar="ADDR:PORT",
+        help="where the scheduler reaches this hostd (default: --listen)",
+    )
     s.set_defaults(func=cmd_serve)
+
+
+def _join_args(
+    args: argparse.Namespace, host: str, port: int
+) -> tuple[str, str, str, str, str] | None:
+    """(scheduler url, join token, host id, advertised url, host token), checked up front."""
+    if not args.join:
+        return None
+    if not args.join_token:
+        raise BadInput("--join needs --join-token", hint="or set TT_JOIN_TOKEN")
+    shost, sport = parse_hostport(args.join, "--join")
+    ahost, aport = parse_hostport(args.advertise, "--advertise") if args.advertise else (host, port)
+    if ahost in ("0.0.0.0", "::", "") or aport == 0:  # noqa: S104 (refusing it)
+        raise BadInput(
+            f"cannot advertise {ahost}:{aport} to the scheduler",
+            hint="pass --advertise ADDR:PORT with an address the scheduler can reach",
+        )
+    return (
+        f"http://{shost}:{sport}",
+        args.join_token,
+        args.host_id,
+        f"http://{ahost}:{aport}",
+        args.token,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -80,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if total.cpus <= 0 or total.memory_mib <= 0 or total.disk_gib <= 0:
         raise BadInput(f"totals must be positive, got {total.text()}", hint="fix --*-total")
+    joiner_args = _join_args(args, host, port)
     libvirtd = None
     uri = args.libvirt_uri
     become_subreaper()
@@ -97,6 +138,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = waitress.create_server(
             app, host=host, port=port, threads=32, channel_timeout=3600, ident="tt-hostd"
         )
+        if joiner_args:
+            manager = mgr
+            sched_url, join_token, hid, adv, htoken = joiner_args
+            joiner = Joiner(
+                scheduler=sched_url,
+                join_token=join_token,
+                host_id=hid,
+                advertise_url=adv,
+                host_token=htoken,
+                info=lambda: host_info(manager),
+            )
+            joiner.start()
         log.info("tt-hostd %s serving on %s:%d (%s)", args.host_id, host, port, total.text())
         print(f"tt-hostd ready on {host}:{server.effective_port}", flush=True)
         server.run()

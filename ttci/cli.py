@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hostd import image_cli
-from ttci import __version__, allinone, demo, env_cli
+from ttci import __version__, allinone, demo, env_cli, pool_cli
 from ttci.entry import run_cli
 
 
@@ -16,6 +16,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     image_cli.register(sub, pool=True)
     env_cli.register(sub)
+    pool_cli.register(sub)
     allinone.register(sub)
     demo.register(sub)
     return p

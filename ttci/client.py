@@ -47,6 +47,9 @@ class Client:
             raise ApiError(msg, hint=hint, status=r.status_code)
         return r
 
+    def call_json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._call(method, path, **kw).json()
+
     def get(self, path: str, **params: Any) -> Any:
         return self._call("GET", path, params=params).json()
 

@@ -129,7 +129,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows.append(
                 [
                     h["id"],
-                    h["state"],
+                    h["state"] + (", drained" if h.get("drained") else ""),
+                    h.get("kind", "static"),
                     h.get("machine", "?"),
                     f"{used.get('cpus', 0):g}/{total.get('cpus', 0):g}",
                     f"{used.get('memory_mib', 0)}/{total.get('memory_mib', 0)}",
@@ -145,6 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             [
                 "host",
                 "state",
+                "joined",
                 "arch",
                 "CPU used",
                 "MiB used",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -22,8 +22,21 @@ def error_response(status: int, message: str, hint: str | None = None, **extra: 
     return resp
 
 
-def install_auth(app: Flask, tokens: dict[str, str], open_paths: tuple[str, ...] = ()) -> None:
-    """Require `Authorization: Bearer TOKEN`; tokens maps token -> user name."""
+def install_auth(
+    app: Flask,
+    tokens: dict[str, str] | Callable[[str], object | None],
+    open_paths: tuple[str, ...] = (),
+) -> None:
+    """Require `Authorization: Bearer TOKEN`. tokens maps token -> user, or is a function that
+    returns the token's user (None: refused); the user lands in request.environ["tt.user"]."""
+
+    def lookup(given: str) -> object | None:
+        if callable(tokens):
+            return tokens(given)
+        for token, user in tokens.items():
+            if hmac.compare_digest(given.encode(), token.encode()):
+                return user
+        return None
 
     @app.before_request
     def _auth() -> Response | None:
@@ -31,10 +44,10 @@ def install_auth(app: Flask, tokens: dict[str, str], open_paths: tuple[str, ...]
             return None
         header = request.headers.get("Authorization", "")
         given = header.removeprefix("Bearer ").strip()
-        for token, user in tokens.items():
-            if given and hmac.compare_digest(given.encode(), token.encode()):
-                request.environ["tt.user"] = user
-                return None
+        user = lookup(given) if given else None
+        if user is not None:
+            request.environ["tt.user"] = user
+            return None
         return error_response(
             401, "missing or wrong token", hint="pass the token from `tt config` / --token"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import queue
 import threading
 from typing import Any
@@ -13,8 +14,10 @@ from ttci.errors import BadInput, TTError
 from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, ndjson
 from ttci.scheduler.envspec import EnvRequest, parse_duration
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
+from ttci.scheduler.hosts import HostNotFound, HostRefused
 from ttci.scheduler.placement import NoPlacement
-from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler, User
+from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
+from ttci.scheduler.users import User, UserExists, UserNotFound
 
 bp = Blueprint("scheduler", __name__, url_prefix="/v1")
 
@@ -25,8 +28,87 @@ def _s() -> Scheduler:
 
 
 def _user() -> User:
-    users: dict[str, User] = current_app.config["USERS"]
-    return users[request.environ["tt.user"]]
+    user: User = request.environ["tt.user"]
+    return user
+
+
+def _admin() -> User:
+    user = _user()
+    if not user.admin:
+        raise Forbidden(f"user {user.name} is not an admin", hint="ask an admin to do it")
+    return user
+
+
+class Forbidden(TTError):
+    """The user may not do this."""
+
+
+def _join_check() -> None:
+    """Host registration and heartbeats carry the pool's join token."""
+    s = _s()
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    want = s.pool.join_token
+    if not want:
+        raise HostRefused(
+            "this scheduler takes no registrations", hint="start tt-scheduler with --join-token"
+        )
+    if not given or not hmac.compare_digest(given.encode(), want.encode()):
+        raise HostRefused("wrong join token", hint="pass the scheduler's --join-token to hostd")
+
+
+@bp.post("/hosts/register")
+def register_host() -> Response:
+    _join_check()
+    return jsonify(_s().pool.register(json_body()))
+
+
+@bp.post("/hosts/heartbeat")
+def heartbeat() -> Response:
+    _join_check()
+    body = json_body()
+    info = body.get("info")
+    if not isinstance(info, dict):
+        raise BadInput("heartbeat info must be an object", hint="send hostd's /v1/host")
+    return jsonify(_s().pool.heartbeat(str(body.get("id", "")), info))
+
+
+@bp.post("/hosts/<host_id>/drain")
+def drain(host_id: str) -> Response:
+    _admin()
+    return jsonify(_s().set_drain(host_id, True))
+
+
+@bp.post("/hosts/<host_id>/undrain")
+def undrain(host_id: str) -> Response:
+    _admin()
+    return jsonify(_s().set_drain(host_id, False))
+
+
+@bp.delete("/hosts/<host_id>")
+def forget_host(host_id: str) -> Response:
+    _admin()
+    _s().pool.forget(host_id)
+    return jsonify({"id": host_id, "forgotten": True})
+
+
+@bp.get("/users")
+def list_users() -> Response:
+    _admin()
+    return jsonify(_s().users.list())
+
+
+@bp.post("/users")
+def add_user() -> tuple[Response, int]:
+    _admin()
+    body = json_body()
+    return jsonify(_s().users.add(str(body.get("name", "")), bool(body.get("admin", False)))), 201
+
+
+@bp.delete("/users/<name>")
+def delete_user(name: str) -> Response:
+    _admin()
+    _s().users.delete(name)
+    return jsonify({"name": name, "deleted": True})
 
 
 @bp.get("/status")
@@ -60,11 +142,7 @@ def images() -> Response:
 
 @bp.get("/envs")
 def list_envs() -> Response:
-    try:
-        offset = int(request.args.get("offset", 0))
-        limit = min(int(request.args.get("limit", 1000)), 10_000)
-    except ValueError:
-        raise BadInput("offset and limit must be integers", hint="?offset=0&limit=100") from None
+    offset, limit = _page()
     return jsonify(_s().list_envs(_user(), offset, limit))
 
 
@@ -96,6 +174,28 @@ def create_env() -> tuple[Response, int]:
 
     threading.Thread(target=work, daemon=True).start()
     return ndjson(iter(events.get, None)), 201
+
+
+def _page() -> tuple[int, int]:
+    try:
+        offset = int(request.args.get("offset", 0))
+        limit = min(int(request.args.get("limit", 1000)), 10_000)
+    except ValueError:
+        raise BadInput("offset and limit must be integers", hint="?offset=0&limit=100") from None
+    if offset < 0 or limit < 1:
+        raise BadInput("offset must be >= 0 and limit >= 1", hint="?offset=0&limit=100")
+    return offset, limit
+
+
+@bp.get("/envs/<name>/vms")
+def env_vms(name: str) -> Response:
+    """The ENV's VMs a page at a time (?offset=&limit=), or all as NDJSON (?stream=1)."""
+    s, user = _s(), _user()
+    if request.args.get("stream") in ("1", "true"):
+        s.show_env(name, user, vms=False)
+        return ndjson(s.iter_vms(name, user))
+    offset, limit = _page()
+    return jsonify(s.page_vms(name, user, offset, limit))
 
 
 @bp.get("/envs/<name>")
@@ -152,12 +252,15 @@ def get(name: str) -> Response:
     return jsonify(_s().get(name, _user(), path))
 
 
-def create_app(scheduler: Scheduler, users: dict[str, User], tokens: dict[str, str]) -> Flask:
-    """tokens: token -> user name; users: name -> User."""
+def create_app(scheduler: Scheduler) -> Flask:
+    """Users authenticate with their bearer tokens (scheduler.users); hosts with the join token."""
     app = Flask("ttci.scheduler")
     app.config["SCHEDULER"] = scheduler
-    app.config["USERS"] = users
-    install_auth(app, tokens, open_paths=("/v1/health",))
+    install_auth(
+        app,
+        scheduler.users.resolve,
+        open_paths=("/v1/health", "/v1/hosts/register", "/v1/hosts/heartbeat"),
+    )
     install_errors(
         app,
         {
@@ -165,14 +268,18 @@ def create_app(scheduler: Scheduler, users: dict[str, User], tokens: dict[str, s
             EnvExists: 409,
             EnvBusy: 409,
             NoPlacement: 409,
+            HostNotFound: 404,
+            HostRefused: 403,
+            Forbidden: 403,
+            UserExists: 409,
+            UserNotFound: 404,
             HostUnreachable: 503,
             HostdError: 502,
             BadInput: 400,
         },
     )
     app.register_blueprint(bp)
-    resolve = admin.token_resolver(users, tokens)
-    admin.mount(app, scheduler, current_user=_user, resolve=resolve)
+    admin.mount(app, scheduler, current_user=_user, resolve=scheduler.users.resolve)
 
     @app.get("/v1/health")
     def health() -> Response:

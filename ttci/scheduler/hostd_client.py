@@ -30,6 +30,7 @@ class HostdClient:
     def __init__(self, host_id: str, url: str, token: str, timeout: float = 10) -> None:
         self.host_id = host_id
         self.url = url.rstrip("/")
+        self.token = token
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"

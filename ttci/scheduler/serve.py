@@ -15,7 +15,7 @@ from ttci import __version__
 from ttci.entry import run_cli
 from ttci.errors import BadInput
 from ttci.scheduler.api import create_app
-from ttci.scheduler.service import Scheduler, User
+from ttci.scheduler.service import Scheduler
 from ttci.settings import add_setting, parse_hostport
 
 log = logging.getLogger("ttci.scheduler.serve")
@@ -38,9 +38,9 @@ def parse_server_set(text: str, token: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def serve(scheduler: Scheduler, listen: str, admin_token: str) -> None:
+def serve(scheduler: Scheduler, listen: str) -> None:
     host, port = parse_hostport(listen, "--listen")
-    app = create_app(scheduler, {"admin": User("admin", admin=True)}, {admin_token: "admin"})
+    app = create_app(scheduler)
     server = waitress.create_server(
         app,
         host=host,
@@ -50,7 +50,9 @@ def serve(scheduler: Scheduler, listen: str, admin_token: str) -> None:
         ident="tt-scheduler",
     )
     scheduler.recover()
+    scheduler.refresh_hosts()
     scheduler.start_reaper()
+    scheduler.start_monitor()
     log.info("tt-scheduler %s on %s:%s", __version__, host, server.effective_port)
     print(f"tt-scheduler ready on {host}:{server.effective_port}", flush=True)
     try:
@@ -65,7 +67,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tt-scheduler {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--listen", default="127.0.0.1:7400", help="ADDR:PORT of the public API")
-    p.add_argument("--server-set", required=True, help="hostds: ADDR:PORT[,ADDR:PORT...]")
+    p.add_argument(
+        "--server-set",
+        default="",
+        help="static hostds: [ID=]ADDR:PORT[,...] (hosts may also register with --join-token)",
+    )
+    p.add_argument(
+        "--join-token",
+        default=os.environ.get("TT_JOIN_TOKEN", ""),
+        help="token hostds present to register themselves (env TT_JOIN_TOKEN)",
+    )
+    p.add_argument(
+        "--host-timeout",
+        type=float,
+        default=15.0,
+        help="seconds without a heartbeat before a host is marked down (default 15)",
+    )
     p.add_argument(
         "--hostd-token",
         default=os.environ.get("TT_HOSTD_TOKEN", ""),
@@ -82,12 +99,28 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if not args.hostd_token or not args.admin_token:
-        raise BadInput("tokens missing", hint="pass --hostd-token and --admin-token")
+    if not args.admin_token:
+        raise BadInput("the admin token is missing", hint="pass --admin-token or TT_ADMIN_TOKEN")
+    if not args.server_set and not args.join_token:
+        raise BadInput(
+            "no hosts: neither --server-set nor --join-token is given",
+            hint="list hostds with --server-set ADDR:PORT, or let them join with --join-token",
+        )
+    if args.server_set and not args.hostd_token:
+        raise BadInput("static hosts need --hostd-token", hint="or set TT_HOSTD_TOKEN")
+    if not 1 <= args.host_timeout <= 3600:
+        raise BadInput(f"--host-timeout {args.host_timeout:g} is outside 1..3600 s", hint="e.g. 15")
     state: Path = args.state_dir
-    sched = Scheduler(state / "scheduler", parse_server_set(args.server_set, args.hostd_token))
+    static = parse_server_set(args.server_set, args.hostd_token) if args.server_set else {}
+    sched = Scheduler(
+        state / "scheduler",
+        static,
+        admin_token=args.admin_token,
+        join_token=args.join_token,
+        host_timeout=args.host_timeout,
+    )
     with contextlib.suppress(KeyboardInterrupt):
-        serve(sched, args.listen, args.admin_token)
+        serve(sched, args.listen)
     return 0
 
 

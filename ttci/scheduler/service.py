@@ -16,14 +16,12 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 import sqlite_utils.db
 
-from ttci.arch import Arch
 from ttci.db import Store, now
 from ttci.errors import BadInput, TTError
 from ttci.naming import ImageName
@@ -31,7 +29,9 @@ from ttci.resources import Resources
 from ttci.scheduler import history
 from ttci.scheduler.envspec import EnvRequest
 from ttci.scheduler.hostd_client import HostdClient, HostdError, HostUnreachable
-from ttci.scheduler.placement import Ask, HostView, place
+from ttci.scheduler.hosts import HostPool
+from ttci.scheduler.placement import Ask, NoPlacement, place
+from ttci.scheduler.users import User, Users
 
 log = logging.getLogger("ttci.scheduler")
 PARALLEL_CREATES = 8
@@ -94,83 +94,115 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
     def origin(db: sqlite_utils.Database) -> None:
         db.table("envs").add_column("origin", str, not_null_default='{"kind": "cli"}')
 
+    def host_pool(db: sqlite_utils.Database) -> None:
+        hosts = db.table("hosts")
+        hosts.add_column("kind", str, not_null_default="static")
+        hosts.add_column("token", str, not_null_default="")
+        hosts.add_column("drained", int, not_null_default=0)
+        hosts.add_column("error", str, not_null_default="")
+        hosts.add_column("seen_mono", float, not_null_default=0.0)
+
+    def users(db: sqlite_utils.Database) -> None:
+        db.table("users").create(
+            {"name": str, "admin": int, "token_sha256": str, "created_at": str}, pk="name"
+        )
+        db.table("users").create_index(["token_sha256"], unique=True)
+
     return [
         ("0001_base", base),
         ("0002_guest_boot_s", guest_boot),
         ("0003_origin", origin),
+        ("0004_host_pool", host_pool),
+        ("0005_users", users),
         (history.MIGRATION_NAME, history.migrate),
     ]
 
 
-@dataclass(frozen=True)
-class User:
-    name: str
-    admin: bool = False
-
-
 class Scheduler:
-    def __init__(self, state_dir: Path, hosts: dict[str, tuple[str, str]]) -> None:
-        """hosts: host id -> (url, token), the static --server-set."""
+    def __init__(
+        self,
+        state_dir: Path,
+        hosts: dict[str, tuple[str, str]],
+        *,
+        admin_token: str = "",
+        join_token: str = "",
+        host_timeout: float = 15.0,
+    ) -> None:
+        """hosts: host id -> (url, token), the static --server-set (may be empty when hosts
+        register themselves with join_token)."""
         self.store = Store(state_dir / "scheduler.db", _migrations())
-        self.clients = {hid: HostdClient(hid, url, tok) for hid, (url, tok) in hosts.items()}
-        with self.store.lock:
-            for hid, (url, _) in hosts.items():
-                self.store.db.table("hosts").upsert(
-                    {"id": hid, "url": url, "state": "unknown", "last_seen": "", "info": "{}"},
-                    pk="id",
-                )
+        self.pool = HostPool(
+            self.store,
+            hosts,
+            join_token=join_token,
+            timeout=host_timeout,
+            on_down=self._host_down,
+            on_up=self._host_up,
+        )
+        self.users = Users(self.store, admin_token)
         self._stop = threading.Event()
+        self._place_lock = threading.Lock()
 
     # -- hosts and images --------------------------------------------------------------------
     def refresh_hosts(self) -> list[dict[str, Any]]:
-        out = []
-        for hid, client in self.clients.items():
-            try:
-                info = client.info()
-                row = {
-                    "id": hid,
-                    "url": client.url,
-                    "state": "up",
-                    "last_seen": now(),
-                    "info": json.dumps(info),
-                }
-            except HostdError as e:
-                row = {
-                    "id": hid,
-                    "url": client.url,
-                    "state": "down",
-                    "info": json.dumps({"error": e.message}),
-                }
-            with self.store.lock:
-                self.store.db.table("hosts").upsert(row, pk="id")
-            out.append(self._host_json(self._host_row(hid)))
-        return out
-
-    def _host_row(self, hid: str) -> dict[str, Any]:
-        with self.store.lock:
-            return dict(self.store.db.table("hosts").get(hid))
-
-    @staticmethod
-    def _host_json(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": row["id"],
-            "url": row["url"],
-            "state": row["state"],
-            "last_seen": row["last_seen"],
-            **json.loads(row["info"] or "{}"),
-        }
+        """Poll the static hosts now; registered ones report by heartbeat."""
+        self.pool.poll_static()
+        self.pool.check_timeouts()
+        return self.hosts()
 
     def hosts(self) -> list[dict[str, Any]]:
-        return self.refresh_hosts()
+        return [self.pool.public(r) for r in self.pool.rows()]
+
+    def set_drain(self, host_id: str, drained: bool) -> dict[str, Any]:
+        """A drained host keeps its VMs but gets no new ones."""
+        return self.pool.set_drain(host_id, drained)
 
     def images(self) -> list[dict[str, Any]]:
-        """The union of all hosts' images, with the hosts that have each."""
+        """The union of all up hosts' images, with the hosts that have each."""
         merged: dict[str, dict[str, Any]] = {}
-        for h in self.refresh_hosts():
+        for h in self.hosts():
+            if h["state"] != "up":
+                continue
             for img in h.get("images", []):
                 entry = merged.setdefault(img["name"], {**img, "hosts": []})
                 entry["hosts"].append(h["id"])
         return [merged[k] for k in sorted(merged)]
+
+    def _client(self, host_id: str) -> HostdClient:
+        return self.pool.client(host_id)
+
+    def _host_down(self, host_id: str, why: str) -> None:
+        """Every VM on a host that stopped answering is lost; its ENV says so."""
+        with self.store.lock:
+            self.store.db.execute(
+                "update vms set state = 'lost', error = ? where host = ? and state = 'running'",
+                [f"host {host_id} stopped answering: {why}", host_id],
+            )
+            self.store.db.conn.commit()
+
+    def _host_up(self, host_id: str) -> None:
+        """A host came back: its VMs that still run there are running again."""
+        try:
+            there = {v["id"] for v in self._client(host_id).vms() if v.get("state") == "running"}
+        except TTError as e:
+            log.warning("host %s is back but its VMs could not be listed: %s", host_id, e)
+            return
+        with self.store.lock:
+            for v in self.store.db.table("vms").rows_where(
+                "host = ? and state = 'lost'", [host_id]
+            ):
+                if v["id"] in there:
+                    self.store.db.table("vms").update(v["id"], {"state": "running", "error": ""})
+                    log.info("VM %s on %s is back", v["name"], host_id)
+
+    def _committed(self) -> dict[str, Resources]:
+        """What the scheduler has put on each host (VMs not yet deleted)."""
+        with self.store.lock:
+            rows = self.store.db.execute(
+                "select host, sum(cpus), sum(memory_mib), sum(disk_gib) from vms "
+                "where state in ('creating', 'running', 'lost') group by host"
+            ).fetchall()
+        return {h: Resources(float(c or 0), int(m or 0), int(d or 0)) for h, c, m, d in rows}
 
     # -- ENVs --------------------------------------------------------------------------------
     def _env_row(self, name: str, user: User) -> dict[str, Any]:
@@ -184,37 +216,70 @@ class Scheduler:
         with self.store.lock:
             return list(self.store.db.table("vms").rows_where("env = ?", [env], order_by="name"))
 
+    VM_KEYS = (
+        "name",
+        "image",
+        "arch",
+        "host",
+        "state",
+        "cpus",
+        "memory_mib",
+        "disk_gib",
+        "accel",
+        "boot_s",
+        "guest_boot_s",
+        "error",
+    )
+
     def env_json(self, row: dict[str, Any], vms: bool = True) -> dict[str, Any]:
         out = {
             k: row[k]
             for k in ("name", "owner", "os_prefix", "state", "created_at", "expires_at", "error")
         }
         out["origin"] = json.loads(row.get("origin") or '{"kind": "cli"}')
-        vm_rows = self._vm_rows(row["name"])
-        out["vm_count"] = len(vm_rows)
-        out["lost"] = sum(1 for v in vm_rows if v["state"] == "lost")
+        with self.store.lock:
+            counts = dict(
+                self.store.db.execute(
+                    "select state, count(*) from vms where env = ? group by state", [row["name"]]
+                ).fetchall()
+            )
+        out["vm_count"] = sum(counts.values())
+        out["lost"] = counts.get("lost", 0)
         if vms:
-            out["vms"] = [
-                {
-                    k: v[k]
-                    for k in (
-                        "name",
-                        "image",
-                        "arch",
-                        "host",
-                        "state",
-                        "cpus",
-                        "memory_mib",
-                        "disk_gib",
-                        "accel",
-                        "boot_s",
-                        "guest_boot_s",
-                        "error",
-                    )
-                }
-                for v in vm_rows
-            ]
+            out["vms"] = [self._vm_json(v) for v in self._vm_rows(row["name"])]
         return out
+
+    def _vm_json(self, v: dict[str, Any]) -> dict[str, Any]:
+        return {k: v[k] for k in self.VM_KEYS}
+
+    def page_vms(self, name: str, user: User, offset: int, limit: int) -> dict[str, Any]:
+        """One page of a (possibly huge) ENV's VMs, in name order."""
+        self._env_row(name, user)
+        with self.store.lock:
+            rows = list(
+                self.store.db.table("vms").rows_where(
+                    "env = ?", [name], order_by="name", offset=offset, limit=limit
+                )
+            )
+            total = self.store.db.table("vms").count_where("env = ?", [name])
+        nxt = offset + len(rows)
+        return {
+            "env": name,
+            "total": total,
+            "offset": offset,
+            "vms": [self._vm_json(v) for v in rows],
+            "next_offset": nxt if nxt < total else None,
+        }
+
+    def iter_vms(self, name: str, user: User, batch: int = 2000) -> Iterator[dict[str, Any]]:
+        """Every VM of the ENV, read in batches (for NDJSON streams)."""
+        offset = 0
+        while True:
+            page = self.page_vms(name, user, offset, batch)
+            yield from page["vms"]
+            if page["next_offset"] is None:
+                return
+            offset = page["next_offset"]
 
     def list_envs(self, user: User, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         with self.store.lock:
@@ -226,28 +291,21 @@ class Scheduler:
             )
         return [self.env_json(r, vms=False) for r in rows]
 
-    def show_env(self, name: str, user: User) -> dict[str, Any]:
-        return self.env_json(self._env_row(name, user))
+    def show_env(self, name: str, user: User, vms: bool = True) -> dict[str, Any]:
+        return self.env_json(self._env_row(name, user), vms=vms)
 
     def create_env(
         self, req: EnvRequest, user: User, progress: Callable[[dict[str, Any]], None] | None = None
     ) -> dict[str, Any]:
         """Place and boot every VM of the ENV; all or nothing."""
-        hosts = self.refresh_hosts()
+        self.pool.check_timeouts()
+        hosts = self.hosts()
+        if not any(h["state"] == "up" for h in hosts):
+            hosts = self.refresh_hosts()
         images = sorted(
             {i["name"] for h in hosts if h["state"] == "up" for i in h.get("images", [])}
         )
         wanted = req.vms(images)
-        views = [
-            HostView(
-                id=h["id"],
-                free=Resources.from_dict(h.get("free", {})),
-                images=frozenset(i["name"] for i in h.get("images", [])),
-                up=h["state"] == "up",
-                kvm_arches=_kvm_arches(h),
-            )
-            for h in hosts
-        ]
         sizes = {i["name"]: i.get("disk_gib", 4) for h in hosts for i in h.get("images", [])}
         asks = [
             Ask(
@@ -258,12 +316,12 @@ class Scheduler:
             )
             for name, image in wanted
         ]
-        placement = place(asks, views)
         created = now()
         expires = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=req.life_s)).isoformat(
             timespec="seconds"
         )
-        with self.store.lock:
+        with self._place_lock, self.store.lock:
+            placement = place(asks, self.pool.views(self._committed()))
             if self.store.db.table("envs").count_where("name = ?", [req.name]):
                 raise EnvExists(
                     f"an ENV named {req.name!r} exists",
@@ -306,20 +364,42 @@ class Scheduler:
         vm_rows = self._vm_rows(req.name)
         failures: list[str] = []
 
+        def create_on_host(v: dict[str, Any]) -> dict[str, Any]:
+            """Create the VM where it was placed; a host that vanished meanwhile is marked
+            down and the VM is placed once more on the rest of the pool."""
+            body = {
+                "id": v["id"],
+                "env": req.name,
+                "name": v["name"],
+                "owner": user.name,
+                "image": v["image"],
+                "cpus": v["cpus"],
+                "memory_mib": v["memory_mib"],
+                "disk_gib": v["disk_gib"],
+            }
+            try:
+                return self._client(v["host"]).create_vm(body)
+            except HostUnreachable as e:
+                self.pool.mark_unreachable(v["host"], e.message)
+                ask = Ask(
+                    v["name"],
+                    v["image"],
+                    v["arch"],
+                    Resources(v["cpus"], v["memory_mib"], v["disk_gib"]),
+                )
+                with self._place_lock:
+                    try:
+                        again = place([ask], self.pool.views(self._committed()))[v["name"]]
+                    except NoPlacement as np:
+                        raise TTError(f"{e.message}; and no other host can take it: {np}") from e
+                    self._set_vm(v["id"], host=again)
+                log.warning("VM %s: host %s vanished, retrying on %s", v["name"], v["host"], again)
+                v["host"] = again
+                return self._client(again).create_vm(body)
+
         def boot(v: dict[str, Any]) -> None:
             try:
-                r = self.clients[v["host"]].create_vm(
-                    {
-                        "id": v["id"],
-                        "env": req.name,
-                        "name": v["name"],
-                        "owner": user.name,
-                        "image": v["image"],
-                        "cpus": v["cpus"],
-                        "memory_mib": v["memory_mib"],
-                        "disk_gib": v["disk_gib"],
-                    }
-                )
+                r = create_on_host(v)
                 self._set_vm(
                     v["id"],
                     state="running",
@@ -386,7 +466,7 @@ class Scheduler:
 
         def drop(v: dict[str, Any]) -> None:
             try:
-                self.clients[v["host"]].delete_vm(v["id"])
+                self._client(v["host"]).delete_vm(v["id"])
             except TTError as e:
                 problems.append(f"{v['name']}: {e.message}")
                 return
@@ -465,7 +545,7 @@ class Scheduler:
             try:
                 if v["state"] != "running":
                     raise TTError(f"VM is {v['state']}: {v['error'] or 'not running'}")
-                for ev in self.clients[v["host"]].exec(v["id"], req):
+                for ev in self._client(v["host"]).exec(v["id"], req):
                     if ev.get("event") == "error" and ev.get("lost"):
                         self._set_vm(v["id"], state="lost", error=ev.get("message", ""))
                     ended = ended or ev.get("event") in ("exit", "error")
@@ -521,7 +601,7 @@ class Scheduler:
     ) -> list[dict[str, Any]]:
         def one(v: dict[str, Any]) -> dict[str, Any]:
             try:
-                return {"vm": v["name"], "ok": True, "data": fn(self.clients[v["host"]], v)}
+                return {"vm": v["name"], "ok": True, "data": fn(self._client(v["host"]), v)}
             except TTError as e:
                 return {"vm": v["name"], "ok": False, "error": e.message}
 
@@ -558,12 +638,17 @@ class Scheduler:
 
         threading.Thread(target=loop, name="reaper", daemon=True).start()
 
+    def start_monitor(self, interval: float = 2.0) -> None:
+        """Poll static hosts and notice registered hosts whose heartbeats stopped."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh_hosts()
+                except Exception:  # the monitor must survive anything
+                    log.exception("host monitor failed")
+
+        threading.Thread(target=loop, name="host-monitor", daemon=True).start()
+
     def stop(self) -> None:
         self._stop.set()
-
-
-def _kvm_arches(host: dict[str, Any]) -> frozenset[str]:
-    """The arches a host runs natively under KVM (its probe boot said KVM works)."""
-    if host.get("accel") != "kvm":
-        return frozenset()
-    return frozenset(a.value for a in Arch if a.is_native(str(host.get("machine", ""))))

@@ -19,7 +19,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from hostd.agent_client import ExitStatus
 from hostd.engine import EngineError
 from hostd.vms import NoCapacity, NotFound, VMLost, VMManager, VMRequest
-from ttci import __version__
+from ttci import __version__, metrics
 from ttci.errors import AgentError, BadInput, BootError, TTError
 from ttci.httpapi import API_VERSION, install_auth, install_errors, json_body, ndjson
 
@@ -83,7 +83,8 @@ def list_vms() -> Response:
 
 @bp.post("/vms")
 def create_vm() -> tuple[Response, int]:
-    row = _mgr().create(VMRequest.from_dict(json_body()))
+    req = VMRequest.from_dict(json_body())
+    row = current_app.config["METRICS"].count_boot(lambda: _mgr().create(req))
     return jsonify(row), 201
 
 
@@ -194,7 +195,8 @@ def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dic
 
 @bp.post("/vms/<vm_id>/exec")
 def exec_vm(vm_id: str) -> Response:
-    return ndjson(exec_events(_mgr(), vm_id, json_body()))
+    events = exec_events(_mgr(), vm_id, json_body())
+    return ndjson(current_app.config["METRICS"].timed_exec(events))
 
 
 @bp.put("/vms/<vm_id>/files")
@@ -248,7 +250,8 @@ def get(vm_id: str) -> Response:
 def create_app(mgr: VMManager, token: str) -> Flask:
     app = Flask("hostd")
     app.config["VMS"] = mgr
-    install_auth(app, {token: "scheduler"}, open_paths=("/v1/health",))
+    app.config["METRICS"] = metrics.HostMetrics(lambda: metrics.hostd_snapshot(mgr))
+    install_auth(app, {token: "scheduler"}, open_paths=("/v1/health", "/metrics"))
     install_errors(
         app,
         {
@@ -266,5 +269,11 @@ def create_app(mgr: VMManager, token: str) -> Flask:
     @app.get("/v1/health")
     def health() -> Response:
         return jsonify({"ok": True, "host_id": mgr.cfg.host_id})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        """Open like node_exporter's: counts and sizes only, never a token or a name."""
+        body = app.config["METRICS"].exposition()
+        return Response(body, content_type=metrics.CONTENT_TYPE)
 
     return app

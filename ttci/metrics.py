@@ -12,10 +12,17 @@ never a token, an ENV name or a command line.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from ttci.db import Store
 
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 VM_STATES = ("creating", "running", "lost", "failed")
 ENV_STATES = ("creating", "ready", "deleting", "failed")
 RESOURCES = (("cpus", "cpus"), ("memory_mib", "memory_mib"), ("disk_gib", "disk_gib"))
@@ -212,3 +220,38 @@ class HostMetrics:
             outcome = "ok" if event.get("code") == 0 else "failed"
         self.execs.labels(outcome).inc()
         self.exec_seconds.observe(seconds)
+
+    def count_boot(self, create: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a VM creation, counting it and timing its boot (boot_s of the row it returns)."""
+        try:
+            row = create()
+        except Exception:
+            self.boot_failed()
+            raise
+        self.booted(float(row.get("boot_s") or 0.0))
+        return row
+
+    def timed_exec(self, events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pass a command's event stream through, counting it when it ends.
+
+        A stream the client abandons before the end counts as cancelled.
+        """
+        t0, final = time.monotonic(), None
+        try:
+            for ev in events:
+                if ev.get("event") in ("exit", "error"):
+                    final = ev
+                yield ev
+        finally:
+            self.exec_done(final or {"event": "exit", "cancelled": True}, time.monotonic() - t0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def hostd_snapshot(mgr: Any) -> dict[str, Any]:
+    """VMs by state and capacity of a hostd VMManager (for HostMetrics)."""
+    counts: dict[str, int] = {}
+    for row in mgr.all():
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    return {"vms": counts, "total": mgr.cfg.total.to_dict(), "used": mgr.used().to_dict()}

@@ -1,0 +1,202 @@
+"""The webhook service's state in SQLite (sqlite-utils, named migrations): jobs and deliveries."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ttci.db import Migration, Store
+from webhooks.jobs import ACTIVE, OPEN, Event, State, transition
+
+
+def _base(db: sqlite_utils.Database) -> None:
+    db.table("jobs").create(
+        {
+            "id": int,  # GitHub's workflow job id
+            "repo": str,  # owner/name
+            "owner": str,
+            "installation_id": int,
+            "run_id": int,
+            "name": str,
+            "html_url": str,
+            "labels": str,  # JSON list, as GitHub sent them
+            "os_prefix": str,
+            "state": str,
+            "reason": str,  # why unservable, or the last error
+            "attempt": int,
+            "runner_name": str,  # our JIT runner of the current attempt
+            "runner_id": int,
+            "env": str,  # the ENV of the current attempt
+            "took_runner": str,  # the runner GitHub says took the job
+            "gh_status": str,  # the last status GitHub told us
+            "conclusion": str,
+            "not_before": float,
+            "state_since": float,
+            "queued_at": float,
+            "vm_ready_at": float,
+            "runner_started_at": float,
+            "guest_boot_s": float,
+            "updated_at": float,
+        },
+        pk="id",
+        defaults={"attempt": 0, "not_before": 0.0, "reason": "", "env": "", "runner_name": ""},
+    )
+    db.table("jobs").create_index(["state"])
+    db.table("deliveries").create(
+        {
+            "id": str,
+            "event": str,
+            "action": str,
+            "job_id": int,
+            "received_at": float,
+            "outcome": str,
+        },
+        pk="id",
+    )
+    db.table("deliveries").create_index(["received_at"])
+
+
+MIGRATIONS: list[Migration] = [("0001_jobs_deliveries", _base)]
+
+
+class JobStore:
+    """Jobs and deliveries; every method takes the store's lock (threads share one connection)."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = Store(path, MIGRATIONS)
+        self.db = self.store.db
+
+    # -- deliveries ------------------------------------------------------------------------
+    def first_delivery(self, delivery: str, event: str, action: str, job_id: int) -> float | None:
+        """Record a delivery; None if it is new, else when it was first received (a replay)."""
+        with self.store.lock, self.db.conn:
+            row = self.db.execute(
+                "select received_at from deliveries where id = ?", [delivery]
+            ).fetchone()
+            if row:
+                return float(row[0])
+            self.db.table("deliveries").insert(
+                {
+                    "id": delivery,
+                    "event": event,
+                    "action": action,
+                    "job_id": job_id,
+                    "received_at": time.time(),
+                    "outcome": "",
+                }
+            )
+            return None
+
+    def set_outcome(self, delivery: str, outcome: str) -> None:
+        with self.store.lock, self.db.conn:
+            self.db.table("deliveries").update(delivery, {"outcome": outcome})
+
+    def prune_deliveries(self, older_than_s: float) -> int:
+        with self.store.lock, self.db.conn:
+            cur = self.db.execute(
+                "delete from deliveries where received_at < ?", [time.time() - older_than_s]
+            )
+            return cur.rowcount
+
+    # -- jobs --------------------------------------------------------------------------------
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        with self.store.lock:
+            rows = list(self.db.table("jobs").rows_where("id = ?", [job_id]))
+        return _decode(rows[0]) if rows else None
+
+    def insert(self, row: dict[str, Any]) -> bool:
+        """Insert a new job; False if it exists already."""
+        now = time.time()
+        full = {"state_since": now, "updated_at": now, "queued_at": now, **row}
+        full["labels"] = json.dumps(full.get("labels", []))
+        with self.store.lock, self.db.conn:
+            if self.db.execute("select 1 from jobs where id = ?", [row["id"]]).fetchone():
+                return False
+            self.db.table("jobs").insert(full)
+            return True
+
+    def update(self, job_id: int, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        with self.store.lock, self.db.conn:
+            self.db.table("jobs").update(job_id, fields)
+
+    def apply(self, job_id: int, event: Event, **fields: Any) -> tuple[State | None, State | None]:
+        """Apply a state-machine event; fields are written only when the state changes, except
+        the ones GitHub reports (gh_status, took_runner, conclusion), which are always kept.
+        Returns (old state, new state or None if nothing changed)."""
+        with self.store.lock, self.db.conn:
+            row = self.db.execute("select state from jobs where id = ?", [job_id]).fetchone()
+            old = State(row[0]) if row else None
+            new = transition(old, event)
+            keep = {
+                k: v for k, v in fields.items() if k in ("gh_status", "took_runner", "conclusion")
+            }
+            now = time.time()
+            if row is None:
+                return None, None
+            if new is None:
+                if keep:
+                    self.db.table("jobs").update(job_id, {**keep, "updated_at": now})
+                return old, None
+            self.db.table("jobs").update(
+                job_id, {**fields, "state": new.value, "state_since": now, "updated_at": now}
+            )
+            return old, new
+
+    def claim_pending(self, now: float) -> list[dict[str, Any]]:
+        """Pending jobs whose back-off has passed, oldest first."""
+        with self.store.lock:
+            rows = self.db.table("jobs").rows_where(
+                "state = ? and not_before <= ?", [State.PENDING.value, now], order_by="queued_at"
+            )
+            return [_decode(r) for r in rows]
+
+    def active_counts(self) -> tuple[int, dict[str, int]]:
+        """(VMs in use overall, per owner): jobs with an ENV not yet deleted."""
+        states = [s.value for s in ACTIVE] + [State.COMPLETED.value]
+        marks = ",".join("?" * len(states))
+        with self.store.lock:
+            rows = self.db.execute(
+                f"select owner, count(*) from jobs where state in ({marks}) and env != ''"  # noqa: S608
+                " group by owner",
+                states,
+            ).fetchall()
+        per = {str(o): int(n) for o, n in rows}
+        return sum(per.values()), per
+
+    def open_jobs(self, include_done_since: float = 0.0) -> list[dict[str, Any]]:
+        states = [s.value for s in OPEN]
+        marks = ",".join("?" * len(states))
+        with self.store.lock:
+            rows = self.db.table("jobs").rows_where(
+                f"state in ({marks}) or (state = 'done' and updated_at >= ? and "
+                "coalesce(gh_status, '') != 'completed')",
+                [*states, include_done_since],
+            )
+            return [_decode(r) for r in rows]
+
+    def recent(self, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        with self.store.lock:
+            where, args = ("state = ?", [state]) if state else (None, [])
+            rows = self.db.table("jobs").rows_where(
+                where, args, order_by="updated_at desc", limit=limit
+            )
+            return [_decode(r) for r in rows]
+
+    def repos(self) -> list[tuple[str, int | None]]:
+        """Every repository we have seen, with its App installation id (if any)."""
+        with self.store.lock:
+            rows = self.db.execute(
+                "select repo, max(installation_id) from jobs group by repo"
+            ).fetchall()
+        return [(str(r), int(i) if i else None) for r, i in rows]
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["labels"] = json.loads(row.get("labels") or "[]")
+    return out

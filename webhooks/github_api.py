@@ -62,6 +62,30 @@ class JitRunner:
         return f"JitRunner(runner_id={self.runner_id}, name={self.name!r})"
 
 
+class _Retry(GithubRetry):
+    """GithubRetry sleeps any Retry-After inside the call; we sit out at most
+    max_rate_limit_wait and otherwise give the wait back to the caller (the job waits, not a
+    thread)."""
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> Any:
+        if response is not None and response.status in (403, 429):
+            value = response.headers.get("Retry-After", "")
+            cap = self.max_rate_limit_wait
+            if value.isdigit() and cap is not None and float(value) > cap:
+                raise github.RateLimitExceededException(
+                    response.status, {"message": "rate limited"}, dict(response.headers)
+                )
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 def _retry_after(e: GithubException) -> float:
     headers = {k.lower(): v for k, v in (e.headers or {}).items()}
     value = headers.get("retry-after")
@@ -120,7 +144,7 @@ class GitHubAPI:
         self._app = Auth.AppAuth(cfg.app_id, cfg.private_key) if cfg.app_id else None
 
     def _retry(self) -> GithubRetry:
-        return GithubRetry(total=3, backoff_factor=0.2, max_rate_limit_wait=self.cfg.max_wait_s)
+        return _Retry(total=3, backoff_factor=0.2, max_rate_limit_wait=self.cfg.max_wait_s)
 
     def _client(self, repo: str, installation_id: int | None) -> Github:
         """A PyGithub client for repo: the token, or the App's installation token (PyGithub

@@ -40,6 +40,7 @@ class DomainSpec:
     vcpus: int
     accel: str = "tcg"  # "kvm" or "tcg"
     emulator: str | None = None
+    nic: tuple[str, str] | None = None  # (tap made by hostd, MAC): <interface type='ethernet'>
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -91,6 +92,12 @@ def domain_xml(spec: DomainSpec) -> str:
     chan = _sub(dev, "channel", type="unix")
     _sub(chan, "source", mode="bind", path=str(spec.agent_socket))
     _sub(chan, "target", type="virtio", name=PORT_NAME)
+    if spec.nic:
+        iface = _sub(dev, "interface", type="ethernet")
+        _sub(iface, "mac", address=spec.nic[1])
+        _sub(iface, "target", dev=spec.nic[0], managed="no")
+        _sub(iface, "model", type="virtio")
+        _sub(iface, "driver", name="qemu")  # userspace virtio-net: no vhost-net needed
     rng = _sub(dev, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(dev, "controller", type="usb", model="none")

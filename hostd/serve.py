@@ -15,6 +15,7 @@ from hostd.api import create_app, host_info
 from hostd.engine import Engine
 from hostd.joiner import Joiner
 from hostd.libvirtd import PrivateLibvirtd, become_subreaper
+from hostd.net.manager import NetConfig
 from hostd.vms import HostConfig, VMManager
 from ttci.errors import BadInput
 from ttci.resources import Resources
@@ -65,6 +66,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="leave VMs running when stopped (a restart re-attaches them)",
     )
     s.add_argument(
+        "--outgoing",
+        choices=("allow", "deny"),
+        default="allow",
+        help="may VMs reach outside through NAT (allow; ENVs can still --deny-outgoing) or never",
+    )
+    s.add_argument(
+        "--vm-net-pool",
+        default="10.213.0.0/16",
+        help="IPv4 pool the ENV subnets come from (default 10.213.0.0/16)",
+    )
+    s.add_argument(
+        "--port-range",
+        default="20000-29999",
+        help="host ports for --vm-port maps (default 20000-29999)",
+    )
+    s.add_argument(
+        "--public-addr",
+        help="address users reach port maps at (default: the --advertise or --listen address)",
+    )
+    s.add_argument(
         "--join",
         metavar="ADDR:PORT",
         help="register with this scheduler (instead of being listed in its --server-set)",
@@ -106,6 +127,21 @@ def _join_args(
     )
 
 
+def _net_config(args: argparse.Namespace, listen_host: str) -> NetConfig:
+    lo, sep, hi = args.port_range.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit()):
+        raise BadInput(f"--port-range {args.port_range!r} is not LOW-HIGH", hint="e.g. 20000-29999")
+    public = args.public_addr
+    if not public:
+        public = parse_hostport(args.advertise, "--advertise")[0] if args.advertise else listen_host
+    return NetConfig(
+        pool=args.vm_net_pool,
+        outgoing=args.outgoing == "allow",
+        port_range=(int(lo), int(hi)),
+        public_addr=public,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if not args.token:
         raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
@@ -121,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if total.cpus <= 0 or total.memory_mib <= 0 or total.disk_gib <= 0:
         raise BadInput(f"totals must be positive, got {total.text()}", hint="fix --*-total")
     joiner_args = _join_args(args, host, port)
+    net = _net_config(args, host)
     libvirtd = None
     uri = args.libvirt_uri
     become_subreaper()
@@ -132,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mgr = None
     try:
         log.info("engine: %s", engine.check())
-        mgr = VMManager(HostConfig(args.host_id, args.image_path, state_dir, total), engine)
+        mgr = VMManager(HostConfig(args.host_id, args.image_path, state_dir, total, net), engine)
         mgr.reconcile()
         app = create_app(mgr, args.token)
         server = waitress.create_server(

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ from hostd.domain_xml import DomainSpec
 from hostd.engine import Engine
 from hostd.images.catalogue import Image, scan
 from hostd.images.check import choose_accel
+from hostd.net.manager import NetConfig, NetManager, VmNet
 from ttci.arch import Arch
 from ttci.db import Store, now
 from ttci.errors import AgentError, BadInput, BootError, TTError
+from ttci.portspec import parse_ports
 from ttci.resources import Resources, shortfall, validate_vm_size
 from ttci.run import run
 
@@ -81,7 +83,7 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
     def guest_boot(db: sqlite_utils.Database) -> None:
         db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
 
-    return [("0001_vms", vms), ("0002_guest_boot_s", guest_boot)]
+    return [("0001_vms", vms), ("0002_guest_boot_s", guest_boot), *NetManager.migrations()]
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class VMRequest:
     cpus: float = 1
     memory_mib: int = 512
     disk_gib: int = 0  # 0: the image's own size
+    deny_outgoing: bool = False
+    ports: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMRequest:
@@ -107,6 +111,8 @@ class VMRequest:
                 cpus=float(d.get("cpus", 1)),
                 memory_mib=int(d.get("memory_mib", 512)),
                 disk_gib=int(d.get("disk_gib", 0)),
+                deny_outgoing=bool(d.get("deny_outgoing", False)),
+                ports=tuple(parse_ports(d.get("ports"))),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BadInput(
@@ -121,14 +127,15 @@ class HostConfig:
     image_path: Path
     state_dir: Path
     total: Resources
+    net: NetConfig = field(default_factory=NetConfig)
 
     @property
     def vm_root(self) -> Path:
         return self.state_dir / "vms"
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != "token"}
+def _public(row: dict[str, Any], net: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in row.items() if k != "token"}, **net}
 
 
 class VMManager:
@@ -138,6 +145,7 @@ class VMManager:
         self.store = Store(cfg.state_dir / "hostd.db", _migrations())
         self._agents: dict[str, AgentClient] = {}
         self._agent_lock = threading.Lock()
+        self.net = NetManager(self.store, cfg.state_dir, cfg.net)
         cfg.vm_root.mkdir(parents=True, exist_ok=True)
 
     # -- state -------------------------------------------------------------------------------
@@ -164,10 +172,10 @@ class VMManager:
         return total
 
     def all(self) -> list[dict[str, Any]]:
-        return [_public(r) for r in self._rows()]
+        return [_public(r, self.net.info(r["id"])) for r in self._rows()]
 
     def get(self, vm_id: str) -> dict[str, Any]:
-        return _public(self._row(vm_id))
+        return _public(self._row(vm_id), self.net.info(vm_id))
 
     def accel(self) -> tuple[str, str]:
         """("kvm"|"tcg", why) for native guests, from a probe boot of a native image."""
@@ -248,7 +256,8 @@ class VMManager:
         t0 = time.monotonic()
         with contextlib.ExitStack() as stack:
             stack.callback(self._reclaim, req.id)
-            self._boot(self._row(req.id), image, disk_gib)
+            vmnet = self.net.attach(req.id, req.env, req.deny_outgoing, list(req.ports))
+            self._boot(self._row(req.id), image, disk_gib, vmnet)
             stack.pop_all()
         self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
         log.info(
@@ -260,7 +269,7 @@ class VMManager:
         )
         return self.get(req.id)
 
-    def _boot(self, row: dict[str, Any], image: Image, disk_gib: int) -> None:
+    def _boot(self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet) -> None:
         workdir = Path(row["workdir"])
         workdir.mkdir(parents=True)
         overlay = workdir / "disk.qcow2"
@@ -287,6 +296,7 @@ class VMManager:
         )
         if disk_gib << 30 > image.manifest.disk_virtual_size:
             cmdline += " tt.resize=1"
+        cmdline += f" {vmnet.kernel_arg} net.ifnames=0"
         spec = DomainSpec(
             name=row["domain"],
             uuid=str(uuid.uuid4()),
@@ -300,6 +310,7 @@ class VMManager:
             memory_mib=row["memory_mib"],
             vcpus=max(1, int(row["cpus"] + 0.999)),
             accel=accel,
+            nic=(vmnet.tap, vmnet.mac),
             metadata={
                 "host": self.cfg.host_id,
                 "vm": row["id"],
@@ -343,6 +354,7 @@ class VMManager:
         except NotFound:
             return
         self.engine.destroy(row["domain"])
+        self.net.detach(vm_id)
         workdir = Path(row["workdir"])
         if workdir.is_relative_to(self.cfg.vm_root):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -433,6 +445,7 @@ class VMManager:
                 self.engine.destroy(name)
                 counts["reaped"] += 1
         rows = {r["id"] for r in self._rows()}
+        self.net.reconcile({r["id"] for r in self._rows() if r["state"] == "running"})
         for d in self.cfg.vm_root.iterdir():
             if d.name not in rows:
                 shutil.rmtree(d, ignore_errors=True)
@@ -450,4 +463,5 @@ class VMManager:
             for row in self._rows():
                 if row["state"] != "lost":
                     self._reclaim(row["id"])
+            self.net.teardown()
         self.engine.close()

@@ -37,9 +37,9 @@ def in_ns(ns: str, *argv: str, stdin: str | None = None) -> str:
 
 def test_bridge_tap_and_table_in_a_namespace(netns: str) -> None:
     host_links_before = our_links()
-    net = EnvNet("ci-9", bridge_name("ci-9"), allocate_subnet("10.77.0.0/16", 24, set()))
+    net = EnvNet("ci-9", bridge_name("abc123", "ci-9"), allocate_subnet("10.77.0.0/16", 24, set()))
     gw = ipaddress.IPv4Interface(f"{net.gateway}/{net.subnet.prefixlen}")
-    tap = tap_name("vm-1")
+    tap = tap_name("abc123", "vm-1")
     for _ in range(2):  # idempotent: a second pass changes nothing and does not fail
         ensure_bridge(net.bridge, gw, netns=netns)
         ensure_tap(tap, net.bridge, netns=netns)

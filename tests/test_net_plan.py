@@ -15,6 +15,7 @@ from hostd.net.plan import (
     allocate_subnet,
     bridge_name,
     kernel_ip_arg,
+    link_prefixes,
     mac_address,
     tap_name,
 )
@@ -33,10 +34,11 @@ def nft_check(script: str, tmp_path: Path) -> None:
 
 def test_names_fit_ifnamsiz_and_are_stable() -> None:
     for make in (bridge_name, tap_name):
-        names = {make(f"env-{i}") for i in range(1000)}
+        names = {make("a1b2c3", f"env-{i}") for i in range(1000)}
         assert len(names) == 1000
         assert all(len(n) <= IFNAMSIZ for n in names)
-        assert make("x") == make("x")
+        assert make("a1b2c3", "x") == make("a1b2c3", "x") != make("d4e5f6", "x")
+        assert make("a1b2c3", "x").startswith(link_prefixes("a1b2c3"))
     mac = mac_address("vm-1")
     assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", mac) and mac == mac_address("vm-1")
 
@@ -45,9 +47,11 @@ def test_subnets_and_addresses() -> None:
     first = allocate_subnet("10.77.0.0/16", 24, set())
     assert str(first) == "10.77.0.0/24"
     assert str(allocate_subnet("10.77.0.0/16", 24, {"10.77.0.0/24"})) == "10.77.1.0/24"
+    # Networks already on the host (any size) are never handed out.
+    assert str(allocate_subnet("10.77.0.0/16", 24, {"10.77.0.0/23"})) == "10.77.2.0/24"
     with pytest.raises(NetPlanError, match="in use"):
         allocate_subnet("10.77.0.0/23", 24, {"10.77.0.0/24", "10.77.1.0/24"})
-    net = EnvNet("ci-1", bridge_name("ci-1"), first)
+    net = EnvNet("ci-1", bridge_name("a1b2c3", "ci-1"), first)
     assert str(net.gateway) == "10.77.0.1"
     assert str(net.vm_address(0)) == "10.77.0.2/24"
     assert str(net.vm_address(252)) == "10.77.0.254/24"
@@ -76,6 +80,7 @@ def test_ruleset_policy_and_validity(tmp_path: Path) -> None:
     assert 'iifname "ttbr-b" drop' in script  # --deny-outgoing
     assert "iifname @env_bridges drop" in script  # VMs never reach the host itself
     assert "30022 : 10.77.0.2 . 22" in script and "30053 : 10.77.0.3 . 53" in script
+    assert script.rstrip().endswith("oifname @env_bridges drop\n  }\n}")  # nothing else gets in
 
 
 def test_empty_and_delete_scripts_are_valid(tmp_path: Path) -> None:

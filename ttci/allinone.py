@@ -96,6 +96,7 @@ def running(
     libvirt_uri: str | None = None,
     cpu_total: float | None = None,
     mem_total: int | None = None,
+    allow_outgoing: bool = False,
 ) -> Iterator[Stack]:
     """Start hostd and the scheduler; stop both (destroying VMs) on exit."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,8 @@ def running(
         hostd_argv += ["--cpu-total", str(cpu_total)]
     if mem_total:
         hostd_argv += ["--mem-total", str(mem_total)]
+    # A local cloud's VMs reach nothing outside unless asked (DESIGN.md: network safety).
+    hostd_argv += ["--outgoing", "allow" if allow_outgoing else "deny"]
     hostd = _spawn(hostd_argv, env, state_dir / "hostd.log", "tt-hostd")
     try:
         sched = _spawn(
@@ -156,6 +159,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     u.add_argument("--cpu-total", type=float, help="vCPUs to hand out (default 2 per core)")
     u.add_argument("--mem-total", type=int, help="MiB to hand out (default 80 %% of memory)")
     u.add_argument("--no-config", action="store_true", help="do not write the client config")
+    u.add_argument(
+        "--allow-outgoing",
+        action="store_true",
+        help="let VMs reach outside through NAT (default: they reach nothing but port maps)",
+    )
     add_setting(u, "state-dir")
     add_setting(u, "image-path")
     u.set_defaults(func=cmd_up)
@@ -170,6 +178,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         libvirt_uri=args.libvirt_uri,
         cpu_total=args.cpu_total,
         mem_total=args.mem_total,
+        allow_outgoing=args.allow_outgoing,
     ) as stack:
         if not args.no_config:
             path = config.save(stack.scheduler, stack.token)

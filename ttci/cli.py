@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hostd import image_cli
-from ttci import __version__, allinone, demo, env_cli, pool_cli
+from ttci import __version__, allinone, demo, env_cli, jobrun, pool_cli
 from ttci.entry import run_cli
 
 
@@ -17,6 +17,7 @@ def make_parser() -> argparse.ArgumentParser:
     image_cli.register(sub, pool=True)
     env_cli.register(sub)
     pool_cli.register(sub)
+    jobrun.register(sub)
     allinone.register(sub)
     demo.register(sub)
     return p

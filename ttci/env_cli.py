@@ -62,7 +62,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--disk", type=int, default=0, help="GiB of disk per VM (default: image size)")
     a.add_argument("--dup-each", type=int, default=1, help="VMs per matching image (default 1)")
     a.add_argument("--life-time", default="1h", help="deleted after this long (default 1h)")
-    a.add_argument("--vm-port", help="ports to map from the host (needs VM networking)")
+    a.add_argument(
+        "--vm-port",
+        help="VM ports to reach from outside, e.g. 22,8080,53/udp (host ports are chosen and "
+        "shown by `tt env show`)",
+    )
+    a.add_argument(
+        "--deny-outgoing",
+        action="store_true",
+        help="the VMs may not open connections outside their ENV",
+    )
     a.add_argument("--json", action="store_true", help="print JSON")
     a.set_defaults(func=cmd_env_add)
 
@@ -179,7 +188,20 @@ def _show_env(env: dict[str, Any]) -> None:
     )
     _table(
         f"{env['vm_count']} VMs",
-        ["VM", "image", "host", "state", "accel", "CPU", "MiB", "GiB", "boot", "error"],
+        [
+            "VM",
+            "image",
+            "host",
+            "state",
+            "accel",
+            "CPU",
+            "MiB",
+            "GiB",
+            "boot",
+            "IP",
+            "ports",
+            "error",
+        ],
         [
             [
                 v["name"],
@@ -191,6 +213,12 @@ def _show_env(env: dict[str, Any]) -> None:
                 v["memory_mib"],
                 v["disk_gib"],
                 f"{v['boot_s']:.1f} s",
+                v.get("ip", ""),
+                " ".join(
+                    f"{p['host']}:{p['host_port']}->{p['vm_port']}"
+                    + ("/udp" if p["proto"] == "udp" else "")
+                    for p in v.get("ports", [])
+                ),
                 v["error"],
             ]
             for v in env.get("vms", [])
@@ -199,11 +227,6 @@ def _show_env(env: dict[str, Any]) -> None:
 
 
 def cmd_env_add(args: argparse.Namespace) -> int:
-    if args.vm_port:
-        raise BadInput(
-            "--vm-port needs VM networking, which this cloud does not have yet",
-            hint="drop --vm-port; use `tt env push/get/run` through the agent",
-        )
     body = {
         "name": args.name,
         "os_prefix": args.os_prefix,
@@ -212,6 +235,8 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         "disk_gib": args.disk,
         "dup_each": args.dup_each,
         "life_time": args.life_time,
+        "deny_outgoing": args.deny_outgoing,
+        "vm_ports": args.vm_port or "",
     }
     t0 = time.monotonic()
     if args.json:

@@ -6,6 +6,7 @@ Every function is idempotent, so clean-up after a crash is "make it absent" agai
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -80,10 +81,17 @@ def remove_link(name: str, netns: str | None = None) -> bool:
         raise LinkError(f"removing {name}: {e}") from e
 
 
-def our_links(
-    prefixes: tuple[str, ...] = ("ttbr-", "tttap-"), netns: str | None = None
-) -> list[str]:
+def our_links(prefixes: tuple[str, ...] = ("ttb", "ttt"), netns: str | None = None) -> list[str]:
     """Links we made (by name prefix): what a restarted hostd reconciles or reaps."""
     with _ipr(netns) as ipr:
         names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
     return sorted(n for n in names if n.startswith(prefixes))
+
+
+def host_networks(netns: str | None = None) -> set[str]:
+    """IPv4 networks on the interfaces (of netns or the host): never hand one to an ENV."""
+    with _ipr(netns) as ipr:
+        return {
+            str(ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network)
+            for a in ipr.get_addr(family=socket.AF_INET)
+        }

@@ -23,12 +23,19 @@ def _short(text: str, n: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def bridge_name(env: str) -> str:
-    return f"ttbr-{_short(env, 8)}"
+def bridge_name(host_key: str, env: str) -> str:
+    """`ttb` + the hostd's 6-character key + 5 of the ENV's hash: 14 characters."""
+    return f"ttb{host_key[:6]}{_short(host_key + '/' + env, 5)}"
 
 
-def tap_name(vm_id: str) -> str:
-    return f"tttap-{_short(vm_id, 8)}"
+def tap_name(host_key: str, vm_id: str) -> str:
+    """`ttt` + the hostd's key + 6 of the VM's hash: 15 characters."""
+    return f"ttt{host_key[:6]}{_short(host_key + '/' + vm_id, 6)}"
+
+
+def link_prefixes(host_key: str) -> tuple[str, str]:
+    """The name prefixes of one hostd's links: what it may reap, and only it."""
+    return f"ttb{host_key[:6]}", f"ttt{host_key[:6]}"
 
 
 def mac_address(vm_id: str) -> str:
@@ -61,15 +68,17 @@ class EnvNet:
 
 
 def allocate_subnet(pool: str, prefix_len: int, taken: set[str]) -> ipaddress.IPv4Network:
-    """The first subnet of pool (e.g. 10.77.0.0/16) of size /prefix_len not in taken."""
+    """The first subnet of pool (e.g. 10.77.0.0/16) of size /prefix_len that overlaps no
+    network in taken (ours, and those already on the host's interfaces)."""
     net = ipaddress.IPv4Network(pool)
     if prefix_len < net.prefixlen or prefix_len > 29:
         raise NetPlanError(
             f"/{prefix_len} subnets do not fit pool {pool}",
             hint="pick a prefix length between the pool's and /29",
         )
+    busy = [ipaddress.IPv4Network(t, strict=False) for t in taken]
     for sub in net.subnets(new_prefix=prefix_len):
-        if str(sub) not in taken:
+        if not any(sub.overlaps(b) for b in busy):
             return sub
     raise NetPlanError(
         f"all /{prefix_len} subnets of {pool} are in use",

@@ -5,7 +5,10 @@ atomic and nothing stale survives). Policy:
 - NAT: masquerade ENV traffic leaving through the host, for ENVs that may go out;
 - `--deny-outgoing` ENVs reach nothing but their own bridge;
 - ENVs never reach each other, and no VM reaches the host itself (hostd, scheduler, libvirt);
-- port maps: host port -> VM address:port through one DNAT map.
+- port maps: host port -> VM address:port through one DNAT map, also for connections made on
+  the host itself (loopback included: the ENV bridges get route_localnet); mapped connections are
+  masqueraded to the gateway, so a VM without a route out still answers them;
+- nothing else opens a connection into an ENV.
 """
 
 from __future__ import annotations
@@ -65,10 +68,12 @@ def ruleset(rules: HostRules) -> str:
         "  }",
         "  chain output_nat {",
         "    type nat hook output priority -100; policy accept;",
-        "    ip daddr 127.0.0.0/8 dnat ip to tcp dport map @tcp_ports",
+        "    fib daddr type local dnat ip to tcp dport map @tcp_ports",
+        "    fib daddr type local dnat ip to udp dport map @udp_ports",
         "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
+        "    ct status dnat oifname @env_bridges masquerade",
     ]
     for e in rules.envs:
         if not e.deny_outgoing:
@@ -89,7 +94,7 @@ def ruleset(rules: HostRules) -> str:
         lines.append(f'    iifname "{e.bridge}" oifname @env_bridges drop')
         if e.deny_outgoing:
             lines.append(f'    iifname "{e.bridge}" drop')
-    lines += ["    ct status dnat accept", "  }", "}"]
+    lines += ["    ct status dnat accept", "    oifname @env_bridges drop", "  }", "}"]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ttci.errors import BadInput
 from ttci.naming import ImageName, select_by_prefix
+from ttci.portspec import parse_ports, ports_text
 from ttci.resources import validate_vm_size
 
 ENV_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -15,6 +16,12 @@ DEFAULT_LIFE_S = 3600
 MAX_VMS = 100_000
 ORIGIN_KINDS = ("cli", "gitlab", "github", "jenkins", "admin")
 ORIGIN_KEYS = {"kind": 20, "job": 200, "url": 500, "project": 200, "runner": 200}
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise BadInput(f"deny_outgoing must be true or false, not {v!r}", hint="send a boolean")
+    return v
 
 
 def parse_origin(d: Any) -> dict[str, str]:
@@ -69,6 +76,8 @@ class EnvRequest:
     disk_gib: int = 0
     dup_each: int = 1
     life_s: int = DEFAULT_LIFE_S
+    deny_outgoing: bool = False
+    vm_ports: str = ""  # "22,8080,53/udp": each VM's ports mapped to host ports
     origin: dict[str, str] = field(default_factory=lambda: {"kind": "cli"}, compare=False)
 
     @classmethod
@@ -83,6 +92,8 @@ class EnvRequest:
                 dup_each=int(d.get("dup_each", 1)),
                 life_s=parse_duration(d.get("life_time", DEFAULT_LIFE_S)),
                 origin=parse_origin(d.get("origin")),
+                deny_outgoing=_flag(d.get("deny_outgoing", False)),
+                vm_ports=ports_text(parse_ports(d.get("vm_ports", ""))),
             )
         except KeyError as e:
             raise BadInput(f"ENV request lacks {e}", hint="send name and os_prefix") from None

@@ -108,6 +108,9 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
         )
         db.table("users").create_index(["token_sha256"], unique=True)
 
+    def vm_net(db: sqlite_utils.Database) -> None:
+        db.table("vms").add_column("net", str, not_null_default="{}")
+
     return [
         ("0001_base", base),
         ("0002_guest_boot_s", guest_boot),
@@ -115,6 +118,7 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
         ("0004_host_pool", host_pool),
         ("0005_users", users),
         (history.MIGRATION_NAME, history.migrate),
+        ("0006_vm_net", vm_net),
     ]
 
 
@@ -250,7 +254,12 @@ class Scheduler:
         return out
 
     def _vm_json(self, v: dict[str, Any]) -> dict[str, Any]:
-        return {k: v[k] for k in self.VM_KEYS}
+        net = json.loads(v.get("net") or "{}")
+        return {
+            **{k: v[k] for k in self.VM_KEYS},
+            "ip": net.get("ip", ""),
+            "ports": net.get("ports", []),
+        }
 
     def page_vms(self, name: str, user: User, offset: int, limit: int) -> dict[str, Any]:
         """One page of a (possibly huge) ENV's VMs, in name order."""
@@ -376,6 +385,8 @@ class Scheduler:
                 "cpus": v["cpus"],
                 "memory_mib": v["memory_mib"],
                 "disk_gib": v["disk_gib"],
+                "deny_outgoing": req.deny_outgoing,
+                "ports": req.vm_ports,
             }
             try:
                 return self._client(v["host"]).create_vm(body)
@@ -406,6 +417,7 @@ class Scheduler:
                     boot_s=r.get("boot_s", 0.0),
                     accel=r.get("accel", ""),
                     guest_boot_s=r.get("guest_boot_s", 0.0),
+                    net=json.dumps({"ip": r.get("ip", ""), "ports": r.get("ports", [])}),
                 )
                 if progress:
                     progress(

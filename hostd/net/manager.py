@@ -9,11 +9,14 @@ removes links no row owns and re-applies the table; `teardown` removes everythin
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import logging
+import os
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from ttci.run import run
 
 log = logging.getLogger("hostd.net")
 FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+RUN_DIR = Path("/run/ttci")
 
 
 class NetError(TTError):
@@ -103,7 +107,6 @@ class NetManager:
                 {"host_port": int, "proto": str, "vm": str, "vm_port": int, "vm_ip": str},
                 pk=("host_port", "proto"),
             )
-            db.table("netmeta").create({"key": str, "value": str}, pk="key")
 
         return [("0003_net", net)]
 
@@ -259,22 +262,27 @@ class NetManager:
         run(["nft", "-f", "-"], input=ruleset(rules).encode())
 
     def _enable_forwarding(self) -> None:
-        if FORWARD.read_text().strip() == "1":
-            return
-        with self.store.lock:
-            self.store.db.table("netmeta").insert(
-                {"key": "ip_forward_before", "value": "0"}, replace=True
-            )
-        FORWARD.write_text("1")
-        log.info("ip_forward enabled for VM networks (was 0)")
+        """Forwarding on; what it was is kept once per network namespace in /run, since several
+        hostds (tests, all-in-one clouds) may share a namespace."""
+        with _forward_record() as rec:
+            if FORWARD.read_text().strip() == "1":
+                return
+            if not rec.exists():
+                rec.write_text("0")
+            FORWARD.write_text("1")
+            log.info("ip_forward enabled for VM networks (was 0)")
 
     def _restore_forwarding(self) -> None:
-        rows = self._rows("netmeta", "key = ?", ["ip_forward_before"])
-        if rows:
-            FORWARD.write_text(rows[0]["value"])
-            with self.store.lock:
-                self.store.db.table("netmeta").delete_where("key = ?", ["ip_forward_before"])
-            log.info("ip_forward put back to %s", rows[0]["value"])
+        """The last hostd of the namespace to lose its VM networks puts forwarding back."""
+        with _forward_record() as rec:
+            if not rec.exists():
+                return
+            tables = run(["nft", "list", "tables"]).stdout.decode().split()
+            if any(t.startswith("ttci_") and t != self.table for t in tables):
+                return  # another hostd here still forwards; it will put it back
+            FORWARD.write_text(rec.read_text().strip() or "0")
+            rec.unlink()
+            log.info("ip_forward put back to 0")
 
     @staticmethod
     def _localnet(bridge: str) -> None:
@@ -326,6 +334,16 @@ class NetManager:
     ) -> list[dict[str, Any]]:
         with self.store.lock:
             return list(self.store.db.table(table).rows_where(where, args or []))
+
+
+@contextlib.contextmanager
+def _forward_record() -> Iterator[Path]:
+    """The file holding ip_forward's value from before any hostd of this namespace, locked."""
+    ns = os.stat("/proc/self/ns/net").st_ino
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with (RUN_DIR / f"ip_forward-{ns}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield RUN_DIR / f"ip_forward-{ns}.before"
 
 
 def _bound(port: int, proto: str) -> bool:

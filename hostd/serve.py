@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import shutil
@@ -86,6 +87,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="address users reach port maps at (default: the --advertise or --listen address)",
     )
     s.add_argument(
+        "--protect",
+        metavar="ADDR[,ADDR]",
+        help="control-plane addresses VMs must never reach, even through NAT (the --join "
+        "scheduler is always protected)",
+    )
+    s.add_argument(
         "--join",
         metavar="ADDR:PORT",
         help="register with this scheduler (instead of being listed in its --server-set)",
@@ -134,7 +141,19 @@ def _net_config(args: argparse.Namespace, listen_host: str) -> NetConfig:
     public = args.public_addr
     if not public:
         public = parse_hostport(args.advertise, "--advertise")[0] if args.advertise else listen_host
+    protected = [a.strip() for a in (args.protect or "").split(",") if a.strip()]
+    if args.join:
+        protected.append(parse_hostport(args.join, "--join")[0])
+    for addr in protected:
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            raise BadInput(
+                f"--protect/--join address {addr!r} is not an IPv4 address",
+                hint="name control-plane hosts by address, e.g. --protect 10.0.0.5",
+            ) from None
     return NetConfig(
+        protected=tuple(dict.fromkeys(protected)),
         pool=args.vm_net_pool,
         outgoing=args.outgoing == "allow",
         port_range=(int(lo), int(hi)),

@@ -71,6 +71,7 @@ def test_ruleset_policy_and_validity(tmp_path: Path) -> None:
             PortMap(30022, ipaddress.ip_address("10.77.0.2"), 22),
             PortMap(30053, ipaddress.ip_address("10.77.0.3"), 53, "udp"),
         ),
+        (ipaddress.IPv4Address("192.0.2.10"),),
     )
     script = ruleset(rules)
     nft_check(script, tmp_path)
@@ -79,6 +80,8 @@ def test_ruleset_policy_and_validity(tmp_path: Path) -> None:
     assert 'iifname "ttbr-a" oifname @env_bridges drop' in script  # no ENV reaches another
     assert 'iifname "ttbr-b" drop' in script  # --deny-outgoing
     assert "iifname @env_bridges drop" in script  # VMs never reach the host itself
+    assert "elements = { 192.0.2.10 }" in script  # nor the scheduler, even through NAT
+    assert "iifname @env_bridges ip daddr @protected drop" in script
     assert "30022 : 10.77.0.2 . 22" in script and "30053 : 10.77.0.3 . 53" in script
     assert script.rstrip().endswith("oifname @env_bridges drop\n  }\n}")  # nothing else gets in
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from ttci import config
 from ttci.client import Client
 from ttci.errors import BadInput
+from ttci.ssh_run import ssh_events
 
 out = Console(width=None if sys.stdout.isatty() else 160)
 _print_lock = threading.Lock()
@@ -89,6 +90,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--cmd", required=True, help="shell command to run (/bin/sh -c)")
     r.add_argument("--timeout", type=float, help="seconds before the command is killed")
     r.add_argument("--json", action="store_true", help="print one JSON event per line")
+    r.add_argument(
+        "--vm", action="append", help="run only on this VM (repeatable; default: every VM)"
+    )
+    r.add_argument(
+        "--use-ssh",
+        action="store_true",
+        help="go through each VM's port map for 22 with ssh instead of the agent "
+        "(the ENV needs --vm-port 22 and an image with sshd)",
+    )
+    r.add_argument("--ssh-key", type=Path, help="private key for --use-ssh (default: ssh's own)")
+    r.add_argument("--ssh-user", default="root", help="user for --use-ssh (default root)")
     r.set_defaults(func=cmd_env_run)
 
     p = es.add_parser("push", help="copy a local file or directory into every VM")
@@ -299,11 +311,21 @@ def cmd_env_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"cmd": args.cmd}
     if args.timeout:
         body["timeout"] = args.timeout
+    if args.vm:
+        body["vms"] = args.vm
     client = _client()
-    vms = [v["name"] for v in client.get(f"/v1/envs/{args.name}")["vms"]]
+    env_vms = client.get(f"/v1/envs/{args.name}")["vms"]
+    vms = [v["name"] for v in env_vms if not args.vm or v["name"] in args.vm]
+    events = (
+        ssh_events(
+            env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=args.timeout
+        )
+        if args.use_ssh
+        else client.run(args.name, body)
+    )
     results: dict[str, str] = {}
     partial: dict[tuple[str, str], bytes] = {}
-    for ev in client.run(args.name, body):
+    for ev in events:
         if args.json:
             print(json.dumps(ev), flush=True)
         vm = ev.get("vm", "?")

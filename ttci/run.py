@@ -109,6 +109,7 @@ def spawn(
     *,
     log_path: Path | None = None,
     pipe_stdout: bool = False,
+    pipe_stderr: bool = False,
     env: Mapping[str, str] | None = None,
     new_session: bool = False,
 ) -> subprocess.Popen[bytes]:
@@ -130,7 +131,7 @@ def spawn(
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipe_stdout else sink,
-                stderr=sink,
+                stderr=subprocess.PIPE if pipe_stderr else sink,
                 start_new_session=new_session,
             )
         except FileNotFoundError as e:

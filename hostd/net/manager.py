@@ -54,6 +54,7 @@ class NetConfig:
     outgoing: bool = True  # may ENVs reach outside through NAT at all (per ENV: deny_outgoing)
     port_range: tuple[int, int] = (20000, 29999)
     public_addr: str = "127.0.0.1"  # where port maps are reached (shown to users)
+    protected: tuple[str, ...] = ()  # control-plane addresses VMs never reach (the scheduler)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,8 @@ class NetManager:
             PortMap(r["host_port"], ipaddress.IPv4Address(r["vm_ip"]), r["vm_port"], r["proto"])
             for r in self._rows("ports")
         )
-        return HostRules(self.table, envs, ports)
+        protected = tuple(ipaddress.IPv4Address(a) for a in self.cfg.protected)
+        return HostRules(self.table, envs, ports, protected)
 
     def apply(self) -> None:
         """Make the kernel's table exactly what the state says (one transaction); forwarding

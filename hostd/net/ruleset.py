@@ -37,6 +37,9 @@ class HostRules:
     table: str  # e.g. ttci_host1
     envs: tuple[EnvRules, ...] = ()
     ports: tuple[PortMap, ...] = field(default=())
+    # Control-plane addresses elsewhere (the scheduler, other hosts) no VM may reach, not
+    # even through NAT.
+    protected: tuple[ipaddress.IPv4Address, ...] = ()
 
 
 def ruleset(rules: HostRules) -> str:
@@ -51,6 +54,10 @@ def ruleset(rules: HostRules) -> str:
     lines += ["  set env_bridges {", "    type ifname"]
     if bridges:
         lines.append(f"    elements = {{ {', '.join(_q(bridges))} }}")
+    lines.append("  }")
+    lines += ["  set protected {", "    type ipv4_addr"]
+    if rules.protected:
+        lines.append(f"    elements = {{ {', '.join(str(a) for a in rules.protected)} }}")
     lines.append("  }")
     for proto in ("tcp", "udp"):
         ports = [p for p in rules.ports if p.proto == proto]
@@ -88,6 +95,7 @@ def ruleset(rules: HostRules) -> str:
         "  chain forward {",
         "    type filter hook forward priority 0; policy accept;",
         "    ct state established,related accept",
+        "    iifname @env_bridges ip daddr @protected drop",
     ]
     for e in rules.envs:
         lines.append(f'    iifname "{e.bridge}" oifname "{e.bridge}" accept')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 import queue
 import threading
 from typing import Any
@@ -231,9 +232,16 @@ def run_env(name: str) -> Response:
     for key in ("env", "cwd", "timeout", "stdin_b64"):
         if body.get(key) is not None:
             req[key] = body[key]
+    only = body.get("vms")
+    if only is not None and (
+        not isinstance(only, list) or not all(isinstance(v, str) for v in only)
+    ):
+        raise BadInput("vms must be a list of VM names", hint='e.g. "vms": ["debian-12-amd64"]')
     s, user = _s(), _user()
-    s.show_env(name, user)  # 404 before the stream starts
-    return ndjson(s.run(name, user, req))
+    s.show_env(name, user, vms=False)  # 404 before the stream starts
+    events = s.run(name, user, req, only)
+    first = next(events, None)  # bad input (an unknown VM) is a 400, not a broken stream
+    return ndjson(itertools.chain([first] if first else [], events))
 
 
 @bp.put("/envs/<name>/files")

@@ -534,12 +534,23 @@ class Scheduler:
             self._mark_failed(name, "interrupted by a scheduler restart")
 
     # -- commands and files ------------------------------------------------------------------
-    def run(self, name: str, user: User, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Run on every VM of the ENV at once; events are tagged with the VM's name."""
+    def run(
+        self, name: str, user: User, req: dict[str, Any], only: list[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Run on every VM of the ENV (or those named in only) at once; events are tagged with
+        the VM's name."""
         self._env_row(name, user)
         vms = self._vm_rows(name)
         if not vms:
             raise BadInput(f"ENV {name} has no VMs", hint="create it again")
+        if only:
+            unknown = sorted(set(only) - {v["name"] for v in vms})
+            if unknown:
+                raise BadInput(
+                    f"ENV {name} has no VM {', '.join(unknown)}",
+                    hint=f"its VMs: {', '.join(v['name'] for v in vms[:20])}",
+                )
+            vms = [v for v in vms if v["name"] in only]
         events: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1024)
         stop = threading.Event()
 

@@ -30,19 +30,31 @@ def _ts(text: str) -> float:
 def pool_use(
     jobs: Sequence[dict[str, Any]], start: float, end: float, steps: int = 60
 ) -> list[Point]:
-    """vCPUs in use at `steps` evenly spaced moments between start and end.
+    """The most vCPUs in use at once in each of `steps` slices of [start, end].
 
-    jobs: rows with created_at, deleted_at ('' while alive) and cpus (the job history).
+    jobs: rows with created_at, deleted_at ('' while alive) and cpus (the job history). The
+    peak per slice (not a sample) so a short matrix job still shows at its full width.
     """
-    spans = [
-        (_ts(j["created_at"]), _ts(j["deleted_at"]) if j["deleted_at"] else end + 1, j["cpus"])
-        for j in jobs
-    ]
-    step = (end - start) / max(1, steps - 1)
-    out = []
+    events: list[tuple[float, float]] = []
+    for j in jobs:
+        events.append((_ts(j["created_at"]), float(j["cpus"])))
+        if j["deleted_at"]:
+            events.append((_ts(j["deleted_at"]), -float(j["cpus"])))
+    events.sort()
+    width = (end - start) / max(1, steps)
+    out, level, k = [], 0.0, 0
+    while k < len(events) and events[k][0] <= start:
+        level += events[k][1]
+        k += 1
     for i in range(steps):
-        t = start + i * step
-        out.append(Point(t, sum(c for a, b, c in spans if a <= t < b)))
+        t0, t1 = start + i * width, start + (i + 1) * width
+        peak = level
+        while k < len(events) and events[k][0] < t1:
+            level += events[k][1]
+            peak = max(peak, level)
+            k += 1
+        out.append(Point(t0, max(peak, 0.0)))
+    out.append(Point(end, max(level, 0.0)))
     return out
 
 

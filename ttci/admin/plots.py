@@ -125,7 +125,7 @@ def bar_plot(title: str, bars: Sequence[tuple[str, float, str]], unit: str = "s"
     y_max = _nice_max(max(v for _, v, _ in bars))
     y = _scale(0, y_max, H - PAD_B, PAD_T)
     slot = (W - PAD_L - PAD_R) / len(bars)
-    width = max(1.0, slot * 0.8)
+    width = min(24.0, max(1.0, slot * 0.8))
     parts = _frame(title, y_max, unit)
     for i, (label, v, cls) in enumerate(bars):
         top = y(v)

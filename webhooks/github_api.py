@@ -80,6 +80,8 @@ class _Retry(GithubRetry):
             value = response.headers.get("Retry-After", "")
             cap = self.max_rate_limit_wait
             if value.isdigit() and cap is not None and float(value) > cap:
+                response.drain_conn()  # give the connection back to the pool: no leaked socket
+                response.release_conn()
                 raise github.RateLimitExceededException(
                     response.status, {"message": "rate limited"}, dict(response.headers)
                 )
@@ -158,7 +160,11 @@ class GitHubAPI:
                     else self._app.get_installation_auth(key)
                 )
                 self._clients[key] = Github(
-                    auth=auth, base_url=self.cfg.base_url, retry=self._retry(), timeout=20
+                    auth=auth,
+                    base_url=self.cfg.base_url,
+                    retry=self._retry(),
+                    timeout=20,
+                    lazy=True,
                 )
             return self._clients[key]
 
@@ -175,9 +181,18 @@ class GitHubAPI:
             inst = gi.get_repo_installation(owner_, name).id
         except Exception as e:
             raise _convert(e, f"the App installation of {repo}") from e
+        finally:
+            gi.close()
         with self._lock:
             self._installations[owner] = inst
         return inst
+
+    def close(self) -> None:
+        """Close every client's connections."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for g in clients:
+            g.close()
 
     def _runners_url(self, repo: str) -> str:
         if self.cfg.scope == "org":
@@ -243,7 +258,7 @@ class GitHubAPI:
         """GitHub's status of a workflow job; None if GitHub does not know it."""
         g = self._client(repo, installation_id)
         try:
-            return str(g.get_repo(repo, lazy=True).get_workflow_job(job_id).status)
+            return str(g.get_repo(repo).get_workflow_job(job_id).status)
         except GithubException as e:
             if e.status == 404:
                 return None
@@ -256,7 +271,7 @@ class GitHubAPI:
         g = self._client(repo, installation_id)
         out: list[dict[str, Any]] = []
         try:
-            r = g.get_repo(repo, lazy=True)
+            r = g.get_repo(repo)
             for run in r.get_workflow_runs(status="queued"):
                 for job in run.jobs():
                     if job.status == "queued":

@@ -137,6 +137,7 @@ class StandIn:
         self.issued: dict[str, str] = {}  # runner name -> encoded_jit_config we issued
         self.jobs: dict[int, dict[str, Any]] = {}  # job id -> {repo, run_id, status, labels}
         self.faults: list[Fault] = []
+        self.token_ttl = 3600.0  # seconds an installation token lives
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         self._ids = itertools.count(1000)
@@ -292,8 +293,8 @@ class StandIn:
 
     def _handle(self, req: Request) -> tuple[int, Any, dict[str, str]]:
         route, params = self._match(req)
+        auth = self._auth(route, req)  # GitHub checks credentials before the request
         values, body = self._validate(route, params, req)
-        auth = self._auth(route, req)
         with self.lock:
             self.seen.append(Seen(req.method, req.path, route.op_id, body, auth))
             for f in self.faults:
@@ -330,7 +331,7 @@ class StandIn:
             raise GitHubError(404, "Not Found")
         status, ex = _example(route.op)
         token = "ghs_" + secrets.token_hex(18)
-        expires = time.time() + 3600
+        expires = time.time() + self.token_ttl
         self.tokens[token] = (v["installation_id"], expires)
         ex["token"] = token
         ex["expires_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))

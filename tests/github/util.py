@@ -1,0 +1,47 @@
+"""Shared pieces of the GitHub tests: an App key pair, a real WSGI server in a thread."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import waitress
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+RUN_SH = Path(__file__).with_name("run.sh")
+
+
+@functools.cache
+def app_keys() -> tuple[str, str]:
+    """(private PEM, public PEM) of a test GitHub App."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Serve a WSGI app with waitress (as tt-github-webhooks does) on 127.0.0.1; yields the URL."""
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8)
+    port = server.socket.getsockname()[1]  # type: ignore[attr-defined]
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        t.join(timeout=5)

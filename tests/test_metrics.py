@@ -1,0 +1,125 @@
+"""Prometheus output of the scheduler (read from a real state database) and of hostd's counters,
+parsed with prometheus_client's own parser. The live test (real VMs starting and stopping) is
+in test_admin_browser.py, which shares its cloud."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.admin_fake import HOST_TOKEN, fake_scheduler
+from ttci.metrics import HostMetrics, scheduler_registry
+from ttci.scheduler.api import create_app
+
+ADMIN = "admin-secret-" + "m" * 24
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _parse(text: str) -> Samples:
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _v(m: Samples, name: str, **labels: str) -> float:
+    return m[(name, tuple(sorted(labels.items())))]
+
+
+@pytest.fixture
+def text(tmp_path: Path) -> Iterator[str]:
+    s = fake_scheduler(tmp_path, ADMIN, vms=1000, per_env=4, hosts=4, jobs=200)
+    with s.store.lock:
+        s.store.db.execute("update vms set state = 'lost' where env = 'ci-00000'")
+    yield create_app(s).test_client().get("/metrics").text  # open: no token needed
+    s.stop()
+
+
+def test_scheduler_metrics_count_vms_envs_hosts_and_jobs(text: str) -> None:
+    m = _parse(text)
+    assert _v(m, "ttci_vms", state="running") == 996
+    assert _v(m, "ttci_vms", state="lost") == 4
+    assert _v(m, "ttci_vms", state="failed") == 0
+    assert _v(m, "ttci_envs", state="ready") == 250
+    assert _v(m, "ttci_host_up", host="fake-3") == 1
+    assert _v(m, "ttci_host_capacity", host="fake-0", resource="cpus") == 64
+    assert _v(m, "ttci_host_used", host="fake-0", resource="memory_mib") == 128000
+    for kind in ("gitlab", "github", "jenkins", "cli"):
+        assert _v(m, "ttci_jobs_started_total", kind=kind) == 50
+    results = {k[1]: v for k, v in m.items() if k[0] == "ttci_job_results_total"}
+    assert sum(results.values()) == 200
+    assert _v(m, "ttci_job_results_total", kind="gitlab", result="success") == 50
+
+
+def test_job_start_histogram_is_cumulative(text: str) -> None:
+    m = _parse(text)
+    buckets = sorted(
+        (float(dict(k[1])["le"]), v)
+        for k, v in m.items()
+        if k[0] == "ttci_job_start_seconds_bucket" and dict(k[1])["kind"] == "github"
+    )
+    counts = [c for _, c in buckets]
+    assert counts == sorted(counts) and counts[-1] == 50
+    assert _v(m, "ttci_job_start_seconds_count", kind="github") == 50
+    assert dict(buckets)[5.0] < 50 <= dict(buckets)[20.0]  # fake latencies are 5..11 s
+
+
+def test_metrics_hold_no_secret_and_no_names(text: str) -> None:
+    assert ADMIN not in text and HOST_TOKEN not in text
+    assert "ci-00000" not in text  # ENV names would make unbounded label sets
+
+
+def test_scheduler_registry_on_an_empty_state(tmp_path: Path) -> None:
+    s = fake_scheduler(tmp_path, ADMIN, vms=0, hosts=0, jobs=0)
+    m = _parse(generate_latest(scheduler_registry(s.store)).decode())
+    assert _v(m, "ttci_vms", state="running") == 0
+    assert not [k for k in m if k[0].startswith("ttci_jobs_started")]
+    s.stop()
+
+
+def _events(*evs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield {"event": "start"}
+    yield {"event": "stdout", "data": ""}
+    yield from evs
+
+
+def test_hostd_counts_boots_and_commands_by_outcome() -> None:
+    hm = HostMetrics(
+        lambda: {
+            "vms": {"running": 2, "lost": 1},
+            "total": {"cpus": 8, "memory_mib": 8192, "disk_gib": 100},
+            "used": {"cpus": 2, "memory_mib": 1536, "disk_gib": 8},
+        }
+    )
+    assert hm.count_boot(lambda: {"boot_s": 4.5})["boot_s"] == 4.5
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("no image")
+
+    with pytest.raises(RuntimeError):
+        hm.count_boot(broken)
+    list(hm.timed_exec(_events({"event": "exit", "code": 0})))
+    list(hm.timed_exec(_events({"event": "exit", "code": 2})))
+    list(hm.timed_exec(_events({"event": "exit", "code": None, "timed_out": True})))
+    list(hm.timed_exec(_events({"event": "exit", "code": None, "signal": 9})))
+    list(hm.timed_exec(_events({"event": "error", "message": "VM lost", "lost": True})))
+    abandoned = hm.timed_exec(_events({"event": "exit", "code": 0}))
+    next(abandoned)
+    abandoned.close()  # the client went away mid-stream
+    m = _parse(hm.exposition().decode())
+    assert _v(m, "ttci_hostd_vm_boots_total", result="ok") == 1
+    assert _v(m, "ttci_hostd_vm_boots_total", result="failed") == 1
+    assert _v(m, "ttci_hostd_vm_boot_seconds_sum") == 4.5
+    for outcome in ("ok", "failed", "timed_out", "killed", "error", "cancelled"):
+        assert _v(m, "ttci_hostd_execs_total", outcome=outcome) == 1, outcome
+    assert _v(m, "ttci_hostd_exec_seconds_count") == 6
+    assert _v(m, "ttci_hostd_vms", state="running") == 2
+    assert _v(m, "ttci_hostd_vms", state="creating") == 0
+    assert _v(m, "ttci_hostd_used", resource="memory_mib") == 1536
+    assert _v(m, "ttci_hostd_capacity", resource="disk_gib") == 100

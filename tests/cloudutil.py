@@ -64,7 +64,19 @@ def leftovers(state_dir: Path) -> list[str]:
         with contextlib.closing(sqlite3.connect(db)) as conn:
             rows = conn.execute("select id, state from vms").fetchall()
         found += [f"hostd state row {r}" for r in rows]
-    return found
+    return found + net_leftovers(state_dir / "hostd")
+
+
+def net_leftovers(hostd_state: Path) -> list[str]:
+    """The nftables table and the bridges/taps of the hostd with this state dir."""
+    from hostd.net.links import our_links
+    from hostd.net.manager import host_key
+    from hostd.net.plan import link_prefixes
+
+    key = host_key(hostd_state)
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    found = [f"nft table {t}" for t in tables.split() if t == f"ttci_{key}"]
+    return found + [f"link {n}" for n in our_links(link_prefixes(key))]
 
 
 def vm_cgroups() -> list[Path]:

@@ -16,7 +16,10 @@ import libvirt
 import pytest
 
 from hostd.domain_xml import DomainSpec, domain_xml
-from tests.cloudutil import free_port, leftovers, qemu_pids
+from hostd.net.links import our_links
+from hostd.net.manager import host_key
+from hostd.net.plan import link_prefixes
+from tests.cloudutil import free_port, leftovers, net_leftovers, qemu_pids
 from tests.conftest import IMAGE_PATH, built_image
 from ttci.allinone import _python_main, _spawn, _stop
 from ttci.arch import Arch
@@ -88,9 +91,16 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
     )
     assert run(client, "keep1", "echo $((6*7)) > /root/mark; cat /root/mark") == (0, "42\n")
 
+    key = host_key(state)
+    vm_links = our_links(link_prefixes(key))
+    assert len(vm_links) == 2  # the ENV's bridge and the VM's tap
+
     hostd.send_signal(signal.SIGKILL)
     hostd.wait()
     assert qemu_pids("tt-crashy-keep1"), "the VM must outlive its hostd"
+    # A tap of ours that no state row records (made by a hostd that crashed right after).
+    stray = f"ttt{key}zzzzzz"
+    subprocess.run(["ip", "tuntap", "add", "dev", stray, "mode", "tap"], check=True)
 
     # While hostd is dead: a domain of ours that no state row knows (as if created by a
     # hostd that crashed before recording it) must be reaped by the next start.
@@ -138,11 +148,17 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
         assert [v["id"] for v in client.vms()] == ["keep1"]
         assert not qemu_pids("tt-crashy-orphan")
         assert not orphan_dir.exists()
+        assert our_links(link_prefixes(key)) == vm_links  # the stray tap is reaped, ours kept
+        assert (
+            f"ttci_{key}"
+            in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        )
         with pytest.raises(HostdError, match="no VM orphan"):
             client._call("GET", "/v1/vms/orphan")
     finally:
         _stop(hostd)  # graceful: destroys its VMs and its private libvirtd
     assert leftovers(state) == []
+    assert net_leftovers(state) == []
     assert not qemu_pids(str(state))
 
 

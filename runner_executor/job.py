@@ -64,7 +64,7 @@ def signal_command(sig: str) -> list[str]:
     return [
         "/bin/sh",
         "-c",
-        f'p=$(cat {STAGE_DIR}/pgid 2>/dev/null) && kill -{sig} -- "-$p" 2>/dev/null; true',
+        f'p=$(cat {STAGE_DIR}/pgid 2>/dev/null) && kill -{sig} "-$p" 2>/dev/null; true',
     ]
 
 
@@ -208,14 +208,14 @@ def pick_image(t: Target, images: Iterable[str]) -> str:
     names = sorted(set(images))
     if t.image in names:
         return t.image
-    have = []
+    parsed = []
     for n in names:
         try:
-            i = ImageName.parse(n)
+            parsed.append(ImageName.parse(n))
         except BadInput:
             continue
-        p = "" if i.profile == "agent" else f"+{i.profile}"
-        have.append(f"{i.release}{p}:{i.arch.value}")
+    parsed.sort(key=lambda i: (i.release, i.profile != "agent", i.profile, i.arch.value))
+    have = [Target(i.release, i.arch, i.profile).short for i in parsed]
     raise JobError(
         f"no host offers {t.short} (asked by {t.source})",
         hint=f"targets that exist: {', '.join(have) or 'none (no images built)'}",

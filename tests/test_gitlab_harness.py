@@ -100,3 +100,14 @@ def test_our_driver_with_no_scheduler_configured_is_a_system_failure(tmp_path: P
     )
     assert r.status == "system_failure" and r.prepare_attempts == 3
     assert "no scheduler configured" in r.text()
+
+
+def test_harness_kills_a_driver_that_ignores_sigterm(tmp_path: Path) -> None:
+    stubborn = tmp_path / "stubborn.sh"
+    stubborn.write_text("#!/bin/bash\ntrap '' TERM\n[ \"$1\" = prepare ] && sleep 30\nexit 0\n")
+    stubborn.chmod(0o755)
+    r = Runner(
+        [str(stubborn)], prepare_exec_timeout=0.5, graceful_kill_timeout=0.5, prepare_retry_delay=0
+    ).run_job(Job(7, ["true"]))
+    assert r.status == "system_failure" and r.prepare_attempts == 3
+    assert all(c.signals == ["TERM", "KILL"] and c.rc is None for c in r.of("prepare"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hostd import image_cli
+from runner_executor import register as gitlab_cli
 from ttci import __version__, allinone, demo, env_cli, jobrun, pool_cli
 from ttci.entry import run_cli
 
@@ -20,6 +21,7 @@ def make_parser() -> argparse.ArgumentParser:
     jobrun.register(sub)
     allinone.register(sub)
     demo.register(sub)
+    gitlab_cli.register(sub)
     return p
 
 

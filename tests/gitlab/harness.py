@@ -205,7 +205,8 @@ class Runner:
     graceful_kill_timeout: float = 600
     force_kill_timeout: float = 10
     prepare_retry_delay: float = 3
-    exec_timeout: float = 3600  # config/prepare/cleanup_exec_timeout
+    exec_timeout: float = 3600  # config_exec_timeout and cleanup_exec_timeout
+    prepare_exec_timeout: float = 3600
 
     def _call(
         self,
@@ -369,7 +370,8 @@ class Runner:
         job_env = {str(k): str(v) for k, v in dict(config.get("job_env") or {}).items()}  # type: ignore[call-overload]
         custom = job.all_variables(builds_dir)
         c = self._call(
-            [*self.exe, *self.prepare_args], tmp, job_env, custom, timeout=self.exec_timeout,
+            [*self.exe, *self.prepare_args], tmp, job_env, custom,
+            timeout=self.prepare_exec_timeout,
             log=log,
         )  # fmt: skip
         calls.append(c)
@@ -420,7 +422,7 @@ class Runner:
             if timer is not None:
                 timer.cancel()
             if cancel.is_set():
-                call.signals.insert(0, "cancel")
+                call.signals.insert(0, "timeout" if name == kill_during else "cancel")
             calls.append(call)
             return call
 
@@ -433,7 +435,8 @@ class Runner:
             nonlocal timed_out
             if job_timeout_s is not None and time.monotonic() - started >= job_timeout_s:
                 timed_out = True
-            return timed_out or (call.signals and call.stage == kill_during) or False
+            timed_out = timed_out or "timeout" in call.signals
+            return timed_out
 
         c = stage("prepare_script", ['echo "Running on $(hostname)..."'])
         if failed(c) or over(c):

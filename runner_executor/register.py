@@ -99,6 +99,8 @@ def create_runner(url: str, token: str, attrs: dict[str, Any]) -> tuple[int, str
     try:
         gl = gitlab.Gitlab(url, private_token=token, retry_transient_errors=True, timeout=30)
         gl.auth()
+        if gl.user is None:
+            raise RegisterError(f"GitLab at {url} did not say who the token belongs to")
         runner = gl.user.runners.create(attrs)
     except gitlab.exceptions.GitlabAuthenticationError as e:
         raise RegisterError(

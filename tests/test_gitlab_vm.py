@@ -257,7 +257,7 @@ def test_prepare_timed_out_while_the_vm_boots_is_retried_and_leaves_nothing(
 def test_bad_job_input_fails_the_job_clearly_without_a_vm(
     cloud: tuple[Stack, Path], variables: dict[str, str], image: str, message: str
 ) -> None:
-    stack, cfg = cloud
+    _, cfg = cloud
     r = _runner(cfg).run_job(Job(110, ["true"], variables=variables, image=image))
     assert (r.status, r.exit_code, r.prepare_attempts) == ("failed", 1, 1), r.text()
     assert message in r.text() and "hint:" in r.text()

@@ -65,6 +65,7 @@ class Service:
         self._stop = threading.Event()
         self._live: set[int] = set()
         self._live_lock = threading.Lock()
+        self._cleanup_locks: dict[int, threading.Lock] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, settings.max_total) + 2, thread_name_prefix="gh-job"
         )
@@ -431,18 +432,24 @@ class Service:
             self._pool.submit(self._cleanup, jid)
 
     def _cleanup(self, jid: int) -> None:
-        """Delete the job's VM and its runner registration; idempotent."""
-        job = self.store.get(jid)
-        if job is None:
-            return
-        if job["env"] and not self._delete_env(job["env"]):
-            return  # the reconciler tries again
-        self._remove_runner(job)
-        _, new = self.store.apply(jid, Event.CLEANED)
-        if new is not None:
-            self.metrics.jobs.labels("done").inc()
-            self._report(job)
-            log.info("job %s: VM %s deleted", jid, job["env"], extra={"job": jid})
+        """Delete the job's VM and its runner registration; idempotent, one at a time per job
+        (the `completed` delivery and the runner's exit both ask for it)."""
+        with self._live_lock:
+            lock = self._cleanup_locks.setdefault(jid, threading.Lock())
+        with lock:
+            job = self.store.get(jid)
+            if job is None or job["state"] in (State.DONE.value, State.UNSERVABLE.value):
+                return
+            if job["env"] and not self._delete_env(job["env"]):
+                return  # the reconciler tries again
+            self._remove_runner(job)
+            _, new = self.store.apply(jid, Event.CLEANED)
+            if new is not None:
+                self.metrics.jobs.labels("done").inc()
+                self._report(job)
+                log.info("job %s: VM %s deleted", jid, job["env"], extra={"job": jid})
+        with self._live_lock:
+            self._cleanup_locks.pop(jid, None)
         self._wake.set()
 
     def _remove_runner(self, job: dict[str, Any]) -> None:

@@ -38,10 +38,20 @@ def serving(app: Any) -> Iterator[str]:
     """Serve a WSGI app with waitress (as tt-github-webhooks does) on 127.0.0.1; yields the URL."""
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8)
     port = server.socket.getsockname()[1]  # type: ignore[attr-defined]
-    t = threading.Thread(target=server.run, daemon=True)
+    closing = threading.Event()
+
+    def run() -> None:
+        try:
+            server.run()
+        except OSError:  # waitress's loop sees its socket closed under it: that is the stop
+            if not closing.is_set():
+                raise
+
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        closing.set()
         server.close()
         t.join(timeout=5)

@@ -97,7 +97,9 @@ def create_runner(url: str, token: str, attrs: dict[str, Any]) -> tuple[int, str
     import requests  # noqa: PLC0415
 
     try:
-        gl = gitlab.Gitlab(url, private_token=token, retry_transient_errors=True, timeout=30)
+        # No transient retries: a retried POST could create a second runner, and an
+        # unreachable GitLab should fail at once rather than after minutes of back-off.
+        gl = gitlab.Gitlab(url, private_token=token, retry_transient_errors=False, timeout=30)
         gl.auth()
         if gl.user is None:
             raise RegisterError(f"GitLab at {url} did not say who the token belongs to")

@@ -6,6 +6,7 @@ Screenshots go to test-artifacts/admin/ (gitignored) for people to look at.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,12 @@ CHROMIUM_ARGS = [
 ]
 
 
+def _leftovers(state: Path) -> list[str]:
+    """leftovers() in a thread of its own: pyroute2 cannot run inside Playwright's event loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(leftovers, state).result()
+
+
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Client]]:
     built_image("debian-12", "amd64")
@@ -47,7 +54,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Cli
     ) as stack:
         configure_client(stack.scheduler, stack.token, state / "client.json")
         yield stack, Client(config.ClientConfig(stack.scheduler, stack.token))
-    assert leftovers(state) == []
+    assert _leftovers(state) == []
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +141,7 @@ def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(
     page.wait_for_selector('#envs tr[data-env="web-1"]', state="detached", timeout=60_000)
     assert "deleting ENV web-1: done" in page.inner_text("#message")
     assert [e["name"] for e in client.get("/v1/envs")] == []
-    assert leftovers(stack.state_dir) == []
+    assert _leftovers(stack.state_dir) == []
     _shot(page, "3-env-deleted", tmp_path)
 
     # Acting on what is gone says so.

@@ -64,29 +64,72 @@
     }).join("");
   }
 
-  function envRows(envs) {
-    const out = [];
-    for (const e of envs) {
-      const n = e.vm_count, shown = e.vms.length;
-      out.push(`<tr class="env" data-env="${esc(e.name)}"><td><b>${esc(e.name)}</b></td>` +
-        `<td>${esc(e.owner)}</td><td>${origin(e.origin)}</td>` +
-        `<td><span class="state state-${esc(e.state)}">${esc(e.state)}</span>` +
-        `${e.error ? ` <span class="error">${esc(e.error)}</span>` : ""}</td>` +
-        `<td class="muted">${esc(e.os_prefix)}</td><td>${n} VM${n === 1 ? "" : "s"}</td>` +
-        `<td>${since(e.created_at)}</td><td>${until(e.expires_at)}</td>` +
-        `<td><button data-action="extend" data-env="${esc(e.name)}">+1 h</button> ` +
-        `<button data-action="delete" data-env="${esc(e.name)}" class="danger">Delete</button></td></tr>`);
-      for (const v of e.vms) {
-        out.push(`<tr class="vm" data-vm="${esc(e.name)}/${esc(v.name)}"><td class="indent">${esc(v.name)}</td>` +
-          `<td></td><td></td><td><span class="state state-${esc(v.state)}">${esc(v.state)}</span>` +
-          `${v.error ? ` <span class="error">${esc(v.error)}</span>` : ""}</td>` +
-          `<td>${esc(v.image)} <span class="muted">on ${esc(v.host)} (${esc(v.accel || "?")})</span></td>` +
-          `<td>${num(v.cpus)} CPU, ${esc(v.memory_mib)} MiB</td>` +
-          `<td>${v.boot_s ? `booted in ${num(v.boot_s)} s` : ""}</td><td></td><td></td></tr>`);
-      }
-      if (shown < n) out.push(`<tr class="vm"><td class="indent muted" colspan="9">… ${n - shown} more VMs not listed (use the filter)</td></tr>`);
+  // One <tbody> per ENV (its row and its VMs' rows), drawn CHUNK rows at a time: more are added
+  // as the operator scrolls near the end, and a live update replaces only the ENVs that changed.
+  // So 1,000s of VMs cost the browser what is drawn, not what exists.
+  const CHUNK = 120;
+  let envLimit = CHUNK;
+  let lastEnvs = [];
+
+  function envGroup(e) {
+    const n = e.vm_count, shown = e.vms.length;
+    const out = [`<tr class="env" data-env="${esc(e.name)}"><td><b>${esc(e.name)}</b></td>` +
+      `<td>${esc(e.owner)}</td><td>${origin(e.origin)}</td>` +
+      `<td><span class="state state-${esc(e.state)}">${esc(e.state)}</span>` +
+      `${e.error ? ` <span class="error">${esc(e.error)}</span>` : ""}</td>` +
+      `<td class="muted">${esc(e.os_prefix)}</td><td>${n} VM${n === 1 ? "" : "s"}</td>` +
+      `<td>${since(e.created_at)}</td><td>${until(e.expires_at)}</td>` +
+      `<td><button data-action="extend" data-env="${esc(e.name)}">+1 h</button> ` +
+      `<button data-action="delete" data-env="${esc(e.name)}" class="danger">Delete</button></td></tr>`];
+    for (const v of e.vms) {
+      out.push(`<tr class="vm" data-vm="${esc(e.name)}/${esc(v.name)}"><td class="indent">${esc(v.name)}</td>` +
+        `<td></td><td></td><td><span class="state state-${esc(v.state)}">${esc(v.state)}</span>` +
+        `${v.error ? ` <span class="error">${esc(v.error)}</span>` : ""}</td>` +
+        `<td>${esc(v.image)} <span class="muted">on ${esc(v.host)} (${esc(v.accel || "?")})</span></td>` +
+        `<td>${num(v.cpus)} CPU, ${esc(v.memory_mib)} MiB</td>` +
+        `<td>${v.boot_s ? `booted in ${num(v.boot_s)} s` : ""}</td><td></td><td></td></tr>`);
     }
-    return out.join("");
+    if (shown < n) out.push(`<tr class="vm"><td class="indent muted" colspan="9">… ${n - shown} more VMs not listed (use the filter)</td></tr>`);
+    return { key: e.name, rows: out.length, html: out.join("") };
+  }
+
+  function drawEnvs(envs) {
+    lastEnvs = envs;
+    const table = document.getElementById("envs");
+    const groups = [];
+    let rows = 0;
+    for (const e of envs) {
+      if (rows >= envLimit) break;
+      const g = envGroup(e);
+      rows += g.rows;
+      groups.push(g);
+    }
+    const old = new Map([...table.tBodies].map((tb) => [tb.dataset.key, tb]));
+    let prev = table.tHead;
+    for (const g of groups) {
+      let tb = old.get(g.key);
+      old.delete(g.key);
+      if (!tb || tb.ttHtml !== g.html) {
+        const fresh = document.createElement("tbody");
+        fresh.dataset.key = g.key;
+        fresh.innerHTML = g.html;
+        fresh.ttHtml = g.html;
+        if (tb) tb.replaceWith(fresh);
+        tb = fresh;
+      }
+      if (prev.nextElementSibling !== tb) prev.after(tb);
+      prev = tb;
+    }
+    for (const tb of old.values()) tb.remove();
+    const more = envs.length - groups.length;
+    const el = document.getElementById("env-more");
+    el.hidden = more <= 0;
+    el.querySelector("span").textContent = `${more} more ENVs below`;
+  }
+
+  function showMore() {
+    envLimit += CHUNK;
+    drawEnvs(lastEnvs);
   }
 
   function jobRows(jobs) {
@@ -110,7 +153,8 @@
     if (last[id] === text) return;
     last[id] = text;
     const el = document.getElementById(id);
-    (el.tBodies ? el.tBodies[0] : el).innerHTML = render(data);
+    const html = render(data);
+    if (html !== undefined) (el.tBodies ? el.tBodies[0] : el).innerHTML = html;
   }
 
   function refreshTimes() {
@@ -127,12 +171,13 @@
     document.getElementById("env-note").textContent = s.vm_shown < s.vm_total && !query
       ? `(${s.vm_shown} of ${s.vm_total} VMs listed)` : query ? `(filter: ${query})` : "";
     draw("hosts", s.hosts, hostRows);
-    draw("envs", s.envs, envRows);
+    draw("envs", s.envs, drawEnvs);
     draw("jobs", s.jobs, jobRows);
     draw("images", s.images, imageRows);
     draw("plot-pool", s.plots.pool, (svg) => svg);        // SVG built by the server, text escaped
     draw("plot-latency", s.plots.latency, (svg) => svg);
     refreshTimes();
+    if (!performance.getEntriesByName("tt-first-draw").length) performance.mark("tt-first-draw");
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   }
 
@@ -192,6 +237,11 @@
         break;
     }
   });
+
+  document.querySelector("#env-more button").addEventListener("click", showMore);
+  new IntersectionObserver((entries) => {
+    if (entries.some((en) => en.isIntersecting)) showMore();
+  }, { rootMargin: "400px" }).observe(document.getElementById("env-more"));
 
   let filterTimer = null;
   document.getElementById("filter").addEventListener("input", (ev) => {

@@ -17,16 +17,15 @@ unhandled exception, which Python would report as exit 1, a build failure.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 
 from runner_executor import job
-from runner_executor.driver import Cancelled, Driver
 from ttci import __version__
-from ttci.errors import TTError
-from ttci.log import mask, setup_logging
 
 log = logging.getLogger("runner_executor")
 
@@ -74,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
     except SystemExit as e:  # a wrong config.toml: the operator's error, so a system failure
         return 0 if e.code == 0 else codes.system_failure
+    if args.stage == "config":  # no scheduler needed: keep it fast (no HTTP client import)
+        sys.stdout.write(json.dumps(job.config_output(__version__, job.job_vars(os.environ))))
+        sys.stdout.write("\n")
+        return 0
+    from runner_executor.driver import Cancelled, Driver  # noqa: PLC0415
+    from ttci.errors import TTError  # noqa: PLC0415
+    from ttci.log import mask, setup_logging  # noqa: PLC0415
+
     setup_logging(verbose=bool(os.environ.get("TT_DEBUG")))
     if args.tt_config:
         os.environ["TT_CONFIG"] = str(args.tt_config)
@@ -87,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     d = Driver(dict(os.environ), limits, runner=args.runner_name)
     try:
-        if args.stage == "config":
-            return d.config(__version__)
         if args.stage == "prepare":
             return d.prepare()
         if args.stage == "run":

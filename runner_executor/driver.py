@@ -90,11 +90,6 @@ class Driver:
             path.write_text(json.dumps({"last_stage": stage, "failed": bool(failed)}))
 
     # -- stages ----------------------------------------------------------------------------
-    def config(self, version: str) -> int:
-        sys.stdout.write(json.dumps(job.config_output(version, self.jv)) + "\n")
-        sys.stdout.flush()
-        return 0
-
     def prepare(self) -> int:
         name = job.env_name(self.jv)
         t = job.target(self.jv)
@@ -121,7 +116,8 @@ class Driver:
         req = job.env_request(self.jv, image, sz, self.runner)
         with _term_raises():
             c.create_env_progress(req, on_vm)
-            uname = self._capture(c, name, ["uname", "-m"]).strip()
+            prep = f"mkdir -p {job.STAGE_DIR} && uname -m"
+            uname = self._capture(c, name, ["/bin/sh", "-c", prep]).strip()
         self.say(f"ready in {time.monotonic() - t0:.1f} s; the agent answers (uname -m: {uname})")
         return 0
 

@@ -70,8 +70,17 @@ def test_matrix_job_on_amd64_runs_every_stage_in_a_fresh_vm(cloud: tuple[Stack, 
             "seq 1 200000 | tail -n 1",
             "seq 1 100000",
             'test -n "$MY_SECRET"',
+            'echo "big=${#BIG1}+${#BIG2}"',
         ],
-        variables={"TT_OS": "debian-12", "TT_ARCH": "amd64", "WEIRD": WEIRD, "MY_SECRET": SECRET},
+        variables={
+            "TT_OS": "debian-12",
+            "TT_ARCH": "amd64",
+            "WEIRD": WEIRD,
+            "MY_SECRET": SECRET,
+            # together they make every stage script too big for one argv string: sent on stdin
+            "BIG1": "x" * 60_000,
+            "BIG2": "y" * 60_000,
+        },
         masked={"MY_SECRET"},
         after_script=['echo "after_script sees $CI_JOB_STATUS"'],
         cache=True,
@@ -96,6 +105,7 @@ def test_matrix_job_on_amd64_runs_every_stage_in_a_fresh_vm(cloud: tuple[Stack, 
     import hashlib
 
     assert hashlib.sha256(WEIRD.encode()).hexdigest() in text  # byte-exact into the VM
+    assert "big=60000+60000" in text
     assert "cwd=/builds/group/project" in text and "after_script sees success" in text
     assert "git version" in text and "Missing gitlab-runner. cache-archiver is disabled." in text
     # 100,000 lines streamed through: every one, in order.

@@ -27,7 +27,7 @@ def test_harness_runs_a_third_party_driver_through_every_stage() -> None:
     )
     r = Runner(LOCAL).run_job(job)
     assert r.status == "success", r.text()
-    assert r.stages() == list(job.STAGES)  # every stage, in the documented order
+    assert r.stages() == list(STAGES)  # every stage, in the documented order
     assert "value=a 'quoted' \"value\" with\nnewline and ünïcode $HOME" in r.text()
     assert "file content" in r.text() and "after: success" in r.text()
     assert "Missing gitlab-runner. cache-extractor is disabled." in r.text()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from runner_executor.job import STAGES
 from tests.cloudutil import configure_client, free_port, leftovers, qemu_pids, tt
 from tests.conftest import IMAGE_PATH, built_image
 from tests.gitlab.harness import Job, Runner

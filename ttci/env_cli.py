@@ -69,6 +69,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "shown by `tt env show`)",
     )
     a.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only say how many VMs would go to which host; create nothing",
+    )
+    a.add_argument(
         "--deny-outgoing",
         action="store_true",
         help="the VMs may not open connections outside their ENV",
@@ -251,6 +256,14 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         "vm_ports": args.vm_port or "",
     }
     t0 = time.monotonic()
+    if args.dry_run:
+        plan = _client().call_json("POST", "/v1/envs", params={"dry_run": "1"}, json=body)
+        if args.json:
+            print(json.dumps(plan, indent=2))
+        else:
+            hosts = ", ".join(f"{h}: {n}" for h, n in sorted(plan["hosts"].items()))
+            print(f"ENV {plan['name']} would place {plan['vm_count']} VMs ({hosts})")
+        return 0
     if args.json:
         env = _client().create_env(body)
     else:

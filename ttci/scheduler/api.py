@@ -115,18 +115,13 @@ def delete_user(name: str) -> Response:
 @bp.get("/status")
 def status() -> Response:
     s, user = _s(), _user()
-    hosts = s.hosts()
-    envs = s.list_envs(user, limit=100_000)
     return jsonify(
         {
             "version": __version__,
             "api": API_VERSION,
             "user": user.name,
             "admin": user.admin,
-            "hosts_up": sum(1 for h in hosts if h["state"] == "up"),
-            "hosts": len(hosts),
-            "envs": len(envs),
-            "vms": sum(e["vm_count"] for e in envs),
+            **s.counts(user),
         }
     )
 
@@ -153,6 +148,8 @@ def create_env() -> tuple[Response, int]:
     as it comes up, then `ready` (with the ENV) or `error`."""
     req, user = EnvRequest.from_dict(json_body()), _user()
     s = _s()
+    if request.args.get("dry_run") in ("1", "true"):
+        return jsonify(s.plan_env(req)), 200
     if request.args.get("progress") not in ("1", "true"):
         return jsonify(s.create_env(req, user)), 201
     events: queue.Queue[dict[str, Any] | None] = queue.Queue()

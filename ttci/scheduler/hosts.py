@@ -100,6 +100,8 @@ class HostPool:
         self.on_down = on_down or (lambda hid, why: None)
         self.on_up = on_up or (lambda hid: None)
         self._clients: dict[str, HostdClient] = {}
+        self._version = 0  # bumped by every write: the public list is cached per version
+        self._cache: tuple[int, list[dict[str, Any]]] = (-1, [])
         self._clients_lock = threading.Lock()
         with store.lock:
             for hid, (url, _) in static.items():
@@ -141,6 +143,16 @@ class HostPool:
                 c = self._clients[hid] = HostdClient(hid, row["url"], token)
             return c
 
+    def public_all(self) -> list[dict[str, Any]]:
+        """Every host as the API shows it; rebuilt only after a host record changed."""
+        with self.store.lock:
+            version, cached = self._cache
+            if version != self._version:
+                version = self._version
+                cached = [self.public(r) for r in self.rows()]
+                self._cache = (version, cached)
+            return cached
+
     @staticmethod
     def public(row: dict[str, Any]) -> dict[str, Any]:
         """A host as the API shows it (never its token)."""
@@ -160,6 +172,7 @@ class HostPool:
         rec = check_registration(body, set(self.static))
         with self.store.lock:
             was = self.store.db.table("hosts").get(rec["id"]) if self._exists(rec["id"]) else None
+            self._version += 1
             self.store.db.table("hosts").upsert(
                 {
                     "id": rec["id"],
@@ -190,6 +203,7 @@ class HostPool:
     def _seen(self, hid: str, info: dict[str, Any], was: str) -> None:
         """The host answered (heartbeat or poll) with its current info."""
         with self.store.lock:
+            self._version += 1
             self.store.db.table("hosts").update(
                 hid,
                 {
@@ -207,6 +221,7 @@ class HostPool:
     def set_drain(self, hid: str, drained: bool) -> dict[str, Any]:
         self.row(hid)
         with self.store.lock:
+            self._version += 1
             self.store.db.table("hosts").update(hid, {"drained": int(drained)})
         log.info("host %s %s", hid, "drained" if drained else "undrained")
         return self.public(self.row(hid))
@@ -217,6 +232,7 @@ class HostPool:
         if row["kind"] == "static":
             raise HostRefused(f"host {hid} is static", hint="remove it from --server-set")
         with self.store.lock:
+            self._version += 1
             self.store.db.table("hosts").delete(hid)
 
     # -- health ------------------------------------------------------------------------------
@@ -246,6 +262,7 @@ class HostPool:
     def _mark_down(self, hid: str, why: str) -> None:
         was = self.row(hid)["state"]
         with self.store.lock:
+            self._version += 1
             self.store.db.table("hosts").update(hid, {"state": "down", "error": why})
         if was != "down":
             log.warning("host %s is down: %s", hid, why)

@@ -46,6 +46,7 @@ def serve(scheduler: Scheduler, listen: str) -> None:
         host=host,
         port=port,
         threads=32,
+        connection_limit=1000,  # CI plugins, the admin page and streams hold connections
         channel_timeout=3600,
         ident="tt-scheduler",
     )

@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,13 +23,12 @@ from tests.cloudutil import configure_client, free_port, leftovers
 from tests.conftest import IMAGE_PATH, built_image
 from tests.github.payloads import deliver, job_event
 from tests.github.standin import StandIn
-from tests.github.util import RUN_SH, app_keys
+from tests.github.util import RUN_SH, app_keys, serve_argv
 from ttci.allinone import running
 from ttci.client import ApiError, Client
 from ttci.config import ClientConfig
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
-BIN = Path(sys.executable).parent
 SECRET = "e2e-webhook-secret-7c1d"
 REPO = "octo-org/hello"
 AMD64 = ["self-hosted", "tt", "debian-12", "amd64"]
@@ -104,20 +102,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         env = {**os.environ, "TT_CONFIG": str(cfg), "TT_GH_WEBHOOK_SECRET": SECRET}
         with log.open("wb") as logf:
             proc = subprocess.Popen(
-                [
-                    BIN / "tt-github-webhooks",
-                    "-v",
-                    "serve",
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--state-dir",
-                    str(state / "gh"),
-                    "--api-url",
+                serve_argv(
+                    state / "gh",
                     gh.url,
-                    "--app-id",
-                    "31337",
-                    "--app-key-file",
-                    str(key),
+                    key,
+                    port,
                     "--push-runner",
                     str(runner),
                     "--mem",
@@ -128,7 +117,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     "120",
                     "--repo",
                     REPO,
-                ],
+                ),
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -253,5 +253,8 @@ def test_launch_request_keeps_the_jit_config_off_every_command_line() -> None:
         assert secret not in " ".join(req["argv"])
         assert base64.b64decode(req["stdin_b64"]).decode() == secret + "\n"
     assert "ACTIONS_RUNNER_INPUT_JITCONFIG" in LAUNCHER and "--jitconfig" in LAUNCHER
+    req = launch_request("/opt/actions-runner", "env", secret, b"TARBYTES")
+    assert base64.b64decode(req["stdin_b64"]) == secret.encode() + b"\nTARBYTES"
+    assert req["argv"][-1] == "unpack"
     with pytest.raises(ValueError, match="env or argv"):
         launch_request("/opt/actions-runner", "file", secret)

@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from ttci.client import Client
 from ttci.config import ClientConfig
 from webhooks.app import create_app
 from webhooks.github_api import GitHubAPI, GitHubConfig
-from webhooks.runner import LAUNCHER
+from webhooks.runner import launch_request, tar_dir
 from webhooks.service import Service, Settings
 from webhooks.store import JobStore
 
@@ -238,23 +239,26 @@ def test_owner_and_pool_limits_hold_jobs_back(hook: Hook) -> None:
 
 @pytest.mark.parametrize("mode", ["env", "argv"])
 def test_launcher_hands_the_jit_config_to_run_sh(tmp_path: Path, mode: str) -> None:
-    """The launcher as the agent runs it, with the stand-in run.sh, on this host."""
-    runner = tmp_path / "actions-runner"
-    runner.mkdir()
-    (runner / "run.sh").write_bytes(RUN_SH.read_bytes())
-    (runner / "run.sh").chmod(0o755)
+    """The launch request as the agent runs it, with the stand-in run.sh, on this host: in env
+    mode the runner directory comes as a tar after the JIT config (--push-runner), in argv
+    mode it is already there (baked into the image)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "run.sh").write_bytes(RUN_SH.read_bytes())
+    (src / "run.sh").chmod(0o755)
+    runner = tmp_path / "opt" / "actions-runner"
+    if mode == "argv":
+        shutil.copytree(src, runner)
     record, flag = Path("/tmp/tt-runner-record"), Path("/tmp/tt-runner-exit")
     record.unlink(missing_ok=True)
     flag.unlink(missing_ok=True)
     jit = base64.b64encode(b'{"nonce": "' + os.urandom(8).hex().encode() + b'"}').decode()
+    req = launch_request(str(runner), mode, jit, tar_dir(src) if mode == "env" else None)
     p = subprocess.Popen(
-        ["/bin/sh", "-c", LAUNCHER, "tt-runner", str(runner), mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        req["argv"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert p.stdin is not None
-    p.stdin.write(jit.encode() + b"\n")
+    p.stdin.write(base64.b64decode(req["stdin_b64"]))
     p.stdin.close()
     try:
         deadline = time.monotonic() + 10
@@ -278,5 +282,16 @@ def test_launcher_hands_the_jit_config_to_run_sh(tmp_path: Path, mode: str) -> N
         p.wait(timeout=10)
         flag.unlink(missing_ok=True)
         record.unlink(missing_ok=True)
-    assert p.returncode == 0
+    assert p.returncode == 0, err
     assert b"ttci: starting" in err and b"stand-in runner: exiting" in out
+
+
+def test_store_columns_and_migrations(tmp_path: Path) -> None:
+    from webhooks.store import JOB_COLUMNS
+
+    store = JobStore(tmp_path / "g.db")
+    assert set(store.db["jobs"].columns_dict) == JOB_COLUMNS  # type: ignore[union-attr]
+    assert store.store.applied() == ["0001_jobs_deliveries", "0002_launched_at"]
+    with pytest.raises(ValueError, match="unknown job columns"):
+        store.update(1, **{"state; drop table jobs": "x"})
+    store.store.db.conn.close()

@@ -122,6 +122,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=[],
         help="OWNER/NAME also reconciled before any webhook came (repeatable)",
     )
+    s.add_argument("--threads", type=int, default=16, help="waitress worker threads")
     s.add_argument("--admin-token-file", help="file with a bearer token that guards /jobs")
     j = sub.add_parser("jobs", help="list the jobs the service knows, newest first")
     j.add_argument(
@@ -191,7 +192,7 @@ def serve(a: argparse.Namespace) -> int:
     svc = Service(settings, store, gh, Client(client_config.load()))
     admin = _read_secret(a.admin_token_file, "TT_GH_ADMIN_TOKEN", "the admin token")
     app = create_app(svc, secret.encode(), admin)
-    server = waitress.create_server(app, host=host, port=port, threads=16)
+    server = waitress.create_server(app, host=host, port=port, threads=a.threads)
     svc.start()
     stop = threading.Event()
 

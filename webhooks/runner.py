@@ -15,6 +15,7 @@ from typing import Any
 # (then it is in run.sh's and the listener's argv for the job's lifetime: visible to `ps`).
 LAUNCHER = r"""set -eu
 IFS= read -r ACTIONS_RUNNER_INPUT_JITCONFIG
+if [ "$3" = unpack ]; then mkdir -p "$1" && tar -x -C "$1" -f -; fi
 cd "$1"
 export RUNNER_ALLOW_RUNASROOT=1
 echo "ttci: starting $1/run.sh" >&2
@@ -28,13 +29,27 @@ exec ./run.sh
 STARTED_MARK = "ttci: starting "
 
 
-def launch_request(runner_dir: str, jit_via: str, encoded_jit_config: str) -> dict[str, Any]:
-    """The agent request that starts run.sh; the JIT config travels on stdin only."""
+def launch_request(
+    runner_dir: str, jit_via: str, encoded_jit_config: str, bundle: bytes | None = None
+) -> dict[str, Any]:
+    """The agent request that starts run.sh; the JIT config travels on stdin only.
+
+    bundle: a tar of the runner directory, unpacked into runner_dir first (--push-runner);
+    it follows the JIT config line on stdin, so push and start are one round trip."""
     if jit_via not in ("env", "argv"):
         raise ValueError(f"jit_via {jit_via!r} is not env or argv")
+    stdin = encoded_jit_config.encode() + b"\n" + (bundle or b"")
     return {
-        "argv": ["/bin/sh", "-c", LAUNCHER, "tt-runner", runner_dir, jit_via],
-        "stdin_b64": base64.b64encode(encoded_jit_config.encode() + b"\n").decode(),
+        "argv": [
+            "/bin/sh",
+            "-c",
+            LAUNCHER,
+            "tt-runner",
+            runner_dir,
+            jit_via,
+            "unpack" if bundle else "-",
+        ],
+        "stdin_b64": base64.b64encode(stdin).decode(),
     }
 
 

@@ -105,6 +105,12 @@ class Service:
                 "error": f"malformed workflow_job delivery: {e}",
                 "hint": "send GitHub's workflow_job payload unchanged",
             }
+        with self.store.batch():  # one commit per delivery
+            return self._record(event, delivery, action, job, payload)
+
+    def _record(
+        self, event: str, delivery: str, action: str, job: dict[str, Any], payload: Any
+    ) -> tuple[int, dict[str, Any]]:
         first = self.store.first_delivery(delivery, event, action, job["id"])
         if first is not None:
             self.metrics.deliveries.labels(event, "replay").inc()
@@ -236,12 +242,22 @@ class Service:
                 self.dispatch_once()
             except Exception:
                 log.exception("dispatch failed; retrying in a second")
+            # A burst of deliveries wakes us once per delivery: at most 20 passes a second, so
+            # the request threads keep the lock (a lone job still starts at once).
+            self._stop.wait(0.05)
 
     def dispatch_once(self) -> int:
+        """Start provisioning pending jobs, oldest first, within the pool and owner limits."""
         started = 0
-        for job in self.store.claim_pending(time.time()):
-            total, per = self.store.active_counts()
-            self.metrics.active.set(total)
+        now = time.time()
+        total, per = self.store.active_counts()
+        self.metrics.active.set(total)
+        if total >= self.s.max_total:  # nothing can start: say so on every waiting job at once
+            why = f"waiting: the pool's limit of {self.s.max_total} VMs is reached"
+            if self.store.mark_waiting(now, why):
+                log.info("jobs %s", why)
+            return 0
+        for job in self.store.claim_pending(now):
             owner = job["owner"]
             if total >= self.s.max_total or per.get(owner, 0) >= self.s.max_per_owner:
                 why = (
@@ -267,10 +283,13 @@ class Service:
             )
             if new is None:
                 continue
+            total += 1
+            per[owner] = per.get(owner, 0) + 1
             with self._live_lock:
                 self._live.add(job["id"])
             self._pool.submit(self._provision_guarded, job["id"])
             started += 1
+        self.metrics.active.set(total)
         return started
 
     def _provision_guarded(self, jid: int) -> None:
@@ -342,8 +361,6 @@ class Service:
             self._cleanup(jid)
             return
         try:
-            if self.s.runner_push_dir is not None:
-                self.tt.push(env, self.s.runner_dir, tar_dir(self.s.runner_push_dir))
             self._run_runner(jid, env, jit)
         except TTError as e:
             self._cleanup(jid)
@@ -389,7 +406,9 @@ class Service:
 
     def _run_runner(self, jid: int, env: str, jit: JitRunner) -> None:
         """Start run.sh in the VM; returns when the runner process has exited."""
-        req = launch_request(self.s.runner_dir, self.s.jit_via, jit.encoded_jit_config)
+        bundle = tar_dir(self.s.runner_push_dir) if self.s.runner_push_dir else None
+        req = launch_request(self.s.runner_dir, self.s.jit_via, jit.encoded_jit_config, bundle)
+        self.store.update(jid, launched_at=time.time())
         tail: list[str] = []
         code: Any = None
         for ev in self.tt.run(env, req):
@@ -568,23 +587,10 @@ class Service:
 
     # -- views for operators -----------------------------------------------------------------
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
-        keys = (
-            "id",
-            "repo",
-            "name",
-            "html_url",
-            "labels",
-            "os_prefix",
-            "state",
-            "reason",
-            "attempt",
-            "runner_name",
-            "env",
-            "took_runner",
-            "gh_status",
-            "conclusion",
-        )
-        return [{k: r.get(k) for k in keys} for r in self.store.recent(state)]
+        """Jobs for operators: state, reason, runner, VM and the times (epoch seconds) it was
+        recorded, its VM was up, run.sh was launched and started. No secret is stored."""
+        hidden = ("owner", "installation_id", "run_id", "not_before", "state_since")
+        return [{k: v for k, v in r.items() if k not in hidden} for r in self.store.recent(state)]
 
 
 def _utcnow() -> dt.datetime:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,42 @@ def _base(db: sqlite_utils.Database) -> None:
     db.table("deliveries").create_index(["received_at"])
 
 
-MIGRATIONS: list[Migration] = [("0001_jobs_deliveries", _base)]
+def _launched_at(db: sqlite_utils.Database) -> None:
+    db.table("jobs").add_column("launched_at", float)
+
+
+JOB_COLUMNS = {
+    "id",
+    "repo",
+    "owner",
+    "installation_id",
+    "run_id",
+    "name",
+    "html_url",
+    "labels",
+    "os_prefix",
+    "state",
+    "reason",
+    "attempt",
+    "runner_name",
+    "runner_id",
+    "env",
+    "took_runner",
+    "gh_status",
+    "conclusion",
+    "not_before",
+    "state_since",
+    "queued_at",
+    "vm_ready_at",
+    "runner_started_at",
+    "guest_boot_s",
+    "updated_at",
+    "launched_at",
+}
+MIGRATIONS: list[Migration] = [
+    ("0001_jobs_deliveries", _base),
+    ("0002_launched_at", _launched_at),
+]
 
 
 class JobStore:
@@ -69,34 +106,53 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         self.store = Store(path, MIGRATIONS)
         self.db = self.store.db
+        # WAL + NORMAL: a commit does not wait for fsync (the webhook answers in milliseconds);
+        # a power cut may lose the last deliveries, never corrupt the file, and the reconciler
+        # finds any job GitHub still has queued.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One transaction under the lock; nested uses join the outer one."""
+        with self.store.lock:
+            if self._depth:
+                yield
+                return
+            self._depth += 1
+            try:
+                with self.db.conn:
+                    yield
+            finally:
+                self._depth -= 1
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Group several calls into one transaction (one commit per delivery)."""
+        return self._tx()
 
     # -- deliveries ------------------------------------------------------------------------
     def first_delivery(self, delivery: str, event: str, action: str, job_id: int) -> float | None:
         """Record a delivery; None if it is new, else when it was first received (a replay)."""
-        with self.store.lock, self.db.conn:
+        with self._tx():
             row = self.db.execute(
                 "select received_at from deliveries where id = ?", [delivery]
             ).fetchone()
             if row:
                 return float(row[0])
-            self.db.table("deliveries").insert(
-                {
-                    "id": delivery,
-                    "event": event,
-                    "action": action,
-                    "job_id": job_id,
-                    "received_at": time.time(),
-                    "outcome": "",
-                }
+            # plain SQL on the request path: sqlite-utils' helpers cost several queries each
+            self.db.execute(
+                "insert into deliveries (id, event, action, job_id, received_at, outcome)"
+                " values (?, ?, ?, ?, ?, '')",
+                [delivery, event, action, job_id, time.time()],
             )
             return None
 
     def set_outcome(self, delivery: str, outcome: str) -> None:
-        with self.store.lock, self.db.conn:
-            self.db.table("deliveries").update(delivery, {"outcome": outcome})
+        with self._tx():
+            self.db.execute("update deliveries set outcome = ? where id = ?", [outcome, delivery])
 
     def prune_deliveries(self, older_than_s: float) -> int:
-        with self.store.lock, self.db.conn:
+        with self._tx():
             cur = self.db.execute(
                 "delete from deliveries where received_at < ?", [time.time() - older_than_s]
             )
@@ -113,22 +169,22 @@ class JobStore:
         now = time.time()
         full = {"state_since": now, "updated_at": now, "queued_at": now, **row}
         full["labels"] = json.dumps(full.get("labels", []))
-        with self.store.lock, self.db.conn:
+        with self._tx():
             if self.db.execute("select 1 from jobs where id = ?", [row["id"]]).fetchone():
                 return False
-            self.db.table("jobs").insert(full)
+            self._write("insert into jobs ({cols}) values ({marks})", full)
             return True
 
     def update(self, job_id: int, **fields: Any) -> None:
         fields["updated_at"] = time.time()
-        with self.store.lock, self.db.conn:
-            self.db.table("jobs").update(job_id, fields)
+        with self._tx():
+            self._write("update jobs set {sets} where id = :id", {**fields, "id": job_id})
 
     def apply(self, job_id: int, event: Event, **fields: Any) -> tuple[State | None, State | None]:
         """Apply a state-machine event; fields are written only when the state changes, except
         the ones GitHub reports (gh_status, took_runner, conclusion), which are always kept.
         Returns (old state, new state or None if nothing changed)."""
-        with self.store.lock, self.db.conn:
+        with self._tx():
             row = self.db.execute("select state from jobs where id = ?", [job_id]).fetchone()
             old = State(row[0]) if row else None
             new = transition(old, event)
@@ -140,20 +196,52 @@ class JobStore:
                 return None, None
             if new is None:
                 if keep:
-                    self.db.table("jobs").update(job_id, {**keep, "updated_at": now})
+                    self._write(
+                        "update jobs set {sets} where id = :id",
+                        {**keep, "updated_at": now, "id": job_id},
+                    )
                 return old, None
-            self.db.table("jobs").update(
-                job_id, {**fields, "state": new.value, "state_since": now, "updated_at": now}
+            self._write(
+                "update jobs set {sets} where id = :id",
+                {**fields, "state": new.value, "state_since": now, "updated_at": now, "id": job_id},
             )
             return old, new
 
-    def claim_pending(self, now: float) -> list[dict[str, Any]]:
-        """Pending jobs whose back-off has passed, oldest first."""
+    def _write(self, template: str, values: dict[str, Any]) -> None:
+        """Run an insert/update with named parameters; column names come from our own code and
+        are checked against the table's (never from a request)."""
+        bad = set(values) - JOB_COLUMNS
+        if bad:
+            raise ValueError(f"unknown job columns {sorted(bad)}")
+        cols = [k for k in values if k != "id" or template.startswith("insert")]
+        self.db.execute(
+            template.format(
+                cols=", ".join(cols),
+                marks=", ".join(f":{c}" for c in cols),
+                sets=", ".join(f"{c} = :{c}" for c in cols if c != "id"),
+            ),
+            values,
+        )
+
+    def claim_pending(self, now: float, limit: int = 200) -> list[dict[str, Any]]:
+        """Pending jobs whose back-off has passed, oldest first (at most limit)."""
         with self.store.lock:
             rows = self.db.table("jobs").rows_where(
-                "state = ? and not_before <= ?", [State.PENDING.value, now], order_by="queued_at"
+                "state = ? and not_before <= ?",
+                [State.PENDING.value, now],
+                order_by="queued_at",
+                limit=limit,
             )
             return [_decode(r) for r in rows]
+
+    def mark_waiting(self, now: float, why: str) -> int:
+        """Give every pending job that is due the reason why it waits (one statement)."""
+        with self._tx():
+            cur = self.db.execute(
+                "update jobs set reason = ? where state = ? and not_before <= ? and reason != ?",
+                [why, State.PENDING.value, now, why],
+            )
+            return cur.rowcount
 
     def active_counts(self) -> tuple[int, dict[str, int]]:
         """(VMs in use overall, per owner): jobs with an ENV not yet deleted."""

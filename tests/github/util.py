@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,3 +56,23 @@ def serving(app: Any) -> Iterator[str]:
         closing.set()
         server.close()
         t.join(timeout=5)
+
+
+def serve_argv(state_dir: Path, api_url: str, key: Path, port: int, *extra: str) -> list[str]:
+    """`tt-github-webhooks serve` as an operator starts it, against the stand-in (App auth)."""
+    return [
+        str(Path(sys.executable).parent / "tt-github-webhooks"),
+        "-v",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--state-dir",
+        str(state_dir),
+        "--api-url",
+        api_url,
+        "--app-id",
+        "31337",
+        "--app-key-file",
+        str(key),
+        *extra,
+    ]

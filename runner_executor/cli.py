@@ -101,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return d.cleanup()
     except Cancelled as e:
         d.say(e.message)
+        d.record("cancelled")
         return codes.system_failure
     except TTError as e:
         d.say(f"{args.stage} failed: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else ""))
         if job.is_system_error(e):
+            d.record("error")
             return codes.system_failure
+        d.record("failed")
         d._write_build_code(1)
         return codes.build_failure
     except BaseException as e:  # our bug or an interrupt: never exit 1 (a build failure)

@@ -26,6 +26,7 @@ from ttci.client import ApiError, Client
 from ttci.errors import BadInput, TTError
 
 RESULT_FILE = "tt-gitlab-result.json"  # in the runner's temp dir: what cleanup reports
+RESULTS = ("success", "failed", "cancelled", "error")  # Client.report_result's words, by weight
 TERM_GRACE_S = 10.0  # after SIGTERM the script gets this long before SIGKILL in the guest
 DELETE_WAIT_S = 300.0  # cleanup waits this long for an ENV still being created
 
@@ -76,18 +77,17 @@ class Driver:
         tmp = self.env.get("TMPDIR")
         return Path(tmp) / RESULT_FILE if tmp else None
 
-    def _record(self, stage: str, end: job.StageEnd) -> None:
+    def record(self, result: str) -> None:
+        """Keep the job's worst outcome so far (success < failed < cancelled < error) in the
+        runner's temp dir, which every stage of one attempt shares; cleanup reports it."""
         path = self._result_path()
         if path is None:
             return
-        with contextlib.suppress(OSError):
-            old = json.loads(path.read_text()) if path.exists() else {}
-            failed = old.get("failed") or (
-                end.driver_rc != 0
-                and stage not in job.ON_FAILURE_STAGES
-                and stage != "after_script"
-            )
-            path.write_text(json.dumps({"last_stage": stage, "failed": bool(failed)}))
+        with contextlib.suppress(OSError, ValueError):
+            old = json.loads(path.read_text()).get("result") if path.exists() else None
+            if old in RESULTS and RESULTS.index(old) >= RESULTS.index(result):
+                return
+            path.write_text(json.dumps({"result": result}))
 
     # -- stages ----------------------------------------------------------------------------
     def prepare(self) -> int:
@@ -116,9 +116,8 @@ class Driver:
         req = job.env_request(self.jv, image, sz, self.runner)
         with _term_raises():
             c.create_env_progress(req, on_vm)
-            prep = f"mkdir -p {job.STAGE_DIR} && uname -m"
-            uname = self._capture(c, name, ["/bin/sh", "-c", prep]).strip()
-        self.say(f"ready in {time.monotonic() - t0:.1f} s; the agent answers (uname -m: {uname})")
+            self._capture(c, name, ["mkdir", "-p", job.STAGE_DIR])  # and the agent answers
+        self.say(f"ready in {time.monotonic() - t0:.1f} s")
         return 0
 
     def _capture(self, c: Client, name: str, argv: list[str]) -> str:
@@ -142,7 +141,7 @@ class Driver:
             raise DriverError(f"cannot read the stage script {script}: {e}") from e
         c = self.client()
         last: dict[str, Any] | None = None
-        with _Canceller(self, name):
+        with _Canceller(self, name) as canceller:
             for ev in c.run(name, job.stage_request(data, stage)):
                 kind = ev.get("event")
                 if kind == "stdout":
@@ -158,7 +157,13 @@ class Driver:
             self._write_build_code(end.build_exit_code)
         if end.driver_rc == self.codes.system_failure:
             self.say(f"stage {stage} failed in ENV {name}: {end.message}")
-        self._record(stage, end)
+            self.record("error")
+        elif canceller.started:
+            self.record("cancelled")
+        elif end.driver_rc != 0 and stage not in (*job.ON_FAILURE_STAGES, "after_script"):
+            self.record("failed")
+        else:
+            self.record("success")
         return end.driver_rc
 
     def cleanup(self) -> int:
@@ -168,8 +173,8 @@ class Driver:
             self.say(f"nothing to clean up: {e.message}")
             return 0
         c = self.client()
+        self._report(c, name)  # first: the history keeps it even if the delete is slow
         gone = self._delete(c, name)
-        self._report(c, name)
         self.say(f"ENV {name} deleted" if gone else f"ENV {name} was already gone")
         return 0
 
@@ -189,14 +194,12 @@ class Driver:
                 raise
 
     def _report(self, c: Client, name: str) -> None:
-        """Tell the scheduler how the job ended, when it has the call (not every version does)."""
-        report = getattr(c, "report_result", None)
+        """Tell the scheduler's job history how the job ended (best effort)."""
         path = self._result_path()
-        if report is None or path is None or not path.exists():
+        if path is None or not path.exists():
             return
-        with contextlib.suppress(TTError, OSError, ValueError, TypeError):
-            rec = json.loads(path.read_text())
-            report(name, "failed" if rec.get("failed") else "success")
+        with contextlib.suppress(TTError, OSError, ValueError, AttributeError):
+            c.report_result(name, json.loads(path.read_text())["result"])
 
 
 @contextlib.contextmanager

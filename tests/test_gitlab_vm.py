@@ -55,6 +55,15 @@ def _runner(cfg: Path, **kw: object) -> Runner:
     )
 
 
+def _result(stack: Stack, env: str) -> str:
+    """The outcome the driver reported into the scheduler's job history."""
+    from ttci.client import Client
+    from ttci.config import ClientConfig
+
+    jobs = Client(ClientConfig(stack.scheduler, stack.token)).get("/v1/jobs")
+    return str(next(j for j in jobs if j["env"] == env)["result"])
+
+
 def _no_envs(cfg: Path) -> None:
     assert json.loads(tt("env", "list", "--json", config=cfg).stdout) == []
 
@@ -105,8 +114,9 @@ def test_matrix_job_on_amd64_runs_every_stage_in_a_fresh_vm(cloud: tuple[Stack, 
     numbers = [ln for ln in lines if ln.isdigit()]
     assert numbers[0] == "200000" and numbers[1:] == [str(i) for i in range(1, 100001)]
     assert SECRET not in text  # the driver never prints variables itself
-    assert "is up on host local" in text and "uname -m: x86_64" in text
+    assert "is up on host local" in text and "ready in" in text
     _no_envs(cfg)
+    assert _result(stack, "gl-101") == "success"
     # cleanup is idempotent: a second call finds nothing and still succeeds
     env = {
         **os.environ,
@@ -136,6 +146,7 @@ def test_arm64_job_from_image_fails_with_its_exit_code(cloud: tuple[Stack, Path]
     assert "\nnot reached" not in text
     assert r.stages()[-2:] == ["upload_artifacts_on_failure", "cleanup_file_variables"]
     _no_envs(cfg)
+    assert _result(stack, "gl-102") == "failed"
     assert leftovers(stack.state_dir) == []
 
 
@@ -179,6 +190,7 @@ def test_cancel_stops_the_script_in_the_vm_and_shows_the_origin(
     assert build.signals == ["cancel", "TERM"] and build.seconds < 15  # no SIGKILL needed
     assert "after_script sees canceled" in text and "sleepers=0" in text
     assert "stopping the script in the VM" in text
+    assert _result(stack, "gl-103") == "cancelled"
     assert shown and shown[0]["origin"] == {
         "kind": "gitlab",
         "job": "103",
@@ -223,6 +235,7 @@ def test_job_timeout_and_a_lost_vm_leave_nothing(cloud: tuple[Stack, Path]) -> N
     assert r.status == "system_failure", r.text()
     [build] = [c for c in r.of("run") if c.stage == "build_script"]
     assert build.kind == "system" and "VM was lost" in r.text()
+    assert _result(stack, "gl-105") == "error"
     assert r.calls[-1].what == "cleanup" and r.calls[-1].rc == 0
     _no_envs(cfg)
     assert leftovers(stack.state_dir) == []

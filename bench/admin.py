@@ -77,11 +77,12 @@ def _browser(base: str) -> dict[str, float]:
         page.wait_for_selector("#hosts tr[data-host]")
         t0 = time.perf_counter()
         page.reload()
-        page.wait_for_selector("#envs tr.env", timeout=60_000)
+        page.wait_for_selector("#envs .env", timeout=60_000)
         page.evaluate("() => document.body.getBoundingClientRect()")
         first = (time.perf_counter() - t0) * 1000
         # From navigation start to the end of the first draw, as the page itself measures it.
         marked = page.evaluate("() => performance.getEntriesByName('tt-first-draw')[0].startTime")
+        data = page.evaluate("() => performance.getEntriesByName('tt-first-data')[0].startTime")
         all_rows = page.evaluate(
             """async () => {
                 const more = document.getElementById('env-more'), t0 = performance.now();
@@ -96,18 +97,19 @@ def _browser(base: str) -> dict[str, float]:
         redraw = page.evaluate(
             """() => {
                 const t0 = performance.now();
-                for (const tb of document.querySelectorAll('#envs tbody')) {
+                for (const tb of document.querySelectorAll('#envs .blk')) {
                     const h = tb.innerHTML; tb.innerHTML = ''; tb.innerHTML = h;
                 }
                 document.body.getBoundingClientRect();
                 return performance.now() - t0;
             }"""
         )
-        rows = page.evaluate("() => document.querySelectorAll('#envs tr.vm[data-vm]').length")
+        rows = page.evaluate("() => document.querySelectorAll('#envs .vm[data-vm]').length")
         b.close()
     return {
         "first": first,
         "marked": float(marked),
+        "data": float(data),
         "all": float(all_rows),
         "redraw": float(redraw),
         "rows": rows,
@@ -134,6 +136,7 @@ def measure(vms: int, per_env: int, runs: int, browser: bool) -> list[dict[str, 
                 r = _browser(base)
                 for key, what in (
                     ("first", "browser: reload to first screen drawn"),
+                    ("data", "browser: navigation start to state parsed (in page)"),
                     ("marked", "browser: navigation start to first draw (in page)"),
                     ("all", f"browser: draw the rest ({r['rows']} VM rows)"),
                     ("redraw", "browser: redraw every drawn row"),

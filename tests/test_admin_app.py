@@ -117,6 +117,7 @@ def test_state_shows_hosts_envs_origins_jobs_and_plots(sched: Scheduler) -> None
     assert [h["id"] for h in st["hosts"]] == ["fake-0", "fake-1"]
     assert {h["accel"] for h in st["hosts"]} == {"kvm", "tcg"}
     assert st["hosts"][0]["total"]["cpus"] == 64
+    assert [h["vms"] for h in st["hosts"]] == [20, 20]  # from the scheduler's own VM records
     assert st["env_total"] == 20 and st["vm_total"] == 40
     env = next(e for e in st["envs"] if e["name"] == "ci-00002")
     assert env["origin"]["kind"] == "jenkins"

@@ -110,14 +110,14 @@ def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(
         )
     )
     creating.start()
-    row = page.wait_for_selector('#envs tr[data-env="web-1"]', timeout=30_000)
+    row = page.wait_for_selector('#envs .env[data-env="web-1"]', timeout=30_000)
     assert row is not None
-    link = page.wait_for_selector('#envs tr[data-env="web-1"] a')
+    link = page.wait_for_selector('#envs .env[data-env="web-1"] a')
     assert link is not None and link.get_attribute("href") == job_url
     assert "gitlab: app job 4242" in link.inner_text()
     creating.join(120)
     assert made and made[0]["state"] == "ready"
-    page.wait_for_selector('#envs tr[data-vm="web-1/debian-12-amd64"] >> text=running')
+    page.wait_for_selector('#envs .vm[data-vm="web-1/debian-12-amd64"] >> text=running')
     page.wait_for_selector('#jobs tr[data-job="web-1"]')
     _shot(page, "2-env-running", tmp_path)
 
@@ -137,8 +137,8 @@ def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(
     assert client.get("/v1/hosts")[0]["drained"] is False
 
     # Delete it from the page; it vanishes without a reload, and from the cloud.
-    page.click('#envs tr[data-env="web-1"] button[data-action="delete"]')
-    page.wait_for_selector('#envs tr[data-env="web-1"]', state="detached", timeout=60_000)
+    page.click('#envs .env[data-env="web-1"] button[data-action="delete"]')
+    page.wait_for_selector('#envs .env[data-env="web-1"]', state="detached", timeout=60_000)
     assert "deleting ENV web-1: done" in page.inner_text("#message")
     assert [e["name"] for e in client.get("/v1/envs")] == []
     assert _leftovers(stack.state_dir) == []

@@ -51,11 +51,13 @@ def envs_and_vms(store: Store, q: str = "") -> dict[str, Any]:
         ).fetchall()
     by_env: dict[str, list[dict[str, Any]]] = {}
     by_state: dict[str, int] = {}
+    by_host: dict[str, int] = {}
     keys = VM_COLS.split(", ")
     for r in vm_rows:
         vm = dict(zip(keys, r, strict=True))
         by_env.setdefault(vm.pop("env"), []).append(vm)
         by_state[vm["state"]] = by_state.get(vm["state"], 0) + 1
+        by_host[vm["host"]] = by_host.get(vm["host"], 0) + 1
     q = q.strip().lower()
     shown, out, vm_total = 0, [], len(vm_rows)
     for e in envs:
@@ -73,6 +75,7 @@ def envs_and_vms(store: Store, q: str = "") -> dict[str, Any]:
         "vm_shown": shown,
         "env_total": len(envs),
         "vms_by_state": by_state,
+        "vms_by_host": by_host,
     }
 
 
@@ -81,8 +84,10 @@ def snapshot(
 ) -> dict[str, Any]:
     """Everything the page shows, as one JSON-able dict."""
     t_end = time.time()
-    hosts = [_clean_host(h) for h in hosts]
     data = envs_and_vms(store, q)
+    # VMs per host from the scheduler's own records: current, unlike the host's last report.
+    per_host = data.pop("vms_by_host")
+    hosts = [{**_clean_host(h), "vms": per_host.get(h["id"], 0)} for h in hosts]
     jobs = history.recent(store, 50)
     alive = history.since(store, _iso(t_end - PLOT_WINDOW_S))
     capacity = sum(float(h.get("total", {}).get("cpus", 0)) for h in hosts if h["state"] == "up")

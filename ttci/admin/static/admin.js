@@ -64,38 +64,41 @@
     }).join("");
   }
 
-  // One <tbody> per ENV (its row and its VMs' rows), drawn CHUNK rows at a time: more are added
-  // as the operator scrolls near the end, and a live update replaces only the ENVs that changed.
-  // So 1,000s of VMs cost the browser what is drawn, not what exists.
-  const CHUNK = 120;
+  // The ENV list is a grid of divs, one block per ENV (its row and its VMs' rows), each with
+  // `content-visibility: auto` so the browser lays out only what is on screen: 1,000s of VMs
+  // cost what is visible. A live update replaces only the ENVs whose rows changed. Past CHUNK
+  // rows, more are drawn as the operator scrolls near the end (or presses "Show more").
+  const CHUNK = 2500;
   let envLimit = CHUNK;
   let lastEnvs = [];
+  const cell = (html, cls) => `<span${cls ? ` class="${cls}"` : ""}>${html}</span>`;
+  const errText = (e) => (e ? ` <span class="error" title="${esc(e)}">${esc(e)}</span>` : "");
 
   function envGroup(e) {
     const n = e.vm_count, shown = e.vms.length;
-    const out = [`<tr class="env" data-env="${esc(e.name)}"><td><b>${esc(e.name)}</b></td>` +
-      `<td>${esc(e.owner)}</td><td>${origin(e.origin)}</td>` +
-      `<td><span class="state state-${esc(e.state)}">${esc(e.state)}</span>` +
-      `${e.error ? ` <span class="error">${esc(e.error)}</span>` : ""}</td>` +
-      `<td class="muted">${esc(e.os_prefix)}</td><td>${n} VM${n === 1 ? "" : "s"}</td>` +
-      `<td>${since(e.created_at)}</td><td>${until(e.expires_at)}</td>` +
-      `<td><button data-action="extend" data-env="${esc(e.name)}">+1 h</button> ` +
-      `<button data-action="delete" data-env="${esc(e.name)}" class="danger">Delete</button></td></tr>`];
+    const out = [`<div class="r env" role="row" data-env="${esc(e.name)}">` +
+      cell(`<b>${esc(e.name)}</b>`) + cell(esc(e.owner)) + cell(origin(e.origin)) +
+      cell(`<span class="state state-${esc(e.state)}">${esc(e.state)}</span>${errText(e.error)}`) +
+      cell(esc(e.os_prefix), "muted") + cell(`${n} VM${n === 1 ? "" : "s"}`) +
+      cell(since(e.created_at)) + cell(until(e.expires_at)) +
+      cell(`<button data-action="extend" data-env="${esc(e.name)}">+1 h</button> ` +
+        `<button data-action="delete" data-env="${esc(e.name)}" class="danger">Delete</button>`) +
+      "</div>"];
     for (const v of e.vms) {
-      out.push(`<tr class="vm" data-vm="${esc(e.name)}/${esc(v.name)}"><td class="indent">${esc(v.name)}</td>` +
-        `<td></td><td></td><td><span class="state state-${esc(v.state)}">${esc(v.state)}</span>` +
-        `${v.error ? ` <span class="error">${esc(v.error)}</span>` : ""}</td>` +
-        `<td>${esc(v.image)} <span class="muted">on ${esc(v.host)} (${esc(v.accel || "?")})</span></td>` +
-        `<td>${num(v.cpus)} CPU, ${esc(v.memory_mib)} MiB</td>` +
-        `<td>${v.boot_s ? `booted in ${num(v.boot_s)} s` : ""}</td><td></td><td></td></tr>`);
+      out.push(`<div class="r vm" role="row" data-vm="${esc(e.name)}/${esc(v.name)}">` +
+        cell(esc(v.name), "indent") + cell("") + cell("") +
+        cell(`<span class="state state-${esc(v.state)}">${esc(v.state)}</span>${errText(v.error)}`) +
+        cell(`${esc(v.image)} <span class="muted">on ${esc(v.host)} (${esc(v.accel || "?")})</span>`) +
+        cell(`${num(v.cpus)} CPU, ${esc(v.memory_mib)} MiB`) +
+        cell(v.boot_s ? `boot ${num(v.boot_s)} s` : "") + cell("") + cell("") + "</div>");
     }
-    if (shown < n) out.push(`<tr class="vm"><td class="indent muted" colspan="9">… ${n - shown} more VMs not listed (use the filter)</td></tr>`);
+    if (shown < n) out.push(`<div class="r vm"><span class="indent muted wide">… ${n - shown} more VMs not listed (use the filter)</span></div>`);
     return { key: e.name, rows: out.length, html: out.join("") };
   }
 
   function drawEnvs(envs) {
     lastEnvs = envs;
-    const table = document.getElementById("envs");
+    const list = document.getElementById("envs");
     const groups = [];
     let rows = 0;
     for (const e of envs) {
@@ -104,23 +107,25 @@
       rows += g.rows;
       groups.push(g);
     }
-    const old = new Map([...table.tBodies].map((tb) => [tb.dataset.key, tb]));
-    let prev = table.tHead;
+    const old = new Map([...list.querySelectorAll(":scope > .blk")].map((b) => [b.dataset.key, b]));
+    let prev = list.querySelector(":scope > .head");
     for (const g of groups) {
-      let tb = old.get(g.key);
+      let blk = old.get(g.key);
       old.delete(g.key);
-      if (!tb || tb.ttHtml !== g.html) {
-        const fresh = document.createElement("tbody");
+      if (!blk || blk.ttHtml !== g.html) {
+        const fresh = document.createElement("div");
+        fresh.className = "blk";
+        fresh.setAttribute("role", "rowgroup");
         fresh.dataset.key = g.key;
         fresh.innerHTML = g.html;
         fresh.ttHtml = g.html;
-        if (tb) tb.replaceWith(fresh);
-        tb = fresh;
+        if (blk) blk.replaceWith(fresh);
+        blk = fresh;
       }
-      if (prev.nextElementSibling !== tb) prev.after(tb);
-      prev = tb;
+      if (prev.nextElementSibling !== blk) prev.after(blk);
+      prev = blk;
     }
-    for (const tb of old.values()) tb.remove();
+    for (const blk of old.values()) blk.remove();
     const more = envs.length - groups.length;
     const el = document.getElementById("env-more");
     el.hidden = more <= 0;
@@ -192,7 +197,9 @@
       const r = await fetch(`api/state?q=${encodeURIComponent(query)}`, { credentials: "same-origin" });
       if (r.status === 401) { window.location.href = "login"; return; }
       if (!r.ok) throw new Error(`${r.status} ${r.statusText}`);
-      render(await r.json());
+      const state = await r.json();
+      if (!performance.getEntriesByName("tt-first-data").length) performance.mark("tt-first-data");
+      render(state);
       if (document.getElementById("message").classList.contains("stale")) say("", "");
     } catch (err) {
       say(`cannot reach the scheduler (${err.message}); retrying`, "error stale");

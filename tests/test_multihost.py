@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.cloudutil import BIN, configure_client, qemu_pids, tt
 from tests.conftest import IMAGE_PATH, built_image
@@ -278,6 +279,37 @@ def test_envs_spread_over_hosts_with_nat_ports_and_isolation(cloud: Cloud) -> No
         assert rc != 0 and "connected" not in text, (addr, port, text)
     # ... while "outside" (standing in for the scheduler's network) reaches that hostd fine.
     assert "connected" in in_ns(cloud.ns["out"], "sh", "-c", reach_cmd(*hostd_of(cloud, hid)))
+
+
+def test_a_host_that_vanished_before_placement_is_skipped_and_the_vm_placed_again(
+    cloud: Cloud,
+) -> None:
+    # "ghost" joined (with room for anything) and then died before the scheduler noticed.
+    ghost = {
+        "id": "ghost",
+        "url": f"http://{cloud.lab.addr(99)}:{HOSTD_PORT}",  # nothing answers there
+        "api": 1,
+        "token": secrets.token_urlsafe(20),
+        "info": {
+            **{k: cloud.hosts()["h1"][k] for k in ("images", "accel", "machine")},
+            "total": {"cpus": 64, "memory_mib": 65536, "disk_gib": 1000},
+            "free": {"cpus": 64, "memory_mib": 65536, "disk_gib": 1000},
+        },
+    }
+    r = requests.post(
+        f"http://{cloud.sched_addr}/v1/hosts/register",
+        json=ghost,
+        headers={"Authorization": f"Bearer {JOIN}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    r = cloud.tt("env", "add", "g", "--os-prefix", "debian-12:amd64", "--mem", "384")
+    assert r.returncode == 0, r.stderr
+    assert next(iter(cloud.show("g").values()))["host"] in HOSTS
+    assert cloud.hosts()["ghost"]["state"] == "down"
+    assert cloud.tt("env", "del", "g").returncode == 0
+    assert cloud.tt("host", "forget", "ghost").returncode == 0
+    assert "ghost" not in cloud.hosts()
 
 
 def test_a_host_cut_off_mid_env_is_marked_down_and_the_rest_keep_working(

@@ -29,7 +29,10 @@ def parse_ports(spec: Any) -> list[tuple[int, str]]:
                 f"VM port {item!r} is not valid", hint="e.g. --vm-port 22,8080,53/udp (1-65535)"
             )
         if (int(port), proto) in out:
-            raise BadInput(f"VM port {int(port)}/{proto} is asked for twice", hint="list each once")
+            raise BadInput(
+                f"VM port {int(port)}/{proto} is asked for twice",
+                hint="name each port once in --vm-port",
+            )
         out.append((int(port), proto))
     return out
 

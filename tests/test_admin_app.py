@@ -53,6 +53,10 @@ def _login(c: FlaskClient, token: str = ADMIN) -> str:
     return _csrf(page.text)
 
 
+def _left(expires_at: str) -> float:
+    return (dt.datetime.fromisoformat(expires_at) - dt.datetime.now(dt.UTC)).total_seconds()
+
+
 def test_everything_needs_a_login(sched: Scheduler) -> None:
     c = create_app(sched).test_client()
     r = c.get("/admin/")
@@ -145,6 +149,10 @@ def test_actions_and_things_that_no_longer_exist(sched: Scheduler) -> None:
     r = c.post("/admin/api/envs/ci-00001/extend", json={"life_time": "2h"}, headers=csrf)
     assert r.status_code == 200, r.text
     assert sched.show_env("ci-00001", admin)["expires_at"] > before
+    left = _left(sched.show_env("ci-00001", admin)["expires_at"])
+    r = c.post("/admin/api/envs/ci-00001/extend", json={"add": "1h"}, headers=csrf)
+    assert r.status_code == 200  # the +1 h button: an hour on top of what was left
+    assert 3590 <= _left(r.json["result"]["expires_at"]) - left <= 3610
     r = c.post("/admin/api/envs/ci-00001/extend", json={"life_time": "soon"}, headers=csrf)
     assert r.status_code == 400 and "does not parse" in r.json["error"]
 

@@ -136,6 +136,12 @@ def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(
     page.wait_for_selector('#hosts tr[data-host="local"] button[data-action="drain"]')
     assert client.get("/v1/hosts")[0]["drained"] is False
 
+    # One more hour on top of what is left.
+    before = client.show_env("web-1")["expires_at"]
+    page.click('#envs .env[data-env="web-1"] button[data-action="extend"]')
+    page.wait_for_selector("#message >> text=extending ENV web-1 by 1 h: done")
+    assert client.show_env("web-1")["expires_at"] > before
+
     # Delete it from the page; it vanishes without a reload, and from the cloud.
     page.click('#envs .env[data-env="web-1"] button[data-action="delete"]')
     page.wait_for_selector('#envs .env[data-env="web-1"]', state="detached", timeout=60_000)

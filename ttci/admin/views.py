@@ -8,6 +8,7 @@ in the cookie or rendered on a page.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import secrets
@@ -38,6 +39,7 @@ from ttci.scheduler.envspec import parse_duration
 
 log = logging.getLogger("ttci.admin")
 SESSION_S = 8 * 3600
+MAX_LIFE_S = 30 * 86400  # parse_duration's limit
 Resolve = Callable[[str], Any]  # token -> user (with .name, .admin) or None
 
 bp = Blueprint("admin", __name__, template_folder="templates", static_folder="static")
@@ -163,11 +165,18 @@ def delete_env(name: str) -> tuple[Response, int]:
 @bp.post("/api/envs/<name>/extend")
 @_login_required(api=True)
 def extend_env(name: str) -> tuple[Response, int]:
+    """{"add": "1h"}: one more hour on top of what is left; {"life_time": "2h"}: 2 h from now."""
     s = current_app.config["SCHEDULER"]
     body = request.get_json(silent=True) or {}
 
     def do() -> Any:
-        seconds = parse_duration(body.get("life_time", "1h"))
+        if "add" in body:
+            expires = dt.datetime.fromisoformat(s.show_env(name, g.user)["expires_at"])
+            left = max(0, int((expires - dt.datetime.now(dt.UTC)).total_seconds()))
+            seconds = min(left + parse_duration(body["add"]), MAX_LIFE_S)
+        else:
+            seconds = parse_duration(body.get("life_time", "1h"))
+        log.info("admin %s extends ENV %s to %d s from now", g.user.name, name, seconds)
         return s.extend_env(name, g.user, seconds)
 
     return _act(do)

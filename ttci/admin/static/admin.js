@@ -234,7 +234,7 @@
         if (window.confirm(`Delete ENV ${env} and all its VMs?`)) act(`api/envs/${e(env)}/delete`, {}, `deleting ENV ${env}`);
         break;
       case "extend":
-        act(`api/envs/${e(env)}/extend`, { life_time: "1h" }, `extending ENV ${env} by 1 h`);
+        act(`api/envs/${e(env)}/extend`, { add: "1h" }, `extending ENV ${env} by 1 h`);
         break;
       case "drain":
         act(`api/hosts/${e(host)}/drain`, { drained: true }, `draining host ${host}`);

@@ -221,3 +221,26 @@ def test_target_without_an_image_is_unservable_and_says_why(world: World) -> Non
     assert not world.env_exists(f"gh-{jid}-1")
     assert f"tt-{jid}-1" not in world.gh.runners.get(REPO, {})
     assert json.dumps(world.jobs()[jid])  # plain data for the operator
+
+
+def test_rate_limited_jit_config_puts_the_job_back_and_no_vm_stays(world: World) -> None:
+    jid = 81000004
+    world.gh.add_job(REPO, jid, AMD64, "queued")
+    world.gh.fail(
+        "actions/generate-runner-jitconfig-for-repo",
+        429,
+        headers={"Retry-After": "90"},
+        message="API rate limit exceeded",
+    )
+    world.send(job_event("queued", jid, AMD64, repo=REPO))
+    world.wait(
+        "the job to be put back",
+        lambda: world.jobs()[jid]["attempt"] == 1 and world.jobs()[jid]["state"] == "pending",
+    )
+    reason = world.jobs()[jid]["reason"]
+    assert "rate-limited" in reason and "90 s" in reason
+    assert not world.env_exists(f"gh-{jid}-1")  # the VM booted meanwhile is gone again
+    # GitHub cancels the job while it waits: nothing of ours is left
+    world.gh.jobs[jid]["status"] = "completed"
+    world.send(job_event("completed", jid, AMD64, repo=REPO, conclusion="cancelled"))
+    world.wait("done", lambda: world.jobs()[jid]["state"] == "done", timeout=30)

@@ -258,3 +258,18 @@ def test_launch_request_keeps_the_jit_config_off_every_command_line() -> None:
     assert req["argv"][-1] == "unpack"
     with pytest.raises(ValueError, match="env or argv"):
         launch_request("/opt/actions-runner", "file", secret)
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["webhooks/signature.py", "webhooks/labels.py", "webhooks/jobs.py", "webhooks/reconcile.py"],
+)
+def test_pure_modules_do_no_io(rel: str) -> None:
+    from tests.test_structure import FORBIDDEN, ROOT, _imports
+
+    bad = {
+        m
+        for m in _imports(ROOT / rel)
+        if m.split(".")[0] in FORBIDDEN | {"prometheus_client", "webhooks.store", "waitress"}
+    }
+    assert not bad, f"{rel} imports {bad}"

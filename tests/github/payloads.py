@@ -66,12 +66,7 @@ def job_event(
 ) -> dict[str, Any]:
     """GitHub's example payload for action, re-aimed at one of our jobs (id, labels, repo,
     fresh times); everything else stays as GitHub sent it."""
-    ex = example(
-        action,
-        status,
-        installation=True if action != "completed" else None,
-        conclusion=conclusion if action == "completed" else None,
-    )
+    ex = example(action, status, installation=True if action != "completed" else None)
     j = ex["workflow_job"]
     j["id"] = job_id
     j["labels"] = labels

@@ -7,7 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ttci.allinone import Stack
 
 BIN = Path(sys.executable).parent
 
@@ -98,3 +103,27 @@ def configure_client(scheduler: str, token: str, cfg: Path) -> None:
         config.save(scheduler, token)
     finally:
         os.environ.pop("TT_CONFIG")
+
+
+@contextlib.contextmanager
+def small_cloud(state: Path, cpu_total: float = 4, mem_total: int = 3072) -> Iterator[Stack]:
+    """`tt up`'s stack on free loopback ports with the images under IMAGE_PATH, its client
+    configured at state/client.json; on exit, checks that nothing is left behind."""
+    import concurrent.futures
+
+    from tests.conftest import IMAGE_PATH
+    from ttci.allinone import running
+
+    with running(
+        state,
+        IMAGE_PATH,
+        scheduler_listen=f"127.0.0.1:{free_port()}",
+        hostd_listen=f"127.0.0.1:{free_port()}",
+        cpu_total=cpu_total,
+        mem_total=mem_total,
+    ) as stack:
+        configure_client(stack.scheduler, stack.token, state / "client.json")
+        yield stack
+    # In a thread of its own: pyroute2 cannot run inside a caller's event loop (Playwright's).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(leftovers, state).result() == []

@@ -16,10 +16,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cloudutil import configure_client, free_port, leftovers
-from tests.conftest import IMAGE_PATH, built_image
+from tests.cloudutil import leftovers, small_cloud
+from tests.conftest import built_image
 from ttci import config
-from ttci.allinone import Stack, running
+from ttci.allinone import Stack
 from ttci.client import Client
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -43,18 +43,8 @@ def _leftovers(state: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Client]]:
     built_image("debian-12", "amd64")
-    state = tmp_path_factory.mktemp("admin-cloud")
-    with running(
-        state,
-        IMAGE_PATH,
-        scheduler_listen=f"127.0.0.1:{free_port()}",
-        hostd_listen=f"127.0.0.1:{free_port()}",
-        cpu_total=4,
-        mem_total=3072,
-    ) as stack:
-        configure_client(stack.scheduler, stack.token, state / "client.json")
+    with small_cloud(tmp_path_factory.mktemp("admin-cloud")) as stack:
         yield stack, Client(config.ClientConfig(stack.scheduler, stack.token))
-    assert _leftovers(state) == []
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.cloudutil import BIN, configure_client, free_port, leftovers
-from tests.conftest import IMAGE_PATH, built_image
+from tests.cloudutil import BIN, leftovers, small_cloud
+from tests.conftest import built_image
 from ttci import config
-from ttci.allinone import Stack, running
+from ttci.allinone import Stack
 from ttci.client import Client
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -27,18 +27,9 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pat
     built_image("debian-12", "amd64")
     built_image("debian-12", "arm64")
     state = tmp_path_factory.mktemp("jobrun-cloud")
-    with running(
-        state,
-        IMAGE_PATH,
-        scheduler_listen=f"127.0.0.1:{free_port()}",
-        hostd_listen=f"127.0.0.1:{free_port()}",
-        cpu_total=4,
-        mem_total=3072,
-    ) as stack:
-        cfg = state / "client.json"
-        configure_client(stack.scheduler, stack.token, cfg)
-        yield stack, cfg, Client(config.ClientConfig(stack.scheduler, stack.token))
-    assert leftovers(state) == []
+    with small_cloud(state) as stack:
+        client = Client(config.ClientConfig(stack.scheduler, stack.token))
+        yield stack, state / "client.json", client
 
 
 def _env(cfg: Path, **extra: str) -> dict[str, str]:

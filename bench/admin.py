@@ -148,6 +148,14 @@ def measure(vms: int, per_env: int, runs: int, browser: bool) -> list[dict[str, 
             sched.stop()
 
 
+def _verdict(r: dict[str, Any]) -> str:
+    """The target applies at 1,000 VMs to the HTTP answers and the page's own first draw (not
+    to Playwright's reload round trips, nor to drawing more than the first screen)."""
+    if r["vms"] > 1000 or (r.get("once") and "first draw (in page)" not in r["what"]):
+        return ""
+    return "ok" if r["median_ms"] <= TARGET_MS else "MISSED"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vms", default="1000", help="VM counts to measure, comma separated")
@@ -170,11 +178,7 @@ def main() -> int:
                 f"{r['median_ms']:.1f} ms",
                 f"{r['p95_ms']:.1f} ms" if "p95_ms" in r else "",
                 f"{r['bytes'] / 1024:.0f} KiB" if "bytes" in r else "",
-                ""
-                if r.get("once") and "first" not in r["what"]
-                else "ok"
-                if r["median_ms"] <= TARGET_MS or r["vms"] > 1000
-                else "MISSED",
+                _verdict(r),
             ]
             for r in results
         ],

@@ -96,17 +96,22 @@ def test_matrix_job_on_amd64_runs_every_stage_in_a_fresh_vm(cloud: tuple[Stack, 
         cache=True,
         artifacts=True,
         file_variables={"CONFIG_FILE": "from a file variable"},
+        steps={"Release": ['echo "step sees $TT_ARCH"', "head -c 6000000 /dev/zero | base64"]},
     )
     r = _runner(cfg).run_job(job)
     text = r.text()
     assert r.status == "success", text
-    assert r.stages() == list(STAGES)  # every stage, in the documented order
+    # every stage in the documented order, and a step_* name the driver has never seen
+    assert r.stages() == [*STAGES[:5], "step_release", *STAGES[5:]]
+    [step] = [c for c in r.of("run") if c.stage == "step_release"]
+    assert step.stdout.count(b"A") >= 8_000_000  # 8 MB of output flooded through, all of it
     assert "\nx86_64\n" in text
     import hashlib
 
     assert hashlib.sha256(WEIRD.encode()).hexdigest() in text  # byte-exact into the VM
     assert "big=60000+60000" in text
     assert "cwd=/builds/group/project" in text and "after_script sees success" in text
+    assert "step sees amd64" in text
     assert "git version" in text and "Missing gitlab-runner. cache-archiver is disabled." in text
     # 100,000 lines streamed through: every one, in order.
     [build] = [c for c in r.of("run") if c.stage == "build_script"]

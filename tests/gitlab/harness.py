@@ -94,6 +94,7 @@ class Job:
     project_path: str = "group/project"
     timeout_s: int = 3600
     file_variables: dict[str, str] = field(default_factory=dict)
+    steps: dict[str, list[str]] = field(default_factory=dict)  # name -> script, after build
 
     def predefined(self, builds_dir: str) -> dict[str, str]:
         ns, _, name = self.project_path.rpartition("/")
@@ -486,6 +487,14 @@ class Runner:
                 code = c.build_exit_code
                 if c.kind != "build" and not canceled:
                     status = "system_failure"
+            for step, lines in job.steps.items():  # `run:` steps: step_<lower-cased name>
+                if user_failed:
+                    break
+                c = stage(f"step_{step.lower()}", lines)
+                if over(c):
+                    return self._cleanup(tmp, job_env, job, calls, self._end(c, True, config))
+                if failed(c):
+                    user_failed, code = True, c.build_exit_code
             if job.after_script:
                 st = "canceled" if canceled else ("failed" if user_failed else "success")
                 c2 = stage("after_script", job.after_script, {"CI_JOB_STATUS": st})

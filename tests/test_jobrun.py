@@ -98,14 +98,17 @@ def test_exit_code_output_artifacts_and_jenkins_origin(
     _nothing_left(stack, client)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_deletes_the_env(
-    cloud: tuple[Stack, Path, Client], tmp_path: Path, sig: signal.Signals
+@pytest.mark.parametrize(
+    ("sig", "arches"), [(signal.SIGINT, "amd64"), (signal.SIGTERM, "amd64,arm64")]
+)
+def test_interrupt_deletes_the_envs(
+    cloud: tuple[Stack, Path, Client], tmp_path: Path, sig: signal.Signals, arches: str
 ) -> None:
+    """Ctrl-C on one target; SIGTERM (a Jenkins abort) on a matrix of two."""
     stack, cfg, client = cloud
     proc = subprocess.Popen(
         [
-            *(BIN / "tt", "job", "run", "--os", "debian-12", "--arch", "amd64", "--mem", "384"),
+            *(BIN / "tt", "job", "run", "--os", "debian-12", "--arch", arches, "--mem", "384"),
             *("--no-copy", "--", "echo started; sleep 600"),
         ],
         cwd=tmp_path,
@@ -116,8 +119,10 @@ def test_interrupt_deletes_the_env(
     )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == "started\n"  # the command runs in the VM now
-        [env] = client.get("/v1/envs")
+        for _ in arches.split(","):  # the command runs in every VM now
+            assert proc.stdout.readline().endswith("started\n")
+        envs = [e["name"] for e in client.get("/v1/envs")]
+        assert len(envs) == len(arches.split(","))
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -125,8 +130,11 @@ def test_interrupt_deletes_the_env(
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err
-    assert f"ENV {env['name']} deleted" in err
-    assert _jobs(client)[env["name"]]["result"] == "cancelled"
+    jobs = _jobs(client)
+    for name in envs:
+        assert f"ENV {name} deleted" in err
+        assert jobs[name]["result"] == "cancelled"
+    assert "could not delete" not in err
     _nothing_left(stack, client)
 
 

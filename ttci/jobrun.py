@@ -230,6 +230,7 @@ class Job:
         self.interrupted = threading.Event()
         self._deleted: set[str] = set()
         self._lock = threading.Lock()
+        self._env_locks: dict[str, threading.Lock] = {}
         self.outcomes = {t: Outcome(t, env_name(t, self.tag)) for t in spec.targets}
 
     def say(self, target: Target, text: str) -> None:
@@ -352,18 +353,23 @@ class Job:
             self.client.report_result(o.env, result)
         self._delete(o.env, t)
 
-    def _delete(self, env: str, t: Target | None = None) -> None:
+    def _delete(self, env: str, t: Target) -> None:
         with self._lock:
-            if env in self._deleted:
-                return
+            lock = self._env_locks.setdefault(env, threading.Lock())
+        with (
+            lock
+        ):  # one delete per ENV at a time (cleanup and its worker): the second finds it done
+            self._delete_once(env, t)
+
+    def _delete_once(self, env: str, t: Target) -> None:
+        if env in self._deleted:
+            return
         deadline = time.monotonic() + DELETE_WAIT_S
         while True:
             try:
                 self.client.delete_env(env)
-                with self._lock:
-                    self._deleted.add(env)
-                if t is not None:
-                    self.say(t, f"ENV {env} deleted")
+                self._deleted.add(env)
+                self.say(t, f"ENV {env} deleted")
                 return
             except ApiError as e:
                 if e.status == 404:
@@ -379,11 +385,11 @@ class Job:
 
     def cleanup(self) -> None:
         """Delete every ENV of this job (Ctrl-C, SIGTERM): in parallel, uninterruptible."""
-        envs = [o.env for o in self.outcomes.values()]
+        outcomes = list(self.outcomes.values())
         with _signals_held():
-            err.print(f"tt: interrupted; deleting {', '.join(envs)} ...")
-            with concurrent.futures.ThreadPoolExecutor(len(envs)) as pool:
-                list(pool.map(self._delete, envs))
+            err.print(f"tt: interrupted; deleting {', '.join(o.env for o in outcomes)} ...")
+            with concurrent.futures.ThreadPoolExecutor(len(outcomes)) as pool:
+                list(pool.map(lambda o: self._delete(o.env, o.target), outcomes))
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from hostd.net.manager import NetConfig
 from hostd.vms import HostConfig, VMManager
 from ttci.errors import BadInput
 from ttci.resources import Resources
+from ttci.run import need
 from ttci.settings import add_setting, parse_hostport
 
 log = logging.getLogger("hostd.serve")
@@ -177,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise BadInput(f"totals must be positive, got {total.text()}", hint="fix --*-total")
     joiner_args = _join_args(args, host, port)
     net = _net_config(args, host)
+    need("nft")  # VM networking: say which package is missing before anything starts
     libvirtd = None
     uri = args.libvirt_uri
     become_subreaper()

@@ -373,6 +373,21 @@ def test_scheduler_killed_mid_run_loses_nothing(cloud: Cloud) -> None:
     assert r.returncode == 0 and r.stdout.count("after restart") == 2
 
 
+def test_vms_are_listed_a_page_at_a_time_or_as_a_stream(cloud: Cloud) -> None:
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {ADMIN}"
+    base = f"http://{cloud.sched_addr}/v1/envs/a/vms"
+    first = api.get(base, params={"limit": 1}, timeout=30).json()
+    assert first["total"] == 2 and len(first["vms"]) == 1 and first["next_offset"] == 1
+    second = api.get(base, params={"offset": 1, "limit": 1}, timeout=30).json()
+    assert second["next_offset"] is None
+    assert first["vms"][0]["name"] < second["vms"][0]["name"]
+    lines = api.get(base, params={"stream": 1}, timeout=30).text.splitlines()
+    assert [json.loads(x)["name"] for x in lines] == sorted(cloud.show("a"))
+    r = api.get(base, params={"limit": "lots"}, timeout=30)
+    assert r.status_code == 400 and "integers" in r.json()["error"]
+
+
 def test_deleting_envs_removes_every_table_bridge_and_tap(cloud: Cloud) -> None:
     used = {str(v["host"]) for env in ("a", "b") for v in cloud.show(env).values()}
     for env in ("a", "b"):

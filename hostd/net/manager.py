@@ -253,14 +253,19 @@ class NetManager:
         return HostRules(self.table, envs, ports, protected)
 
     def apply(self) -> None:
-        """Make the kernel's table exactly what the state says (one transaction); forwarding
-        is on while any ENV has a network and put back as it was when none has."""
+        """Make the kernel's table exactly what the state says (one transaction). Forwarding is
+        on only while something needs it (an ENV that may go out, or port maps reached from
+        other machines) and put back as it was afterwards."""
         rules = self.rules()
         if not rules.envs:
             run(["nft", "-f", "-"], input=delete_script(self.table).encode())
             self._restore_forwarding()
             return
-        self._enable_forwarding()
+        remote_ports = bool(rules.ports) and not self.cfg.public_addr.startswith("127.")
+        if remote_ports or any(not e.deny_outgoing for e in rules.envs):
+            self._enable_forwarding()
+        else:
+            self._restore_forwarding()
         run(["nft", "-f", "-"], input=ruleset(rules).encode())
 
     def _enable_forwarding(self) -> None:

@@ -7,6 +7,7 @@ restarted scheduler knows its pool at once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import re
@@ -248,6 +249,22 @@ class HostPool:
     def _came_up(self, hid: str) -> None:
         """Re-attach a host's VMs off the request path (the host may still be starting)."""
         threading.Thread(target=self.on_up, args=(hid,), name=f"host-up-{hid}", daemon=True).start()
+
+    def refresh(self, hids: set[str]) -> None:
+        """Ask these hosts for their state now (after VMs came or went), so capacity and use
+        shown and placed from are current; a host that does not answer is left to the monitor."""
+
+        def one(hid: str) -> None:
+            try:
+                if self.row(hid)["state"] == "down":
+                    return
+                info = self.client(hid).info()
+            except (HostdError, HostNotFound):
+                return
+            self._seen(hid, info, was="up")
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, sorted(hids)))
 
     def check_timeouts(self) -> None:
         limit = time.monotonic() - self.timeout

@@ -469,6 +469,7 @@ class Scheduler:
 
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
             list(pool.map(boot, vm_rows))
+        self.pool.refresh({v["host"] for v in vm_rows})
         if failures:
             kept = self._drop_vms(req.name)
             if kept:
@@ -518,8 +519,10 @@ class Scheduler:
             with self.store.lock:
                 self.store.db.table("vms").delete_where("id = ?", [v["id"]])
 
+        rows = self._vm_rows(env)
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
-            list(pool.map(drop, self._vm_rows(env)))
+            list(pool.map(drop, rows))
+        self.pool.refresh({v["host"] for v in rows})
         return problems
 
     def delete_env(self, name: str, user: User) -> dict[str, Any]:

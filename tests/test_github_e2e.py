@@ -192,6 +192,8 @@ def test_queued_job_gets_a_fresh_vm_with_its_own_jit_runner(world: World) -> Non
     world.wait("the VM to go", lambda: world.jobs()[jid]["state"] == "done", timeout=60)
     assert not world.env_exists(env)
     assert runner not in world.gh.runners.get(REPO, {})  # deregistered: no stale runner
+    history = [j for j in world.tt.get("/v1/jobs") if j.get("env") == env]
+    assert [j["result"] for j in history] == ["success"]  # GitHub's conclusion, recorded
 
 
 def test_missed_webhook_is_adopted_and_a_runner_exiting_ends_its_vm(world: World) -> None:

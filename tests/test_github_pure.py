@@ -18,6 +18,7 @@ from webhooks.jobs import (
     parse_env_name,
     parse_event,
     parse_runner_name,
+    result_of,
     retry_delay,
     runner_name,
     staleness,
@@ -145,6 +146,16 @@ def test_state_machine_out_of_order_and_repeats() -> None:
     assert transition(State.PROVISIONING, Event.VM_FAILED) == State.PENDING
     assert transition(State.STARTED, Event.RUNNER_EXITED) == State.COMPLETED
     assert transition(State.UNSERVABLE, Event.PROVISION) is None
+
+
+def test_conclusions_map_to_job_results() -> None:
+    assert [result_of(c) for c in ("success", "failure", "cancelled", "timed_out", "weird")] == [
+        "success",
+        "failed",
+        "cancelled",
+        "failed",
+        "error",
+    ]
 
 
 def test_retry_delay_doubles_and_is_capped() -> None:

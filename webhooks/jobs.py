@@ -84,6 +84,22 @@ def retry_delay(attempts: int) -> float:
     return float(min(300, 5 * 2 ** max(0, attempts - 1)))
 
 
+# GitHub's conclusions -> the scheduler's job results (success, failed, cancelled, error).
+_RESULTS = {
+    "success": "success",
+    "neutral": "success",
+    "failure": "failed",
+    "timed_out": "failed",
+    "cancelled": "cancelled",
+    "skipped": "cancelled",
+}
+
+
+def result_of(conclusion: str) -> str:
+    """The job-history result for a GitHub conclusion (anything unknown is an error)."""
+    return _RESULTS.get(conclusion, "error")
+
+
 # -- names: a runner, its VM and its job can always be matched ---------------------------------
 _RUNNER_RE = re.compile(r"^tt-(?P<job>\d+)-(?P<attempt>\d+)$")
 

@@ -24,6 +24,7 @@ from webhooks.jobs import (
     env_name,
     parse_event,
     parse_runner_name,
+    result_of,
     retry_delay,
     runner_name,
     staleness,
@@ -481,10 +482,10 @@ class Service:
             log.warning("job %s: runner %s not removed: %s", job["id"], job["runner_name"], e)
 
     def _report(self, job: dict[str, Any]) -> None:
-        report = getattr(self.tt, "report_result", None)
-        if callable(report) and job.get("env") and job.get("conclusion"):
+        """Tell the scheduler's job history how GitHub says the job ended."""
+        if job.get("env") and job.get("conclusion"):
             try:
-                report(job["env"], job["conclusion"])
+                self.tt.report_result(job["env"], result_of(job["conclusion"]))
             except TTError as e:
                 log.warning("job %s: result not reported: %s", job["id"], e)
 

@@ -9,9 +9,10 @@ sshd and the benchmark key (bench/common.py).
 
 1. The whole job through `tt-gitlab-executor` as gitlab-runner calls it (one process per call,
    the runner's environment and CUSTOM_ENV_* variables): config, prepare, 8 runs, cleanup.
-   VM lifecycle overhead = config + prepare + cleanup minus the guest's boot (as the scheduler
-   measured it); the job's total adds each run's overhead (its wall time minus the script's own
-   time in the guest, which every script measures with bash's $EPOCHREALTIME).
+   VM lifecycle overhead = config + prepare + cleanup minus the guest's own boot (hostd's
+   `guest_boot_s`: VM started to agent answering; hostd's set-up before that counts as
+   overhead). The job's total adds each run's overhead: its wall time minus the script's own
+   time in the guest, which every script measures with bash's $EPOCHREALTIME.
 2. Per stage, in the same VM (an ENV with port 22 mapped): the driver's `run SCRIPT STAGE`
    against `ssh VM /bin/bash < SCRIPT` over a fresh connection, which is how GitLab's documented
    libvirt custom-executor example runs every stage. Alternated stage by stage.
@@ -124,12 +125,15 @@ def full_job(job_id: int, cfg: Path, client: Client) -> dict[str, object]:
         timed = [call([DRIVER, "run", str(p), stage], env) for stage, p in stage_scripts]
         runs, guest = [t[0] for t in timed], [t[1] for t in timed]
         cleanup_s = call([DRIVER, "cleanup"], env)[0]
-    boot = float(vm["boot_s"])
+    boot = float(vm.get("guest_boot_s") or vm["boot_s"])
+    host_setup = float(vm["boot_s"]) - boot  # hostd: network, overlay, libvirt define, limits
     runs_over = sum(r - g for r, g in zip(runs, guest, strict=True))
     return {
         "config_s": config_s,
         "prepare_s": prepare_s,
         "boot_s": boot,
+        "host_setup_s": host_setup,
+        "prepare_rest_s": prepare_s - boot - host_setup,  # driver + scheduler
         "run_s": runs,
         "guest_s": guest,
         "cleanup_s": cleanup_s,
@@ -253,7 +257,7 @@ def main() -> int:
             "yes" if overhead <= 1.5 else "no",
         ],
     ]
-    for name in ("config_s", "prepare_s", "boot_s", "cleanup_s"):
+    for name in ("config_s", "prepare_rest_s", "host_setup_s", "cleanup_s", "boot_s"):
         v = median([float(j[name]) for j in jobs])  # type: ignore[arg-type]
         rows.append([f"  job {name[:-2]} (median)", f"{v:.2f} s", "", "", "", ""])
     print_table(

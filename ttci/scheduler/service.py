@@ -526,13 +526,18 @@ class Scheduler:
         return problems
 
     def delete_env(self, name: str, user: User) -> dict[str, Any]:
-        row = self._env_row(name, user)
-        if row["state"] == "creating":
-            raise EnvBusy(
-                f"ENV {name} is still being created",
-                hint="wait for `tt env add` to finish, then delete it",
-            )
-        with self.store.lock:
+        with self.store.lock:  # check and claim at once: two deletes never race
+            row = self._env_row(name, user)
+            if row["state"] == "creating":
+                raise EnvBusy(
+                    f"ENV {name} is still being created",
+                    hint="wait for `tt env add` to finish, then delete it",
+                )
+            if row["state"] == "deleting":
+                raise EnvBusy(
+                    f"ENV {name} is already being deleted",
+                    hint="it is gone in a moment; see `tt env list`",
+                )
             self.store.db.table("envs").update(name, {"state": "deleting"})
         problems = self._drop_vms(name)
         if problems:

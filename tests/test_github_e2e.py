@@ -246,3 +246,15 @@ def test_rate_limited_jit_config_puts_the_job_back_and_no_vm_stays(world: World)
     world.gh.jobs[jid]["status"] = "completed"
     world.send(job_event("completed", jid, AMD64, repo=REPO, conclusion="cancelled"))
     world.wait("done", lambda: world.jobs()[jid]["state"] == "done", timeout=30)
+
+
+def test_job_finished_on_github_without_a_webhook_loses_its_vm(world: World) -> None:
+    jid = 81000005
+    world.gh.add_job(REPO, jid, AMD64, "queued")
+    world.send(job_event("queued", jid, AMD64, repo=REPO))
+    world.wait("the runner to start", lambda: world.jobs()[jid]["state"] == "started")
+    env = world.jobs()[jid]["env"]
+    world.gh.jobs[jid]["status"] = "completed"  # the in_progress/completed deliveries are lost
+    world.wait("the reconciler", lambda: world.jobs()[jid]["state"] == "done", timeout=60)
+    assert not world.env_exists(env)
+    assert f"tt-{jid}-1" not in world.gh.runners.get(REPO, {})

@@ -41,6 +41,25 @@ class World:
     tt: Client
     log: Path
     state: Path
+    start: Callable[[], subprocess.Popen[bytes]]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.proc = self.start()
+
+    def stop(self) -> float:
+        """SIGTERM the service as an operator's init system does; seconds until it exited."""
+        assert self.proc is not None
+        t0 = time.monotonic()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        return time.monotonic() - t0
+
+    def restart(self) -> float:
+        took = self.stop()
+        self.proc = self.start()
+        self.wait("the service", lambda: _up(self.url), timeout=30)
+        return took
 
     def send(self, payload: dict[str, Any]) -> requests.Response:
         return deliver(self.url + "/webhook", payload, SECRET.encode())
@@ -100,37 +119,35 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         port = free_port()
         log = state / "webhooks.log"
         env = {**os.environ, "TT_CONFIG": str(cfg), "TT_GH_WEBHOOK_SECRET": SECRET}
-        with log.open("wb") as logf:
-            proc = subprocess.Popen(
-                serve_argv(
-                    state / "gh",
-                    gh.url,
-                    key,
-                    port,
-                    "--push-runner",
-                    str(runner),
-                    "--mem",
-                    "384",
-                    "--reconcile-interval",
-                    "2",
-                    "--runner-timeout",
-                    "120",
-                    "--repo",
-                    REPO,
-                ),
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        argv = serve_argv(
+            state / "gh",
+            gh.url,
+            key,
+            port,
+            "--push-runner",
+            str(runner),
+            "--mem",
+            "384",
+            "--reconcile-interval",
+            "2",
+            "--runner-timeout",
+            "120",
+            "--repo",
+            REPO,
+        )
+
+        def start() -> subprocess.Popen[bytes]:
+            with log.open("ab") as logf:
+                return subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
+
         url = f"http://127.0.0.1:{port}"
         tt = Client(ClientConfig(stack.scheduler, stack.token))
-        w = World(url, gh, tt, log, state)
+        w = World(url, gh, tt, log, state, start)
         try:
             w.wait("the service", lambda: _up(url), timeout=30)
             yield w
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            w.stop()
             leftover_envs = [e["name"] for e in tt.get("/v1/envs")]
             tt.session.close()
             gh.stop()
@@ -258,3 +275,17 @@ def test_job_finished_on_github_without_a_webhook_loses_its_vm(world: World) -> 
     world.wait("the reconciler", lambda: world.jobs()[jid]["state"] == "done", timeout=60)
     assert not world.env_exists(env)
     assert f"tt-{jid}-1" not in world.gh.runners.get(REPO, {})
+
+
+def test_restart_keeps_running_jobs_and_the_reconciler_ends_them(world: World) -> None:
+    jid = 81000006
+    world.gh.add_job(REPO, jid, AMD64, "queued")
+    world.send(job_event("queued", jid, AMD64, repo=REPO))
+    world.wait("the runner to start", lambda: world.jobs()[jid]["state"] == "started")
+    env = world.jobs()[jid]["env"]
+    # stopping does not wait for running jobs (a provisioning thread lives as long as its runner)
+    assert world.restart() < 10
+    assert world.env_exists(env) and world.jobs()[jid]["state"] == "started"
+    world.gh.jobs[jid]["status"] = "completed"  # it ran while we were away
+    world.wait("the reconciler", lambda: world.jobs()[jid]["state"] == "done", timeout=60)
+    assert not world.env_exists(env)

@@ -4,11 +4,11 @@ threads), cleans up, and reconciles with GitHub (a loop). One Service per proces
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,9 +67,6 @@ class Service:
         self._live: set[int] = set()
         self._live_lock = threading.Lock()
         self._cleanup_locks: dict[int, threading.Lock] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, settings.max_total) + 2, thread_name_prefix="gh-job"
-        )
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -86,7 +83,15 @@ class Service:
         self._wake.set()
         for t in self._threads:
             t.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, fn: Callable[[int], None], jid: int) -> None:
+        """A daemon thread per job task: a provisioning thread lives as long as its runner (it
+        holds the agent stream that tells when run.sh exits), so a stopping service must not
+        wait for them; the dispatcher's limits bound how many there are."""
+        if not self._stop.is_set():
+            threading.Thread(
+                target=fn, args=(jid,), name=f"gh-{fn.__name__}-{jid}", daemon=True
+            ).start()
 
     # -- the request path: decide and record, nothing slow -----------------------------------
     def handle_delivery(
@@ -288,7 +293,7 @@ class Service:
             per[owner] = per.get(owner, 0) + 1
             with self._live_lock:
                 self._live.add(job["id"])
-            self._pool.submit(self._provision_guarded, job["id"])
+            self._spawn(self._provision_guarded, job["id"])
             started += 1
         self.metrics.active.set(total)
         return started
@@ -448,8 +453,7 @@ class Service:
             log.warning("job %s: %s; retrying in %.0f s", jid, why, delay, extra={"job": jid})
 
     def _submit_cleanup(self, jid: int) -> None:
-        if not self._stop.is_set():
-            self._pool.submit(self._cleanup, jid)
+        self._spawn(self._cleanup, jid)
 
     def _cleanup(self, jid: int) -> None:
         """Delete the job's VM and its runner registration; idempotent, one at a time per job

@@ -48,18 +48,19 @@ GUEST_ENV = {
     "SHELL": "/bin/bash",
     "LANG": "C.UTF-8",
 }
-STAGE_DIR = "/run/tt-gitlab"  # made by prepare
+STAGE_DIR = "/run/tt-gitlab"  # big scripts are stored here
+PGID_FILE = "/run/tt-gitlab.pgid"  # /run exists in every image: no mkdir (an exec) needed
 # A stage runs as `bash -c SCRIPT tt-stage STAGE`: one exec in the guest (every exec costs
 # tens of ms under TCG). The agent starts each command in its own session, so the stage's
 # process group id is bash's $$; a builtin echo notes it for a cancel to signal. The runner's
 # script traps TERM and exits 1.
-PGID_LINE = "{ echo $$ > " + STAGE_DIR + "/pgid; } 2>/dev/null\n"
+PGID_LINE = "{ echo $$ > " + PGID_FILE + "; } 2>/dev/null\n"
 ARGV_SCRIPT_MAX = 100_000  # bytes; the kernel caps one argument at 128 KiB
 # Larger (or non-UTF-8, or NUL-holding) scripts come on stdin through this wrapper: store,
 # note the group, become bash.
 STAGE_WRAPPER = (
     "set -e; d=" + STAGE_DIR + '; mkdir -p "$d"; f="$d/script"; '
-    'cat > "$f"; chmod 700 "$f"; echo $$ > "$d/pgid"; '
+    'cat > "$f"; chmod 700 "$f"; echo $$ > ' + PGID_FILE + "; "
     'exec bash "$f" < /dev/null'
 )
 
@@ -69,7 +70,7 @@ def signal_command(sig: str) -> list[str]:
     return [
         "/bin/sh",
         "-c",
-        f'p=$(cat {STAGE_DIR}/pgid 2>/dev/null) && kill -{sig} "-$p" 2>/dev/null; true',
+        f'p=$(cat {PGID_FILE} 2>/dev/null) && kill -{sig} "-$p" 2>/dev/null; true',
     ]
 
 

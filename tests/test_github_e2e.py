@@ -289,3 +289,16 @@ def test_restart_keeps_running_jobs_and_the_reconciler_ends_them(world: World) -
     world.gh.jobs[jid]["status"] = "completed"  # it ran while we were away
     world.wait("the reconciler", lambda: world.jobs()[jid]["state"] == "done", timeout=60)
     assert not world.env_exists(env)
+
+
+def test_reconciler_deletes_our_orphan_envs_only(world: World) -> None:
+    body = {"os_prefix": "debian-12:amd64", "memory_mib": 384, "life_time": "10m"}
+    world.tt.create_env({**body, "name": "gh-99-1"})  # a user's own ENV with a lookalike name
+    orphan = {"kind": "github", "job": "98", "project": REPO, "runner": "tt-98-1"}
+    world.tt.create_env({**body, "name": "gh-98-1", "origin": orphan})  # ours, no job owns it
+    try:
+        world.wait("the orphan to go", lambda: not world.env_exists("gh-98-1"), timeout=60)
+        time.sleep(3)  # one more reconcile round
+        assert world.env_exists("gh-99-1")
+    finally:
+        world.tt.delete_env("gh-99-1")

@@ -533,7 +533,14 @@ class Service:
             for q in self.gh.queued_jobs(repo, inst):
                 if parse_labels(q["labels"], self.s.marker).ours:
                     queued.append({**q, "repo": repo, "installation_id": inst})
-        envs = [e["name"] for e in self.tt.get("/v1/envs") if str(e["name"]).startswith("gh-")]
+        # only ENVs this service made: named gh-JOB-ATTEMPT and with a GitHub origin whose
+        # runner is ours (a user's own `gh-1-1` made by hand is left alone)
+        envs = [
+            e["name"]
+            for e in self.tt.get("/v1/envs")
+            if (e.get("origin") or {}).get("kind") == "github"
+            and parse_runner_name((e.get("origin") or {}).get("runner"))
+        ]
         ours = [
             reconcile.OurJob(
                 r["id"],

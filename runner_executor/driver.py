@@ -18,12 +18,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from runner_executor import job
 from ttci import config
-from ttci.client import ApiError, Client
-from ttci.errors import BadInput, TTError
+from ttci.errors import ApiError, BadInput, TTError
+from ttci.run_stream import run_events
+
+if TYPE_CHECKING:  # requests costs ~150 ms to import: the run stage never needs it
+    from ttci.client import Client
 
 RESULT_FILE = "tt-gitlab-result.json"  # in the runner's temp dir: what cleanup reports
 RESULTS = ("success", "failed", "cancelled", "error")  # Client.report_result's words, by weight
@@ -61,12 +64,21 @@ class Driver:
         self.err.flush()
 
     def client(self) -> Client:
+        from ttci.client import Client  # noqa: PLC0415 (see TYPE_CHECKING above)
+
         if self.client_factory is not None:
             return self.client_factory()
+        return Client(self.cfg())
+
+    def cfg(self) -> config.ClientConfig:
         try:
-            return Client(config.load())
+            return config.load()
         except BadInput as e:  # the runner host's set-up, not the job's: retryable
             raise DriverError(e.message, hint=e.hint) from e
+
+    def run_events(self, name: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """A command's events through the standard-library stream (one process per stage)."""
+        return run_events(self.cfg(), name, body)
 
     def _write_build_code(self, code: int) -> None:
         path = self.env.get("BUILD_EXIT_CODE_FILE")
@@ -125,10 +137,9 @@ class Driver:
             data = script.read_bytes()
         except OSError as e:
             raise DriverError(f"cannot read the stage script {script}: {e}") from e
-        c = self.client()
         last: dict[str, Any] | None = None
         with _Canceller(self, name) as canceller:
-            for ev in c.run(name, job.stage_request(data, stage)):
+            for ev in self.run_events(name, job.stage_request(data, stage)):
                 kind = ev.get("event")
                 if kind == "stdout":
                     self.out.write(base64.b64decode(ev["data"]))
@@ -229,7 +240,7 @@ class _Canceller:
 
     def _signal(self, sig: str) -> None:
         with contextlib.suppress(TTError):
-            for _ in self.driver.client().run(self.name, {"argv": job.signal_command(sig)}):
+            for _ in self.driver.run_events(self.name, {"argv": job.signal_command(sig)}):
                 pass
 
     def _stop(self) -> None:

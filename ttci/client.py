@@ -9,15 +9,9 @@ from typing import Any
 import requests
 
 from ttci.config import ClientConfig
-from ttci.errors import BadInput, TTError
+from ttci.errors import ApiError, BadInput, TTError
 
-
-class ApiError(TTError):
-    """The scheduler refused a request."""
-
-    def __init__(self, message: str, *, hint: str | None = None, status: int = 0) -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
+__all__ = ["ApiError", "Client"]
 
 
 class Client:

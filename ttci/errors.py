@@ -41,3 +41,11 @@ class ProtocolError(TTError):
 
 class AgentError(TTError):
     """The agent refused or failed a request."""
+
+
+class ApiError(TTError):
+    """The scheduler refused a request."""
+
+    def __init__(self, message: str, *, hint: str | None = None, status: int = 0) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench.common import ssh_image
-from tests.cloudutil import configure_client, free_port, leftovers, tt
+from tests.cloudutil import small_cloud, tt
 from tests.conftest import CACHE_DIR, IMAGE_PATH
-from ttci.allinone import running
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -23,18 +22,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     _, key, _ = ssh_image(IMAGE_PATH, CACHE_DIR)
     state = tmp_path_factory.mktemp("sshcloud")
-    cfg = state / "client.json"
-    with running(
-        state,
-        IMAGE_PATH,
-        scheduler_listen=f"127.0.0.1:{free_port()}",
-        hostd_listen=f"127.0.0.1:{free_port()}",
-        cpu_total=4,
-        mem_total=4096,
-    ) as stack:
-        configure_client(stack.scheduler, stack.token, cfg)
-        yield cfg, key
-    assert leftovers(state) == []
+    with small_cloud(state, cpu_total=4, mem_total=4096):
+        yield state / "client.json", key
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from runner_executor.job import STAGES
-from tests.cloudutil import configure_client, free_port, leftovers, qemu_pids, tt
-from tests.conftest import IMAGE_PATH, built_image
+from tests.cloudutil import leftovers, qemu_pids, small_cloud, tt
+from tests.conftest import built_image
 from tests.gitlab.harness import Job, Runner
-from ttci.allinone import Stack, running
+from ttci.allinone import Stack
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 DRIVER = str(Path(sys.executable).parent / "tt-gitlab-executor")
@@ -32,18 +32,8 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pat
     built_image("debian-12", "amd64")
     built_image("debian-12", "arm64")
     state = tmp_path_factory.mktemp("glcloud")
-    cfg = state / "client.json"
-    with running(
-        state,
-        IMAGE_PATH,
-        scheduler_listen=f"127.0.0.1:{free_port()}",
-        hostd_listen=f"127.0.0.1:{free_port()}",
-        cpu_total=4,
-        mem_total=4096,
-    ) as stack:
-        configure_client(stack.scheduler, stack.token, cfg)
-        yield stack, cfg
-    assert leftovers(state) == []
+    with small_cloud(state, cpu_total=4, mem_total=4096) as stack:
+        yield stack, state / "client.json"
 
 
 def _runner(cfg: Path, **kw: object) -> Runner:

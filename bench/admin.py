@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, print_table, write_json
 from tests.admin_fake import fake_scheduler
-from ttci.scheduler.api import create_app
+from ttci.scheduler.web.api import create_app
 
 ADMIN = "bench-admin-token-" + "b" * 20
 TARGET_MS = 300.0

@@ -22,13 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, median, print_table, ssh_image, wait_ssh, write_json
-from hostd.direct_vm import boot
+from hostd.builders.image_recipe import DEFAULT_TARGETS, BuildSpec
 from hostd.images.build import Builder
 from hostd.images.catalogue import Image
-from hostd.images.check import choose_accel
-from hostd.images.recipe import DEFAULT_TARGETS, BuildSpec
-from ttci.log import setup_logging
-from ttci.naming import parse_release
+from hostd.vm.accel import choose_accel
+from hostd.vm.direct_vm import boot
+from ttci.infra.log import setup_logging
+from ttci.model.naming import parse_release
 
 
 def agent_boot(image: Image, accel: str) -> float:

@@ -12,12 +12,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from hostd.builders.image_recipe import AddedFile, BuildSpec
 from hostd.images.build import build_image
 from hostd.images.catalogue import Image
-from hostd.images.check import choose_accel
-from hostd.images.recipe import AddedFile, BuildSpec
-from ttci.naming import parse_arch, parse_release
-from ttci.run import run
+from hostd.vm.accel import choose_accel
+from ttci.infra.proc import run
+from ttci.model.naming import parse_arch, parse_release
 
 console = Console(width=160)
 SSH_OPTS = [

@@ -20,13 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, print_table, write_json
+from hostd.builders.image_recipe import BuildSpec
 from hostd.images.build import build_image
-from hostd.images.recipe import BuildSpec
-from ttci import allinone
-from ttci.client import Client
-from ttci.config import ClientConfig
-from ttci.log import setup_logging
-from ttci.naming import parse_arch, parse_release
+from ttci.cli import allinone
+from ttci.client.config import ClientConfig
+from ttci.client.scheduler import Client
+from ttci.infra.log import setup_logging
+from ttci.model.naming import parse_arch, parse_release
 
 
 def main() -> int:

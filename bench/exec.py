@@ -28,8 +28,8 @@ from bench.common import (
     wait_ssh,
     write_json,
 )
-from hostd.direct_vm import boot
-from ttci.log import setup_logging
+from hostd.vm.direct_vm import boot
+from ttci.infra.log import setup_logging
 
 
 def timed(fn: object, runs: int) -> list[float]:

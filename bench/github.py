@@ -39,16 +39,16 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, print_table, write_json
+from hostd.builders.image_recipe import BuildSpec
 from hostd.images.build import build_image
-from hostd.images.recipe import BuildSpec
 from tests.github.payloads import deliver, headers, job_event
 from tests.github.standin import StandIn
 from tests.github.util import RUN_SH, app_keys, serve_argv
-from ttci import allinone
-from ttci.client import ApiError, Client
-from ttci.config import ClientConfig
-from ttci.log import setup_logging
-from ttci.naming import parse_arch, parse_release
+from ttci.cli import allinone
+from ttci.client.config import ClientConfig
+from ttci.client.scheduler import ApiError, Client
+from ttci.infra.log import setup_logging
+from ttci.model.naming import parse_arch, parse_release
 
 SECRET = "bench-webhook-secret"  # noqa: S105 - a throw-away secret for a loopback run
 REPO = "octo-org/bench"

@@ -33,13 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, median, print_table, ssh_argv, ssh_image, write_json
-from runner_executor import job
+from runner_executor.core import job
 from tests.gitlab.harness import Job, Runner, bash_script
-from ttci.allinone import running
-from ttci.client import Client
-from ttci.config import ClientConfig
-from ttci.log import setup_logging
-from ttci.ssh_run import ssh_target
+from ttci.cli.allinone import running
+from ttci.cli.ssh_exec import ssh_target
+from ttci.client.config import ClientConfig
+from ttci.client.scheduler import Client
+from ttci.infra.log import setup_logging
 
 DRIVER = str(Path(sys.executable).parent / "tt-gitlab-executor")
 STAGES = [
@@ -198,7 +198,7 @@ def main() -> int:
             mem_total=4096,
         ) as stack:
             os.environ["TT_CONFIG"] = str(cfg)
-            from ttci import config
+            from ttci.client import config
 
             config.save(stack.scheduler, stack.token)
             client = Client(ClientConfig(stack.scheduler, stack.token))

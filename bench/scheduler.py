@@ -36,9 +36,9 @@ from flask import Flask, Response, jsonify, request
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, print_table, write_json
-from ttci.allinone import _python_main, _spawn, _stop
-from ttci.httpapi import API_VERSION
-from ttci.run import BASE_ENV
+from ttci.cli.allinone import _python_main, _spawn, _stop
+from ttci.infra.http_server import API_VERSION
+from ttci.infra.proc import BASE_ENV
 
 IMAGES = [
     "qemu:debian-12:amd64",
@@ -200,7 +200,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tt-bench-sched-") as tmp:
         state = Path(tmp)
         argv = [
-            *_python_main("ttci.scheduler.serve"),
+            *_python_main("ttci.scheduler.web.serve"),
             "--listen",
             f"127.0.0.1:{port}",
             "--state-dir",

@@ -24,8 +24,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from runner_executor import job
+from runner_executor.core import job
 from ttci import __version__
+
+__all__ = ["main", "make_parser"]
 
 log = logging.getLogger("runner_executor")
 
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("\n")
         return 0
     from runner_executor.driver import Cancelled, Driver  # noqa: PLC0415
-    from ttci.errors import TTError  # noqa: PLC0415
-    from ttci.log import mask, setup_logging  # noqa: PLC0415
+    from ttci.infra.log import mask, setup_logging  # noqa: PLC0415
+    from ttci.model.errors import TTError  # noqa: PLC0415
 
     setup_logging(verbose=bool(os.environ.get("TT_DEBUG")))
     if args.tt_config:

@@ -1,6 +1,6 @@
 """The four custom-executor stages against the scheduler: the I/O half of the driver.
 
-Decisions (target, size, names, exit codes) come from `runner_executor.job`; this module asks
+Decisions (target, size, names, exit codes) come from `runner_executor.core.job`; this module asks
 the scheduler for the ENV, streams stage output into the job log and deletes the ENV.
 """
 
@@ -20,13 +20,23 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from runner_executor import job
-from ttci import config
-from ttci.errors import ApiError, BadInput, TTError
-from ttci.run_stream import run_events
+from runner_executor.core import job
+from ttci.client import config
+from ttci.client.exec_stream import run_events
+from ttci.model.errors import ApiError, BadInput, TTError
 
 if TYPE_CHECKING:  # requests costs ~150 ms to import: the run stage never needs it
-    from ttci.client import Client
+    from ttci.client.scheduler import Client
+
+__all__ = [
+    "DELETE_WAIT_S",
+    "RESULTS",
+    "RESULT_FILE",
+    "TERM_GRACE_S",
+    "Cancelled",
+    "Driver",
+    "DriverError",
+]
 
 RESULT_FILE = "tt-gitlab-result.json"  # in the runner's temp dir: what cleanup reports
 RESULTS = ("success", "failed", "cancelled", "error")  # Client.report_result's words, by weight
@@ -64,7 +74,7 @@ class Driver:
         self.err.flush()
 
     def client(self) -> Client:
-        from ttci.client import Client  # noqa: PLC0415 (see TYPE_CHECKING above)
+        from ttci.client.scheduler import Client  # noqa: PLC0415 (see TYPE_CHECKING above)
 
         if self.client_factory is not None:
             return self.client_factory()

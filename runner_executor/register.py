@@ -12,8 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runner_executor import runner_toml
-from ttci.errors import BadInput, TTError
+from runner_executor.core import runner_toml
+from ttci.model.errors import BadInput, TTError
+
+__all__ = [
+    "DEFAULT_TAGS",
+    "RegisterError",
+    "cmd_register",
+    "create_runner",
+    "register",
+    "runner_attrs",
+]
 
 log = logging.getLogger("runner_executor.register")
 DEFAULT_TAGS = ("tt-ci",)

@@ -9,7 +9,7 @@ import json
 import uuid
 from pathlib import Path
 
-from ttci.httpapi import API_VERSION
+from ttci.infra.http_server import API_VERSION
 from ttci.scheduler import history
 from ttci.scheduler.service import Scheduler
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ttci.allinone import Stack
+    from ttci.cli.allinone import Stack
 
 BIN = Path(sys.executable).parent
 
@@ -74,9 +74,9 @@ def leftovers(state_dir: Path) -> list[str]:
 
 def net_leftovers(hostd_state: Path) -> list[str]:
     """The nftables table and the bridges/taps of the hostd with this state dir."""
+    from hostd.builders.net_plan import link_prefixes
     from hostd.net.links import our_links
     from hostd.net.manager import host_key
-    from hostd.net.plan import link_prefixes
 
     key = host_key(hostd_state)
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
@@ -96,7 +96,7 @@ def vm_cgroups() -> list[Path]:
 
 def configure_client(scheduler: str, token: str, cfg: Path) -> None:
     """Write a client config at cfg pointing at a test cloud (as `tt up` does for users)."""
-    from ttci import config
+    from ttci.client import config
 
     os.environ["TT_CONFIG"] = str(cfg)
     try:
@@ -112,7 +112,7 @@ def small_cloud(state: Path, cpu_total: float = 4, mem_total: int = 3072) -> Ite
     import concurrent.futures
 
     from tests.conftest import IMAGE_PATH
-    from ttci.allinone import running
+    from ttci.cli.allinone import running
 
     with running(
         state,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from hostd.builders.image_recipe import DEFAULT_TARGETS, BuildSpec
 from hostd.images.build import Builder, build_image
 from hostd.images.catalogue import Image
-from hostd.images.recipe import DEFAULT_TARGETS, BuildSpec
-from ttci.log import setup_logging
-from ttci.naming import parse_arch, parse_release
+from ttci.infra.log import setup_logging
+from ttci.model.naming import parse_arch, parse_release
 
 IMAGE_PATH = Path(os.environ.get("TT_TEST_IMAGE_PATH", "/var/lib/ttci/images"))
 CACHE_DIR = Path(os.environ.get("TT_TEST_CACHE_DIR", "/var/cache/ttci"))

@@ -15,11 +15,11 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.admin_fake import HOST_TOKEN, fake_scheduler
-from ttci.admin import plots
-from ttci.admin.state import MAX_VMS_SHOWN
 from ttci.scheduler import history
-from ttci.scheduler.api import create_app
+from ttci.scheduler.admin import plots
+from ttci.scheduler.admin.state import MAX_VMS_SHOWN
 from ttci.scheduler.service import Scheduler
+from ttci.scheduler.web.api import create_app
 
 ADMIN = "admin-secret-" + "a" * 24
 

@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cloudutil import leftovers, small_cloud
 from tests.conftest import built_image
-from ttci import config
-from ttci.allinone import Stack
-from ttci.client import Client
+from ttci.cli.allinone import Stack
+from ttci.client import config
+from ttci.client.scheduler import Client
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "admin"

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from hostd.agent_client import AgentClient, _handshake
-from ttci import guest_agent
-from ttci.errors import AgentError
+from hostd.vm.agent_client import AgentClient, _handshake
+from ttci.agent import main as guest_agent
+from ttci.model.errors import AgentError
 
 TOKEN = "s3cret-token"
 

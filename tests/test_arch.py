@@ -1,6 +1,6 @@
 import pytest
 
-from ttci.arch import Arch, VirtioBus
+from ttci.model.arch import Arch, VirtioBus
 
 
 def test_every_arch_has_a_complete_row() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.cloudutil import configure_client, free_port, leftovers, qemu_pids, tt
 from tests.conftest import built_image
-from ttci.allinone import running
+from ttci.cli.allinone import running
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 

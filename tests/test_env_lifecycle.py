@@ -16,7 +16,7 @@ import pytest
 
 from tests.cloudutil import cgroup_dir, configure_client, free_port, leftovers, qemu_pids, tt
 from tests.conftest import IMAGE_PATH, built_image
-from ttci.allinone import Stack, running
+from ttci.cli.allinone import Stack, running
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 

@@ -24,9 +24,9 @@ from tests.conftest import IMAGE_PATH, built_image
 from tests.github.payloads import deliver, job_event
 from tests.github.standin import StandIn
 from tests.github.util import RUN_SH, app_keys, serve_argv
-from ttci.allinone import running
-from ttci.client import ApiError, Client
-from ttci.config import ClientConfig
+from ttci.cli.allinone import running
+from ttci.client.config import ClientConfig
+from ttci.client.scheduler import ApiError, Client
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 SECRET = "e2e-webhook-secret-7c1d"

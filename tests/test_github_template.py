@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hostd.images.recipe import DEFAULT_TARGETS
-from webhooks.labels import parse_labels
+from hostd.builders.image_recipe import DEFAULT_TARGETS
+from webhooks.core.labels import parse_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / "ci-templates/github/tt-matrix.yml"

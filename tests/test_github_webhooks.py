@@ -23,8 +23,8 @@ import requests
 from tests.github.payloads import deliver, example, job_event, now_iso
 from tests.github.standin import StandIn
 from tests.github.util import RUN_SH, app_keys, serving
-from ttci.client import Client
-from ttci.config import ClientConfig
+from ttci.client.config import ClientConfig
+from ttci.client.scheduler import Client
 from webhooks.app import create_app
 from webhooks.github_api import GitHubAPI, GitHubConfig
 from webhooks.runner import launch_request, tar_dir

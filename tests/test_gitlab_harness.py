@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from runner_executor.job import STAGES
+from runner_executor.core.job import STAGES
 from tests.cloudutil import free_port
 from tests.gitlab.harness import Job, Runner
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runner_executor.runner_toml import RunnerSection, merge
+from runner_executor.core.runner_toml import RunnerSection, merge
 from tests.gitlab.standin import Standin, serving
 
 TT = str(Path(sys.executable).parent / "tt")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hostd.images.recipe import DEFAULT_TARGETS
-from runner_executor import job
+from hostd.builders.image_recipe import DEFAULT_TARGETS
+from runner_executor.core import job
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "ci-templates" / "gitlab" / ".gitlab-ci.yml"

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from runner_executor.job import STAGES
+from runner_executor.core.job import STAGES
 from tests.cloudutil import leftovers, qemu_pids, small_cloud, tt
 from tests.conftest import built_image
 from tests.gitlab.harness import Job, Runner
-from ttci.allinone import Stack
+from ttci.cli.allinone import Stack
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 DRIVER = str(Path(sys.executable).parent / "tt-gitlab-executor")
@@ -47,8 +47,8 @@ def _runner(cfg: Path, **kw: object) -> Runner:
 
 def _result(stack: Stack, env: str) -> str:
     """The outcome the driver reported into the scheduler's job history."""
-    from ttci.client import Client
-    from ttci.config import ClientConfig
+    from ttci.client.config import ClientConfig
+    from ttci.client.scheduler import Client
 
     jobs = Client(ClientConfig(stack.scheduler, stack.token)).get("/v1/jobs")
     return str(next(j for j in jobs if j["env"] == env)["result"])

@@ -15,15 +15,15 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from hostd.domain_xml import DomainSpec, domain_xml
+from hostd.builders.domain_xml import DomainSpec, domain_xml
+from hostd.builders.net_plan import link_prefixes
 from hostd.net.links import our_links
 from hostd.net.manager import host_key
-from hostd.net.plan import link_prefixes
 from tests.cloudutil import free_port, leftovers, net_leftovers, qemu_pids
 from tests.conftest import IMAGE_PATH, built_image
-from ttci.allinone import _python_main, _spawn, _stop
-from ttci.arch import Arch
-from ttci.run import BASE_ENV
+from ttci.cli.allinone import _spawn, _stop, python_main
+from ttci.infra.proc import BASE_ENV
+from ttci.model.arch import Arch
 from ttci.scheduler.hostd_client import HostdClient, HostdError
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -32,7 +32,7 @@ TOKEN = "crash-test-token"
 
 def start_hostd(state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     argv = [
-        *_python_main("hostd.cli"),
+        *python_main("hostd.cli.main"),
         "serve",
         "--listen",
         f"127.0.0.1:{port}",
@@ -165,7 +165,7 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
 def test_libvirtd_not_running_says_how_to_start_it(tmp_path: Path) -> None:
     r = subprocess.run(
         [
-            *_python_main("hostd.cli"),
+            *python_main("hostd.cli.main"),
             "serve",
             "--listen",
             f"127.0.0.1:{free_port()}",

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from hostd.images import cpio
-from hostd.images.modules import load_order, module_name, parse_builtin, parse_modules_dep
-from hostd.images.recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
-from hostd.qemu import QemuSpec, qemu_argv
-from ttci.arch import Arch
-from ttci.errors import BadInput, ImageError
-from ttci.manifest import FileEntry, Manifest, parse_dpkg_status
-from ttci.naming import parse_release
+from hostd.builders import cpio
+from hostd.builders.image_recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
+from hostd.builders.initrd_modules import load_order, module_name, parse_builtin, parse_modules_dep
+from hostd.builders.qemu_argv import QemuSpec, qemu_argv
+from ttci.model.arch import Arch
+from ttci.model.errors import BadInput, ImageError
+from ttci.model.manifest import FileEntry, Manifest, parse_dpkg_status
+from ttci.model.naming import parse_release
 
 MODULES_DEP = """\
 kernel/fs/ext4/ext4.ko.xz: kernel/lib/crc16.ko.xz kernel/fs/mbcache.ko.xz kernel/fs/jbd2/jbd2.ko.xz

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from hostd.direct_vm import boot
+from hostd.builders.image_recipe import DEFAULT_TARGETS
 from hostd.images.catalogue import Image, scan
-from hostd.images.check import check_image
-from hostd.images.recipe import DEFAULT_TARGETS
+from hostd.vm.direct_vm import boot
+from hostd.vm.image_check import check_image
 from tests.conftest import IMAGE_PATH
-from ttci.arch import Arch
+from ttci.model.arch import Arch
 
 pytestmark = [pytest.mark.vm, pytest.mark.image]
 BIN = Path(sys.executable).parent
@@ -152,10 +152,10 @@ def test_check_cli_prints_arch_and_time(amd64_image: Image) -> None:
 def test_systemd_profile_with_operator_package_and_file(tmp_path: Path) -> None:
     """The systemd profile boots systemd with the agent as an early service; --package and
     --add put the operator's extras (e.g. the gitlab-runner helper) into the image."""
+    from hostd.builders.image_recipe import AddedFile, BuildSpec
     from hostd.images.build import build_image
-    from hostd.images.recipe import AddedFile, BuildSpec
     from tests.conftest import CACHE_DIR
-    from ttci.naming import parse_release
+    from ttci.model.naming import parse_release
 
     helper = tmp_path / "helper-src" / "gitlab-runner-helper"
     helper.parent.mkdir()

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from groovy_parser.parser import digest_lark_tree, parse_groovy_content
 
-from hostd.images.recipe import DEFAULT_TARGETS
-from ttci.arch import Arch
-from ttci.naming import parse_release
+from hostd.builders.image_recipe import DEFAULT_TARGETS
+from ttci.model.arch import Arch
+from ttci.model.naming import parse_release
 
 ROOT = Path(__file__).resolve().parent.parent
 JENKINSFILE = ROOT / "ci-templates" / "jenkins" / "Jenkinsfile"

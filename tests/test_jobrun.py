@@ -15,9 +15,9 @@ import pytest
 
 from tests.cloudutil import BIN, leftovers, small_cloud
 from tests.conftest import built_image
-from ttci import config
-from ttci.allinone import Stack
-from ttci.client import Client
+from ttci.cli.allinone import Stack
+from ttci.client import config
+from ttci.client.scheduler import Client
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 

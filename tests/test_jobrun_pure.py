@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.cloudutil import BIN
-from ttci.errors import BadInput
-from ttci.jobrun import (
+from ttci.cli.job_cmd import (
     EXIT_ERROR,
     EXIT_TIMEOUT,
     Target,
@@ -25,7 +24,8 @@ from ttci.jobrun import (
     parse_targets,
     tar_dir,
 )
-from ttci.scheduler.envspec import ENV_NAME_RE, parse_origin
+from ttci.model.errors import BadInput
+from ttci.scheduler.planning.envspec import ENV_NAME_RE, parse_origin
 
 IMAGES = [
     "qemu:debian-12:amd64",

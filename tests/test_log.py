@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from ttci.log import MaskingFormatter, mask
+from ttci.infra.log import MaskingFormatter, mask
 
 
 @pytest.mark.parametrize(
@@ -29,10 +29,10 @@ def test_ordinary_text_is_left_alone() -> None:
 def test_context_and_json_lines() -> None:
     import json
 
-    from ttci.log import JsonFormatter
+    from ttci.infra.log import JsonFormatter
 
     record = logging.LogRecord(
-        "hostd.vms",
+        "hostd.vm.manager",
         logging.INFO,
         __file__,
         1,
@@ -43,7 +43,7 @@ def test_context_and_json_lines() -> None:
     record.vm = "ab12"
     record.env = "ci-7"
     text = MaskingFormatter("%(name)s: %(message)s").format(record)
-    assert text == "hostd.vms: [env=ci-7 vm=ab12] VM debian-12-arm64 up, token=***"
+    assert text == "hostd.vm.manager: [env=ci-7 vm=ab12] VM debian-12-arm64 up, token=***"
     obj = json.loads(JsonFormatter().format(record))
     assert obj["vm"] == "ab12" and obj["env"] == "ci-7" and obj["level"] == "info"
     assert "s3cret" not in obj["msg"]

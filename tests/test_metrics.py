@@ -12,9 +12,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hostd.service.metrics import HostMetrics
 from tests.admin_fake import HOST_TOKEN, fake_scheduler
-from ttci.metrics import HostMetrics, scheduler_registry
-from ttci.scheduler.api import create_app
+from ttci.scheduler.metrics import scheduler_registry
+from ttci.scheduler.web.api import create_app
 
 ADMIN = "admin-secret-" + "m" * 24
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

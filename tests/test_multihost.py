@@ -24,8 +24,8 @@ import requests
 from tests.cloudutil import BIN, configure_client, qemu_pids, tt
 from tests.conftest import IMAGE_PATH, built_image
 from tests.netlab import Lab, in_ns, lab
-from ttci.allinone import _python_main, _spawn, _stop
-from ttci.run import BASE_ENV
+from ttci.cli.allinone import _spawn, _stop, python_main
+from ttci.infra.proc import BASE_ENV
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -95,7 +95,7 @@ class Cloud:
 
     def start_scheduler(self) -> None:
         argv = [
-            *_python_main("ttci.scheduler.serve"),
+            *python_main("ttci.scheduler.web.serve"),
             "--listen",
             self.sched_addr,
             "--state-dir",
@@ -112,7 +112,7 @@ class Cloud:
         argv = [
             "nsenter",
             f"--net=/run/netns/{self.ns[hid]}",
-            *_python_main("hostd.cli"),
+            *python_main("hostd.cli.main"),
             "serve",
             "--listen",
             f"{self.host_addr(hid)}:{HOSTD_PORT}",

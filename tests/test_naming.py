@@ -1,8 +1,8 @@
 import pytest
 
-from ttci.arch import Arch
-from ttci.errors import BadInput
-from ttci.naming import ImageName, parse_release, select_by_prefix
+from ttci.model.arch import Arch
+from ttci.model.errors import BadInput
+from ttci.model.naming import ImageName, parse_release, select_by_prefix
 
 
 def test_image_name_round_trip() -> None:

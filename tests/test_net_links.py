@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from hostd.builders.net_plan import EnvNet, allocate_subnet, bridge_name, tap_name
+from hostd.builders.nft_ruleset import EnvRules, HostRules, delete_script, ruleset
 from hostd.net.links import ensure_bridge, ensure_tap, our_links, remove_link
-from hostd.net.plan import EnvNet, allocate_subnet, bridge_name, tap_name
-from hostd.net.ruleset import EnvRules, HostRules, delete_script, ruleset
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hostd.net.plan import (
+from hostd.builders.net_plan import (
     IFNAMSIZ,
     EnvNet,
     NetPlanError,
@@ -19,7 +19,7 @@ from hostd.net.plan import (
     mac_address,
     tap_name,
 )
-from hostd.net.ruleset import EnvRules, HostRules, PortMap, delete_script, ruleset
+from hostd.builders.nft_ruleset import EnvRules, HostRules, PortMap, delete_script, ruleset
 
 
 def nft_check(script: str, tmp_path: Path) -> None:

@@ -2,10 +2,10 @@
 
 import pytest
 
-from ttci.errors import BadInput
-from ttci.resources import Resources, shortfall
-from ttci.scheduler.envspec import EnvRequest, parse_duration
-from ttci.scheduler.placement import Ask, HostView, NoPlacement, place
+from ttci.model.errors import BadInput
+from ttci.model.resources import Resources, shortfall
+from ttci.scheduler.planning.envspec import EnvRequest, parse_duration
+from ttci.scheduler.planning.placement import Ask, HostView, NoPlacement, place
 
 IMG = "qemu:debian-12:arm64"
 

@@ -17,8 +17,8 @@ import requests
 
 from tests.cloudutil import free_port
 from tests.conftest import IMAGE_PATH
-from ttci.allinone import _python_main, _spawn, _stop
-from ttci.run import BASE_ENV
+from ttci.cli.allinone import _spawn, _stop, python_main
+from ttci.infra.proc import BASE_ENV
 
 JOIN = "join-" + secrets.token_urlsafe(12)
 ADMIN = "admin-" + secrets.token_urlsafe(12)
@@ -48,7 +48,7 @@ class Api:
 
 def hostd_argv(state: Path, port: int, host_id: str, sched: str, token: str) -> list[str]:
     return [
-        *_python_main("hostd.cli"),
+        *python_main("hostd.cli.main"),
         "serve",
         "--listen",
         f"127.0.0.1:{port}",
@@ -76,7 +76,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     sched = f"127.0.0.1:{free_port()}"
     env = {**BASE_ENV, "TT_ADMIN_TOKEN": ADMIN, "TT_JOIN_TOKEN": JOIN}
     argv = [
-        *_python_main("ttci.scheduler.serve"),
+        *python_main("ttci.scheduler.web.serve"),
         "--listen",
         sched,
         "--state-dir",

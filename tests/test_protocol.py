@@ -2,7 +2,7 @@
 
 import pytest
 
-from ttci.protocol import (
+from ttci.wire.agent_protocol import (
     MAX_PAYLOAD,
     Decoder,
     Frame,

@@ -10,9 +10,11 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from webhooks.jobs import check_delivery_id
+from webhooks.core.jobs import check_delivery_id
+from webhooks.core.signature import SignatureError, verify
 from webhooks.service import Service
-from webhooks.signature import SignatureError, verify
+
+__all__ = ["MAX_BODY", "bp", "create_app", "healthz", "jobs", "metrics", "webhook"]
 
 bp = Blueprint("github", __name__)
 MAX_BODY = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB

@@ -14,15 +14,18 @@ from types import FrameType
 
 import waitress
 
-from ttci import config as client_config
-from ttci.client import Client
-from ttci.errors import TTError
-from ttci.log import setup_logging
-from ttci.settings import parse_hostport
+from ttci import __version__
+from ttci.client import config as client_config
+from ttci.client.scheduler import Client
+from ttci.infra.log import setup_logging
+from ttci.infra.settings import parse_hostport
+from ttci.model.errors import TTError
 from webhooks.app import create_app
 from webhooks.github_api import GitHubAPI, GitHubConfig
 from webhooks.service import Service, Settings
 from webhooks.store import JobStore
+
+__all__ = ["DEFAULT_STATE", "list_jobs", "main", "make_parser", "serve"]
 
 log = logging.getLogger("webhooks")
 DEFAULT_STATE = "/var/lib/ttci/github"
@@ -34,6 +37,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="GitHub workflow_job webhooks -> a fresh TT CI VM with a just-in-time runner "
         "per job. Secrets come from the environment or files, never from flags.",
     )
+    p.add_argument("--version", action="version", version=f"tt-github-webhooks {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the webhook service (waitress)")

@@ -15,7 +15,9 @@ from typing import Any
 import github
 from github import Auth, Github, GithubException, GithubIntegration, GithubRetry
 
-from ttci.errors import TTError
+from ttci.model.errors import TTError
+
+__all__ = ["GitHubAPI", "GitHubConfig", "GitHubError", "JitRunner", "RateLimited"]
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+__all__ = ["LAUNCHER", "STARTED_MARK", "launch_request", "tar_dir"]
+
 # Started in the VM through the agent. The JIT config comes on stdin, never on a command line:
 # in `env` mode it reaches the runner as ACTIONS_RUNNER_INPUT_JITCONFIG (actions/runner reads
 # ACTIONS_RUNNER_INPUT_<ARG> as its --<arg> option, as actions-runner-controller passes it), so

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttci.client import ApiError, Client
-from ttci.errors import BadInput, TTError
-from webhooks import reconcile
-from webhooks.github_api import GitHubAPI, GitHubError, JitRunner, RateLimited
-from webhooks.jobs import (
+from ttci.client.scheduler import ApiError, Client
+from ttci.model.errors import BadInput, TTError
+from webhooks.core import reconcile
+from webhooks.core.jobs import (
     ACTIVE,
     Event,
     State,
@@ -29,10 +28,13 @@ from webhooks.jobs import (
     runner_name,
     staleness,
 )
-from webhooks.labels import jit_labels, parse_labels
+from webhooks.core.labels import jit_labels, parse_labels
+from webhooks.github_api import GitHubAPI, GitHubError, JitRunner, RateLimited
 from webhooks.metrics import Metrics
 from webhooks.runner import STARTED_MARK, launch_request, tar_dir
 from webhooks.store import JobStore
+
+__all__ = ["Service", "Settings"]
 
 log = logging.getLogger("webhooks")
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import sqlite_utils
 
-from ttci.db import Migration, Store
-from webhooks.jobs import ACTIVE, OPEN, Event, State, transition
+from ttci.infra.db import Migration, Store
+from webhooks.core.jobs import ACTIVE, OPEN, Event, State, transition
+
+__all__ = ["JOB_COLUMNS", "MIGRATIONS", "JobStore"]
 
 
 def _base(db: sqlite_utils.Database) -> None:

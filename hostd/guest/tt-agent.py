@@ -3,6 +3,6 @@
 
 import sys
 
-from ttci.guest_agent import main
+from ttci.agent.main import main
 
 sys.exit(main())

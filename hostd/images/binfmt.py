@@ -14,9 +14,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ttci.arch import Arch
-from ttci.errors import ImageError
-from ttci.run import need, run
+from ttci.infra.proc import need, run
+from ttci.model.arch import Arch
+from ttci.model.errors import ImageError
+
+__all__ = ["BINFMT", "JOURNAL", "Binfmt", "restore_leftovers"]
 
 log = logging.getLogger("hostd.binfmt")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")

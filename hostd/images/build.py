@@ -20,23 +20,43 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ttci
-from hostd.images import cpio
+from hostd.builders import cpio
+from hostd.builders.image_recipe import BuildSpec
+from hostd.builders.initrd_modules import load_order, parse_builtin, parse_modules_dep
 from hostd.images.binfmt import Binfmt, restore_leftovers
 from hostd.images.catalogue import scan
 from hostd.images.fs import atomic_replace_dir, free_bytes, safe_rmtree
-from hostd.images.modules import load_order, parse_builtin, parse_modules_dep
-from hostd.images.recipe import BuildSpec
-from ttci.errors import BadInput, ImageError
-from ttci.log import step
-from ttci.manifest import MANIFEST_FILE, FileEntry, Manifest, parse_dpkg_status
-from ttci.protocol import PROTOCOL_VERSION
-from ttci.run import need, run, run_streaming
+from ttci.infra.log import step
+from ttci.infra.proc import need, run, run_streaming
+from ttci.model.errors import BadInput, ImageError
+from ttci.model.manifest import MANIFEST_FILE, FileEntry, Manifest, parse_dpkg_status
+from ttci.wire.agent_protocol import PROTOCOL_VERSION
+
+__all__ = [
+    "AGENT_MODULES",
+    "GUEST_DIR",
+    "MIN_FREE",
+    "TTCI_DIR",
+    "Builder",
+    "build_image",
+    "build_initrd",
+    "existing_manifest",
+    "guest_files",
+    "prune_cache",
+    "sha256_file",
+]
 
 log = logging.getLogger("hostd.images")
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 TTCI_DIR = Path(ttci.__file__).resolve().parent
-AGENT_MODULES = ("__init__.py", "protocol.py", "guest_agent.py")
+AGENT_MODULES = (
+    "__init__.py",
+    "wire/__init__.py",
+    "wire/agent_protocol.py",
+    "agent/__init__.py",
+    "agent/main.py",
+)
 MIN_FREE = 3 << 30
 
 

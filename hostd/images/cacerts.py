@@ -14,7 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ttci.run import run
+from ttci.infra.proc import run
+
+__all__ = ["LOCAL", "SHARE", "selected", "update"]
 
 SHARE = "usr/share/ca-certificates"
 LOCAL = "usr/local/share/ca-certificates"

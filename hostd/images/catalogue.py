@@ -7,9 +7,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttci.errors import BadInput, ImageError
-from ttci.manifest import MANIFEST_FILE, Manifest
-from ttci.naming import ImageName, select_by_prefix
+from ttci.model.errors import BadInput, ImageError
+from ttci.model.manifest import MANIFEST_FILE, Manifest
+from ttci.model.naming import ImageName, select_by_prefix
+
+__all__ = ["Broken", "Image", "find", "scan"]
 
 log = logging.getLogger("hostd.catalogue")
 

@@ -7,8 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ttci.errors import ImageError
-from ttci.run import run
+from ttci.infra.proc import run
+from ttci.model.errors import ImageError
+
+__all__ = ["atomic_replace_dir", "free_bytes", "mounts_below", "safe_rmtree", "unmount_below"]
 
 
 def mounts_below(path: Path) -> list[str]:

@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from hostd.net.plan import check_ifname
-from ttci.errors import TTError
+from hostd.builders.net_plan import check_ifname
+from ttci.model.errors import TTError
+
+__all__ = ["LinkError", "ensure_bridge", "ensure_tap", "host_networks", "our_links", "remove_link"]
 
 
 class LinkError(TTError):

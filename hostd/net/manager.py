@@ -23,8 +23,7 @@ from typing import Any
 
 import sqlite_utils
 
-from hostd.net import links
-from hostd.net.plan import (
+from hostd.builders.net_plan import (
     EnvNet,
     allocate_subnet,
     bridge_name,
@@ -33,10 +32,13 @@ from hostd.net.plan import (
     mac_address,
     tap_name,
 )
-from hostd.net.ruleset import EnvRules, HostRules, PortMap, delete_script, ruleset
-from ttci.db import Store, now
-from ttci.errors import BadInput, TTError
-from ttci.run import run
+from hostd.builders.nft_ruleset import EnvRules, HostRules, PortMap, delete_script, ruleset
+from hostd.net import links
+from ttci.infra.db import Store, now
+from ttci.infra.proc import run
+from ttci.model.errors import BadInput, TTError
+
+__all__ = ["FORWARD", "RUN_DIR", "NetConfig", "NetError", "NetManager", "VmNet", "host_key"]
 
 log = logging.getLogger("hostd.net")
 FORWARD = Path("/proc/sys/net/ipv4/ip_forward")

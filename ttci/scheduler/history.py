@@ -14,8 +14,22 @@ from typing import Any
 
 import sqlite_utils
 
-from ttci.db import Store, now
-from ttci.errors import BadInput, TTError
+from ttci.infra.db import Store, now
+from ttci.model.errors import BadInput, TTError
+
+__all__ = [
+    "MIGRATION_NAME",
+    "RESULTS",
+    "JobNotFound",
+    "env_deleted",
+    "env_ready",
+    "job_json",
+    "migrate",
+    "parse_result",
+    "recent",
+    "report_result",
+    "since",
+]
 
 RESULTS = ("success", "failed", "cancelled", "error")
 MIGRATION_NAME = "0010_job_history"

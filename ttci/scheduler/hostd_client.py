@@ -8,7 +8,9 @@ from typing import Any
 
 import requests
 
-from ttci.errors import BadInput, TTError
+from ttci.model.errors import BadInput, TTError
+
+__all__ = ["HostUnreachable", "HostdClient", "HostdError"]
 
 
 class HostdError(TTError):

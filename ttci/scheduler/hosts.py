@@ -16,13 +16,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ttci.arch import Arch
-from ttci.db import Store, now
-from ttci.errors import BadInput, TTError
-from ttci.httpapi import API_VERSION
-from ttci.resources import Resources
+from ttci.infra.db import Store, now
+from ttci.infra.http_server import API_VERSION
+from ttci.model.arch import Arch
+from ttci.model.errors import BadInput, TTError
+from ttci.model.resources import Resources
 from ttci.scheduler.hostd_client import HostdClient, HostdError
-from ttci.scheduler.placement import HostView
+from ttci.scheduler.planning.placement import HostView
+
+__all__ = [
+    "HOST_ID_RE",
+    "URL_RE",
+    "HostNotFound",
+    "HostPool",
+    "HostRefused",
+    "check_registration",
+    "effective_free",
+    "kvm_arches",
+]
 
 log = logging.getLogger("ttci.scheduler.hosts")
 HOST_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")

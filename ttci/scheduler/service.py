@@ -22,16 +22,18 @@ from typing import Any
 import sqlite_utils
 import sqlite_utils.db
 
-from ttci.db import Store, now
-from ttci.errors import BadInput, TTError
-from ttci.naming import ImageName
-from ttci.resources import Resources
+from ttci.infra.db import Store, now
+from ttci.model.errors import BadInput, TTError
+from ttci.model.naming import ImageName
+from ttci.model.resources import Resources
 from ttci.scheduler import history
-from ttci.scheduler.envspec import EnvRequest
 from ttci.scheduler.hostd_client import HostdClient, HostdError, HostUnreachable
 from ttci.scheduler.hosts import HostPool
-from ttci.scheduler.placement import Ask, NoPlacement, place
+from ttci.scheduler.planning.envspec import EnvRequest
+from ttci.scheduler.planning.placement import Ask, NoPlacement, place
 from ttci.scheduler.users import User, Users
+
+__all__ = ["PARALLEL_CREATES", "EnvBusy", "EnvExists", "EnvNotFound", "Scheduler"]
 
 log = logging.getLogger("ttci.scheduler")
 PARALLEL_CREATES = 8

@@ -13,8 +13,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from ttci.db import Store, now
-from ttci.errors import BadInput, TTError
+from ttci.infra.db import Store, now
+from ttci.model.errors import BadInput, TTError
+
+__all__ = ["USER_RE", "User", "UserExists", "UserNotFound", "Users", "digest"]
 
 USER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 

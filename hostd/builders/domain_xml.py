@@ -1,0 +1,120 @@
+"""libvirt domain XML for one VM, built as a string from plain values (no I/O)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ttci.model.arch import Arch
+from ttci.wire.agent_protocol import PORT_NAME
+
+__all__ = ["QEMU_NS", "TT_NS", "DomainSpec", "domain_xml", "metadata_from_xml"]
+
+TT_NS = "https://ttci.example/xmlns/vm/1"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+# Per-arch libvirt settings (DESIGN.md: measured on libvirt 9.0 / QEMU 7.2).
+_LIBVIRT: dict[Arch, tuple[str, str | None, str, tuple[str, ...]]] = {
+    # arch: (machine, cpu mode, serial target type, qemu passthrough args)
+    Arch.AMD64: ("q35", "maximum", "isa-serial", ()),
+    Arch.I386: ("q35", "maximum", "isa-serial", ()),
+    Arch.ARM64: ("virt", "maximum", "system-serial", ("-global", "max-arm-cpu.pauth-impdef=on")),
+    Arch.ARMHF: ("virt", "maximum", "system-serial", ()),
+    Arch.RISCV64: ("virt", None, "system-serial", ()),
+    Arch.PPC64EL: ("pseries", None, "spapr-vio-serial", ("-machine", "x-vof=on")),
+    Arch.S390X: ("s390-ccw-virtio", "maximum", "sclp-serial", ()),
+}
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    uuid: str
+    arch: Arch
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    disk: Path
+    agent_socket: Path
+    console_log: Path
+    memory_mib: int
+    vcpus: int
+    accel: str = "tcg"  # "kvm" or "tcg"
+    emulator: str | None = None
+    nic: tuple[str, str] | None = None  # (tap made by hostd, MAC): <interface type='ethernet'>
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    machine, cpu_mode, serial_target, passthrough = _LIBVIRT[spec.arch]
+    ET.register_namespace("qemu", QEMU_NS)
+    ET.register_namespace("tt", TT_NS)
+    dom = ET.Element("domain", {"type": "kvm" if spec.accel == "kvm" else "qemu"})
+    _sub(dom, "name", spec.name)
+    _sub(dom, "uuid", spec.uuid)
+    meta = _sub(dom, "metadata")
+    tt = ET.SubElement(meta, f"{{{TT_NS}}}vm")
+    for key, value in sorted(spec.metadata.items()):
+        ET.SubElement(tt, f"{{{TT_NS}}}{key}").text = value
+    _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(spec.vcpus))
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch=spec.arch.row.libvirt_arch, machine=machine)
+    _sub(os_el, "kernel", str(spec.kernel))
+    _sub(os_el, "initrd", str(spec.initrd))
+    _sub(os_el, "cmdline", spec.cmdline)
+    features = _sub(dom, "features")
+    if spec.arch in (Arch.AMD64, Arch.I386):
+        _sub(features, "acpi")
+    if spec.accel == "kvm":
+        _sub(dom, "cpu", mode="host-passthrough")
+    elif cpu_mode:
+        _sub(dom, "cpu", mode=cpu_mode)
+    _sub(dom, "clock", offset="utc")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(dom, event, "destroy")
+    dev = _sub(dom, "devices")
+    if spec.emulator:
+        _sub(dev, "emulator", spec.emulator)
+    disk = _sub(dev, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+    _sub(disk, "source", file=str(spec.disk))
+    _sub(disk, "target", dev="vda", bus="virtio")
+    serial = _sub(dev, "serial", type="file")
+    _sub(serial, "source", path=str(spec.console_log))
+    _sub(serial, "target", type=serial_target)
+    chan = _sub(dev, "channel", type="unix")
+    _sub(chan, "source", mode="bind", path=str(spec.agent_socket))
+    _sub(chan, "target", type="virtio", name=PORT_NAME)
+    if spec.nic:
+        iface = _sub(dev, "interface", type="ethernet")
+        _sub(iface, "mac", address=spec.nic[1])
+        _sub(iface, "target", dev=spec.nic[0], managed="no")
+        _sub(iface, "model", type="virtio")
+        _sub(iface, "driver", name="qemu")  # userspace virtio-net: no vhost-net needed
+    rng = _sub(dev, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _sub(dev, "controller", type="usb", model="none")
+    _sub(dev, "memballoon", model="none")
+    if passthrough:
+        cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+        for arg in passthrough:
+            ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
+    return ET.tostring(dom, encoding="unicode")
+
+
+def metadata_from_xml(xml: str) -> dict[str, str]:
+    """Our metadata of a domain (empty when the domain is not ours)."""
+    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML about our own domains
+    node = root.find(f"metadata/{{{TT_NS}}}vm")
+    if node is None:
+        return {}
+    return {child.tag.split("}", 1)[1]: child.text or "" for child in node}

@@ -1,0 +1,275 @@
+"""The `image` verbs, shared by `tt image ...` and `tt-hostd image ...` (operator side, local)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hostd.builders.image_recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
+from hostd.images.build import Builder, prune_cache
+from hostd.images.catalogue import find, scan
+from hostd.vm.image_check import CheckResult, check_image
+from ttci.client import config
+from ttci.client.scheduler import Client
+from ttci.infra.settings import add_setting
+from ttci.model.errors import BadInput, TTError
+from ttci.model.manifest import Manifest
+from ttci.model.naming import parse_arch, parse_profile, parse_release
+
+__all__ = [
+    "cmd_build",
+    "cmd_check",
+    "cmd_list",
+    "cmd_list_pool",
+    "cmd_prune",
+    "parse_size",
+    "register",
+    "register_pool",
+    "specs_from_args",
+]
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise BadInput(f"size {text!r} does not parse", hint="write e.g. 4G or 2048M") from None
+
+
+def register_pool(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`tt image ...` (found by `tt` through the ttci.commands entry point)."""
+    register(sub, pool=True)
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], *, pool: bool = False
+) -> None:
+    """The image verbs; with pool, `list` asks the scheduler unless --local is given."""
+    image = sub.add_parser("image", help="build, check and list guest images on this host")
+    isub = image.add_subparsers(dest="image_cmd", required=True, metavar="VERB")
+
+    b = isub.add_parser("build", help="build a guest image from Debian packages with mmdebstrap")
+    b.add_argument("release", nargs="?", help="OS-RELEASE, e.g. debian-12 (omit with --default)")
+    b.add_argument("--arch", action="append", default=[], help="Debian architecture (repeatable)")
+    b.add_argument("--default", action="store_true", help="build the nine default images")
+    b.add_argument(
+        "--profile", default="agent", help="agent (boot straight to the agent) or systemd"
+    )
+    b.add_argument("--package", action="append", default=[], help="extra Debian package")
+    b.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="SRC:DEST",
+        help="copy a host file or directory into the image",
+    )
+    b.add_argument("--size", default="4G", help="disk size of the image (default 4G)")
+    b.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
+    b.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="images built at once (default: one per core)",
+    )
+    b.add_argument("--json", action="store_true", help="print manifests as JSON")
+    for s in ("image-path", "cache-dir", "mirror"):
+        add_setting(b, s)
+    b.set_defaults(func=cmd_build)
+
+    c = isub.add_parser("check", help="boot an image and run `uname -m` through its agent")
+    c.add_argument("names", nargs="*", help="image names or unique prefixes")
+    c.add_argument("--all", action="store_true", help="check every image on this host")
+    c.add_argument("--json", action="store_true", help="print results as JSON")
+    c.add_argument("--timeout", type=float, default=90, help="seconds to wait for the agent")
+    add_setting(c, "image-path")
+    c.set_defaults(func=cmd_check)
+
+    pr = isub.add_parser("prune", help="remove build-cache trees no image here was made from")
+    add_setting(pr, "image-path")
+    add_setting(pr, "cache-dir")
+    pr.set_defaults(func=cmd_prune)
+
+    if pool:
+        ls = isub.add_parser("list", help="list the pool's images (--local: this host's)")
+        ls.add_argument("--local", action="store_true", help="list this host's --image-path")
+        ls.set_defaults(func=_list_pool_or_local)
+    else:
+        ls = isub.add_parser("list", help="list the images on this host (and broken ones)")
+        ls.set_defaults(func=cmd_list)
+    ls.add_argument("--json", action="store_true", help="print as JSON")
+    add_setting(ls, "image-path")
+
+
+def specs_from_args(args: argparse.Namespace) -> list[BuildSpec]:
+    size = parse_size(args.size)
+    adds = tuple(AddedFile.parse(a) for a in args.add)
+    profile = parse_profile(args.profile)
+    if args.default:
+        if args.release or args.arch:
+            raise BadInput("--default builds the default set", hint="drop RELEASE and --arch")
+        targets = [(parse_release(r), a) for r, a in DEFAULT_TARGETS]
+    else:
+        if not args.release:
+            raise BadInput("which release?", hint="tt image build debian-12 --arch arm64")
+        release = parse_release(args.release)
+        arches = [parse_arch(a) for a in args.arch] or [parse_arch("amd64")]
+        targets = [(release, a) for a in arches]
+    return [
+        BuildSpec(
+            release=r,
+            arch=a,
+            profile=profile,
+            packages=tuple(args.package),
+            adds=adds,
+            disk_size=size,
+            mirror=args.mirror,
+        )
+        for r, a in targets
+    ]
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    specs = list(dict.fromkeys(specs_from_args(args)))
+    if args.jobs < 1:
+        raise BadInput(f"--jobs {args.jobs} is below 1", hint="pass --jobs 1 or more")
+    names = ", ".join(str(s.name) for s in specs)
+    out.print(
+        f"[bold]building {len(specs)} image(s), {args.jobs} at a time:[/bold] {names}",
+        highlight=False,
+    )
+    done = 0
+
+    def report(manifest: Manifest, built: bool) -> None:
+        nonlocal done
+        done += 1
+        word = "built" if built else "up to date"
+        out.print(
+            f"({done}/{len(specs)}) {manifest.name}: {word}, disk "
+            f"{manifest.disk.size >> 20} MiB, kernel {manifest.kernel_version}",
+            highlight=False,
+        )
+
+    builder = Builder(args.image_path, args.cache_dir)
+    results = builder.build_many(specs, force=args.force, jobs=args.jobs, on_done=report)
+    if args.json:
+        print(json.dumps([m.to_dict() for m, _ in results], indent=2))
+    return 0
+
+
+def _results_table(results: list[CheckResult]) -> Table:
+    t = Table(title="image check")
+    for col in ("image", "guest arch", "accel", "first answer", "uname", "result"):
+        t.add_column(col)
+    for r in results:
+        t.add_row(
+            r.name,
+            r.machine,
+            r.accel,
+            f"{r.first_answer_s:.2f} s",
+            f"{r.uname_s * 1000:.0f} ms",
+            "ok" if r.ok else f"expected {r.expected}",
+        )
+    return t
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if args.all:
+        images, _ = scan(args.image_path)
+        if not images:
+            raise BadInput("no images to check", hint="build some with `tt image build`")
+    elif args.names:
+        images = [find(args.image_path, n) for n in args.names]
+    else:
+        raise BadInput("which image?", hint="tt image check qemu:debian-12:arm64, or --all")
+    results: list[CheckResult] = []
+    failures: list[str] = []
+    for img in images:
+        if not args.json:
+            out.print(f"booting {img.name} ...", highlight=False)
+        try:
+            results.append(check_image(img, timeout=args.timeout))
+        except TTError as e:
+            failures.append(f"{img.name}: {e}")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        out.print(_results_table(results))
+    for f in failures:
+        print(f"error: {f}", file=sys.stderr)
+    return 0 if not failures and all(r.ok for r in results) else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    images, broken = scan(Path(args.image_path))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "images": [
+                        {
+                            "name": i.name,
+                            "path": str(i.path),
+                            "arch": i.manifest.arch,
+                            "release": i.manifest.release,
+                            "profile": i.manifest.profile,
+                            "kernel": i.manifest.kernel_version,
+                            "built_at": i.manifest.built_at,
+                            "disk_bytes": i.manifest.disk.size,
+                        }
+                        for i in images
+                    ],
+                    "broken": [{"path": str(b.path), "reason": b.reason} for b in broken],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    t = Table(title=f"images in {args.image_path}")
+    for col in ("name", "suite", "kernel", "disk", "built"):
+        t.add_column(col)
+    for i in images:
+        m = i.manifest
+        t.add_row(m.name, m.suite, m.kernel_version, f"{m.disk.size >> 20} MiB", m.built_at)
+    out.print(t)
+    for b in broken:
+        out.print(f"[red]broken[/red] {b.path}: {b.reason}", highlight=False)
+    return 0
+
+
+def _list_pool_or_local(args: argparse.Namespace) -> int:
+    return cmd_list(args) if args.local else cmd_list_pool(args)
+
+
+def cmd_list_pool(args: argparse.Namespace) -> int:
+    """`tt image list`: the pool's catalogue, as the scheduler aggregates it from its hosts."""
+    images = Client(config.load()).get("/v1/images")
+    if args.json:
+        print(json.dumps(images, indent=2))
+        return 0
+    t = Table(title="images in the pool")
+    for col in ("name", "os", "arch", "kernel", "hosts"):
+        t.add_column(col, overflow="fold")
+    for i in images:
+        t.add_row(i["name"], i["release"], i["arch"], i["kernel"], ", ".join(i["hosts"]))
+    out.print(t)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    removed = prune_cache(args.image_path, args.cache_dir)
+    for tree in removed:
+        print(f"removed {tree}")
+    print(f"{len(removed)} cache tree(s) removed")
+    return 0

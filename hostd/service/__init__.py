@@ -1,0 +1,1 @@
+"""hostd/service"""

@@ -1,0 +1,297 @@
+"""hostd's internal HTTP API (used by the scheduler). Views parse, then call VMManager."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import os
+import platform
+import queue
+import tarfile
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from hostd.service import metrics
+from hostd.vm.agent_client import ExitStatus
+from hostd.vm.engine import EngineError
+from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager, VMRequest
+from ttci import __version__
+from ttci.infra.http_server import API_VERSION, install_auth, install_errors, json_body, ndjson
+from ttci.model.errors import AgentError, BadInput, BootError, TTError
+
+__all__ = [
+    "bp",
+    "create_app",
+    "create_vm",
+    "delete_vm",
+    "exec_events",
+    "exec_vm",
+    "get",
+    "get_vm",
+    "host",
+    "host_info",
+    "images",
+    "list_vms",
+    "parse_exec",
+    "push",
+]
+
+bp = Blueprint("hostd", __name__, url_prefix="/v1")
+log = logging.getLogger("hostd.service.api")
+
+
+def _mgr() -> VMManager:
+    mgr: VMManager = current_app.config["VMS"]
+    return mgr
+
+
+@bp.get("/host")
+def host() -> Response:
+    return jsonify(host_info(_mgr()))
+
+
+def host_info(mgr: VMManager) -> dict[str, Any]:
+    """What this host offers: capacity, use, images, accelerator (also sent as heartbeat)."""
+    used = mgr.used()
+    return dict(
+        {
+            "host_id": mgr.cfg.host_id,
+            "version": __version__,
+            "api": API_VERSION,
+            "machine": platform.machine(),
+            "total": mgr.cfg.total.to_dict(),
+            "used": used.to_dict(),
+            "free": (mgr.cfg.total - used).to_dict(),
+            "vms": sum(1 for r in mgr.all() if r["state"] == "running"),
+            "images": [_image_json(i) for i in mgr.images()],
+            "engine": mgr.engine.check(),
+            **dict(zip(("accel", "accel_why"), mgr.accel(), strict=True)),
+        }
+    )
+
+
+def _image_json(i: Any) -> dict[str, Any]:
+    m = i.manifest
+    return {
+        "name": m.name,
+        "os": m.os,
+        "release": m.release,
+        "arch": m.arch,
+        "profile": m.profile,
+        "kernel": m.kernel_version,
+        "built_at": m.built_at,
+        "disk_gib": m.disk_virtual_size >> 30,
+    }
+
+
+@bp.get("/images")
+def images() -> Response:
+    return jsonify([_image_json(i) for i in _mgr().images()])
+
+
+@bp.get("/vms")
+def list_vms() -> Response:
+    return jsonify(_mgr().all())
+
+
+@bp.post("/vms")
+def create_vm() -> tuple[Response, int]:
+    req = VMRequest.from_dict(json_body())
+    row = current_app.config["METRICS"].count_boot(lambda: _mgr().create(req))
+    return jsonify(row), 201
+
+
+@bp.get("/vms/<vm_id>")
+def get_vm(vm_id: str) -> Response:
+    return jsonify(_mgr().get(vm_id))
+
+
+@bp.delete("/vms/<vm_id>")
+def delete_vm(vm_id: str) -> tuple[str, int]:
+    _mgr().delete(vm_id)
+    return "", 204
+
+
+def _status_json(st: ExitStatus) -> dict[str, Any]:
+    return {
+        "event": "exit",
+        "code": st.code,
+        "signal": st.signal,
+        "timed_out": st.timed_out,
+        "cancelled": st.cancelled,
+    }
+
+
+def parse_exec(req: dict[str, Any]) -> dict[str, Any]:
+    """Validate an exec request (argv, env, cwd, timeout, stdin_b64) into run() keywords."""
+    argv = req.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise BadInput("argv must be a non-empty list of strings", hint='{"argv": ["uname"]}')
+    env = req.get("env")
+    if env is not None and (
+        not isinstance(env, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise BadInput("env must be an object of strings", hint='{"env": {"CI": "true"}}')
+    cwd = req.get("cwd")
+    if cwd is not None and not (isinstance(cwd, str) and cwd.startswith("/")):
+        raise BadInput("cwd must be an absolute path", hint='{"cwd": "/root"}')
+    timeout = req.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise BadInput(
+            f"timeout {timeout!r} is not a positive number of seconds", hint='{"timeout": 600}'
+        )
+    stdin = None
+    if req.get("stdin_b64") is not None:
+        try:
+            stdin = base64.b64decode(str(req["stdin_b64"]), validate=True)
+        except binascii.Error as e:
+            raise BadInput(f"stdin_b64 is not base64: {e}", hint="encode stdin with base64") from e
+    return {"argv": argv, "env": env, "cwd": cwd, "timeout": timeout, "stdin": stdin}
+
+
+def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Run a command and yield its events as they happen; a dropped client cancels it."""
+    kw = parse_exec(req)
+    argv = kw.pop("argv")
+    agent = mgr.agent(vm_id)  # raises before the stream starts: a proper HTTP error
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)
+    abandoned = threading.Event()
+    channel: list[int] = []
+
+    def emit(ev: dict[str, Any] | None) -> None:
+        while not abandoned.is_set():  # nobody reads an abandoned stream: drop, never block
+            try:
+                events.put(ev, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            st = mgr.exec(
+                vm_id,
+                argv,
+                **kw,
+                on_start=channel.append,
+                on_stdout=lambda b: emit({"event": "stdout", "data": base64.b64encode(b).decode()}),
+                on_stderr=lambda b: emit({"event": "stderr", "data": base64.b64encode(b).decode()}),
+            )
+            emit(_status_json(st))
+        except VMLost as e:
+            emit({"event": "error", "message": e.message, "lost": True})
+        except TTError as e:
+            emit({"event": "error", "message": e.message, "lost": False})
+        except Exception as e:  # the stream must always end with exit or error
+            log.exception("exec on %s failed", vm_id)
+            emit({"event": "error", "message": f"hostd failed: {e!r}", "lost": False})
+        finally:
+            emit(None)
+
+    def gen() -> Iterator[dict[str, Any]]:
+        threading.Thread(target=work, daemon=True).start()
+        finished = False
+        try:
+            yield {"event": "start"}
+            while (ev := events.get()) is not None:
+                yield ev
+            finished = True
+        finally:
+            abandoned.set()
+            if not finished and channel:
+                agent.cancel(channel[0])
+
+    return gen()
+
+
+@bp.post("/vms/<vm_id>/exec")
+def exec_vm(vm_id: str) -> Response:
+    events = exec_events(_mgr(), vm_id, json_body())
+    return ndjson(current_app.config["METRICS"].timed_exec(events))
+
+
+@bp.put("/vms/<vm_id>/files")
+def push(vm_id: str) -> Response:
+    """Body: a tar stream, unpacked into ?dest= in the guest (created if missing)."""
+    dest = request.args.get("dest", "")
+    if not dest.startswith("/"):
+        raise BadInput(f"dest {dest!r} is not an absolute guest path", hint="dest=/root/work")
+    data = request.get_data()
+    out: list[bytes] = []
+    st = _mgr().exec(
+        vm_id,
+        ["sh", "-c", 'mkdir -p "$1" && tar -x -C "$1"', "tt-push", dest],
+        stdin=data,
+        on_stderr=out.append,
+        on_stdout=out.append,
+    )
+    if not st.ok:
+        raise BadInput(
+            f"unpacking into {dest} failed: {b''.join(out).decode(errors='replace')}",
+            hint="check the destination path and permissions in the VM",
+        )
+    return jsonify({"bytes": len(data), "dest": dest})
+
+
+@bp.get("/vms/<vm_id>/files")
+def get(vm_id: str) -> Response:
+    """A tar stream of ?path= in the guest (a file or a directory)."""
+    path = request.args.get("path", "")
+    if not path.startswith("/"):
+        raise BadInput(f"path {path!r} is not an absolute guest path", hint="path=/etc/os-release")
+    out: list[bytes] = []
+    err: list[bytes] = []
+    parent, name = os.path.split(path.rstrip("/")) if path != "/" else ("/", ".")
+    st = _mgr().exec(
+        vm_id,
+        ["tar", "-c", "-h", "-C", parent or "/", name],
+        on_stdout=out.append,
+        on_stderr=err.append,
+    )
+    if not st.ok:
+        raise BadInput(
+            f"cannot read {path}: {b''.join(err).decode(errors='replace').strip()}",
+            hint="check the path exists in the VM",
+        )
+    data = b"".join(out)
+    tarfile.open(fileobj=io.BytesIO(data)).close()  # a valid archive, or TarError -> 500
+    return Response(data, mimetype="application/x-tar")
+
+
+def create_app(mgr: VMManager, token: str) -> Flask:
+    app = Flask("hostd")
+    app.config["VMS"] = mgr
+    app.config["METRICS"] = metrics.HostMetrics(lambda: metrics.hostd_snapshot(mgr))
+    install_auth(app, {token: "scheduler"}, open_paths=("/v1/health", "/metrics"))
+    install_errors(
+        app,
+        {
+            NotFound: 404,
+            NoCapacity: 409,
+            VMLost: 410,
+            BadInput: 400,
+            BootError: 502,
+            EngineError: 503,
+            AgentError: 502,
+        },
+    )
+    app.register_blueprint(bp)
+
+    @app.get("/v1/health")
+    def health() -> Response:
+        return jsonify({"ok": True, "host_id": mgr.cfg.host_id})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        """Open like node_exporter's: counts and sizes only, never a token or a name."""
+        body = app.config["METRICS"].exposition()
+        return Response(body, content_type=metrics.CONTENT_TYPE)
+
+    return app

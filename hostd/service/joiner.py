@@ -1,0 +1,116 @@
+"""A hostd that joins a scheduler by itself: register with the join token, then heartbeat.
+
+Heartbeats carry what `/v1/host` shows (capacity, use, images, accelerator), so the scheduler
+places from fresh numbers without polling. A scheduler that forgot the host (404) gets a new
+registration; one that is away is retried quietly; a refusal (wrong token, other version)
+is fatal for the first registration and logged afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from ttci.infra.http_server import API_VERSION
+from ttci.model.errors import TTError
+
+__all__ = ["JoinRefused", "Joiner"]
+
+log = logging.getLogger("hostd.service.joiner")
+
+
+class JoinRefused(TTError):
+    """The scheduler refused this host."""
+
+
+class Joiner:
+    def __init__(
+        self,
+        *,
+        scheduler: str,
+        join_token: str,
+        host_id: str,
+        advertise_url: str,
+        host_token: str,
+        info: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.url = scheduler.rstrip("/")
+        self.host_id = host_id
+        self.advertise_url = advertise_url
+        self.host_token = host_token
+        self.info = info
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {join_token}"
+        self.interval = 5.0
+        self._stop = threading.Event()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = self.session.post(self.url + path, json=body, timeout=10)
+        if r.status_code in (400, 403, 409):
+            try:
+                err = r.json()
+            except ValueError:
+                err = {"error": r.text[:200]}
+            raise JoinRefused(
+                f"scheduler {self.url} refused host {self.host_id}: {err.get('error')}",
+                hint=err.get("hint"),
+            )
+        r.raise_for_status()
+        out: dict[str, Any] = r.json()
+        return out
+
+    def register(self) -> None:
+        out = self._post(
+            "/v1/hosts/register",
+            {
+                "id": self.host_id,
+                "url": self.advertise_url,
+                "api": API_VERSION,
+                "token": self.host_token,
+                "info": self.info(),
+            },
+        )
+        self.interval = float(out.get("heartbeat_s", 5.0))
+        log.info("joined %s as %s (heartbeat every %.1f s)", self.url, self.host_id, self.interval)
+
+    def beat(self) -> None:
+        try:
+            out = self._post("/v1/hosts/heartbeat", {"id": self.host_id, "info": self.info()})
+            self.interval = float(out.get("heartbeat_s", self.interval))
+        except requests.HTTPError as e:
+            if e.response is not None and e.response.status_code == 404:
+                self.register()  # the scheduler forgot us (new state): join again
+            else:
+                raise
+
+    def start(self) -> None:
+        """Register now (a refusal raises: the operator must fix it), then beat in a thread.
+
+        A scheduler that is not up yet is no refusal: the thread keeps trying."""
+        registered = False
+        try:
+            self.register()
+            registered = True
+        except requests.RequestException as e:
+            log.warning("scheduler %s not reachable yet (%s); retrying", self.url, e)
+
+        def loop() -> None:
+            nonlocal registered
+            while not self._stop.wait(self.interval if registered else 2.0):
+                try:
+                    if registered:
+                        self.beat()
+                    else:
+                        self.register()
+                        registered = True
+                except (requests.RequestException, TTError) as e:
+                    log.warning("heartbeat to %s failed: %s", self.url, e)
+
+        threading.Thread(target=loop, name="joiner", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,134 @@
+"""Prometheus metrics of hostd: boots and commands counted in-process; VMs and capacity read
+from the VM manager at scrape time. The endpoint is open and never shows a token or command line."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ttci.infra.metrics_common import CONTENT_TYPE, RESOURCES, VM_STATES, by_state
+
+__all__ = ["CONTENT_TYPE", "HostMetrics", "hostd_snapshot"]
+
+BOOT_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0)
+EXEC_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+
+
+class _Snapshot(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        vms = GaugeMetricFamily("ttci_hostd_vms", "VMs on this host, by state", labels=["state"])
+        for state, n in by_state(list(snap["vms"].items()), VM_STATES).items():
+            vms.add_metric([state], n)
+        yield vms
+        for name, what in (("capacity", "total"), ("used", "used")):
+            g = GaugeMetricFamily(
+                f"ttci_hostd_{name}", f"Resources this host has ({what})", labels=["resource"]
+            )
+            for key, label in RESOURCES:
+                g.add_metric([label], float(snap[what].get(key, 0)))
+            yield g
+
+
+class HostMetrics:
+    """hostd's metrics: boots and commands counted as they happen, VMs and capacity on scrape.
+
+    snapshot() returns {"vms": {state: count}, "total": {...}, "used": {...}}.
+    """
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.boots = Counter(
+            "ttci_hostd_vm_boots",
+            "VM creations, by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self.boot_seconds = Histogram(
+            "ttci_hostd_vm_boot_seconds",
+            "From create request to the agent's first answer",
+            buckets=BOOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.execs = Counter(
+            "ttci_hostd_execs",
+            "Commands run in VMs, by outcome (ok, failed, timed_out, killed, error, cancelled)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.exec_seconds = Histogram(
+            "ttci_hostd_exec_seconds",
+            "Command duration from start to exit",
+            buckets=EXEC_BUCKETS,
+            registry=self.registry,
+        )
+        for r in ("ok", "failed"):
+            self.boots.labels(r)
+        for o in ("ok", "failed", "timed_out", "killed", "error", "cancelled"):
+            self.execs.labels(o)
+        self.registry.register(_Snapshot(snapshot))
+
+    def booted(self, seconds: float) -> None:
+        self.boots.labels("ok").inc()
+        self.boot_seconds.observe(seconds)
+
+    def boot_failed(self) -> None:
+        self.boots.labels("failed").inc()
+
+    def exec_done(self, event: dict[str, Any], seconds: float) -> None:
+        """Count a finished command from its final event (exit or error)."""
+        if event.get("event") == "error":
+            outcome = "error"
+        elif event.get("cancelled"):
+            outcome = "cancelled"
+        elif event.get("timed_out"):
+            outcome = "timed_out"
+        elif event.get("signal"):
+            outcome = "killed"
+        else:
+            outcome = "ok" if event.get("code") == 0 else "failed"
+        self.execs.labels(outcome).inc()
+        self.exec_seconds.observe(seconds)
+
+    def count_boot(self, create: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a VM creation, counting it and timing its boot (boot_s of the row it returns)."""
+        try:
+            row = create()
+        except Exception:
+            self.boot_failed()
+            raise
+        self.booted(float(row.get("boot_s") or 0.0))
+        return row
+
+    def timed_exec(self, events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pass a command's event stream through, counting it when it ends.
+
+        A stream the client abandons before the end counts as cancelled.
+        """
+        t0, final = time.monotonic(), None
+        try:
+            for ev in events:
+                if ev.get("event") in ("exit", "error"):
+                    final = ev
+                yield ev
+        finally:
+            self.exec_done(final or {"event": "exit", "cancelled": True}, time.monotonic() - t0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def hostd_snapshot(mgr: Any) -> dict[str, Any]:
+    """VMs by state and capacity of a hostd VMManager (for HostMetrics)."""
+    counts: dict[str, int] = {}
+    for row in mgr.all():
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    return {"vms": counts, "total": mgr.cfg.total.to_dict(), "used": mgr.used().to_dict()}

@@ -1,0 +1,223 @@
+"""`tt-hostd serve`: the host daemon (successor of TT's ttserver)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import waitress
+
+from hostd.net.manager import NetConfig
+from hostd.service.api import create_app, host_info
+from hostd.service.joiner import Joiner
+from hostd.vm.engine import Engine
+from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
+from hostd.vm.manager import HostConfig, VMManager
+from ttci.infra.proc import need
+from ttci.infra.settings import add_setting, parse_hostport
+from ttci.model.errors import BadInput
+from ttci.model.resources import Resources
+
+__all__ = ["cmd_serve", "default_total", "register"]
+
+log = logging.getLogger("hostd.service.serve")
+
+
+def default_total(state_dir: Path) -> Resources:
+    """2 vCPUs per core (CI guests idle a lot), 80 % of memory, 80 % of free disk."""
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    probe = state_dir if state_dir.exists() else Path("/")
+    disk = shutil.disk_usage(probe).free
+    return Resources((os.cpu_count() or 1) * 2, int(mem_kib * 0.8 / 1024), int(disk * 0.8 / 2**30))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("serve", help="run the host daemon (its API is used by the scheduler)")
+    s.add_argument("--listen", default="127.0.0.1:7420", help="ADDR:PORT to serve the API on")
+    s.add_argument(
+        "--token",
+        default=os.environ.get("TT_HOSTD_TOKEN", ""),
+        help="bearer token the scheduler must send (env TT_HOSTD_TOKEN)",
+    )
+    s.add_argument(
+        "--host-id",
+        default=socket.gethostname().split(".")[0].lower(),
+        help="this host's name in the pool (default: the hostname)",
+    )
+    for name in ("image-path", "state-dir"):
+        add_setting(s, name)
+    s.add_argument("--cpu-total", type=float, help="vCPUs to hand out (default 2 per core)")
+    s.add_argument("--mem-total", type=int, help="MiB of memory to hand out (default 80 %%)")
+    s.add_argument("--disk-total", type=int, help="GiB of disk to hand out (default 80 %% free)")
+    s.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt to drive")
+    s.add_argument(
+        "--private-libvirtd",
+        action="store_true",
+        help="start an own libvirtd under --state-dir instead of using the system's",
+    )
+    s.add_argument(
+        "--keep-vms",
+        action="store_true",
+        help="leave VMs running when stopped (a restart re-attaches them)",
+    )
+    s.add_argument(
+        "--outgoing",
+        choices=("allow", "deny"),
+        default="allow",
+        help="may VMs reach outside through NAT (allow; ENVs can still --deny-outgoing) or never",
+    )
+    s.add_argument(
+        "--vm-net-pool",
+        default="10.213.0.0/16",
+        help="IPv4 pool the ENV subnets come from (default 10.213.0.0/16)",
+    )
+    s.add_argument(
+        "--port-range",
+        default="20000-29999",
+        help="host ports for --vm-port maps (default 20000-29999)",
+    )
+    s.add_argument(
+        "--public-addr",
+        help="address users reach port maps at (default: the --advertise or --listen address)",
+    )
+    s.add_argument(
+        "--protect",
+        metavar="ADDR[,ADDR]",
+        help="control-plane addresses VMs must never reach, even through NAT (the --join "
+        "scheduler is always protected)",
+    )
+    s.add_argument(
+        "--join",
+        metavar="ADDR:PORT",
+        help="register with this scheduler (instead of being listed in its --server-set)",
+    )
+    s.add_argument(
+        "--join-token",
+        default=os.environ.get("TT_JOIN_TOKEN", ""),
+        help="the scheduler's join token (env TT_JOIN_TOKEN)",
+    )
+    s.add_argument(
+        "--advertise",
+        metavar="ADDR:PORT",
+        help="where the scheduler reaches this hostd (default: --listen)",
+    )
+    s.set_defaults(func=cmd_serve)
+
+
+def _join_args(
+    args: argparse.Namespace, host: str, port: int
+) -> tuple[str, str, str, str, str] | None:
+    """(scheduler url, join token, host id, advertised url, host token), checked up front."""
+    if not args.join:
+        return None
+    if not args.join_token:
+        raise BadInput("--join needs --join-token", hint="or set TT_JOIN_TOKEN")
+    shost, sport = parse_hostport(args.join, "--join")
+    ahost, aport = parse_hostport(args.advertise, "--advertise") if args.advertise else (host, port)
+    if ahost in ("0.0.0.0", "::", "") or aport == 0:  # noqa: S104 (refusing it)
+        raise BadInput(
+            f"cannot advertise {ahost}:{aport} to the scheduler",
+            hint="pass --advertise ADDR:PORT with an address the scheduler can reach",
+        )
+    return (
+        f"http://{shost}:{sport}",
+        args.join_token,
+        args.host_id,
+        f"http://{ahost}:{aport}",
+        args.token,
+    )
+
+
+def _net_config(args: argparse.Namespace, listen_host: str) -> NetConfig:
+    lo, sep, hi = args.port_range.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit()):
+        raise BadInput(f"--port-range {args.port_range!r} is not LOW-HIGH", hint="e.g. 20000-29999")
+    public = args.public_addr
+    if not public:
+        public = parse_hostport(args.advertise, "--advertise")[0] if args.advertise else listen_host
+    protected = [a.strip() for a in (args.protect or "").split(",") if a.strip()]
+    if args.join:
+        protected.append(parse_hostport(args.join, "--join")[0])
+    for addr in protected:
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            raise BadInput(
+                f"--protect/--join address {addr!r} is not an IPv4 address",
+                hint="name control-plane hosts by address, e.g. --protect 10.0.0.5",
+            ) from None
+    return NetConfig(
+        protected=tuple(dict.fromkeys(protected)),
+        pool=args.vm_net_pool,
+        outgoing=args.outgoing == "allow",
+        port_range=(int(lo), int(hi)),
+        public_addr=public,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.token:
+        raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
+    host, port = parse_hostport(args.listen, "--listen")
+    state_dir: Path = args.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    dflt = default_total(state_dir)
+    total = Resources(
+        args.cpu_total or dflt.cpus,
+        args.mem_total or dflt.memory_mib,
+        args.disk_total or dflt.disk_gib,
+    )
+    if total.cpus <= 0 or total.memory_mib <= 0 or total.disk_gib <= 0:
+        raise BadInput(f"totals must be positive, got {total.text()}", hint="fix --*-total")
+    joiner_args = _join_args(args, host, port)
+    net = _net_config(args, host)
+    need("nft")  # VM networking: say which package is missing before anything starts
+    libvirtd = None
+    uri = args.libvirt_uri
+    become_subreaper()
+    if args.private_libvirtd:
+        libvirtd = PrivateLibvirtd(state_dir / "libvirt")
+        libvirtd.start()
+        uri = libvirtd.uri
+    engine = Engine(uri)
+    mgr = None
+    try:
+        log.info("engine: %s", engine.check())
+        mgr = VMManager(HostConfig(args.host_id, args.image_path, state_dir, total, net), engine)
+        mgr.reconcile()
+        app = create_app(mgr, args.token)
+        server = waitress.create_server(
+            app, host=host, port=port, threads=32, channel_timeout=3600, ident="tt-hostd"
+        )
+        if joiner_args:
+            manager = mgr
+            sched_url, join_token, hid, adv, htoken = joiner_args
+            joiner = Joiner(
+                scheduler=sched_url,
+                join_token=join_token,
+                host_id=hid,
+                advertise_url=adv,
+                host_token=htoken,
+                info=lambda: host_info(manager),
+            )
+            joiner.start()
+        log.info("tt-hostd %s serving on %s:%d (%s)", args.host_id, host, port, total.text())
+        print(f"tt-hostd ready on {host}:{server.effective_port}", flush=True)
+        server.run()
+    except KeyboardInterrupt:
+        log.info("stopping%s", " (keeping VMs)" if args.keep_vms else "")
+    finally:
+        if mgr is not None:
+            mgr.shutdown(keep_vms=args.keep_vms)
+        if libvirtd is not None and not args.keep_vms:
+            libvirtd.stop()
+    return 0

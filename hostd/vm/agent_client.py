@@ -1,0 +1,241 @@
+"""Host side of the agent protocol: connect to a VM's port, run commands, stream their output."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ttci.model.errors import AgentError, BootError
+from ttci.wire.agent_protocol import (
+    CONTROL,
+    PROTOCOL_VERSION,
+    Decoder,
+    Frame,
+    MsgType,
+    encode,
+    encode_data,
+    encode_json,
+)
+from ttci.wire.agent_protocol import ProtocolError as WireError
+
+__all__ = ["AgentClient", "ExitStatus", "OutputFn"]
+
+OutputFn = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExitStatus:
+        return cls(
+            code=d.get("code"),
+            signal=d.get("signal"),
+            timed_out=bool(d.get("timed_out")),
+            cancelled=bool(d.get("cancelled")),
+        )
+
+
+@dataclass
+class _Call:
+    frames: queue.Queue[Frame | None]
+
+
+class AgentClient:
+    """One authenticated session with one guest agent; several commands may run at once."""
+
+    def __init__(self, sock: socket.socket, hello: dict[str, Any]) -> None:
+        self._sock = sock
+        self.hello = hello
+        self._lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def connect(cls, path: Path, *, token: str | None = None, timeout: float = 60.0) -> AgentClient:
+        """Connect and say HELLO until the agent answers (it starts during boot).
+
+        Raises:
+            BootError: no answer within timeout.
+            AgentError: the agent refused us (wrong token or protocol version).
+        """
+        deadline = time.monotonic() + timeout
+        last_err = "socket never appeared"
+        while time.monotonic() < deadline:
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(path))
+            except OSError as e:
+                last_err = str(e)
+                sock.close()
+                time.sleep(0.02)
+                continue
+            try:
+                return cls(sock, _handshake(sock, token, deadline))
+            except TimeoutError:
+                sock.close()
+                break
+            except (OSError, WireError) as e:
+                last_err = str(e)
+                sock.close()
+                time.sleep(0.05)
+        raise BootError(f"agent at {path} did not answer within {timeout:.0f} s ({last_err})")
+
+    def _send(self, data: bytes) -> None:
+        try:
+            with self._lock:
+                self._sock.sendall(data)
+        except OSError as e:
+            raise AgentError(f"connection to the agent was lost: {e.strerror or e}") from e
+
+    def _read_loop(self) -> None:
+        decoder = Decoder()
+        try:
+            while True:
+                data = self._sock.recv(1 << 20)
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    call = self._calls.get(frame.channel)
+                    if call is not None:
+                        call.frames.put(frame)
+        except (OSError, WireError):
+            pass
+        self._closed = True
+        for call in list(self._calls.values()):
+            call.frames.put(None)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        on_stdout: OutputFn | None = None,
+        on_stderr: OutputFn | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> ExitStatus:
+        """Run argv in the guest, streaming output to the callbacks as it arrives.
+
+        Raises:
+            AgentError: the agent could not start the command, or the connection was lost.
+        """
+        channel = next(self._ids)
+        call = _Call(queue.Queue())
+        self._calls[channel] = call
+        try:
+            req: dict[str, Any] = {"argv": list(argv), "stdin": stdin is not None}
+            if env is not None:
+                req["env"] = dict(env)
+            if cwd is not None:
+                req["cwd"] = cwd
+            if timeout is not None:
+                req["timeout"] = timeout
+            self._send(encode_json(MsgType.EXEC, channel, req))
+            if on_start:
+                on_start(channel)
+            if stdin is not None:
+                for frame in encode_data(MsgType.STDIN, channel, stdin) if stdin else []:
+                    self._send(frame)
+                self._send(encode(MsgType.STDIN_EOF, channel))
+            while True:
+                if self._closed and call.frames.empty():
+                    raise AgentError(f"connection to the agent was lost while running {argv[0]}")
+                item = call.frames.get()
+                if item is None:
+                    raise AgentError(f"connection to the agent was lost while running {argv[0]}")
+                if item.type is MsgType.STDOUT and on_stdout:
+                    on_stdout(item.payload)
+                elif item.type is MsgType.STDERR and on_stderr:
+                    on_stderr(item.payload)
+                elif item.type is MsgType.EXIT:
+                    return ExitStatus.from_dict(item.json())
+                elif item.type is MsgType.ERROR:
+                    raise AgentError(f"agent refused {argv[0]}: {item.json().get('message')}")
+        finally:
+            self._calls.pop(channel, None)
+
+    def cancel(self, channel: int, signal: int = 15) -> None:
+        """Signal a running command's process group (SIGTERM, then SIGKILL after a grace)."""
+        with contextlib.suppress(AgentError):
+            self._send(encode_json(MsgType.CANCEL, channel, {"signal": signal}))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def output(self, argv: Sequence[str], **kw: Any) -> tuple[ExitStatus, bytes, bytes]:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        status = self.run(argv, on_stdout=out.append, on_stderr=err.append, **kw)
+        return status, b"".join(out), b"".join(err)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._reader.join(timeout=2)
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _handshake(sock: socket.socket, token: str | None, deadline: float) -> dict[str, Any]:
+    """Send HELLO every half second until HELLO_OK with our nonce comes back."""
+    nonce = secrets.token_hex(8)
+    decoder = Decoder()
+    next_hello = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError
+        if now >= next_hello:
+            hello = {
+                "version": PROTOCOL_VERSION,
+                "token": token or "",
+                "time": time.time(),
+                "nonce": nonce,
+            }
+            sock.sendall(encode_json(MsgType.HELLO, CONTROL, hello))
+            next_hello = now + 0.5
+        sock.settimeout(max(0.01, min(next_hello, deadline) - time.monotonic()))
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            continue
+        finally:
+            sock.settimeout(None)
+        if not data:
+            raise OSError("agent socket closed")
+        for frame in decoder.feed(data):
+            if frame.type is MsgType.ERROR:
+                raise AgentError(f"agent refused the session: {frame.json().get('message')}")
+            if frame.type is MsgType.HELLO_OK:
+                body = frame.json()
+                if body.get("nonce") == nonce:
+                    return body

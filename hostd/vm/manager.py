@@ -1,0 +1,479 @@
+"""The VMs of one host: create, exec, delete, and reconcile after a crash or restart.
+
+Every resource (state row, work directory with overlay, socket and console log, libvirt domain)
+is recorded in the host's state *before* it is made, and removed in reverse order by an ExitStack
+when a creation fails half-way, by `delete`, and by `reconcile` after a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+import sqlite_utils.db
+
+from hostd.builders.domain_xml import DomainSpec
+from hostd.images.catalogue import Image, scan
+from hostd.net.manager import NetConfig, NetManager, VmNet
+from hostd.vm.accel import choose_accel
+from hostd.vm.agent_client import AgentClient, ExitStatus
+from hostd.vm.engine import Engine
+from ttci.infra.db import Store, now
+from ttci.infra.proc import run
+from ttci.model.arch import Arch
+from ttci.model.errors import AgentError, BadInput, BootError, TTError
+from ttci.model.ports import parse_ports
+from ttci.model.resources import Resources, shortfall, validate_vm_size
+
+__all__ = [
+    "BOOT_TIMEOUT_S",
+    "KVM_OVERHEAD_MIB",
+    "TCG_OVERHEAD_MIB",
+    "HostConfig",
+    "NoCapacity",
+    "NotFound",
+    "VMLost",
+    "VMManager",
+    "VMRequest",
+]
+
+log = logging.getLogger("hostd.vm.manager")
+TCG_OVERHEAD_MIB = 384  # TCG's code cache etc.: an idle 512 MiB guest already charges ~280 MiB
+KVM_OVERHEAD_MIB = 128
+BOOT_TIMEOUT_S = 120.0
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class NoCapacity(TTError):
+    """The request does not fit the host's free resources."""
+
+
+class NotFound(TTError):
+    """No such VM on this host."""
+
+
+class VMLost(TTError):
+    """The VM stopped (crashed, was killed) while we used it."""
+
+
+def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
+    def vms(db: sqlite_utils.Database) -> None:
+        db.table("vms").create(
+            {
+                "id": str,
+                "env": str,
+                "name": str,
+                "owner": str,
+                "image": str,
+                "arch": str,
+                "cpus": float,
+                "memory_mib": int,
+                "disk_gib": int,
+                "domain": str,
+                "workdir": str,
+                "token": str,
+                "accel": str,
+                "state": str,
+                "error": str,
+                "boot_s": float,
+                "created_at": str,
+            },
+            pk="id",
+        )
+
+    def guest_boot(db: sqlite_utils.Database) -> None:
+        db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
+
+    return [("0001_vms", vms), ("0002_guest_boot_s", guest_boot), *NetManager.migrations()]
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    id: str
+    env: str
+    name: str
+    owner: str
+    image: str
+    cpus: float = 1
+    memory_mib: int = 512
+    disk_gib: int = 0  # 0: the image's own size
+    deny_outgoing: bool = False
+    ports: tuple[tuple[int, str], ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMRequest:
+        try:
+            return cls(
+                id=str(d.get("id") or uuid.uuid4().hex[:12]),
+                env=str(d["env"]),
+                name=str(d["name"]),
+                owner=str(d.get("owner", "")),
+                image=str(d["image"]),
+                cpus=float(d.get("cpus", 1)),
+                memory_mib=int(d.get("memory_mib", 512)),
+                disk_gib=int(d.get("disk_gib", 0)),
+                deny_outgoing=bool(d.get("deny_outgoing", False)),
+                ports=tuple(parse_ports(d.get("ports"))),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(
+                f"VM request is malformed: {e!r}",
+                hint="send env, name, image and numeric cpus/memory_mib/disk_gib",
+            ) from e
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    host_id: str
+    image_path: Path
+    state_dir: Path
+    total: Resources
+    net: NetConfig = field(default_factory=NetConfig)
+
+    @property
+    def vm_root(self) -> Path:
+        return self.state_dir / "vms"
+
+
+def _public(row: dict[str, Any], net: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in row.items() if k != "token"}, **net}
+
+
+class VMManager:
+    def __init__(self, cfg: HostConfig, engine: Engine) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.store = Store(cfg.state_dir / "hostd.db", _migrations())
+        self._agents: dict[str, AgentClient] = {}
+        self._agent_lock = threading.Lock()
+        self.net = NetManager(self.store, cfg.state_dir, cfg.net)
+        cfg.vm_root.mkdir(parents=True, exist_ok=True)
+
+    # -- state -------------------------------------------------------------------------------
+    def _rows(self) -> list[dict[str, Any]]:
+        with self.store.lock:
+            return list(self.store.db.table("vms").rows)
+
+    def _row(self, vm_id: str) -> dict[str, Any]:
+        with self.store.lock:
+            rows = list(self.store.db.table("vms").rows_where("id = ?", [vm_id]))
+        if not rows:
+            raise NotFound(f"no VM {vm_id} on host {self.cfg.host_id}")
+        return rows[0]
+
+    def _update(self, vm_id: str, **fields: Any) -> None:
+        with self.store.lock:
+            self.store.db.table("vms").update(vm_id, fields)
+
+    def used(self) -> Resources:
+        total = Resources()
+        for r in self._rows():
+            if r["state"] in ("creating", "running"):
+                total = total + Resources(r["cpus"], r["memory_mib"], r["disk_gib"])
+        return total
+
+    def all(self) -> list[dict[str, Any]]:
+        return [_public(r, self.net.info(r["id"])) for r in self._rows()]
+
+    def get(self, vm_id: str) -> dict[str, Any]:
+        return _public(self._row(vm_id), self.net.info(vm_id))
+
+    def accel(self) -> tuple[str, str]:
+        """("kvm"|"tcg", why) for native guests, from a probe boot of a native image."""
+        native = [i for i in self.images() if Arch.parse(i.manifest.arch).is_native()]
+        if not native:
+            return "tcg", "no native image to probe KVM with"
+        return choose_accel(native[0])
+
+    def images(self) -> list[Image]:
+        return scan(self.cfg.image_path)[0]
+
+    # -- create ------------------------------------------------------------------------------
+    def _image(self, name: str) -> Image:
+        images = {i.name: i for i in self.images()}
+        if name not in images:
+            known = ", ".join(sorted(images)) or "none"
+            raise BadInput(
+                f"host {self.cfg.host_id} has no image {name!r}", hint=f"images here: {known}"
+            )
+        return images[name]
+
+    def create(self, req: VMRequest) -> dict[str, Any]:
+        """Boot a fresh VM and wait until its agent answers.
+
+        Raises:
+            BadInput: bad name, size or image. NoCapacity: does not fit (with the numbers).
+            EngineError, BootError: the VM did not come up; everything made is removed again.
+        """
+        if not _NAME_RE.match(req.name):
+            raise BadInput(
+                f"VM name {req.name!r} is not valid",
+                hint="use 1-63 lowercase letters, digits and dashes",
+            )
+        image = self._image(req.image)
+        disk_gib = req.disk_gib or max(1, image.manifest.disk_virtual_size >> 30)
+        if disk_gib << 30 < image.manifest.disk_virtual_size:
+            raise BadInput(
+                f"--disk {disk_gib} GiB is smaller than image {image.name} "
+                f"({image.manifest.disk_virtual_size >> 30} GiB)",
+                hint="ask for more disk",
+            )
+        problems = validate_vm_size(req.cpus, req.memory_mib, disk_gib)
+        if problems:
+            raise BadInput("; ".join(problems), hint="pick sizes inside the ranges")
+        need = Resources(req.cpus, req.memory_mib, disk_gib)
+        domain = f"tt-{self.cfg.host_id}-{req.id}"
+        workdir = self.cfg.vm_root / req.id
+        with self.store.lock:
+            lack = shortfall(need, self.cfg.total, self.used())
+            if lack:
+                raise NoCapacity(
+                    f"host {self.cfg.host_id}: VM {req.name} {lack}",
+                    hint="ask for less, delete ENVs, or add hosts",
+                )
+            if self.store.db.table("vms").count_where("id = ?", [req.id]):
+                raise BadInput(f"VM id {req.id} exists on this host", hint="use a new id")
+            self.store.db.table("vms").insert(
+                {
+                    "id": req.id,
+                    "env": req.env,
+                    "name": req.name,
+                    "owner": req.owner,
+                    "image": image.name,
+                    "arch": image.manifest.arch,
+                    "cpus": req.cpus,
+                    "memory_mib": req.memory_mib,
+                    "disk_gib": disk_gib,
+                    "domain": domain,
+                    "workdir": str(workdir),
+                    "token": secrets.token_hex(16),
+                    "accel": "",
+                    "state": "creating",
+                    "error": "",
+                    "boot_s": 0.0,
+                    "created_at": now(),
+                }
+            )
+        t0 = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._reclaim, req.id)
+            vmnet = self.net.attach(req.id, req.env, req.deny_outgoing, list(req.ports))
+            self._boot(self._row(req.id), image, disk_gib, vmnet)
+            stack.pop_all()
+        self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
+        log.info(
+            "VM %s up in %.1f s (guest boot %.1f s)",
+            req.name,
+            time.monotonic() - t0,
+            self._row(req.id)["guest_boot_s"],
+            extra={"vm": req.id, "env": req.env, "image": image.name},
+        )
+        return self.get(req.id)
+
+    def _boot(self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet) -> None:
+        workdir = Path(row["workdir"])
+        workdir.mkdir(parents=True)
+        overlay = workdir / "disk.qcow2"
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                str(image.file(image.manifest.disk.path)),
+                str(overlay),
+                f"{disk_gib}G",
+            ]
+        )
+        accel, _ = choose_accel(image)
+        self._update(row["id"], accel=accel)
+        arch = Arch.parse(image.manifest.arch)
+        cmdline = (
+            f"{image.manifest.kernel_cmdline} tt.token={row['token']} tt.hostname={row['name']}"
+        )
+        if disk_gib << 30 > image.manifest.disk_virtual_size:
+            cmdline += " tt.resize=1"
+        cmdline += f" {vmnet.kernel_arg} net.ifnames=0"
+        spec = DomainSpec(
+            name=row["domain"],
+            uuid=str(uuid.uuid4()),
+            arch=arch,
+            kernel=image.file(image.manifest.kernel.path),
+            initrd=image.file(image.manifest.initrd.path),
+            cmdline=cmdline,
+            disk=overlay,
+            agent_socket=workdir / "agent.sock",
+            console_log=workdir / "console.log",
+            memory_mib=row["memory_mib"],
+            vcpus=max(1, int(row["cpus"] + 0.999)),
+            accel=accel,
+            nic=(vmnet.tap, vmnet.mac),
+            metadata={
+                "host": self.cfg.host_id,
+                "vm": row["id"],
+                "env": row["env"],
+                "name": row["name"],
+                "owner": row["owner"],
+                "workdir": str(workdir),
+            },
+        )
+        self.engine.start(spec)
+        overhead = TCG_OVERHEAD_MIB if accel == "tcg" else KVM_OVERHEAD_MIB
+        self.engine.set_limits(row["domain"], row["memory_mib"] + overhead, row["cpus"])
+        started = time.monotonic()
+        try:
+            agent = AgentClient.connect(
+                spec.agent_socket, token=row["token"], timeout=BOOT_TIMEOUT_S
+            )
+        except BootError as e:
+            tail = (
+                (workdir / "console.log").read_text(errors="replace")[-1500:]
+                if (workdir / "console.log").exists()
+                else ""
+            )
+            raise BootError(
+                f"VM {row['name']} ({image.name}) did not boot: {e}\n{tail}",
+                hint="check the image with `tt image check`",
+            ) from None
+        with self._agent_lock:
+            self._agents[row["id"]] = agent
+        self._update(row["id"], guest_boot_s=round(time.monotonic() - started, 3))
+
+    # -- delete and reclaim ------------------------------------------------------------------
+    def _reclaim(self, vm_id: str, keep_row: bool = False) -> None:
+        """Remove everything a VM has: agent link, domain, work directory, and its row."""
+        with self._agent_lock:
+            agent = self._agents.pop(vm_id, None)
+        if agent:
+            agent.close()
+        try:
+            row = self._row(vm_id)
+        except NotFound:
+            return
+        self.engine.destroy(row["domain"])
+        self.net.detach(vm_id)
+        workdir = Path(row["workdir"])
+        if workdir.is_relative_to(self.cfg.vm_root):
+            shutil.rmtree(workdir, ignore_errors=True)
+        with self.store.lock:
+            if keep_row:
+                self.store.db.table("vms").update(vm_id, {"state": "lost"})
+            else:
+                self.store.db.table("vms").delete(vm_id)
+
+    def delete(self, vm_id: str) -> bool:
+        """Destroy a VM and forget it; False when it did not exist (delete is idempotent)."""
+        try:
+            self._row(vm_id)
+            self._update(vm_id, state="deleting")
+        except (NotFound, sqlite_utils.db.NotFoundError):
+            return False  # gone already (a concurrent delete): deleting is idempotent
+        self._reclaim(vm_id)
+        log.info("VM deleted", extra={"vm": vm_id})
+        return True
+
+    def mark_lost(self, vm_id: str, why: str) -> None:
+        log.warning("VM lost: %s", why, extra={"vm": vm_id})
+        self._update(vm_id, error=why)
+        self._reclaim(vm_id, keep_row=True)
+
+    # -- exec --------------------------------------------------------------------------------
+    def agent(self, vm_id: str) -> AgentClient:
+        row = self._row(vm_id)
+        if row["state"] != "running":
+            raise VMLost(f"VM {row['name']} is {row['state']}: {row['error'] or 'not running'}")
+        with self._agent_lock:
+            agent = self._agents.get(vm_id)
+            if agent is not None and not agent.closed:
+                return agent
+        sock = Path(row["workdir"]) / "agent.sock"
+        try:
+            agent = AgentClient.connect(sock, token=row["token"], timeout=10)
+        except (BootError, AgentError) as e:
+            if not self.engine.is_running(row["domain"]):
+                self.mark_lost(vm_id, "the VM stopped")
+                raise VMLost(f"VM {row['name']} stopped; it is marked lost") from e
+            raise
+        with self._agent_lock:
+            self._agents[vm_id] = agent
+        return agent
+
+    def exec(self, vm_id: str, argv: list[str], **kw: Any) -> ExitStatus:
+        """Run argv in the VM (see AgentClient.run). A VM that dies mid-command: VMLost."""
+        agent = self.agent(vm_id)
+        try:
+            return agent.run(argv, **kw)
+        except AgentError:
+            row = self._row(vm_id)
+            if not self.engine.is_running(row["domain"]):
+                self.mark_lost(vm_id, f"the VM stopped while running {argv[0]}")
+                raise VMLost(
+                    f"VM {row['name']} stopped while running {argv[0]}; it is marked lost"
+                ) from None
+            raise
+
+    # -- restart and shutdown ----------------------------------------------------------------
+    def reconcile(self) -> dict[str, int]:
+        """After a start: re-attach running VMs, reap what no row owns, finish half-done work."""
+        counts = {"reattached": 0, "lost": 0, "reaped": 0, "cleaned": 0}
+        domains = {
+            d.name: d for d in self.engine.ours() if d.metadata.get("host") == self.cfg.host_id
+        }
+        known = set()
+        for row in self._rows():
+            known.add(row["domain"])
+            dom = domains.get(row["domain"])
+            if row["state"] in ("creating", "deleting"):
+                self._reclaim(row["id"])
+                counts["cleaned"] += 1
+            elif row["state"] == "running":
+                if dom is not None and dom.running:
+                    try:
+                        self.agent(row["id"])
+                        counts["reattached"] += 1
+                        continue
+                    except TTError:
+                        pass
+                self.mark_lost(row["id"], "the VM was gone after hostd restarted")
+                counts["lost"] += 1
+        for name in domains:
+            if name not in known:
+                log.warning("reaping VM %s that no state row owns", name)
+                self.engine.destroy(name)
+                counts["reaped"] += 1
+        rows = {r["id"] for r in self._rows()}
+        self.net.reconcile({r["id"] for r in self._rows() if r["state"] == "running"})
+        for d in self.cfg.vm_root.iterdir():
+            if d.name not in rows:
+                shutil.rmtree(d, ignore_errors=True)
+                counts["reaped"] += 1
+        log.info("reconciled: %s", counts)
+        return counts
+
+    def shutdown(self, keep_vms: bool) -> None:
+        with self._agent_lock:
+            agents = list(self._agents.values())
+            self._agents.clear()
+        for a in agents:
+            a.close()
+        if not keep_vms:
+            for row in self._rows():
+                if row["state"] != "lost":
+                    self._reclaim(row["id"])
+            self.net.teardown()
+        self.engine.close()

@@ -1,0 +1,417 @@
+"""What a GitLab job asks of TT CI, decided from its variables alone. Pure: no I/O.
+
+The runner hands the driver every job variable as `CUSTOM_ENV_<KEY>` (CONTRACTS.md §1.1).
+From those this module derives the ENV's name, the image (target), the VM's size within the
+operator's limits, the `origin` shown to operators, the `config` stage's JSON, the command that
+runs a stage's script in the VM, and how a script's end maps to the runner's exit codes.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ttci.model.arch import Arch
+from ttci.model.errors import BadInput
+from ttci.model.naming import ImageName
+
+__all__ = [
+    "ARGV_SCRIPT_MAX",
+    "BUILDS_DIR",
+    "CACHE_DIR",
+    "DRIVER_NAME",
+    "ENV_PREFIX",
+    "GUEST_ENV",
+    "ON_FAILURE_STAGES",
+    "PGID_FILE",
+    "PGID_LINE",
+    "STAGES",
+    "STAGE_DIR",
+    "STAGE_WRAPPER",
+    "USER_STAGES_RE",
+    "ExitCodes",
+    "JobError",
+    "Limits",
+    "Size",
+    "StageEnd",
+    "Target",
+    "config_output",
+    "env_name",
+    "env_request",
+    "is_system_error",
+    "job_vars",
+    "life_time",
+    "origin",
+    "pick_image",
+    "signal_command",
+    "size",
+    "stage_end",
+    "stage_request",
+    "target",
+]
+
+DRIVER_NAME = "tt-ci"
+BUILDS_DIR = "/builds"
+CACHE_DIR = "/cache"
+ENV_PREFIX = "gl-"
+# The stage names the runner passes to run_exec, in order (docs and common/build.go). The driver
+# runs any name it is given; this list is for docs, tests and the harness.
+STAGES = (
+    "prepare_script",
+    "get_sources",
+    "restore_cache",
+    "download_artifacts",
+    "build_script",
+    "after_script",
+    "archive_cache",
+    "upload_artifacts_on_success",
+    "cleanup_file_variables",
+)
+ON_FAILURE_STAGES = ("archive_cache_on_failure", "upload_artifacts_on_failure")
+# Stages whose failure is the user's script failing (the rest are the runner's own plumbing).
+USER_STAGES_RE = re.compile(r"^(build_script|step_.*|after_script)$")
+# A fixed, sane environment for the stage's shell in the guest: the generated script exports
+# every job variable itself, so nothing of the host (or the runner) leaks into the VM.
+GUEST_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "SHELL": "/bin/bash",
+    "LANG": "C.UTF-8",
+}
+STAGE_DIR = "/run/tt-gitlab"  # big scripts are stored here
+PGID_FILE = "/run/tt-gitlab.pgid"  # /run exists in every image: no mkdir (an exec) needed
+# A stage runs as `bash -c SCRIPT tt-stage STAGE`: one exec in the guest (every exec costs
+# tens of ms under TCG). The agent starts each command in its own session, so the stage's
+# process group id is bash's $$; a builtin echo notes it for a cancel to signal. The runner's
+# script traps TERM and exits 1.
+PGID_LINE = "{ echo $$ > " + PGID_FILE + "; } 2>/dev/null\n"
+ARGV_SCRIPT_MAX = 100_000  # bytes; the kernel caps one argument at 128 KiB
+# Larger (or non-UTF-8, or NUL-holding) scripts come on stdin through this wrapper: store,
+# note the group, become bash.
+STAGE_WRAPPER = (
+    "set -e; d=" + STAGE_DIR + '; mkdir -p "$d"; f="$d/script"; '
+    'cat > "$f"; chmod 700 "$f"; echo $$ > ' + PGID_FILE + "; "
+    'exec bash "$f" < /dev/null'
+)
+
+
+def signal_command(sig: str) -> list[str]:
+    """argv that sends sig to the running stage's process group in the guest."""
+    return [
+        "/bin/sh",
+        "-c",
+        f'p=$(cat {PGID_FILE} 2>/dev/null) && kill -{sig} "-$p" 2>/dev/null; true',
+    ]
+
+
+class JobError(BadInput):
+    """The job asked for something impossible (bad variables, unknown target, too big a VM).
+
+    Retrying cannot help, so the driver reports it as a build failure with the reason.
+    """
+
+
+@dataclass(frozen=True)
+class ExitCodes:
+    """The runner's exit codes, read from the environment (never hard-coded: §1.1)."""
+
+    build_failure: int = 1
+    system_failure: int = 2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ExitCodes:
+        def num(key: str, default: int) -> int:
+            try:
+                return int(env.get(key, default))
+            except ValueError:
+                return default
+
+        return cls(num("BUILD_FAILURE_EXIT_CODE", 1), num("SYSTEM_FAILURE_EXIT_CODE", 2))
+
+
+def job_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """The job's variables: `CUSTOM_ENV_X=v` -> {"X": "v"}."""
+    p = "CUSTOM_ENV_"
+    return {k[len(p) :]: v for k, v in env.items() if k.startswith(p)}
+
+
+def env_name(jv: Mapping[str, str]) -> str:
+    """The ENV of this job: `gl-<CI_JOB_ID>`, so a retried prepare or cleanup finds it."""
+    job_id = jv.get("CI_JOB_ID", "").strip()
+    if not job_id:
+        raise JobError(
+            "CUSTOM_ENV_CI_JOB_ID is not set",
+            hint="tt-gitlab-executor must be run by gitlab-runner (custom executor), "
+            "which passes every job variable as CUSTOM_ENV_*",
+        )
+    if not re.fullmatch(r"[0-9]{1,30}", job_id):
+        raise JobError(f"CI_JOB_ID {job_id!r} is not a number", hint="GitLab job IDs are numbers")
+    return f"{ENV_PREFIX}{job_id}"
+
+
+def origin(jv: Mapping[str, str]) -> dict[str, str]:
+    """Where the ENV comes from, shown to operators (`tt env show`, admin page)."""
+    out = {"kind": "gitlab", "job": jv.get("CI_JOB_ID", "")}
+    if jv.get("CI_JOB_URL", "").startswith(("http://", "https://")):
+        out["url"] = jv["CI_JOB_URL"][:500]
+    if jv.get("CI_PROJECT_PATH"):
+        out["project"] = jv["CI_PROJECT_PATH"][:200]
+    runner = jv.get("CI_RUNNER_DESCRIPTION") or jv.get("CI_RUNNER_ID")
+    if runner:
+        out["runner"] = runner[:200]
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """The OS release, architecture and profile a job asked for."""
+
+    release: str
+    arch: Arch
+    profile: str = "agent"
+    source: str = "TT_OS/TT_ARCH"
+
+    @property
+    def image(self) -> str:
+        return str(ImageName("qemu", self.release, self.arch, self.profile))
+
+    @property
+    def short(self) -> str:
+        p = "" if self.profile == "agent" else f"+{self.profile}"
+        return f"{self.release}{p}:{self.arch.value}"
+
+
+_OS_RE = re.compile(r"^(?P<release>[a-z][a-z0-9]*-[0-9a-z.]+)(?:\+(?P<profile>[a-z0-9-]+))?$")
+
+
+def _parse_os(text: str, what: str) -> tuple[str, str | None]:
+    m = _OS_RE.match(text.strip().lower())
+    if not m:
+        raise JobError(
+            f"{what} {text!r} is not an OS release",
+            hint="write OS-RELEASE, e.g. debian-12 (see `tt image list`)",
+        )
+    return m["release"], m["profile"]
+
+
+def _parse_arch(text: str, what: str) -> Arch:
+    try:
+        return Arch.parse(text)
+    except ValueError as e:
+        raise JobError(f"{what}: {e}", hint="e.g. amd64 or arm64") from None
+
+
+def target(jv: Mapping[str, str], default_arch: str = "amd64") -> Target:
+    """The job's target from TT_OS/TT_ARCH (a parallel:matrix sets them) or from `image:`.
+
+    `image:` may be `debian-12:arm64`, `qemu:debian-12:arm64`, `debian-12+systemd:amd64` or
+    `debian-12` (default architecture). TT_PROFILE picks a profile with the variables.
+    """
+    os_var, arch_var = jv.get("TT_OS", "").strip(), jv.get("TT_ARCH", "").strip()
+    image = jv.get("CI_JOB_IMAGE", "").strip()
+    if os_var or arch_var:
+        if not os_var:
+            raise JobError(
+                f"TT_ARCH is {arch_var!r} but TT_OS is not set",
+                hint="set both, e.g. TT_OS: debian-12 and TT_ARCH: arm64",
+            )
+        release, profile = _parse_os(os_var, "TT_OS")
+        arch = _parse_arch(arch_var or default_arch, "TT_ARCH")
+        profile = jv.get("TT_PROFILE", "").strip().lower() or profile or "agent"
+        return Target(release, arch, profile, "TT_OS/TT_ARCH")
+    if image:
+        parts = image.lower().split(":")
+        if parts[0] == "qemu":
+            parts = parts[1:]
+        if not 1 <= len(parts) <= 2 or not parts[0]:
+            raise JobError(
+                f"image {image!r} does not name an OS and architecture",
+                hint="write image: OS-RELEASE:ARCH, e.g. debian-12:arm64",
+            )
+        release, profile = _parse_os(parts[0], "image")
+        arch = _parse_arch(parts[1] if len(parts) == 2 else default_arch, f"image {image!r}")
+        profile = jv.get("TT_PROFILE", "").strip().lower() or profile or "agent"
+        return Target(release, arch, profile, "image")
+    raise JobError(
+        "the job names no target",
+        hint="set the variables TT_OS and TT_ARCH (e.g. in parallel:matrix) "
+        "or `image: debian-12:arm64`",
+    )
+
+
+def pick_image(t: Target, images: Iterable[str]) -> str:
+    """The pool's image for the target, or a JobError listing what exists."""
+    names = sorted(set(images))
+    if t.image in names:
+        return t.image
+    parsed = []
+    for n in names:
+        try:
+            parsed.append(ImageName.parse(n))
+        except BadInput:
+            continue
+    parsed.sort(key=lambda i: (i.release, i.profile != "agent", i.profile, i.arch.value))
+    have = [Target(i.release, i.arch, i.profile).short for i in parsed]
+    raise JobError(
+        f"no host offers {t.short} (asked by {t.source})",
+        hint=f"targets that exist: {', '.join(have) or 'none (no images built)'}",
+    )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-job VM sizes the operator allows (driver flags) and the defaults."""
+
+    cpus: float = 1
+    memory_mib: int = 1024
+    disk_gib: int = 0  # 0: the image's size
+    max_cpus: float = 4
+    max_memory_mib: int = 8192
+    max_disk_gib: int = 64
+
+
+@dataclass(frozen=True)
+class Size:
+    cpus: float
+    memory_mib: int
+    disk_gib: int
+
+
+def _memory_mib(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*(m|mb|mib|g|gb|gib)?\s*", text.lower())
+    if not m:
+        raise JobError(f"TT_MEMORY {text!r} does not parse", hint="write MiB, e.g. 2048 or 2G")
+    return int(m[1]) * (1024 if (m[2] or "m").startswith("g") else 1)
+
+
+def size(jv: Mapping[str, str], limits: Limits) -> Size:
+    """The VM's size from TT_CPUS, TT_MEMORY (MiB, or `2G`) and TT_DISK (GiB), within limits."""
+    cpus, mem, disk = limits.cpus, limits.memory_mib, limits.disk_gib
+    if jv.get("TT_CPUS", "").strip():
+        try:
+            cpus = float(jv["TT_CPUS"])
+        except ValueError:
+            raise JobError(f"TT_CPUS {jv['TT_CPUS']!r} is not a number", hint="e.g. 2") from None
+    if jv.get("TT_MEMORY", "").strip():
+        mem = _memory_mib(jv["TT_MEMORY"])
+    if jv.get("TT_DISK", "").strip():
+        try:
+            disk = int(jv["TT_DISK"].strip().lower().removesuffix("g"))
+        except ValueError:
+            raise JobError(f"TT_DISK {jv['TT_DISK']!r} is not GiB", hint="e.g. 20") from None
+    problems = []
+    if not 0.1 <= cpus <= limits.max_cpus:
+        problems.append(f"TT_CPUS {cpus:g} is outside 0.1..{limits.max_cpus:g}")
+    if not 128 <= mem <= limits.max_memory_mib:
+        problems.append(f"TT_MEMORY {mem} MiB is outside 128..{limits.max_memory_mib} MiB")
+    if not 0 <= disk <= limits.max_disk_gib:
+        problems.append(
+            f"TT_DISK {disk} GiB is outside 1..{limits.max_disk_gib} GiB (0: image size)"
+        )
+    if problems:
+        raise JobError("; ".join(problems), hint="ask for less; the runner's operator sets limits")
+    return Size(cpus, mem, disk)
+
+
+def life_time(jv: Mapping[str, str], margin_s: int = 900) -> int:
+    """Seconds the ENV may live: the job's timeout plus a margin, so the scheduler's reaper
+    deletes it even if cleanup_exec never runs."""
+    try:
+        timeout = int(jv.get("CI_JOB_TIMEOUT", "3600"))
+    except ValueError:
+        timeout = 3600
+    return max(60, min(timeout, 30 * 86400 - margin_s)) + margin_s
+
+
+def env_request(
+    jv: Mapping[str, str], image: str, sz: Size, runner: str | None = None
+) -> dict[str, Any]:
+    """The scheduler's ENV request for this job: one VM of image."""
+    o = origin(jv)
+    if runner:
+        o["runner"] = runner[:200]
+    return {
+        "name": env_name(jv),
+        "os_prefix": image,
+        "cpus": sz.cpus,
+        "memory_mib": sz.memory_mib,
+        "disk_gib": sz.disk_gib,
+        "dup_each": 1,
+        "life_time": life_time(jv),
+        "origin": o,
+    }
+
+
+def config_output(version: str, jv: Mapping[str, str]) -> dict[str, Any]:
+    """The `config` stage's JSON (api.ConfigExecOutput). A fresh VM per job: nothing shared."""
+    try:
+        hostname = env_name(jv)
+    except JobError:
+        hostname = "tt-ci"
+    return {
+        "builds_dir": BUILDS_DIR,
+        "cache_dir": CACHE_DIR,
+        "builds_dir_is_shared": False,
+        "hostname": hostname,
+        "driver": {"name": DRIVER_NAME, "version": version},
+        "job_env": {"TT_GITLAB_DRIVER": version},
+        "shell": "bash",
+    }
+
+
+def stage_request(script: bytes, stage: str) -> dict[str, Any]:
+    """The scheduler run request that executes a stage's script in the VM."""
+    text: str | None = None
+    if len(script) <= ARGV_SCRIPT_MAX and b"\0" not in script:
+        try:
+            text = script.decode()
+        except UnicodeDecodeError:
+            text = None
+    if text is not None:
+        return {
+            "argv": ["bash", "-c", PGID_LINE + text, "tt-stage", stage],
+            "env": dict(GUEST_ENV),
+        }
+    return {
+        "argv": ["/bin/sh", "-c", STAGE_WRAPPER, "tt-stage", stage],
+        "env": dict(GUEST_ENV),
+        "stdin_b64": base64.b64encode(script).decode(),
+    }
+
+
+@dataclass(frozen=True)
+class StageEnd:
+    """How a stage ended, as the runner must be told."""
+
+    driver_rc: int
+    build_exit_code: int | None  # written to BUILD_EXIT_CODE_FILE on build failures
+    message: str = ""
+
+
+def stage_end(event: Mapping[str, Any] | None, codes: ExitCodes) -> StageEnd:
+    """Map the agent's last event (exit or error; None: the stream ended early)."""
+    if event is None:
+        return StageEnd(codes.system_failure, None, "the VM's output ended without a result")
+    if event.get("event") == "error":
+        lost = " (the VM was lost)" if event.get("lost") else ""
+        return StageEnd(codes.system_failure, None, f"{event.get('message', 'error')}{lost}")
+    if event.get("signal"):
+        sig = int(event["signal"])
+        return StageEnd(codes.build_failure, 128 + sig, f"the script was killed by signal {sig}")
+    code = event.get("code")
+    if code == 0:
+        return StageEnd(0, None)
+    if isinstance(code, int):
+        return StageEnd(codes.build_failure, code, f"the script exited with {code}")
+    return StageEnd(codes.system_failure, None, f"the agent reported no exit code: {event}")
+
+
+def is_system_error(e: BaseException) -> bool:
+    """Our failures (scheduler down, VM lost, bugs): the runner may retry. A request the job
+    got wrong (JobError, or the scheduler's 400 BadInput) is the job's failure."""
+    return not isinstance(e, BadInput)

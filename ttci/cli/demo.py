@@ -1,0 +1,140 @@
+"""`tt demo`: the main job on the embedded default. Builds the images of a small os x arch
+matrix, starts the all-in-one cloud (`tt up`'s stack), creates one ENV with a fresh VM per
+matrix cell, runs the job on all of them at once, prints the results and tears everything down."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ttci.cli import allinone
+from ttci.client import config
+from ttci.client.scheduler import Client
+from ttci.infra.proc import run_streaming
+from ttci.infra.settings import add_setting
+from ttci.model.naming import parse_arch, parse_release
+
+__all__ = ["JOB", "MATRIX_ARCH", "MATRIX_OS", "cmd_demo", "register"]
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+MATRIX_OS = ("debian-12", "debian-13")
+MATRIX_ARCH = ("amd64", "arm64")
+JOB = (
+    'echo "hello from $(uname -m), $(. /etc/os-release; echo $PRETTY_NAME)"; '
+    "python3 -c 'import platform; print(\"python\", platform.python_version())'; "
+    "git --version"
+)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    d = sub.add_parser("demo", help="run a small os x arch matrix job in fresh VMs, end to end")
+    d.add_argument("--os", action="append", help=f"matrix os (default {', '.join(MATRIX_OS)})")
+    d.add_argument(
+        "--arch", action="append", help=f"matrix arch (default {', '.join(MATRIX_ARCH)})"
+    )
+    d.add_argument("--cmd", default=JOB, help="the job's shell command")
+    for s in ("image-path", "cache-dir", "mirror"):
+        add_setting(d, s)
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cells = [
+        (parse_release(o), parse_arch(a))
+        for o in (args.os or MATRIX_OS)
+        for a in (args.arch or MATRIX_ARCH)
+    ]
+    names = [f"qemu:{r.name}:{a.value}" for r, a in cells]
+    out.print(
+        f"[bold]matrix[/bold]: {len(cells)} jobs: "
+        + ", ".join(f"{r.name}/{a.value}" for r, a in cells),
+        highlight=False,
+    )
+    out.print("[bold]1. images[/bold] (built once, then cached)", highlight=False)
+    for release in dict.fromkeys(r for r, _ in cells):
+        arches = [a.value for r, a in cells if r == release]
+        # The image builder is hostd's: run it as hostd's own command, whose progress shows live.
+        run_streaming(
+            [
+                *allinone.python_main("hostd.cli.main"),
+                "image",
+                "build",
+                release.name,
+                *[x for a in arches for x in ("--arch", a)],
+                "--image-path",
+                str(args.image_path),
+                "--cache-dir",
+                str(args.cache_dir),
+                "--mirror",
+                args.mirror,
+            ],
+            on_line=lambda line: out.print(f"   {line}", highlight=False, markup=False),
+            env={k: v for k, v in os.environ.items() if k.startswith("TT_")},
+        )
+    with tempfile.TemporaryDirectory(prefix="tt-demo-") as tmp:
+        state = Path(tmp)
+        out.print(
+            "[bold]2. starting the all-in-one cloud[/bold] (scheduler, hostd, libvirtd)",
+            highlight=False,
+        )
+        with allinone.running(
+            state,
+            args.image_path,
+            scheduler_listen=f"127.0.0.1:{_free_port()}",
+            hostd_listen=f"127.0.0.1:{_free_port()}",
+        ) as stack:
+            client = Client(config.ClientConfig(stack.scheduler, stack.token))
+            prefix = ",".join(names)
+            out.print(f"[bold]3. tt env add demo --os-prefix {prefix}[/bold]", highlight=False)
+            t0 = time.monotonic()
+            env = client.create_env(
+                {"name": "demo", "os_prefix": prefix, "memory_mib": 512, "life_time": "15m"}
+            )
+            out.print(
+                f"   {env['vm_count']} fresh VMs up in {time.monotonic() - t0:.1f} s",
+                highlight=False,
+            )
+            out.print("[bold]4. tt env run demo --cmd ...[/bold]", highlight=False)
+            results: dict[str, str] = {}
+            for ev in client.run("demo", {"cmd": args.cmd}):
+                if ev["event"] in ("stdout", "stderr"):
+                    for line in base64.b64decode(ev["data"]).decode(errors="replace").splitlines():
+                        out.print(f"   [{ev['vm']}] {line}", highlight=False, markup=False)
+                elif ev["event"] == "exit":
+                    results[ev["vm"]] = "ok" if ev["code"] == 0 else f"exit {ev['code']}"
+                elif ev["event"] == "error":
+                    results[ev["vm"]] = f"error: {ev['message']}"
+            shown = client.get("/v1/envs/demo")
+            out.print("[bold]5. tt env del demo[/bold]", highlight=False)
+            t1 = time.monotonic()
+            client.delete_env("demo")
+            out.print(f"   deleted in {time.monotonic() - t1:.1f} s", highlight=False)
+        t = Table(title="matrix results (every VM is gone again)")
+        for col in ("VM", "image", "accel", "boot", "job"):
+            t.add_column(col)
+        for vm in shown["vms"]:
+            t.add_row(
+                vm["name"],
+                vm["image"],
+                vm["accel"],
+                f"{vm['boot_s']:.1f} s",
+                results.get(vm["name"], "no result"),
+            )
+        out.print(t)
+    failed = [r for r in results.values() if r != "ok"]
+    return 1 if failed or len(results) != len(cells) else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,428 @@
+"""`tt config`, `tt status`, `tt env ...`, `tt image list`: thin layer over the scheduler API."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ttci.cli.ssh_exec import ssh_events
+from ttci.client import config
+from ttci.client.scheduler import Client
+from ttci.model.errors import BadInput
+
+__all__ = [
+    "cmd_config",
+    "cmd_env_add",
+    "cmd_env_del",
+    "cmd_env_get",
+    "cmd_env_list",
+    "cmd_env_push",
+    "cmd_env_run",
+    "cmd_env_show",
+    "cmd_status",
+    "register",
+]
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+_print_lock = threading.Lock()
+
+
+def _client() -> Client:
+    return Client(config.load())
+
+
+def _table(title: str, cols: list[str], rows: list[list[Any]]) -> None:
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    out.print(t)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser("config", help="set which scheduler to use (and the token)")
+    c.add_argument("--server", help="scheduler ADDR:PORT")
+    c.add_argument("--token", help="your API token")
+    c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("status", help="the scheduler's state (--server: every host)")
+    s.add_argument("--server", action="store_true", help="show every host")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_status)
+
+    env = sub.add_parser("env", help="ENVs: groups of fresh VMs (add/list/show/run/push/get/del)")
+    es = env.add_subparsers(dest="env_cmd", required=True, metavar="VERB")
+    a = es.add_parser("add", help="create an ENV of fresh VMs chosen by OS prefix")
+    a.add_argument("name", help="ENV name (lowercase letters, digits, dashes)")
+    a.add_argument(
+        "--os-prefix",
+        required=True,
+        help="comma separated image prefixes, e.g. debian-12,qemu:debian-13:arm64",
+    )
+    a.add_argument("--cpu", type=float, default=1, help="vCPUs per VM (default 1)")
+    a.add_argument("--mem", type=int, default=512, help="MiB of memory per VM (default 512)")
+    a.add_argument("--disk", type=int, default=0, help="GiB of disk per VM (default: image size)")
+    a.add_argument("--dup-each", type=int, default=1, help="VMs per matching image (default 1)")
+    a.add_argument("--life-time", default="1h", help="deleted after this long (default 1h)")
+    a.add_argument(
+        "--vm-port",
+        help="VM ports to reach from outside, e.g. 22,8080,53/udp (host ports are chosen and "
+        "shown by `tt env show`)",
+    )
+    a.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only say how many VMs would go to which host; create nothing",
+    )
+    a.add_argument(
+        "--deny-outgoing",
+        action="store_true",
+        help="the VMs may not open connections outside their ENV",
+    )
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a.set_defaults(func=cmd_env_add)
+
+    ls = es.add_parser("list", help="list your ENVs")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=cmd_env_list)
+
+    sh = es.add_parser("show", help="show an ENV and its VMs")
+    sh.add_argument("name", help="ENV name")
+    sh.add_argument("--json", action="store_true", help="print JSON")
+    sh.set_defaults(func=cmd_env_show)
+
+    r = es.add_parser("run", help="run a command on every VM of an ENV at once")
+    r.add_argument("name", help="ENV name")
+    r.add_argument("--cmd", required=True, help="shell command to run (/bin/sh -c)")
+    r.add_argument("--timeout", type=float, help="seconds before the command is killed")
+    r.add_argument("--json", action="store_true", help="print one JSON event per line")
+    r.add_argument(
+        "--vm", action="append", help="run only on this VM (repeatable; default: every VM)"
+    )
+    r.add_argument(
+        "--use-ssh",
+        action="store_true",
+        help="go through each VM's port map for 22 with ssh instead of the agent "
+        "(the ENV needs --vm-port 22 and an image with sshd)",
+    )
+    r.add_argument("--ssh-key", type=Path, help="private key for --use-ssh (default: ssh's own)")
+    r.add_argument("--ssh-user", default="root", help="user for --use-ssh (default root)")
+    r.set_defaults(func=cmd_env_run)
+
+    p = es.add_parser("push", help="copy a local file or directory into every VM")
+    p.add_argument("name", help="ENV name")
+    p.add_argument("src", type=Path, help="local file or directory")
+    p.add_argument("dest", help="absolute directory in the VMs (created if missing)")
+    p.set_defaults(func=cmd_env_push)
+
+    g = es.add_parser("get", help="copy a file or directory out of every VM")
+    g.add_argument("name", help="ENV name")
+    g.add_argument("src", help="absolute path in the VMs")
+    g.add_argument("dest", type=Path, help="local directory; each VM's copy goes into DEST/VM/")
+    g.set_defaults(func=cmd_env_get)
+
+    d = es.add_parser("del", help="delete an ENV and all its VMs")
+    d.add_argument("name", help="ENV name")
+    d.set_defaults(func=cmd_env_del)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.server is None and args.token is None:
+        cfg = config.load()
+        print(f"server: {cfg.server}\ntoken: {'set' if cfg.token else 'not set'}")
+        return 0
+    path = config.save(args.server, args.token)
+    print(f"saved {path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    c = _client()
+    if args.server:
+        hosts = c.get("/v1/hosts")
+        if args.json:
+            print(json.dumps(hosts, indent=2))
+            return 0
+        rows = []
+        for h in hosts:
+            total, used = h.get("total", {}), h.get("used", {})
+            rows.append(
+                [
+                    h["id"],
+                    h["state"] + (", drained" if h.get("drained") else ""),
+                    h.get("kind", "static"),
+                    h.get("machine", "?"),
+                    f"{used.get('cpus', 0):g}/{total.get('cpus', 0):g}",
+                    f"{used.get('memory_mib', 0)}/{total.get('memory_mib', 0)}",
+                    f"{used.get('disk_gib', 0)}/{total.get('disk_gib', 0)}",
+                    h.get("accel", "?"),
+                    h.get("vms", 0),
+                    len(h.get("images", [])),
+                    h.get("error", ""),
+                ]
+            )
+        _table(
+            "hosts",
+            [
+                "host",
+                "state",
+                "joined",
+                "arch",
+                "CPU used",
+                "MiB used",
+                "GiB used",
+                "accel",
+                "VMs",
+                "images",
+                "error",
+            ],
+            rows,
+        )
+        return 0
+    st = c.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(
+            f"scheduler {c.cfg.server} (tt {st['version']}), user {st['user']}"
+            f"{' (admin)' if st['admin'] else ''}: {st['hosts_up']}/{st['hosts']} hosts up, "
+            f"{st['envs']} ENVs, {st['vms']} VMs"
+        )
+    return 0
+
+
+def _show_env(env: dict[str, Any]) -> None:
+    out.print(
+        f"ENV [bold]{env['name']}[/bold] ({env['state']}), owner {env['owner']}, "
+        f"prefix {env['os_prefix']!r}, expires {env['expires_at']}",
+        highlight=False,
+    )
+    _table(
+        f"{env['vm_count']} VMs",
+        [
+            "VM",
+            "image",
+            "host",
+            "state",
+            "accel",
+            "CPU",
+            "MiB",
+            "GiB",
+            "boot",
+            "IP",
+            "ports",
+            "error",
+        ],
+        [
+            [
+                v["name"],
+                v["image"],
+                v["host"],
+                v["state"],
+                v["accel"],
+                f"{v['cpus']:g}",
+                v["memory_mib"],
+                v["disk_gib"],
+                f"{v['boot_s']:.1f} s",
+                v.get("ip", ""),
+                " ".join(
+                    f"{p['host']}:{p['host_port']}->{p['vm_port']}"
+                    + ("/udp" if p["proto"] == "udp" else "")
+                    for p in v.get("ports", [])
+                ),
+                v["error"],
+            ]
+            for v in env.get("vms", [])
+        ],
+    )
+
+
+def cmd_env_add(args: argparse.Namespace) -> int:
+    body = {
+        "name": args.name,
+        "os_prefix": args.os_prefix,
+        "cpus": args.cpu,
+        "memory_mib": args.mem,
+        "disk_gib": args.disk,
+        "dup_each": args.dup_each,
+        "life_time": args.life_time,
+        "deny_outgoing": args.deny_outgoing,
+        "vm_ports": args.vm_port or "",
+    }
+    t0 = time.monotonic()
+    if args.dry_run:
+        plan = _client().call_json("POST", "/v1/envs", params={"dry_run": "1"}, json=body)
+        if args.json:
+            print(json.dumps(plan, indent=2))
+        else:
+            hosts = ", ".join(f"{h}: {n}" for h, n in sorted(plan["hosts"].items()))
+            print(f"ENV {plan['name']} would place {plan['vm_count']} VMs ({hosts})")
+        return 0
+    if args.json:
+        env = _client().create_env(body)
+    else:
+        with out.status(f"creating ENV {args.name}: placing and booting fresh VMs ...") as st:
+
+            def on_vm(ev: dict[str, Any]) -> None:
+                out.print(
+                    f"  {ev['vm']} up on {ev['host']} ({ev['accel']}) in {ev['boot_s']:.1f} s",
+                    highlight=False,
+                )
+                st.update(
+                    f"creating ENV {args.name}: {ev['vm']} is up, {time.monotonic() - t0:.0f} s ..."
+                )
+
+            env = _client().create_env_progress(body, on_vm)
+    if args.json:
+        print(json.dumps(env, indent=2))
+    else:
+        _show_env(env)
+        print(f"ready in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    envs = _client().get("/v1/envs")
+    if args.json:
+        print(json.dumps(envs, indent=2))
+        return 0
+    _table(
+        "ENVs",
+        ["name", "owner", "state", "VMs", "lost", "prefix", "expires"],
+        [
+            [
+                e["name"],
+                e["owner"],
+                e["state"],
+                e["vm_count"],
+                e["lost"],
+                e["os_prefix"],
+                e["expires_at"],
+            ]
+            for e in envs
+        ],
+    )
+    return 0
+
+
+def cmd_env_show(args: argparse.Namespace) -> int:
+    env = _client().get(f"/v1/envs/{args.name}")
+    if args.json:
+        print(json.dumps(env, indent=2))
+    else:
+        _show_env(env)
+    return 0
+
+
+def cmd_env_run(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"cmd": args.cmd}
+    if args.timeout:
+        body["timeout"] = args.timeout
+    if args.vm:
+        body["vms"] = args.vm
+    client = _client()
+    env_vms = client.get(f"/v1/envs/{args.name}")["vms"]
+    vms = [v["name"] for v in env_vms if not args.vm or v["name"] in args.vm]
+    events = (
+        ssh_events(
+            env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=args.timeout
+        )
+        if args.use_ssh
+        else client.run(args.name, body)
+    )
+    results: dict[str, str] = {}
+    partial: dict[tuple[str, str], bytes] = {}
+    for ev in events:
+        if args.json:
+            print(json.dumps(ev), flush=True)
+        vm = ev.get("vm", "?")
+        kind = ev["event"]
+        if kind in ("stdout", "stderr"):
+            buf = partial.get((vm, kind), b"") + base64.b64decode(ev["data"])
+            *lines, rest = buf.split(b"\n")
+            partial[(vm, kind)] = rest
+            if not args.json:
+                stream = sys.stdout if kind == "stdout" else sys.stderr
+                for line in lines:
+                    print(f"[{vm}] {line.decode(errors='replace')}", file=stream, flush=True)
+        elif kind == "exit":
+            results[vm] = _exit_word(ev)
+        elif kind == "error":
+            results[vm] = f"error: {ev.get('message')}" + (" (VM lost)" if ev.get("lost") else "")
+    for vm in vms:
+        results.setdefault(vm, "no result (the command's stream ended early)")
+    if not args.json:
+        for (vm, kind), rest in partial.items():
+            if rest:
+                print(
+                    f"[{vm}] {rest.decode(errors='replace')}",
+                    file=sys.stdout if kind == "stdout" else sys.stderr,
+                )
+        _table("result", ["VM", "result"], [[vm, r] for vm, r in sorted(results.items())])
+    failed = [vm for vm, r in results.items() if r != "ok"]
+    if not args.json:
+        print(f"{len(results) - len(failed)}/{len(results)} VMs succeeded")
+    return 1 if failed or not results else 0
+
+
+def _exit_word(ev: dict[str, Any]) -> str:
+    if ev.get("timed_out"):
+        return "timed out"
+    if ev.get("signal"):
+        return f"killed by signal {ev['signal']}"
+    return "ok" if ev.get("code") == 0 else f"exit {ev.get('code')}"
+
+
+def cmd_env_push(args: argparse.Namespace) -> int:
+    if not args.src.exists():
+        raise BadInput(f"{args.src} does not exist", hint="give a local file or directory")
+    if not args.dest.startswith("/"):
+        raise BadInput(f"destination {args.dest!r} is not absolute", hint="e.g. /root/src")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(args.src, arcname=args.src.resolve().name)
+    res = _client().push(args.name, args.dest, buf.getvalue())
+    bad = [r for r in res if not r["ok"]]
+    for r in res:
+        print(f"[{r['vm']}] " + ("ok" if r["ok"] else f"failed: {r['error']}"))
+    return 1 if bad else 0
+
+
+def cmd_env_get(args: argparse.Namespace) -> int:
+    res = _client().get_files(args.name, args.src)
+    bad = 0
+    for r in res:
+        if not r["ok"]:
+            bad += 1
+            print(f"[{r['vm']}] failed: {r['error']}")
+            continue
+        target = args.dest / r["vm"]
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(r["data"]))) as tar:
+                tar.extractall(target, filter="data")
+        except tarfile.TarError as e:
+            bad += 1
+            print(f"[{r['vm']}] refused to unpack: {e}")
+            continue
+        print(f"[{r['vm']}] -> {target}")
+    return 1 if bad else 0
+
+
+def cmd_env_del(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    _client().delete_env(args.name)
+    print(f"ENV {args.name} deleted in {time.monotonic() - t0:.1f} s")
+    return 0

@@ -1,0 +1,68 @@
+"""The CLI's client configuration: which scheduler, which token (`tt config`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttci.infra.settings import parse_hostport
+from ttci.model.errors import BadInput
+
+__all__ = ["ClientConfig", "config_path", "load", "save"]
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("TT_CONFIG", Path.home() / ".config" / "tt" / "config.json"))
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str
+    token: str
+
+    @property
+    def url(self) -> str:
+        return self.server if self.server.startswith("http") else f"http://{self.server}"
+
+
+def load() -> ClientConfig:
+    data: dict[str, str] = {}
+    path = config_path()
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise BadInput(
+                f"{path} is not valid JSON: {e}", hint="rewrite it with `tt config`"
+            ) from e
+    server = os.environ.get("TT_SERVER", data.get("server", ""))
+    token = os.environ.get("TT_TOKEN", data.get("token", ""))
+    if not server:
+        raise BadInput(
+            "no scheduler configured",
+            hint="run `tt up` (all-in-one) or `tt config --server ADDR:PORT --token T`",
+        )
+    return ClientConfig(server, token)
+
+
+def save(server: str | None, token: str | None) -> Path:
+    path = config_path()
+    data: dict[str, str] = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    if server is not None:
+        parse_hostport(server, "--server")
+        data["server"] = server
+    if token is not None:
+        data["token"] = token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the token: never 0644
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    return path

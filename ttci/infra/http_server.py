@@ -1,0 +1,95 @@
+"""Shared pieces of our Flask services: bearer-token auth, errors as JSON, NDJSON streams."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ttci.model.errors import BadInput, TTError
+
+__all__ = ["API_VERSION", "error_response", "install_auth", "install_errors", "json_body", "ndjson"]
+
+API_VERSION = 1
+
+
+def error_response(status: int, message: str, hint: str | None = None, **extra: Any) -> Response:
+    body = {"error": message, **({"hint": hint} if hint else {}), **extra}
+    resp = jsonify(body)
+    resp.status_code = status
+    return resp
+
+
+def install_auth(
+    app: Flask,
+    tokens: dict[str, str] | Callable[[str], object | None],
+    open_paths: tuple[str, ...] = (),
+) -> None:
+    """Require `Authorization: Bearer TOKEN`. tokens maps token -> user, or is a function that
+    returns the token's user (None: refused); the user lands in request.environ["tt.user"]."""
+
+    def lookup(given: str) -> object | None:
+        if callable(tokens):
+            return tokens(given)
+        for token, user in tokens.items():
+            if hmac.compare_digest(given.encode(), token.encode()):
+                return user
+        return None
+
+    @app.before_request
+    def _auth() -> Response | None:
+        if request.path in open_paths:
+            return None
+        header = request.headers.get("Authorization", "")
+        given = header.removeprefix("Bearer ").strip()
+        user = lookup(given) if given else None
+        if user is not None:
+            request.environ["tt.user"] = user
+            return None
+        return error_response(
+            401, "missing or wrong token", hint="pass the token from `tt config` / --token"
+        )
+
+
+def install_errors(app: Flask, status_of: dict[type[TTError], int]) -> None:
+    @app.errorhandler(TTError)
+    def _tt_error(e: TTError) -> Response:
+        status = 500
+        for cls in type(e).__mro__:
+            if cls in status_of:
+                status = status_of[cls]
+                break
+        if isinstance(e, BadInput) and status == 500:
+            status = 400
+        return error_response(status, e.message, e.hint, kind=type(e).__name__)
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException) -> Response:
+        return error_response(e.code or 500, e.description or e.name)
+
+
+def json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadInput(
+            "request body must be a JSON object", hint="send Content-Type: application/json"
+        )
+    return body
+
+
+def ndjson(events: Iterator[dict[str, Any]]) -> Response:
+    """Stream events as newline-delimited JSON, each flushed as it comes."""
+
+    def gen() -> Iterator[bytes]:
+        for ev in events:
+            yield (json.dumps(ev, separators=(",", ":")) + "\n").encode()
+
+    return Response(
+        gen(),
+        mimetype="application/x-ndjson",
+        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"},
+    )

@@ -1,0 +1,119 @@
+"""What the admin page shows, read in a few queries (it must stay fast with 1,000s of VMs).
+
+Hosts come from the scheduler's host records (kept fresh by polling and heartbeats, never fetched
+here); ENVs and VMs from two queries on the state database; jobs and plots from the job history.
+Nothing secret is in here: host records are copied without any `token` key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+from ttci.infra.db import Store, now
+from ttci.scheduler import history
+from ttci.scheduler.admin import plots
+
+__all__ = ["ENV_COLS", "MAX_VMS_SHOWN", "PLOT_WINDOW_S", "VM_COLS", "envs_and_vms", "snapshot"]
+
+MAX_VMS_SHOWN = 5000
+PLOT_WINDOW_S = 3600
+ENV_COLS = "name, owner, os_prefix, state, created_at, expires_at, error, origin"
+VM_COLS = "env, name, host, image, arch, state, cpus, memory_mib, accel, boot_s, error"
+
+
+def _clean_host(h: dict[str, Any]) -> dict[str, Any]:
+    """A host for the page: its capacity, use and health; no token, no image list."""
+    out = {k: v for k, v in h.items() if "token" not in k.lower() and k != "images"}
+    out["image_count"] = len(h.get("images", []))
+    return out
+
+
+def _matches(env: dict[str, Any], q: str) -> bool:
+    origin = env["origin"]
+    hay = " ".join(
+        [env["name"], env["owner"], env["os_prefix"], env["state"], *map(str, origin.values())]
+    )
+    return q in hay.lower()
+
+
+def envs_and_vms(store: Store, q: str = "") -> dict[str, Any]:
+    """ENVs (newest first) with their VMs; at most MAX_VMS_SHOWN VMs are listed."""
+    with store.lock:
+        envs = [
+            dict(zip(ENV_COLS.split(", "), r, strict=True))
+            for r in store.db.execute(
+                f"select {ENV_COLS} from envs order by created_at desc, name"  # noqa: S608
+            ).fetchall()
+        ]
+        vm_rows = store.db.execute(
+            f"select {VM_COLS} from vms order by env, name"  # noqa: S608
+        ).fetchall()
+    by_env: dict[str, list[dict[str, Any]]] = {}
+    by_state: dict[str, int] = {}
+    by_host: dict[str, int] = {}
+    keys = VM_COLS.split(", ")
+    for r in vm_rows:
+        vm = dict(zip(keys, r, strict=True))
+        by_env.setdefault(vm.pop("env"), []).append(vm)
+        by_state[vm["state"]] = by_state.get(vm["state"], 0) + 1
+        by_host[vm["host"]] = by_host.get(vm["host"], 0) + 1
+    q = q.strip().lower()
+    shown, out, vm_total = 0, [], len(vm_rows)
+    for e in envs:
+        e["origin"] = json.loads(e["origin"] or '{"kind": "cli"}')
+        if q and not _matches(e, q):
+            continue
+        vms = by_env.get(e["name"], [])
+        e["vm_count"] = len(vms)
+        e["vms"] = vms[: max(0, MAX_VMS_SHOWN - shown)]
+        shown += len(e["vms"])
+        out.append(e)
+    return {
+        "envs": out,
+        "vm_total": vm_total,
+        "vm_shown": shown,
+        "env_total": len(envs),
+        "vms_by_state": by_state,
+        "vms_by_host": by_host,
+    }
+
+
+def snapshot(
+    store: Store, hosts: list[dict[str, Any]], images: list[dict[str, Any]], q: str = ""
+) -> dict[str, Any]:
+    """Everything the page shows, as one JSON-able dict."""
+    t_end = time.time()
+    data = envs_and_vms(store, q)
+    # VMs per host from the scheduler's own records: current, unlike the host's last report.
+    per_host = data.pop("vms_by_host")
+    hosts = [{**_clean_host(h), "vms": per_host.get(h["id"], 0)} for h in hosts]
+    jobs = history.recent(store, 50)
+    alive = history.since(store, _iso(t_end - PLOT_WINDOW_S))
+    capacity = sum(float(h.get("total", {}).get("cpus", 0)) for h in hosts if h["state"] == "up")
+    pool = plots.pool_use(alive, t_end - PLOT_WINDOW_S, t_end)
+    return {
+        "now": now(),
+        "hosts": hosts,
+        "images": [
+            {k: i.get(k) for k in ("name", "arch", "release", "kernel", "hosts")} for i in images
+        ],
+        **data,
+        "jobs": jobs,
+        "plots": {
+            "pool": plots.line_plot("vCPUs in use, last hour", pool, capacity),
+            "latency": plots.bar_plot(
+                "job start latency (request to ready), last 50 jobs", plots.latency_bars(jobs)
+            ),
+        },
+        "counts": {
+            "hosts_up": sum(1 for h in hosts if h["state"] == "up"),
+            "hosts": len(hosts),
+        },
+    }
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")

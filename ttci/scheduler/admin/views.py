@@ -1,0 +1,262 @@
+"""The admin page: login with an admin token, a live view of the cloud, and a few actions.
+
+A separate Flask app (mounted at /admin by `ttci.scheduler.admin.mount`) so browser sessions
+and CSRF never mix with the bearer-token API. Sessions live on the server (a random id in a signed,
+HttpOnly, SameSite=Strict cookie): logging out really ends them, and no token is ever stored
+in the cookie or rendered on a page.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped]
+from werkzeug.wrappers import Response as WResponse
+
+from ttci.model.errors import BadInput, TTError
+from ttci.scheduler.admin.state import snapshot
+from ttci.scheduler.planning.envspec import parse_duration
+
+__all__ = [
+    "MAX_LIFE_S",
+    "SESSION_S",
+    "Resolve",
+    "Sessions",
+    "bp",
+    "create_admin_app",
+    "delete_env",
+    "drain",
+    "extend_env",
+    "index",
+    "login",
+    "login_post",
+    "logout",
+    "state",
+]
+
+log = logging.getLogger("ttci.scheduler.admin")
+SESSION_S = 8 * 3600
+MAX_LIFE_S = 30 * 86400  # parse_duration's limit
+Resolve = Callable[[str], Any]  # token -> user (with .name, .admin) or None
+
+bp = Blueprint("admin", __name__, template_folder="templates", static_folder="static")
+
+
+class Sessions:
+    """Server-side admin sessions: id -> (user, expiry)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, tuple[Any, float]] = {}
+
+    def start(self, user: Any) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            now = time.monotonic()
+            self._by_id = {k: v for k, v in self._by_id.items() if v[1] > now}
+            self._by_id[sid] = (user, now + SESSION_S)
+        return sid
+
+    def user(self, sid: str | None) -> Any:
+        with self._lock:
+            entry = self._by_id.get(sid or "")
+        return entry[0] if entry and entry[1] > time.monotonic() else None
+
+    def end(self, sid: str | None) -> None:
+        with self._lock:
+            self._by_id.pop(sid or "", None)
+
+
+def _sessions() -> Sessions:
+    s: Sessions = current_app.config["ADMIN_SESSIONS"]
+    return s
+
+
+def _error(status: int, message: str, hint: str | None = None) -> tuple[Response, int]:
+    return jsonify({"error": message, **({"hint": hint} if hint else {})}), status
+
+
+def _login_required(api: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            user = _sessions().user(session.get("sid"))
+            if user is None:
+                if api:
+                    return _error(401, "not logged in", "log in at the admin page with your token")
+                return redirect(url_for("admin.login"))
+            g.user = user
+            return view(*args, **kw)
+
+        return wrapper
+
+    return deco
+
+
+@bp.get("/login")
+def login() -> str:
+    return render_template("admin/login.html", error=None)
+
+
+@bp.post("/login")
+def login_post() -> tuple[str, int] | WResponse:
+    token = request.form.get("token", "").strip()
+    resolve: Resolve = current_app.config["ADMIN_RESOLVE"]
+    user = resolve(token) if token else None
+    if user is None or not user.admin:
+        log.warning("admin login refused from %s", request.remote_addr)
+        time.sleep(0.3)  # slows guessing; the token itself is never logged
+        why = "that token is not an admin's" if user is not None else "wrong or missing token"
+        return render_template("admin/login.html", error=why), 401
+    session.clear()
+    session["sid"] = _sessions().start(user)
+    log.info("admin %s logged in from %s", user.name, request.remote_addr)
+    return redirect(url_for("admin.index"))
+
+
+@bp.post("/logout")
+def logout() -> WResponse:
+    _sessions().end(session.get("sid"))
+    session.clear()
+    return redirect(url_for("admin.login"))
+
+
+@bp.get("/")
+@_login_required(api=False)
+def index() -> str:
+    return render_template("admin/index.html", user=g.user.name)
+
+
+@bp.get("/api/state")
+@_login_required(api=True)
+def state() -> Response:
+    s = current_app.config["SCHEDULER"]
+    q = request.args.get("q", "")[:200]
+    resp = jsonify(snapshot(s.store, s.hosts(), s.images(), q))
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _act(fn: Callable[[], Any]) -> tuple[Response, int]:
+    """Run an action; errors become JSON with the scheduler's own words and hint."""
+    try:
+        return jsonify({"ok": True, "result": fn()}), 200
+    except BadInput as e:
+        return _error(400, e.message, e.hint)
+    except TTError as e:
+        name = type(e).__name__
+        status = (
+            404 if name.endswith("NotFound") else 409 if name.endswith(("Busy", "Exists")) else 500
+        )
+        return _error(status, e.message, e.hint)
+
+
+@bp.post("/api/envs/<name>/delete")
+@_login_required(api=True)
+def delete_env(name: str) -> tuple[Response, int]:
+    s = current_app.config["SCHEDULER"]
+    log.info("admin %s deletes ENV %s", g.user.name, name)
+    return _act(lambda: s.delete_env(name, g.user))
+
+
+@bp.post("/api/envs/<name>/extend")
+@_login_required(api=True)
+def extend_env(name: str) -> tuple[Response, int]:
+    """{"add": "1h"}: one more hour on top of what is left; {"life_time": "2h"}: 2 h from now."""
+    s = current_app.config["SCHEDULER"]
+    body = request.get_json(silent=True) or {}
+
+    def do() -> Any:
+        if "add" in body:
+            expires = dt.datetime.fromisoformat(s.show_env(name, g.user)["expires_at"])
+            left = max(0, int((expires - dt.datetime.now(dt.UTC)).total_seconds()))
+            seconds = min(left + parse_duration(body["add"]), MAX_LIFE_S)
+        else:
+            seconds = parse_duration(body.get("life_time", "1h"))
+        log.info("admin %s extends ENV %s to %d s from now", g.user.name, name, seconds)
+        return s.extend_env(name, g.user, seconds)
+
+    return _act(do)
+
+
+@bp.post("/api/hosts/<host_id>/drain")
+@_login_required(api=True)
+def drain(host_id: str) -> tuple[Response, int]:
+    s = current_app.config["SCHEDULER"]
+    body = request.get_json(silent=True) or {}
+    drained = body.get("drained", True)
+    if not isinstance(drained, bool):
+        return _error(400, "drained must be true or false", '{"drained": false} undrains')
+    if not hasattr(s, "set_drain"):
+        return _error(501, "this scheduler cannot drain hosts yet", "upgrade the scheduler")
+    log.info("admin %s %s host %s", g.user.name, "drains" if drained else "undrains", host_id)
+    return _act(lambda: s.set_drain(host_id, drained))
+
+
+def _security_headers(resp: Response) -> Response:
+    resp.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    )
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "no-referrer"  # job links never learn the admin URL
+    return resp
+
+
+def create_admin_app(scheduler: Any, resolve: Resolve) -> Flask:
+    """The admin page's app; scheduler is a ttci.scheduler.service.Scheduler."""
+    app = Flask("ttci.scheduler.admin")
+    app.config.update(
+        SECRET_KEY=secrets.token_bytes(32),
+        SESSION_COOKIE_NAME="tt_admin",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        WTF_CSRF_TIME_LIMIT=None,  # valid as long as the session
+        WTF_CSRF_SSL_STRICT=False,  # the Referer check needs HTTPS; SameSite + token suffice
+        SCHEDULER=scheduler,
+        ADMIN_RESOLVE=resolve,
+        ADMIN_SESSIONS=Sessions(),
+    )
+    CSRFProtect(app)
+    app.register_blueprint(bp)
+    app.after_request(_security_headers)
+
+    @app.errorhandler(CSRFError)
+    def _csrf(e: CSRFError) -> tuple[Response, int]:
+        log.warning("admin request without a valid CSRF token refused: %s", e.description)
+        return _error(
+            400,
+            f"refused: {e.description} (a forged request, or a page older than your session)",
+            "reload the admin page and try again",
+        )
+
+    @app.errorhandler(404)
+    def _nf(e: Exception) -> tuple[Response, int]:
+        return _error(404, f"no admin page at {request.path}", "start at /admin/")
+
+    @app.errorhandler(405)
+    def _na(e: Exception) -> tuple[Response, int]:
+        return _error(405, f"{request.method} is not allowed on {request.path}")
+
+    return app

@@ -1,0 +1,1 @@
+"""ttci/scheduler/planning"""

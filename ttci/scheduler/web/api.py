@@ -1,0 +1,320 @@
+"""The scheduler's public HTTP API (CLI, CI plugins, admin page). Views parse, then delegate."""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import queue
+import threading
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from ttci import __version__
+from ttci.infra.http_server import API_VERSION, install_auth, install_errors, json_body, ndjson
+from ttci.model.errors import BadInput, TTError
+from ttci.scheduler import admin
+from ttci.scheduler.hostd_client import HostdError, HostUnreachable
+from ttci.scheduler.hosts import HostNotFound, HostRefused
+from ttci.scheduler.planning.envspec import EnvRequest, parse_duration
+from ttci.scheduler.planning.placement import NoPlacement
+from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
+from ttci.scheduler.users import User, UserExists, UserNotFound
+
+__all__ = [
+    "Forbidden",
+    "add_user",
+    "bp",
+    "create_app",
+    "create_env",
+    "delete_env",
+    "delete_user",
+    "drain",
+    "env_vms",
+    "extend_env",
+    "forget_host",
+    "get",
+    "heartbeat",
+    "hosts",
+    "images",
+    "list_envs",
+    "list_users",
+    "push",
+    "register_host",
+    "run_env",
+    "show_env",
+    "status",
+    "undrain",
+]
+
+bp = Blueprint("scheduler", __name__, url_prefix="/v1")
+
+
+def _s() -> Scheduler:
+    s: Scheduler = current_app.config["SCHEDULER"]
+    return s
+
+
+def _user() -> User:
+    user: User = request.environ["tt.user"]
+    return user
+
+
+def _admin() -> User:
+    user = _user()
+    if not user.admin:
+        raise Forbidden(f"user {user.name} is not an admin", hint="ask an admin to do it")
+    return user
+
+
+class Forbidden(TTError):
+    """The user may not do this."""
+
+
+def _join_check() -> None:
+    """Host registration and heartbeats carry the pool's join token."""
+    s = _s()
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    want = s.pool.join_token
+    if not want:
+        raise HostRefused(
+            "this scheduler takes no registrations", hint="start tt-scheduler with --join-token"
+        )
+    if not given or not hmac.compare_digest(given.encode(), want.encode()):
+        raise HostRefused("wrong join token", hint="pass the scheduler's --join-token to hostd")
+
+
+@bp.post("/hosts/register")
+def register_host() -> Response:
+    _join_check()
+    return jsonify(_s().pool.register(json_body()))
+
+
+@bp.post("/hosts/heartbeat")
+def heartbeat() -> Response:
+    _join_check()
+    body = json_body()
+    info = body.get("info")
+    if not isinstance(info, dict):
+        raise BadInput("heartbeat info must be an object", hint="send hostd's /v1/host")
+    return jsonify(_s().pool.heartbeat(str(body.get("id", "")), info))
+
+
+@bp.post("/hosts/<host_id>/drain")
+def drain(host_id: str) -> Response:
+    _admin()
+    return jsonify(_s().set_drain(host_id, True))
+
+
+@bp.post("/hosts/<host_id>/undrain")
+def undrain(host_id: str) -> Response:
+    _admin()
+    return jsonify(_s().set_drain(host_id, False))
+
+
+@bp.delete("/hosts/<host_id>")
+def forget_host(host_id: str) -> Response:
+    _admin()
+    _s().pool.forget(host_id)
+    return jsonify({"id": host_id, "forgotten": True})
+
+
+@bp.get("/users")
+def list_users() -> Response:
+    _admin()
+    return jsonify(_s().users.list())
+
+
+@bp.post("/users")
+def add_user() -> tuple[Response, int]:
+    _admin()
+    body = json_body()
+    return jsonify(_s().users.add(str(body.get("name", "")), bool(body.get("admin", False)))), 201
+
+
+@bp.delete("/users/<name>")
+def delete_user(name: str) -> Response:
+    _admin()
+    _s().users.delete(name)
+    return jsonify({"name": name, "deleted": True})
+
+
+@bp.get("/status")
+def status() -> Response:
+    s, user = _s(), _user()
+    return jsonify(
+        {
+            "version": __version__,
+            "api": API_VERSION,
+            "user": user.name,
+            "admin": user.admin,
+            **s.counts(user),
+        }
+    )
+
+
+@bp.get("/hosts")
+def hosts() -> Response:
+    return jsonify(_s().hosts())
+
+
+@bp.get("/images")
+def images() -> Response:
+    return jsonify(_s().images())
+
+
+@bp.get("/envs")
+def list_envs() -> Response:
+    offset, limit = _page()
+    return jsonify(_s().list_envs(_user(), offset, limit))
+
+
+@bp.post("/envs")
+def create_env() -> tuple[Response, int]:
+    """Create an ENV; with ?progress=1 the answer is an NDJSON stream: one `vm` event per VM
+    as it comes up, then `ready` (with the ENV) or `error`."""
+    req, user = EnvRequest.from_dict(json_body()), _user()
+    s = _s()
+    if request.args.get("dry_run") in ("1", "true"):
+        return jsonify(s.plan_env(req)), 200
+    if request.args.get("progress") not in ("1", "true"):
+        return jsonify(s.create_env(req, user)), 201
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def work() -> None:
+        try:
+            env = s.create_env(req, user, progress=lambda ev: events.put({"event": "vm", **ev}))
+            events.put({"event": "ready", "env": env})
+        except TTError as e:
+            status = (
+                400
+                if isinstance(e, BadInput)
+                else 409
+                if isinstance(e, EnvExists | NoPlacement | EnvBusy)
+                else 500
+            )
+            events.put({"event": "error", "error": e.message, "hint": e.hint, "status": status})
+        finally:
+            events.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    return ndjson(iter(events.get, None)), 201
+
+
+def _page() -> tuple[int, int]:
+    try:
+        offset = int(request.args.get("offset", 0))
+        limit = min(int(request.args.get("limit", 1000)), 10_000)
+    except ValueError:
+        raise BadInput("offset and limit must be integers", hint="?offset=0&limit=100") from None
+    if offset < 0 or limit < 1:
+        raise BadInput("offset must be >= 0 and limit >= 1", hint="?offset=0&limit=100")
+    return offset, limit
+
+
+@bp.get("/envs/<name>/vms")
+def env_vms(name: str) -> Response:
+    """The ENV's VMs a page at a time (?offset=&limit=), or all as NDJSON (?stream=1)."""
+    s, user = _s(), _user()
+    if request.args.get("stream") in ("1", "true"):
+        s.show_env(name, user, vms=False)
+        return ndjson(s.iter_vms(name, user))
+    offset, limit = _page()
+    return jsonify(s.page_vms(name, user, offset, limit))
+
+
+@bp.get("/envs/<name>")
+def show_env(name: str) -> Response:
+    return jsonify(_s().show_env(name, _user()))
+
+
+@bp.delete("/envs/<name>")
+def delete_env(name: str) -> Response:
+    return jsonify(_s().delete_env(name, _user()))
+
+
+@bp.post("/envs/<name>/extend")
+def extend_env(name: str) -> Response:
+    """Body {"life_time": "1h"}: the ENV lives that long from now."""
+    body = json_body()
+    if "life_time" not in body:
+        raise BadInput("life_time is missing", hint='send {"life_time": "1h"}')
+    return jsonify(_s().extend_env(name, _user(), parse_duration(body["life_time"])))
+
+
+@bp.post("/envs/<name>/run")
+def run_env(name: str) -> Response:
+    body = json_body()
+    argv: Any
+    if "cmd" in body:
+        if not isinstance(body["cmd"], str) or not body["cmd"].strip():
+            raise BadInput("cmd must be a non-empty string", hint="--cmd 'uname -a'")
+        argv = ["/bin/sh", "-c", body["cmd"]]
+    else:
+        argv = body.get("argv")
+    req: dict[str, Any] = {"argv": argv}
+    for key in ("env", "cwd", "timeout", "stdin_b64"):
+        if body.get(key) is not None:
+            req[key] = body[key]
+    only = body.get("vms")
+    if only is not None and (
+        not isinstance(only, list) or not all(isinstance(v, str) for v in only)
+    ):
+        raise BadInput("vms must be a list of VM names", hint='e.g. "vms": ["debian-12-amd64"]')
+    s, user = _s(), _user()
+    s.show_env(name, user, vms=False)  # 404 before the stream starts
+    events = s.run(name, user, req, only)
+    first = next(events, None)  # bad input (an unknown VM) is a 400, not a broken stream
+    return ndjson(itertools.chain([first] if first else [], events))
+
+
+@bp.put("/envs/<name>/files")
+def push(name: str) -> Response:
+    dest = request.args.get("dest", "")
+    if not dest.startswith("/"):
+        raise BadInput(f"destination {dest!r} is not absolute", hint="e.g. /root/src")
+    return jsonify(_s().push(name, _user(), dest, request.get_data()))
+
+
+@bp.get("/envs/<name>/files")
+def get(name: str) -> Response:
+    path = request.args.get("path", "")
+    if not path.startswith("/"):
+        raise BadInput(f"path {path!r} is not absolute", hint="e.g. /etc/os-release")
+    return jsonify(_s().get(name, _user(), path))
+
+
+def create_app(scheduler: Scheduler) -> Flask:
+    """Users authenticate with their bearer tokens (scheduler.users); hosts with the join token."""
+    app = Flask("ttci.scheduler")
+    app.config["SCHEDULER"] = scheduler
+    install_auth(
+        app,
+        scheduler.users.resolve,
+        open_paths=("/v1/health", "/v1/hosts/register", "/v1/hosts/heartbeat"),
+    )
+    install_errors(
+        app,
+        {
+            EnvNotFound: 404,
+            EnvExists: 409,
+            EnvBusy: 409,
+            NoPlacement: 409,
+            HostNotFound: 404,
+            HostRefused: 403,
+            Forbidden: 403,
+            UserExists: 409,
+            UserNotFound: 404,
+            HostUnreachable: 503,
+            HostdError: 502,
+            BadInput: 400,
+        },
+    )
+    app.register_blueprint(bp)
+    admin.mount(app, scheduler, current_user=_user, resolve=scheduler.users.resolve)
+
+    @app.get("/v1/health")
+    def health() -> Response:
+        return jsonify({"ok": True, "version": __version__})
+
+    return app

@@ -1,0 +1,131 @@
+"""`tt-scheduler`: the scheduler service (successor of TT's ttproxy)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import waitress
+
+from ttci import __version__
+from ttci.infra.entry import run_cli
+from ttci.infra.settings import add_setting, parse_hostport
+from ttci.model.errors import BadInput
+from ttci.scheduler.service import Scheduler
+from ttci.scheduler.web.api import create_app
+
+__all__ = ["main", "make_parser", "parse_server_set", "serve"]
+
+log = logging.getLogger("ttci.scheduler.web.serve")
+
+
+def parse_server_set(text: str, token: str) -> dict[str, tuple[str, str]]:
+    """`ADDR:PORT,ADDR:PORT` or `id=ADDR:PORT,...` -> host id -> (url, token)."""
+    out: dict[str, tuple[str, str]] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        hid, sep, addr = item.rpartition("=")
+        host, port = parse_hostport(addr, "--server-set entry", default_host="")
+        if not host:
+            raise BadInput(
+                f"--server-set entry {item!r} names no address",
+                hint="write ADDR:PORT or ID=ADDR:PORT, comma separated",
+            )
+        out[hid if sep else f"{host}:{port}"] = (f"http://{host}:{port}", token)
+    if not out:
+        raise BadInput("--server-set names no host", hint="e.g. --server-set 10.0.0.2:7420")
+    return out
+
+
+def serve(scheduler: Scheduler, listen: str) -> None:
+    host, port = parse_hostport(listen, "--listen")
+    app = create_app(scheduler)
+    server = waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=32,
+        connection_limit=1000,  # CI plugins, the admin page and streams hold connections
+        channel_timeout=3600,
+        ident="tt-scheduler",
+    )
+    scheduler.recover()
+    scheduler.refresh_hosts()
+    scheduler.start_reaper()
+    scheduler.start_monitor()
+    log.info("tt-scheduler %s on %s:%s", __version__, host, server.effective_port)
+    print(f"tt-scheduler ready on {host}:{server.effective_port}", flush=True)
+    try:
+        server.run()
+    finally:
+        scheduler.stop()
+        server.close()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tt-scheduler", description="TT CI scheduler")
+    p.add_argument("--version", action="version", version=f"tt-scheduler {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--listen", default="127.0.0.1:7400", help="ADDR:PORT of the public API")
+    p.add_argument(
+        "--server-set",
+        default="",
+        help="static hostds: [ID=]ADDR:PORT[,...] (hosts may also register with --join-token)",
+    )
+    p.add_argument(
+        "--join-token",
+        default=os.environ.get("TT_JOIN_TOKEN", ""),
+        help="token hostds present to register themselves (env TT_JOIN_TOKEN)",
+    )
+    p.add_argument(
+        "--host-timeout",
+        type=float,
+        default=15.0,
+        help="seconds without a heartbeat before a host is marked down (default 15)",
+    )
+    p.add_argument(
+        "--hostd-token",
+        default=os.environ.get("TT_HOSTD_TOKEN", ""),
+        help="token the hostds expect (env TT_HOSTD_TOKEN)",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("TT_ADMIN_TOKEN", ""),
+        help="token of the admin user (env TT_ADMIN_TOKEN)",
+    )
+    add_setting(p, "state-dir")
+    p.set_defaults(func=_main)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not args.admin_token:
+        raise BadInput("the admin token is missing", hint="pass --admin-token or TT_ADMIN_TOKEN")
+    if not args.server_set and not args.join_token:
+        raise BadInput(
+            "no hosts: neither --server-set nor --join-token is given",
+            hint="list hostds with --server-set ADDR:PORT, or let them join with --join-token",
+        )
+    if args.server_set and not args.hostd_token:
+        raise BadInput("static hosts need --hostd-token", hint="or set TT_HOSTD_TOKEN")
+    if not 1 <= args.host_timeout <= 3600:
+        raise BadInput(f"--host-timeout {args.host_timeout:g} is outside 1..3600 s", hint="e.g. 15")
+    state: Path = args.state_dir
+    static = parse_server_set(args.server_set, args.hostd_token) if args.server_set else {}
+    sched = Scheduler(
+        state / "scheduler",
+        static,
+        admin_token=args.admin_token,
+        join_token=args.join_token,
+        host_timeout=args.host_timeout,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(sched, args.listen)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(make_parser(), argv if argv is not None else sys.argv[1:])

@@ -263,7 +263,7 @@ def run_env(name: str) -> Response:
         raise BadInput("vms must be a list of VM names", hint='e.g. "vms": ["debian-12-amd64"]')
     s, user = _s(), _user()
     s.show_env(name, user, vms=False)  # 404 before the stream starts
-    events = s.run(name, user, req, only)
+    events = s.exec(name, user, req, only)
     first = next(events, None)  # bad input (an unknown VM) is a 400, not a broken stream
     return ndjson(itertools.chain([first] if first else [], events))
 

@@ -1,0 +1,216 @@
+"""Creating an ENV: place every VM, record it, boot it on its host; all or nothing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from ttci.infra.db import now
+from ttci.model.errors import TTError
+from ttci.model.naming import ImageName
+from ttci.model.resources import Resources
+from ttci.scheduler import history
+from ttci.scheduler.core import PARALLEL_CREATES, EnvExists
+from ttci.scheduler.env_views import EnvViews
+from ttci.scheduler.hostd_client import HostUnreachable
+from ttci.scheduler.planning.envspec import EnvRequest
+from ttci.scheduler.planning.placement import Ask, NoPlacement, place
+from ttci.scheduler.users import User
+
+__all__ = ["EnvCreation"]
+
+log = logging.getLogger("ttci.scheduler")
+
+
+class EnvCreation(EnvViews):
+    def plan_env(self, req: EnvRequest) -> dict[str, Any]:
+        """Where the ENV's VMs would go now (nothing is created): `tt env add --dry-run`."""
+        asks = self._asks(req)
+        with self._place_lock:
+            placement = place(asks, self.pool.views(self._committed()))
+        per_host: dict[str, int] = {}
+        for hid in placement.values():
+            per_host[hid] = per_host.get(hid, 0) + 1
+        return {"name": req.name, "vm_count": len(asks), "hosts": per_host}
+
+    def _asks(self, req: EnvRequest) -> list[Ask]:
+        self.pool.check_timeouts()
+        hosts = self.hosts()
+        if not any(h["state"] == "up" for h in hosts):
+            hosts = self.refresh_hosts()
+        images = sorted(
+            {i["name"] for h in hosts if h["state"] == "up" for i in h.get("images", [])}
+        )
+        wanted = req.vms(images)
+        sizes = {i["name"]: i.get("disk_gib", 4) for h in hosts for i in h.get("images", [])}
+        return [
+            Ask(
+                key=name,
+                image=image,
+                arch=ImageName.parse(image).arch.value,
+                need=Resources(req.cpus, req.memory_mib, req.disk_gib or sizes[image]),
+            )
+            for name, image in wanted
+        ]
+
+    def create_env(
+        self, req: EnvRequest, user: User, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Place and boot every VM of the ENV; all or nothing."""
+        asks = self._asks(req)
+        with self._place_lock, self.store.lock:
+            placement = place(asks, self.pool.views(self._committed()))
+            self._record_env(req, user, asks, placement)
+        vm_rows = self._vm_rows(req.name)
+        failures: list[str] = []
+
+        def boot(v: dict[str, Any]) -> None:
+            try:
+                self._boot_vm(req, user, v, progress)
+            except Exception as e:  # any failure takes the whole ENV back, never a 500
+                msg = e.message if isinstance(e, TTError) else repr(e)
+                self._set_vm(v["id"], state="failed", error=msg)
+                failures.append(f"{v['name']} on {v['host']}: {msg}")
+
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
+            list(pool.map(boot, vm_rows))
+        self.pool.refresh({v["host"] for v in vm_rows})
+        if failures:
+            self._take_back(req.name, failures)
+        with self.store.lock:
+            self.store.db.table("envs").update(req.name, {"state": "ready"})
+        history.env_ready(self.store, req.name)
+        return self.show_env(req.name, user)
+
+    def _record_env(
+        self, req: EnvRequest, user: User, asks: list[Ask], placement: dict[str, str]
+    ) -> None:
+        """Write the ENV and its VMs (state creating) before anything is made on a host.
+        The caller holds the store's lock."""
+        if self.store.db.table("envs").count_where("name = ?", [req.name]):
+            raise EnvExists(
+                f"an ENV named {req.name!r} exists",
+                hint="pick another name or `tt env del` it first",
+            )
+        created = now()
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=req.life_s)).isoformat(
+            timespec="seconds"
+        )
+        self.store.db.table("envs").insert(
+            {
+                "name": req.name,
+                "owner": user.name,
+                "os_prefix": req.os_prefix,
+                "state": "creating",
+                "created_at": created,
+                "expires_at": expires,
+                "request": json.dumps(req.__dict__),
+                "error": "",
+                "origin": json.dumps(req.origin),
+            }
+        )
+        self.store.db.table("vms").insert_all(
+            [
+                {
+                    "id": uuid.uuid4().hex[:12],
+                    "env": req.name,
+                    "name": a.key,
+                    "host": placement[a.key],
+                    "image": a.image,
+                    "arch": a.arch,
+                    "cpus": a.need.cpus,
+                    "memory_mib": a.need.memory_mib,
+                    "disk_gib": a.need.disk_gib,
+                    "state": "creating",
+                    "error": "",
+                    "boot_s": 0.0,
+                    "accel": "",
+                    "created_at": created,
+                }
+                for a in asks
+            ]
+        )
+
+    def _create_on_host(self, req: EnvRequest, user: User, v: dict[str, Any]) -> dict[str, Any]:
+        """Create the VM where it was placed; a host that vanished meanwhile is marked
+        down and the VM is placed once more on the rest of the pool."""
+        body = {
+            "id": v["id"],
+            "env": req.name,
+            "name": v["name"],
+            "owner": user.name,
+            "image": v["image"],
+            "cpus": v["cpus"],
+            "memory_mib": v["memory_mib"],
+            "disk_gib": v["disk_gib"],
+            "deny_outgoing": req.deny_outgoing,
+            "ports": req.vm_ports,
+        }
+        try:
+            return self._client(v["host"]).create_vm(body)
+        except HostUnreachable as e:
+            self.pool.mark_unreachable(v["host"], e.message)
+            ask = Ask(
+                v["name"],
+                v["image"],
+                v["arch"],
+                Resources(v["cpus"], v["memory_mib"], v["disk_gib"]),
+            )
+            with self._place_lock:
+                try:
+                    again = place([ask], self.pool.views(self._committed()))[v["name"]]
+                except NoPlacement as np:
+                    raise TTError(f"{e.message}; and no other host can take it: {np}") from e
+                self._set_vm(v["id"], host=again)
+            log.warning("VM %s: host %s vanished, retrying on %s", v["name"], v["host"], again)
+            v["host"] = again
+            return self._client(again).create_vm(body)
+
+    def _boot_vm(
+        self,
+        req: EnvRequest,
+        user: User,
+        v: dict[str, Any],
+        progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        r = self._create_on_host(req, user, v)
+        self._set_vm(
+            v["id"],
+            state="running",
+            boot_s=r.get("boot_s", 0.0),
+            accel=r.get("accel", ""),
+            guest_boot_s=r.get("guest_boot_s", 0.0),
+            net=json.dumps({"ip": r.get("ip", ""), "ports": r.get("ports", [])}),
+        )
+        if progress:
+            progress(
+                {
+                    "vm": v["name"],
+                    "host": v["host"],
+                    "image": v["image"],
+                    "boot_s": r.get("boot_s", 0.0),
+                    "accel": r.get("accel", ""),
+                }
+            )
+
+    def _take_back(self, env: str, failures: list[str]) -> None:
+        """A VM failed: delete the ones made (all or nothing) and raise why."""
+        kept = self._drop_vms(env)
+        if kept:
+            self._mark_failed(env, "; ".join(kept))
+            raise TTError(
+                f"ENV {env} could not be created: {'; '.join(failures[:5])}; and "
+                f"{len(kept)} VM(s) could not be deleted yet: {'; '.join(kept[:3])}",
+                hint="the reaper retries; or run `tt env del` when the host is back",
+            )
+        with self.store.lock:
+            self.store.db.table("envs").delete(env)
+        raise TTError(
+            f"ENV {env} could not be created (nothing was kept): " + "; ".join(failures[:5]),
+            hint="see the reasons; `tt image list` shows what exists",
+        )

@@ -1,0 +1,97 @@
+"""The read side of ENVs: their JSON, pages and streams of VMs, lists."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from ttci.scheduler.core import SchedulerCore
+from ttci.scheduler.users import User
+
+__all__ = ["EnvViews"]
+
+
+class EnvViews(SchedulerCore):
+    VM_KEYS = (
+        "name",
+        "image",
+        "arch",
+        "host",
+        "state",
+        "cpus",
+        "memory_mib",
+        "disk_gib",
+        "accel",
+        "boot_s",
+        "guest_boot_s",
+        "error",
+    )
+
+    def env_json(self, row: dict[str, Any], vms: bool = True) -> dict[str, Any]:
+        out = {
+            k: row[k]
+            for k in ("name", "owner", "os_prefix", "state", "created_at", "expires_at", "error")
+        }
+        out["origin"] = json.loads(row.get("origin") or '{"kind": "cli"}')
+        with self.store.lock:
+            counts = dict(
+                self.store.db.execute(
+                    "select state, count(*) from vms where env = ? group by state", [row["name"]]
+                ).fetchall()
+            )
+        out["vm_count"] = sum(counts.values())
+        out["lost"] = counts.get("lost", 0)
+        if vms:
+            out["vms"] = [self._vm_json(v) for v in self._vm_rows(row["name"])]
+        return out
+
+    def _vm_json(self, v: dict[str, Any]) -> dict[str, Any]:
+        net = json.loads(v.get("net") or "{}")
+        return {
+            **{k: v[k] for k in self.VM_KEYS},
+            "ip": net.get("ip", ""),
+            "ports": net.get("ports", []),
+        }
+
+    def page_vms(self, name: str, user: User, offset: int, limit: int) -> dict[str, Any]:
+        """One page of a (possibly huge) ENV's VMs, in name order."""
+        self._env_row(name, user)
+        with self.store.lock:
+            rows = list(
+                self.store.db.table("vms").rows_where(
+                    "env = ?", [name], order_by="name", offset=offset, limit=limit
+                )
+            )
+            total = self.store.db.table("vms").count_where("env = ?", [name])
+        nxt = offset + len(rows)
+        return {
+            "env": name,
+            "total": total,
+            "offset": offset,
+            "vms": [self._vm_json(v) for v in rows],
+            "next_offset": nxt if nxt < total else None,
+        }
+
+    def iter_vms(self, name: str, user: User, batch: int = 2000) -> Iterator[dict[str, Any]]:
+        """Every VM of the ENV, read in batches (for NDJSON streams)."""
+        offset = 0
+        while True:
+            page = self.page_vms(name, user, offset, batch)
+            yield from page["vms"]
+            if page["next_offset"] is None:
+                return
+            offset = page["next_offset"]
+
+    def list_envs(self, user: User, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        with self.store.lock:
+            where, args = ("1=1", []) if user.admin else ("owner = ?", [user.name])
+            rows = list(
+                self.store.db.table("envs").rows_where(
+                    where, args, order_by="created_at, name", offset=offset, limit=limit
+                )
+            )
+        return [self.env_json(r, vms=False) for r in rows]
+
+    def show_env(self, name: str, user: User, vms: bool = True) -> dict[str, Any]:
+        return self.env_json(self._env_row(name, user), vms=vms)

@@ -1,0 +1,96 @@
+"""The scheduler's tables and their named migrations (applied once, in order, by ttci.infra.db)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+from ttci.scheduler import history
+
+__all__ = ["MIGRATIONS"]
+
+
+def _base(db: sqlite_utils.Database) -> None:
+    db.table("hosts").create(
+        {"id": str, "url": str, "state": str, "last_seen": str, "info": str}, pk="id"
+    )
+    db.table("envs").create(
+        {
+            "name": str,
+            "owner": str,
+            "os_prefix": str,
+            "state": str,
+            "created_at": str,
+            "expires_at": str,
+            "request": str,
+            "error": str,
+        },
+        pk="name",
+    )
+    db.table("vms").create(
+        {
+            "id": str,
+            "env": str,
+            "name": str,
+            "host": str,
+            "image": str,
+            "arch": str,
+            "cpus": float,
+            "memory_mib": int,
+            "disk_gib": int,
+            "state": str,
+            "error": str,
+            "boot_s": float,
+            "accel": str,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db.table("vms").create_index(["env"])
+
+
+def _guest_boot(db: sqlite_utils.Database) -> None:
+    db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
+
+
+def _origin(db: sqlite_utils.Database) -> None:
+    db.table("envs").add_column("origin", str, not_null_default='{"kind": "cli"}')
+
+
+def _host_pool(db: sqlite_utils.Database) -> None:
+    hosts = db.table("hosts")
+    hosts.add_column("kind", str, not_null_default="static")
+    hosts.add_column("token", str, not_null_default="")
+    hosts.add_column("drained", int, not_null_default=0)
+    hosts.add_column("error", str, not_null_default="")
+    hosts.add_column("seen_mono", float, not_null_default=0.0)
+
+
+def _users(db: sqlite_utils.Database) -> None:
+    db.table("users").create(
+        {"name": str, "admin": int, "token_sha256": str, "created_at": str}, pk="name"
+    )
+    db.table("users").create_index(["token_sha256"], unique=True)
+
+
+def _vm_net(db: sqlite_utils.Database) -> None:
+    db.table("vms").add_column("net", str, not_null_default="{}")
+
+
+def _vm_order(db: sqlite_utils.Database) -> None:
+    db.table("vms").create_index(["env", "name"])  # pages of huge ENVs without sorting
+    db.table("vms").create_index(["host", "state"])
+    db.table("vms").create_index(["env", "state"])  # per-ENV counts from the index alone
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("0001_base", _base),
+    ("0002_guest_boot_s", _guest_boot),
+    ("0003_origin", _origin),
+    ("0004_host_pool", _host_pool),
+    ("0005_users", _users),
+    (history.MIGRATION_NAME, history.migrate),
+    ("0006_vm_net", _vm_net),
+    ("0007_vm_order", _vm_order),
+]

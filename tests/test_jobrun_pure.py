@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.cloudutil import BIN
-from ttci.cli.job_cmd import (
+from ttci.cli.artifacts import tar_dir
+from ttci.cli.job_plan import (
     EXIT_ERROR,
     EXIT_TIMEOUT,
     Target,
@@ -22,7 +23,6 @@ from ttci.cli.job_cmd import (
     local_parent,
     origin_from_env,
     parse_targets,
-    tar_dir,
 )
 from ttci.model.errors import BadInput
 from ttci.scheduler.planning.envspec import ENV_NAME_RE, parse_origin

@@ -1,0 +1,204 @@
+"""`tt job run`'s plan, no I/O but the host's name: targets, images, ENV names, the origin shown
+to operators, the requests sent to the scheduler, artifact paths and exit codes."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ttci.model.errors import BadInput
+from ttci.model.naming import parse_arch
+
+__all__ = [
+    "DELETE_WAIT_S",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_TIMEOUT",
+    "LIFE_MARGIN_S",
+    "SCRIPT_DIR",
+    "WORKDIR",
+    "JobSpec",
+    "Outcome",
+    "Target",
+    "env_name",
+    "env_request",
+    "exec_request",
+    "exit_code",
+    "guest_path",
+    "image_for",
+    "local_parent",
+    "origin_from_env",
+    "parse_targets",
+    "result_word",
+]
+
+WORKDIR = "/root/work"
+SCRIPT_DIR = "/root/.tt-job"
+LIFE_MARGIN_S = 600  # the ENV outlives the command's timeout by this much, then the reaper acts
+DELETE_WAIT_S = 600  # how long cleanup waits for an ENV still booting
+EXIT_TIMEOUT = 124  # like timeout(1)
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Target:
+    os: str  # e.g. debian-12 or debian-12+systemd
+    arch: str  # Debian name
+
+    @property
+    def label(self) -> str:
+        return f"{self.os}/{self.arch}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.os}-{self.arch}".replace("+", "-")
+
+
+def parse_targets(oses: str, arches: str) -> list[Target]:
+    """`--os a,b --arch x,y` -> every combination, in order."""
+    os_list = [o.strip().lower() for o in oses.split(",") if o.strip()]
+    arch_list = [parse_arch(a).value for a in arches.split(",") if a.strip()]
+    if not os_list or not arch_list:
+        raise BadInput("--os and --arch must name at least one value", hint="--os debian-12")
+    out = [Target(o, a) for o, a in itertools.product(os_list, arch_list)]
+    return list(dict.fromkeys(out))
+
+
+def image_for(target: Target, images: list[str]) -> str:
+    """The one image that serves a target, or BadInput naming the targets that exist."""
+    found = [i for i in images if i.lower().split(":", 1)[-1] == f"{target.os}:{target.arch}"]
+    if len(found) == 1:
+        return found[0]
+    have = sorted({"/".join(i.split(":", 1)[-1].rsplit(":", 1)) for i in images})
+    raise BadInput(
+        f"no image serves --os {target.os} --arch {target.arch}"
+        if not found
+        else f"{len(found)} images serve {target.label}: {', '.join(found)}",
+        hint=f"targets in this cloud: {', '.join(have) or 'none (build images first)'}",
+    )
+
+
+def origin_from_env(environ: dict[str, str], target: Target) -> dict[str, str]:
+    """Where the job comes from: Jenkins (JENKINS_URL/BUILD_URL set) or the command line."""
+    if environ.get("JENKINS_URL") or environ.get("BUILD_URL"):
+        job = environ.get("JOB_NAME", "")
+        number = environ.get("BUILD_NUMBER", "")
+        out = {
+            "kind": "jenkins",
+            "job": f"{job} #{number} {target.label}".strip() if number else target.label,
+            "project": job,
+            "runner": environ.get("NODE_NAME", ""),
+        }
+        url = environ.get("BUILD_URL", "")
+        if url.startswith(("http://", "https://")):
+            out["url"] = url
+    else:
+        out = {"kind": "cli", "job": f"tt job run {target.label}", "runner": socket.gethostname()}
+    return {k: v[:200] for k, v in out.items() if v}
+
+
+def env_name(target: Target, tag: str) -> str:
+    """A unique, valid ENV name (1-40 of [a-z0-9-]) that says what it is."""
+    return f"job-{tag}-{target.slug}"[:40].rstrip("-")
+
+
+def exit_code(ev: dict[str, Any] | None) -> int:
+    """The job's exit code from the command's final event."""
+    if ev is None or ev.get("event") != "exit":
+        return EXIT_ERROR
+    if ev.get("timed_out"):
+        return EXIT_TIMEOUT
+    if ev.get("signal"):
+        return 128 + int(ev["signal"])
+    return int(ev.get("code") or 0)
+
+
+def result_word(code: int, interrupted: bool, error: str) -> str:
+    if interrupted:
+        return "cancelled"
+    if error:
+        return "error"
+    return "success" if code == 0 else "failed"
+
+
+def guest_path(path: str) -> str:
+    """An artifact path as the guest sees it (relative ones are in the work directory)."""
+    return path if path.startswith("/") else str(PurePosixPath(WORKDIR) / path)
+
+
+def local_parent(path: str, base: Path) -> Path:
+    """Where an artifact lands: relative paths mirror their directory under base."""
+    if path.startswith("/"):
+        return base
+    rel = PurePosixPath(path)
+    if ".." in rel.parts:
+        raise BadInput(f"artifact {path!r} leaves the work directory", hint="drop the ..")
+    return base / rel.parent
+
+
+@dataclass
+class JobSpec:
+    targets: list[Target]
+    argv: list[str]  # run with cwd WORKDIR
+    cpus: float
+    memory_mib: int
+    disk_gib: int
+    timeout_s: int
+    artifacts: list[str]
+    artifact_dir: Path
+    upload: Callable[[], bytes | None]  # the tar to unpack into WORKDIR (None: nothing)
+    script: tuple[str, bytes] | None  # (file name, content) pushed to SCRIPT_DIR
+    quiet: bool
+
+
+@dataclass
+class Outcome:
+    target: Target
+    env: str
+    image: str = ""
+    host: str = ""
+    accel: str = ""
+    boot_s: float = 0.0
+    run_s: float = 0.0
+    code: int = EXIT_ERROR
+    error: str = ""
+    artifacts: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        if self.error:
+            return f"error: {self.error}"
+        if self.code == EXIT_TIMEOUT:
+            return "timed out"
+        return "ok" if self.code == 0 else f"exit {self.code}"
+
+
+# -- the requests sent to the scheduler (built here only) ------------------------------------
+def env_request(
+    spec: JobSpec, target: Target, env: str, image: str, environ: dict[str, str]
+) -> dict[str, Any]:
+    """The scheduler's ENV request for one target: one VM of image."""
+    return {
+        "name": env,
+        "os_prefix": image,
+        "cpus": spec.cpus,
+        "memory_mib": spec.memory_mib,
+        "disk_gib": spec.disk_gib,
+        "life_time": spec.timeout_s + LIFE_MARGIN_S,
+        "origin": origin_from_env(environ, target),
+    }
+
+
+def exec_request(spec: JobSpec, target: Target) -> dict[str, Any]:
+    """The scheduler's exec request that runs the job's command in the target's VM."""
+    return {
+        "argv": spec.argv,
+        "cwd": WORKDIR,
+        "timeout": spec.timeout_s,
+        "env": {"CI": "true", "TT_JOB_OS": target.os, "TT_JOB_ARCH": target.arch, "HOME": "/root"},
+    }

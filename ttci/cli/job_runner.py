@@ -1,0 +1,212 @@
+"""`tt job run`'s runner: one ENV per target, in parallel, each deleted whatever happens."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+from ttci.cli.artifacts import extract_b64, script_tar
+from ttci.cli.job_output import Output, err
+from ttci.cli.job_plan import (
+    DELETE_WAIT_S,
+    EXIT_TIMEOUT,
+    SCRIPT_DIR,
+    WORKDIR,
+    JobSpec,
+    Outcome,
+    Target,
+    env_name,
+    env_request,
+    exec_request,
+    exit_code,
+    guest_path,
+    image_for,
+    local_parent,
+    result_word,
+)
+from ttci.client.scheduler import ApiError, Client
+from ttci.model.errors import TTError
+
+__all__ = ["Job"]
+
+
+class Job:
+    """Runs a JobSpec's targets in parallel; `cleanup` deletes every ENV it may have made."""
+
+    def __init__(self, spec: JobSpec, client: Client, environ: dict[str, str]) -> None:
+        self.spec = spec
+        self.client = client
+        self.environ = environ
+        self.tag = secrets.token_hex(3)
+        self.out = Output(prefix=len(spec.targets) > 1)
+        self.interrupted = threading.Event()
+        self._deleted: set[str] = set()
+        self._lock = threading.Lock()
+        self._env_locks: dict[str, threading.Lock] = {}
+        self.outcomes = {t: Outcome(t, env_name(t, self.tag)) for t in spec.targets}
+
+    def say(self, target: Target, text: str) -> None:
+        if not self.spec.quiet:
+            self.out.say(target.label, text)
+
+    def run_all(self) -> list[Outcome]:
+        images = [i["name"] for i in self.client.get("/v1/images")]
+        chosen = {t: image_for(t, images) for t in self.spec.targets}  # all or none: checked first
+        upload = self.spec.upload()
+        if len(self.spec.targets) == 1:
+            [t] = self.spec.targets
+            self._one(t, chosen[t], upload)
+            return [self.outcomes[t]]
+        with concurrent.futures.ThreadPoolExecutor(len(self.spec.targets)) as pool:
+            futures = [pool.submit(self._one, t, chosen[t], upload) for t in self.spec.targets]
+            try:
+                while not all(f.done() for f in futures):
+                    time.sleep(0.1)  # the main thread stays interruptible
+            except BaseException:
+                self.interrupted.set()
+                self.cleanup()  # deleting the ENVs ends the workers' streams
+                raise
+        return [self.outcomes[t] for t in self.spec.targets]
+
+    def _one(self, t: Target, image: str, upload: bytes | None) -> None:
+        o = self.outcomes[t]
+        o.image = image
+        try:
+            self._create(t, o)
+            if self.interrupted.is_set():
+                return
+            if upload is not None:
+                self.say(t, f"copying {len(upload) >> 10} KiB into {WORKDIR}")
+                self._check_push(self.client.push(o.env, WORKDIR, upload))
+            if self.spec.script:
+                self._check_push(self.client.push(o.env, SCRIPT_DIR, script_tar(self.spec.script)))
+            t0 = time.monotonic()
+            final = self._run(t, o)
+            o.run_s = time.monotonic() - t0
+            o.code = exit_code(final)
+            if final and final.get("event") == "error":
+                o.error = str(final.get("message"))
+            elif o.code == EXIT_TIMEOUT:
+                self.say(t, f"the command timed out after {self.spec.timeout_s} s and was killed")
+            self._fetch(t, o)
+        except TTError as e:
+            if not self.interrupted.is_set():
+                o.error = e.message + (f" ({e.hint})" if e.hint else "")
+                self.say(t, f"error: {o.error}")
+        except BaseException:  # Ctrl-C or SIGTERM in the main thread (a single target)
+            self.interrupted.set()
+            raise
+        finally:
+            self.out.flush(t.label)
+            with _signals_held():
+                self._finish(t, o)
+
+    def _create(self, t: Target, o: Outcome) -> None:
+        self.say(t, f"starting a fresh VM ({o.image}, ENV {o.env}) ...")
+        env = self.client.create_env(env_request(self.spec, t, o.env, o.image, self.environ))
+        [vm] = env["vms"]
+        o.host, o.accel, o.boot_s = vm["host"], vm["accel"], vm["boot_s"]
+        self.say(t, f"VM up on {o.host} ({o.accel}) in {o.boot_s:.1f} s")
+
+    def _check_push(self, res: list[dict[str, Any]]) -> None:
+        bad = [r for r in res if not r.get("ok")]
+        if bad:
+            raise TTError(f"copying into the VM failed: {bad[0].get('error')}")
+
+    def _run(self, t: Target, o: Outcome) -> dict[str, Any] | None:
+        final = None
+        for ev in self.client.run(o.env, exec_request(self.spec, t)):
+            kind = ev.get("event")
+            if kind in ("stdout", "stderr"):
+                self.out.write(t.label, kind, base64.b64decode(ev.get("data", "")))
+            elif kind in ("exit", "error"):
+                final = ev
+        return final
+
+    def _fetch(self, t: Target, o: Outcome) -> None:
+        base = self.spec.artifact_dir / (t.slug if len(self.spec.targets) > 1 else "")
+        for path in self.spec.artifacts:
+            try:
+                [res] = self.client.get_files(o.env, guest_path(path))
+            except TTError as e:
+                self.say(t, f"artifact {path}: {e.message}")
+                continue
+            if not res.get("ok"):
+                self.say(t, f"artifact {path} not copied back: {res.get('error')}")
+                continue
+            dest = local_parent(path, base)
+            dest.mkdir(parents=True, exist_ok=True)
+            extract_b64(res["data"], dest)
+            where = dest / PurePosixPath(path).name
+            o.artifacts.append(str(where))
+            self.say(t, f"artifact {path} -> {where}")
+
+    def _finish(self, t: Target, o: Outcome) -> None:
+        result = result_word(o.code, self.interrupted.is_set(), o.error)
+        with contextlib.suppress(TTError):  # no job row: the ENV never became ready
+            self.client.report_result(o.env, result)
+        self._delete(o.env, t)
+
+    def _delete(self, env: str, t: Target) -> None:
+        with self._lock:
+            lock = self._env_locks.setdefault(env, threading.Lock())
+        # one delete per ENV at a time (cleanup and its worker): the second finds it done
+        with lock:
+            self._delete_once(env, t)
+
+    def _delete_once(self, env: str, t: Target) -> None:
+        if env in self._deleted:
+            return
+        deadline = time.monotonic() + DELETE_WAIT_S
+        while True:
+            try:
+                self.client.delete_env(env)
+                self._deleted.add(env)
+                self.say(t, f"ENV {env} deleted")
+                return
+            except ApiError as e:
+                if e.status == 404:
+                    return  # not made (yet: its creator deletes it when done), or gone
+                if e.status == 409 and time.monotonic() < deadline:
+                    time.sleep(1)  # still booting: delete it as soon as it is ready
+                    continue
+                err.print(f"tt: could not delete ENV {env}: {e.message}; the reaper will")
+                return
+            except TTError as e:
+                err.print(f"tt: could not delete ENV {env}: {e.message}; the reaper will")
+                return
+
+    def cleanup(self) -> None:
+        """Delete every ENV of this job (Ctrl-C, SIGTERM): in parallel, uninterruptible."""
+        outcomes = list(self.outcomes.values())
+        with _signals_held():
+            err.print(f"tt: interrupted; deleting {', '.join(o.env for o in outcomes)} ...")
+            with concurrent.futures.ThreadPoolExecutor(len(outcomes)) as pool:
+                list(pool.map(lambda o: self._delete(o.env, o.target), outcomes))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (cleanup must not be cut short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if got:
+            err.print("tt: cleanup finished; the signal that came meanwhile was held")

@@ -186,7 +186,7 @@ def test_guest_code_is_stdlib_only(path: Path) -> None:
 
 
 def test_guest_files_are_what_the_image_builder_copies() -> None:
-    from hostd.images.build import AGENT_MODULES
+    from hostd.images.guest_files import AGENT_MODULES
 
     shipped = {f"ttci/{m}" for m in AGENT_MODULES}
     needed = GUEST_FILES | {

@@ -19,24 +19,27 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import ttci
 from hostd.builders import cpio
 from hostd.builders.image_recipe import BuildSpec
 from hostd.builders.initrd_modules import load_order, parse_builtin, parse_modules_dep
 from hostd.images.binfmt import Binfmt, restore_leftovers
 from hostd.images.catalogue import scan
 from hostd.images.fs import atomic_replace_dir, free_bytes, safe_rmtree
+from hostd.images.guest_files import (
+    GUEST_DIR,
+    digest_adds,
+    digest_files,
+    guest_files,
+    install_files,
+)
 from ttci.infra.log import step
 from ttci.infra.proc import need, run, run_streaming
-from ttci.model.errors import BadInput, ImageError
+from ttci.model.errors import ImageError
 from ttci.model.manifest import MANIFEST_FILE, FileEntry, Manifest, parse_dpkg_status
 from ttci.wire.agent_protocol import PROTOCOL_VERSION
 
 __all__ = [
-    "AGENT_MODULES",
-    "GUEST_DIR",
     "MIN_FREE",
-    "TTCI_DIR",
     "Builder",
     "build_image",
     "build_initrd",
@@ -48,59 +51,7 @@ __all__ = [
 
 log = logging.getLogger("hostd.images")
 
-GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
-TTCI_DIR = Path(ttci.__file__).resolve().parent
-AGENT_MODULES = (
-    "__init__.py",
-    "wire/__init__.py",
-    "wire/agent_protocol.py",
-    "agent/__init__.py",
-    "agent/main.py",
-)
 MIN_FREE = 3 << 30
-
-
-def guest_files(profile: str) -> dict[str, tuple[int, bytes]]:
-    """Files the builder puts into every image: guest path -> (mode, content)."""
-    files = {
-        f"/usr/lib/tt-agent/ttci/{m}": (0o644, (TTCI_DIR / m).read_bytes()) for m in AGENT_MODULES
-    }
-    files["/usr/lib/tt-agent/tt-agent.py"] = (0o755, (GUEST_DIR / "tt-agent.py").read_bytes())
-    files["/sbin/tt-init"] = (0o755, (GUEST_DIR / "tt-init").read_bytes())
-    if profile == "systemd":
-        files["/etc/systemd/system/tt-agent.service"] = (
-            0o644,
-            (GUEST_DIR / "tt-agent.service").read_bytes(),
-        )
-        files["/etc/systemd/network/10-tt-guest.network"] = (
-            0o644,
-            (GUEST_DIR / "10-tt-guest.network").read_bytes(),
-        )
-    return files
-
-
-def _digest_files(files: dict[str, tuple[int, bytes]]) -> str:
-    h = hashlib.sha256()
-    for path in sorted(files):
-        mode, data = files[path]
-        h.update(f"{path}\0{mode}\0{len(data)}\0".encode())
-        h.update(data)
-    h.update((GUEST_DIR / "initrd-init").read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _digest_adds(spec: BuildSpec) -> str:
-    h = hashlib.sha256()
-    for add in spec.adds:
-        if not add.src.exists():
-            raise BadInput(f"--add source {add.src} does not exist", hint="check the path")
-        h.update(f"{add.dest}\0".encode())
-        paths = [add.src] if add.src.is_file() else sorted(p for p in add.src.rglob("*"))
-        for p in paths:
-            h.update(f"{p.relative_to(add.src.parent)}\0{p.stat().st_mode}\0".encode())
-            if p.is_file():
-                h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def sha256_file(path: Path) -> str:
@@ -226,30 +177,6 @@ def build_initrd(kernel_tree: Path, kver: str, busybox: Path, spec: BuildSpec) -
     return cpio.gz_newc(entries)
 
 
-def _install_files(root: Path, spec: BuildSpec, files: dict[str, tuple[int, bytes]]) -> None:
-    for dest, (mode, data) in files.items():
-        target = root / dest.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        target.chmod(mode)
-    if spec.profile == "systemd":
-        wants = root / "etc/systemd/system/sysinit.target.wants"
-        wants.mkdir(parents=True, exist_ok=True)
-        (wants / "tt-agent.service").symlink_to("/etc/systemd/system/tt-agent.service")
-        mu = root / "etc/systemd/system/multi-user.target.wants"
-        mu.mkdir(parents=True, exist_ok=True)
-        link = mu / "systemd-networkd.service"
-        if not link.exists():
-            link.symlink_to("/lib/systemd/system/systemd-networkd.service")
-    for add in spec.adds:
-        target = root / add.dest.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if add.src.is_dir():
-            shutil.copytree(add.src, target, symlinks=True, dirs_exist_ok=True)
-        else:
-            shutil.copy2(add.src, target)
-
-
 def _tree_bytes(root: Path) -> int:
     out = run(["du", "-sx", "--block-size=1", str(root)]).stdout.decode()
     return int(out.split()[0])
@@ -309,7 +236,7 @@ class Builder:
         """
         self.preflight()
         for spec in specs:
-            _digest_adds(spec)  # bad --add fails before anything starts
+            digest_adds(spec)  # bad --add fails before anything starts
         with _build_lock(self.cache_dir):
             restore_leftovers(self.cache_dir)
             _clean_stale([self.image_path, self.cache_dir])
@@ -343,27 +270,15 @@ class Builder:
     def _build_one_timed(self, spec: BuildSpec, force: bool) -> tuple[Manifest, bool]:
         if self.cancel.is_set():
             raise KeyboardInterrupt("cancelled")
-        image_path = self.image_path
         files = guest_files(spec.profile)
-        key = spec.inputs_key(_digest_files(files), _digest_adds(spec))
-        final = image_path / spec.name.dirname
-        old = existing_manifest(final)
-        if (
-            old
-            and old.inputs_key == key
-            and not force
-            and all(
-                (final / f.path).exists() and (final / f.path).stat().st_size == f.size
-                for f in old.files()
-            )
-        ):
-            log.info("%s is up to date (inputs %s)", spec.name, key)
-            keys = _cache_keys(spec)
-            if old.cache_keys != keys:  # a manifest from before cache keys were recorded
-                old = dataclasses.replace(old, cache_keys=keys)
-                (final / MANIFEST_FILE).write_text(json.dumps(old.to_dict(), indent=2) + "\n")
+        key = spec.inputs_key(digest_files(files), digest_adds(spec))
+        final = self.image_path / spec.name.dirname
+        old = None if force else _up_to_date(spec, key, final)
+        if old is not None:
             return old, False
-        work = image_path / f".build-{spec.name.dirname}-{os.getpid()}-{threading.get_ident()}"
+        work = self.image_path / (
+            f".build-{spec.name.dirname}-{os.getpid()}-{threading.get_ident()}"
+        )
         with contextlib.ExitStack() as stack:
             stack.callback(safe_rmtree, work)
             work.mkdir()
@@ -374,87 +289,10 @@ class Builder:
                 rtree = self._cached_tree("rootfs", spec.rootfs_key(), spec.rootfs_argv)
             root = work / "root"
             with step(log, f"{spec.name}: assemble"):
-                run(["cp", "-a", "--reflink=auto", str(rtree), str(root)])
-                (root / ".tt-complete").unlink(missing_ok=True)
-                _install_files(root, spec, files)
-                # Byte-compile the agent with the guest's own python: saves ~0.3 s per boot.
-                run(
-                    [
-                        "chroot",
-                        str(root),
-                        "python3",
-                        "-m",
-                        "compileall",
-                        "-q",
-                        "--invalidation-mode",
-                        "unchecked-hash",
-                        "/usr/lib/tt-agent",
-                    ]
-                )
-                kver, kfile = _find_kernel(ktree)
-                shutil.copyfile(kfile, work / "vmlinuz")
-                busybox = root / "bin/busybox"
-                if not busybox.exists():
-                    raise ImageError(f"{busybox} missing", hint="busybox-static must be installed")
-                (work / "initrd.img").write_bytes(build_initrd(ktree, kver, busybox, spec))
-            used = _tree_bytes(root)
-            if used * 1.15 + (256 << 20) > spec.disk_size:
-                raise ImageError(
-                    f"the rootfs needs {used >> 20} MiB, more than the disk of "
-                    f"{spec.disk_size >> 20} MiB allows",
-                    hint="pass a bigger --size",
-                )
+                kver = _assemble(spec, files=files, rtree=rtree, ktree=ktree, root=root, work=work)
             with step(log, f"{spec.name}: disk image"):
-                raw = work / "disk.raw"
-                run(
-                    [
-                        "mkfs.ext4",
-                        "-q",
-                        "-F",
-                        "-L",
-                        "ttroot",
-                        "-d",
-                        str(root),
-                        str(raw),
-                        f"{spec.disk_size >> 20}M",
-                    ]
-                )
-                run(
-                    [
-                        "qemu-img",
-                        "convert",
-                        "-f",
-                        "raw",
-                        "-O",
-                        "qcow2",
-                        str(raw),
-                        str(work / "disk.qcow2"),
-                    ]
-                )
-                raw.unlink()
-                packages = parse_dpkg_status((root / "var/lib/dpkg/status").read_text())
-                safe_rmtree(root)
-            manifest = Manifest(
-                name=str(spec.name),
-                os=spec.release.os,
-                release=spec.release.name,
-                suite=spec.release.suite,
-                arch=spec.arch.value,
-                profile=spec.profile,
-                kernel_version=kver,
-                kernel_cmdline=spec.kernel_cmdline(),
-                kernel=_entry(work, "vmlinuz"),
-                initrd=_entry(work, "initrd.img"),
-                disk=_entry(work, "disk.qcow2"),
-                disk_virtual_size=spec.disk_size,
-                built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                inputs_key=key,
-                cache_keys=_cache_keys(spec),
-                agent_protocol=PROTOCOL_VERSION,
-                packages=packages,
-                extra_packages=spec.packages,
-                added_files=tuple(f"{a.src}:{a.dest}" for a in spec.adds),
-            )
+                packages = _make_disk(spec, root, work)
+            manifest = _manifest(spec, work, kver, key, packages)
             (work / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
             for f in ("vmlinuz", "initrd.img", "disk.qcow2"):
                 (work / f).chmod(0o444)
@@ -462,6 +300,102 @@ class Builder:
             stack.pop_all()
         log.info("%s built: %s", spec.name, final)
         return manifest, True
+
+
+def _up_to_date(spec: BuildSpec, key: str, final: Path) -> Manifest | None:
+    """The image already built from the same inputs, with every file whole; else None."""
+    old = existing_manifest(final)
+    if not old or old.inputs_key != key:
+        return None
+    if not all(
+        (final / f.path).exists() and (final / f.path).stat().st_size == f.size for f in old.files()
+    ):
+        return None
+    log.info("%s is up to date (inputs %s)", spec.name, key)
+    keys = _cache_keys(spec)
+    if old.cache_keys != keys:  # a manifest from before cache keys were recorded
+        old = dataclasses.replace(old, cache_keys=keys)
+        (final / MANIFEST_FILE).write_text(json.dumps(old.to_dict(), indent=2) + "\n")
+    return old
+
+
+def _assemble(
+    spec: BuildSpec,
+    *,
+    files: dict[str, tuple[int, bytes]],
+    rtree: Path,
+    ktree: Path,
+    root: Path,
+    work: Path,
+) -> str:
+    """The image's root tree with our files, its kernel and host-built initrd; the kernel
+    version."""
+    run(["cp", "-a", "--reflink=auto", str(rtree), str(root)])
+    (root / ".tt-complete").unlink(missing_ok=True)
+    install_files(root, spec, files)
+    # Byte-compile the agent with the guest's own python: saves ~0.3 s per boot.
+    run(
+        [
+            *("chroot", str(root), "python3", "-m", "compileall", "-q"),
+            *("--invalidation-mode", "unchecked-hash", "/usr/lib/tt-agent"),
+        ]
+    )
+    kver, kfile = _find_kernel(ktree)
+    shutil.copyfile(kfile, work / "vmlinuz")
+    busybox = root / "bin/busybox"
+    if not busybox.exists():
+        raise ImageError(f"{busybox} missing", hint="busybox-static must be installed")
+    (work / "initrd.img").write_bytes(build_initrd(ktree, kver, busybox, spec))
+    return kver
+
+
+def _make_disk(spec: BuildSpec, root: Path, work: Path) -> tuple[str, ...]:
+    """root -> work/disk.qcow2 (ext4, no loop mounts); the packages it holds. root is removed."""
+    used = _tree_bytes(root)
+    if used * 1.15 + (256 << 20) > spec.disk_size:
+        raise ImageError(
+            f"the rootfs needs {used >> 20} MiB, more than the disk of "
+            f"{spec.disk_size >> 20} MiB allows",
+            hint="pass a bigger --size",
+        )
+    raw = work / "disk.raw"
+    run(
+        [
+            *("mkfs.ext4", "-q", "-F", "-L", "ttroot", "-d", str(root)),
+            *(str(raw), f"{spec.disk_size >> 20}M"),
+        ]
+    )
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2")])
+    raw.unlink()
+    packages = parse_dpkg_status((root / "var/lib/dpkg/status").read_text())
+    safe_rmtree(root)
+    return packages
+
+
+def _manifest(
+    spec: BuildSpec, work: Path, kver: str, key: str, packages: tuple[str, ...]
+) -> Manifest:
+    return Manifest(
+        name=str(spec.name),
+        os=spec.release.os,
+        release=spec.release.name,
+        suite=spec.release.suite,
+        arch=spec.arch.value,
+        profile=spec.profile,
+        kernel_version=kver,
+        kernel_cmdline=spec.kernel_cmdline(),
+        kernel=_entry(work, "vmlinuz"),
+        initrd=_entry(work, "initrd.img"),
+        disk=_entry(work, "disk.qcow2"),
+        disk_virtual_size=spec.disk_size,
+        built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        inputs_key=key,
+        cache_keys=_cache_keys(spec),
+        agent_protocol=PROTOCOL_VERSION,
+        packages=packages,
+        extra_packages=spec.packages,
+        added_files=tuple(f"{a.src}:{a.dest}" for a in spec.adds),
+    )
 
 
 def build_image(

@@ -47,13 +47,17 @@ class HostRules:
 def ruleset(rules: HostRules) -> str:
     """The full nft script: delete-if-present then create, one transaction."""
     t = rules.table
+    lines = [f"table inet {t} {{}}", f"delete table inet {t}", f"table inet {t} {{"]
+    lines += _sets_and_maps(rules)
+    lines += _nat_chains(rules)
+    lines += _filter_chains(rules)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _sets_and_maps(rules: HostRules) -> list[str]:
     bridges = [e.bridge for e in rules.envs]
-    lines = [
-        f"table inet {t} {{}}",
-        f"delete table inet {t}",
-        f"table inet {t} {{",
-    ]
-    lines += ["  set env_bridges {", "    type ifname"]
+    lines = ["  set env_bridges {", "    type ifname"]
     if bridges:
         lines.append(f"    elements = {{ {', '.join(_q(bridges))} }}")
     lines.append("  }")
@@ -68,7 +72,11 @@ def ruleset(rules: HostRules) -> str:
             elems = ", ".join(f"{p.host_port} : {p.vm_ip} . {p.vm_port}" for p in ports)
             lines.append(f"    elements = {{ {elems} }}")
         lines.append("  }")
-    lines += [
+    return lines
+
+
+def _nat_chains(rules: HostRules) -> list[str]:
+    lines = [
         "  chain prerouting {",
         "    type nat hook prerouting priority dstnat; policy accept;",
         "    iifname @env_bridges return",
@@ -87,8 +95,12 @@ def ruleset(rules: HostRules) -> str:
     for e in rules.envs:
         if not e.deny_outgoing:
             lines.append(f'    ip saddr {e.subnet} oifname != "{e.bridge}" masquerade')
-    lines += [
-        "  }",
+    lines.append("  }")
+    return lines
+
+
+def _filter_chains(rules: HostRules) -> list[str]:
+    lines = [
         "  chain input {",
         "    type filter hook input priority 0; policy accept;",
         "    iifname @env_bridges ct state established,related accept",
@@ -104,8 +116,8 @@ def ruleset(rules: HostRules) -> str:
         lines.append(f'    iifname "{e.bridge}" oifname @env_bridges drop')
         if e.deny_outgoing:
             lines.append(f'    iifname "{e.bridge}" drop')
-    lines += ["    ct status dnat accept", "    oifname @env_bridges drop", "  }", "}"]
-    return "\n".join(lines) + "\n"
+    lines += ["    ct status dnat accept", "    oifname @env_bridges drop", "  }"]
+    return lines
 
 
 def delete_script(table: str) -> str:

@@ -216,6 +216,26 @@ class VMManager:
             BadInput: bad name, size or image. NoCapacity: does not fit (with the numbers).
             EngineError, BootError: the VM did not come up; everything made is removed again.
         """
+        image, disk_gib = self._checked(req)
+        self._record(req, image, disk_gib)
+        t0 = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._reclaim, req.id)
+            vmnet = self.net.attach(req.id, req.env, req.deny_outgoing, list(req.ports))
+            self._boot(self._row(req.id), image, disk_gib, vmnet)
+            stack.pop_all()
+        self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
+        log.info(
+            "VM %s up in %.1f s (guest boot %.1f s)",
+            req.name,
+            time.monotonic() - t0,
+            self._row(req.id)["guest_boot_s"],
+            extra={"vm": req.id, "env": req.env, "image": image.name},
+        )
+        return self.get(req.id)
+
+    def _checked(self, req: VMRequest) -> tuple[Image, int]:
+        """The request's image and disk size, or BadInput saying what is wrong."""
         if not _NAME_RE.match(req.name):
             raise BadInput(
                 f"VM name {req.name!r} is not valid",
@@ -232,6 +252,10 @@ class VMManager:
         problems = validate_vm_size(req.cpus, req.memory_mib, disk_gib)
         if problems:
             raise BadInput("; ".join(problems), hint="pick sizes inside the ranges")
+        return image, disk_gib
+
+    def _record(self, req: VMRequest, image: Image, disk_gib: int) -> None:
+        """The VM's row, written before anything is made, if it fits this host."""
         need = Resources(req.cpus, req.memory_mib, disk_gib)
         domain = f"tt-{self.cfg.host_id}-{req.id}"
         workdir = self.cfg.vm_root / req.id
@@ -265,21 +289,6 @@ class VMManager:
                     "created_at": now(),
                 }
             )
-        t0 = time.monotonic()
-        with contextlib.ExitStack() as stack:
-            stack.callback(self._reclaim, req.id)
-            vmnet = self.net.attach(req.id, req.env, req.deny_outgoing, list(req.ports))
-            self._boot(self._row(req.id), image, disk_gib, vmnet)
-            stack.pop_all()
-        self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
-        log.info(
-            "VM %s up in %.1f s (guest boot %.1f s)",
-            req.name,
-            time.monotonic() - t0,
-            self._row(req.id)["guest_boot_s"],
-            extra={"vm": req.id, "env": req.env, "image": image.name},
-        )
-        return self.get(req.id)
 
     def _boot(self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet) -> None:
         workdir = Path(row["workdir"])
@@ -302,6 +311,16 @@ class VMManager:
         )
         accel, _ = choose_accel(image)
         self._update(row["id"], accel=accel)
+        spec = self._domain_spec(row, image, disk_gib, vmnet, accel)
+        self.engine.start(spec)
+        overhead = TCG_OVERHEAD_MIB if accel == "tcg" else KVM_OVERHEAD_MIB
+        self.engine.set_limits(row["domain"], row["memory_mib"] + overhead, row["cpus"])
+        self._wait_for_agent(row, spec, image)
+
+    def _domain_spec(
+        self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet, accel: str
+    ) -> DomainSpec:
+        workdir = Path(row["workdir"])
         arch = Arch.parse(image.manifest.arch)
         cmdline = (
             f"{image.manifest.kernel_cmdline} tt.token={row['token']} tt.hostname={row['name']}"
@@ -309,14 +328,14 @@ class VMManager:
         if disk_gib << 30 > image.manifest.disk_virtual_size:
             cmdline += " tt.resize=1"
         cmdline += f" {vmnet.kernel_arg} net.ifnames=0"
-        spec = DomainSpec(
+        return DomainSpec(
             name=row["domain"],
             uuid=str(uuid.uuid4()),
             arch=arch,
             kernel=image.file(image.manifest.kernel.path),
             initrd=image.file(image.manifest.initrd.path),
             cmdline=cmdline,
-            disk=overlay,
+            disk=workdir / "disk.qcow2",
             agent_socket=workdir / "agent.sock",
             console_log=workdir / "console.log",
             memory_mib=row["memory_mib"],
@@ -332,9 +351,9 @@ class VMManager:
                 "workdir": str(workdir),
             },
         )
-        self.engine.start(spec)
-        overhead = TCG_OVERHEAD_MIB if accel == "tcg" else KVM_OVERHEAD_MIB
-        self.engine.set_limits(row["domain"], row["memory_mib"] + overhead, row["cpus"])
+
+    def _wait_for_agent(self, row: dict[str, Any], spec: DomainSpec, image: Image) -> None:
+        workdir = Path(row["workdir"])
         started = time.monotonic()
         try:
             agent = AgentClient.connect(

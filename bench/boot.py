@@ -39,7 +39,7 @@ def agent_boot(image: Image, accel: str) -> float:
         return first
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - argparse, the runs and the table in order
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3, help="boots per image (median reported)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")

@@ -63,7 +63,8 @@ def _shot(page: Any, name: str, tmp_path: Path) -> None:
         page.screenshot(path=str(d / f"{name}.png"), full_page=True)
 
 
-def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(
+# One operator session from login to logout, step by step as a person goes.
+def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(  # noqa: PLR0915
     cloud: tuple[Stack, Client], browser: Any, tmp_path: Path
 ) -> None:
     stack, client = cloud

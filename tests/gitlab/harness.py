@@ -341,7 +341,8 @@ class Runner:
             status = "system_failure" if outcome[0] == "retry" else outcome[0]
             return JobResult(status, outcome[1], calls, b"".join(log), config, attempts)
 
-    def _attempt(
+    # One attempt follows GitLab Runner's stage sequence in one place, as build.go does.
+    def _attempt(  # noqa: PLR0912, PLR0915
         self,
         job: Job,
         tmp: Path,

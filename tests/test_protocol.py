@@ -11,7 +11,6 @@ from ttci.wire.agent_protocol import (
     encode,
     encode_data,
     encode_json,
-    exit_status_text,
 )
 
 
@@ -77,9 +76,3 @@ def test_oversized_payload_is_refused_when_encoding() -> None:
 def test_non_object_json_is_an_error() -> None:
     with pytest.raises(ProtocolError, match="not a JSON object"):
         Frame(MsgType.EXIT, 1, b"[1]").json()
-
-
-def test_exit_status_words() -> None:
-    assert exit_status_text({"code": 3}) == "exit code 3"
-    assert exit_status_text({"code": None, "signal": 9}) == "killed by signal 9"
-    assert exit_status_text({"timed_out": True, "timeout": 2}) == "timed out after 2 s"

@@ -9,6 +9,7 @@ A stream of frames over a virtio-serial port. Every frame has a 12-byte header:
     length         4 bytes  big-endian payload length, at most MAX_PAYLOAD
 
 Control messages carry UTF-8 JSON objects; STDIN/STDOUT/STDERR/FILE_DATA carry raw bytes.
+The EXIT payload is ExitStatus, which the HTTP APIs also carry as their `exit` event.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ __all__ = [
     "PORT_NAME",
     "PROTOCOL_VERSION",
     "Decoder",
+    "ExitStatus",
     "Frame",
     "MsgType",
     "ProtocolError",
     "encode",
     "encode_data",
     "encode_json",
-    "exit_status_text",
 ]
 
 PROTOCOL_VERSION = 1
@@ -59,7 +60,7 @@ class MsgType(enum.IntEnum):
     STDIN_EOF = 5  # host -> guest, empty
     STDOUT = 6  # guest -> host raw bytes
     STDERR = 7  # guest -> host raw bytes
-    EXIT = 8  # guest -> host {code, signal, timed_out, cancelled}
+    EXIT = 8  # guest -> host ExitStatus {code, signal, timed_out, timeout, cancelled}
     CANCEL = 9  # host -> guest {signal}
     ERROR = 10  # guest -> host {message}: the request on this channel failed
     PING = 11  # host -> guest {}
@@ -173,13 +174,101 @@ class Decoder:
         return frames
 
 
-def exit_status_text(status: dict[str, Any]) -> str:
-    """Human words for an EXIT payload."""
-    if status.get("timed_out"):
-        return f"timed out after {status.get('timeout')} s"
-    if status.get("cancelled"):
-        return "cancelled"
-    sig = status.get("signal")
-    if sig:
-        return f"killed by signal {sig}"
-    return f"exit code {status.get('code')}"
+def _int_or_none(d: dict[str, Any], key: str) -> int | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"exit status {key} {value!r} is not a whole number")
+    return value
+
+
+def _number_or_none(d: dict[str, Any], key: str) -> float | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"exit status {key} {value!r} is not a number")
+    return value
+
+
+def _flag(d: dict[str, Any], key: str) -> bool:
+    value = d.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"exit status {key} {value!r} is not true or false")
+    return value
+
+
+class ExitStatus:
+    """How a command ended: the EXIT payload, and the `exit` event of the HTTP exec streams.
+
+    A plain immutable class, not a dataclass (see Frame: the guest builds it at boot).
+    code is None when a signal ended the command; timeout is the limit the command had.
+    """
+
+    __slots__ = ("cancelled", "code", "signal", "timed_out", "timeout")
+    FIELDS = ("code", "signal", "timed_out", "timeout", "cancelled")
+
+    code: int | None
+    signal: int | None
+    timed_out: bool
+    timeout: float | None
+    cancelled: bool
+
+    def __init__(
+        self,
+        code: int | None = None,
+        signal: int | None = None,
+        timed_out: bool = False,
+        timeout: float | None = None,
+        cancelled: bool = False,
+    ) -> None:
+        for key, value in zip(
+            self.FIELDS, (code, signal, timed_out, timeout, cancelled), strict=True
+        ):
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError(f"ExitStatus is immutable (tried to set {key})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExitStatus):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "ExitStatus(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.FIELDS) + ")"
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, k) for k in self.FIELDS)
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(zip(self.FIELDS, self._values(), strict=True))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExitStatus:
+        """Raises ProtocolError when a field has the wrong type (missing ones take defaults)."""
+        return cls(
+            code=_int_or_none(d, "code"),
+            signal=_int_or_none(d, "signal"),
+            timed_out=_flag(d, "timed_out"),
+            timeout=_number_or_none(d, "timeout"),
+            cancelled=_flag(d, "cancelled"),
+        )
+
+    def text(self) -> str:
+        """Human words for how the command ended."""
+        if self.timed_out:
+            return f"timed out after {self.timeout:g} s" if self.timeout else "timed out"
+        if self.cancelled:
+            return "cancelled"
+        if self.signal:
+            return f"killed by signal {self.signal}"
+        return f"exit code {self.code}"

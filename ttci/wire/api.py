@@ -1,0 +1,102 @@
+"""What every HTTP API of TT CI shares: the API version and the error body. Pure.
+
+Every top-level request document carries `"api": API_VERSION`; a document without one is taken
+as the current version (clients older than the field), one with another version is refused.
+An error answer is `{"error": message, "hint": how to fix it, "kind": the error's class}`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ttci.model.errors import ApiError, BadInput, TTError
+
+__all__ = [
+    "API_VERSION",
+    "ApiVersionError",
+    "ErrorBody",
+    "api_error",
+    "check_api",
+    "require_object",
+]
+
+API_VERSION = 1
+
+
+class ApiVersionError(TTError):
+    """The other side speaks another API version (servers answer 403)."""
+
+
+def require_object(d: Any, what: str) -> dict[str, Any]:
+    """d itself, if it is a JSON object; BadInput naming what it should have been otherwise."""
+    if not isinstance(d, dict):
+        raise BadInput(f"{what} must be a JSON object, not {type(d).__name__}", hint="send {...}")
+    return d
+
+
+def check_api(d: dict[str, Any], what: str, *, required: bool = False) -> int:
+    """The document's API version, if this side speaks it.
+
+    Raises:
+        ApiVersionError: another version (or none, when required).
+    """
+    version = d.get("api", None if required else API_VERSION)
+    if version != API_VERSION:
+        raise ApiVersionError(
+            f"{what} speaks API version {version!r}; this side speaks {API_VERSION}",
+            hint="run the same TT CI version on both sides",
+        )
+    return API_VERSION
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """An HTTP error answer of our services."""
+
+    error: str
+    hint: str | None = None
+    kind: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error}
+        if self.hint:
+            out["hint"] = self.hint
+        if self.kind:
+            out["kind"] = self.kind
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ErrorBody:
+        hint = d.get("hint")
+        return cls(
+            error=str(d.get("error", "")),
+            hint=str(hint) if hint else None,
+            kind=str(d.get("kind") or ""),
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | str, fallback: str = "") -> ErrorBody:
+        """The body of an error answer; one that is no JSON object (a proxy's HTML page, an
+        empty body) becomes its first 300 characters, or fallback (the HTTP reason)."""
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        try:
+            d = json.loads(text)
+        except ValueError:
+            d = None
+        if isinstance(d, dict) and "error" in d:
+            return cls.from_dict(d)
+        return cls(text[:300] or fallback or "no answer")
+
+    def exception(self, status: int) -> TTError:
+        """The error to raise for this answer: BadInput for a 400 (the caller's mistake),
+        ApiError with the status for the rest."""
+        if status == 400:
+            return BadInput(self.error, hint=self.hint)
+        return ApiError(self.error, hint=self.hint, status=status)
+
+
+def api_error(status: int, raw: bytes | str, reason: str = "") -> TTError:
+    """The TTError for an error answer of the scheduler (status >= 400, its raw body)."""
+    return ErrorBody.decode(raw, reason).exception(status)

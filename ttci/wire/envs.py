@@ -1,0 +1,299 @@
+"""ENVs over HTTP: the ENV request (client -> scheduler), its progress stream, and the VM request
+(scheduler -> hostd). Pure.
+
+`tt env add`, `tt job run`, the GitLab driver, the GitHub service and `tt demo` build an
+EnvRequest and POST its to_dict() to the scheduler's /v1/envs; the scheduler validates it with
+from_dict and, for each VM it places, POSTs a VMRequest to that host's hostd.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ttci.model.errors import BadInput
+from ttci.model.ports import parse_ports, ports_text
+from ttci.model.resources import validate_vm_size
+from ttci.wire.api import API_VERSION, ErrorBody, check_api, require_object
+
+__all__ = [
+    "DEFAULT_LIFE_S",
+    "ENV_NAME_RE",
+    "MAX_VMS",
+    "ORIGIN_KEYS",
+    "ORIGIN_KINDS",
+    "EnvEvent",
+    "EnvRequest",
+    "Ports",
+    "VMRequest",
+    "VmUp",
+    "parse_duration",
+    "parse_origin",
+]
+
+ENV_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+DEFAULT_LIFE_S = 3600
+MAX_VMS = 100_000
+ORIGIN_KINDS = ("cli", "gitlab", "github", "jenkins", "admin")
+ORIGIN_KEYS = {"kind": 20, "job": 200, "url": 500, "project": 200, "runner": 200}
+
+Ports = tuple[tuple[int, str], ...]  # ((22, "tcp"), (53, "udp")): VM ports mapped to host ports
+
+
+def _flag(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise BadInput(f"{what} must be true or false, not {v!r}", hint="send a boolean")
+    return v
+
+
+def parse_origin(d: Any) -> dict[str, str]:
+    """Where an ENV came from: {kind, job, url, project, runner}; shown on the admin page."""
+    if d is None:
+        return {"kind": "cli"}
+    if not isinstance(d, dict):
+        raise BadInput("origin must be an object", hint='e.g. {"kind": "gitlab", "job": "123"}')
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        if key not in ORIGIN_KEYS:
+            raise BadInput(
+                f"origin has an unknown key {key!r}", hint=f"keys: {', '.join(ORIGIN_KEYS)}"
+            )
+        if not isinstance(value, str | int) or len(str(value)) > ORIGIN_KEYS[key]:
+            raise BadInput(
+                f"origin.{key} must be a string of at most {ORIGIN_KEYS[key]} characters",
+                hint="shorten it",
+            )
+        out[key] = str(value)
+    out.setdefault("kind", "cli")
+    if out["kind"] not in ORIGIN_KINDS:
+        raise BadInput(f"origin.kind {out['kind']!r} is unknown", hint=f"one of {ORIGIN_KINDS}")
+    if out.get("url") and not re.match(r"^https?://", out["url"]):
+        raise BadInput(f"origin.url {out['url']!r} is not an http(s) link", hint="https://...")
+    return out
+
+
+def parse_duration(text: str | int | float) -> int:
+    """`90`, `90s`, `30m`, `1h`, `2d` -> seconds (10 s .. 30 days)."""
+    if isinstance(text, int | float):
+        seconds = int(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(text).lower())
+        if not m:
+            raise BadInput(f"lifetime {text!r} does not parse", hint="write e.g. 90s, 30m, 1h, 2d")
+        seconds = int(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    if not 10 <= seconds <= 30 * 86400:
+        raise BadInput(
+            f"lifetime {seconds} s is outside 10 s .. 30 days",
+            hint="pass --life-time between 10s and 30d",
+        )
+    return seconds
+
+
+@dataclass(frozen=True)
+class EnvRequest:
+    """A group of fresh VMs: one per image matching os_prefix, dup_each times.
+
+    On the wire the lifetime is `life_time` (seconds, or text like `1h`) and the ports are
+    `vm_ports` (text like `22,8080,53/udp`).
+    """
+
+    name: str
+    os_prefix: str
+    cpus: float = 1
+    memory_mib: int = 512
+    disk_gib: int = 0  # 0: each image's own size
+    dup_each: int = 1
+    life_s: int = DEFAULT_LIFE_S
+    deny_outgoing: bool = False
+    vm_ports: Ports = ()
+    origin: Mapping[str, str] = field(default_factory=lambda: {"kind": "cli"}, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "api": API_VERSION,
+            "name": self.name,
+            "os_prefix": self.os_prefix,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "disk_gib": self.disk_gib,
+            "dup_each": self.dup_each,
+            "life_time": self.life_s,
+            "deny_outgoing": self.deny_outgoing,
+            "vm_ports": ports_text(list(self.vm_ports)),
+            "origin": dict(self.origin),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> EnvRequest:
+        """Raises BadInput naming the field that is wrong (ApiVersionError: another version)."""
+        d = require_object(d, "the ENV request")
+        check_api(d, "the ENV request")
+        try:
+            req = cls(
+                name=str(d["name"]).strip(),
+                os_prefix=str(d["os_prefix"]),
+                cpus=float(d.get("cpus", 1)),
+                memory_mib=int(d.get("memory_mib", 512)),
+                disk_gib=int(d.get("disk_gib", 0)),
+                dup_each=int(d.get("dup_each", 1)),
+                life_s=parse_duration(d.get("life_time", DEFAULT_LIFE_S)),
+                origin=parse_origin(d.get("origin")),
+                deny_outgoing=_flag(d.get("deny_outgoing", False), "deny_outgoing"),
+                vm_ports=tuple(parse_ports(d.get("vm_ports", ""))),
+            )
+        except KeyError as e:
+            raise BadInput(f"ENV request lacks {e}", hint="send name and os_prefix") from None
+        except (TypeError, ValueError) as e:
+            raise BadInput(
+                f"ENV request is malformed: {e}",
+                hint="cpus, memory_mib, disk_gib and dup_each are numbers",
+            ) from None
+        req.validate()
+        return req
+
+    def validate(self) -> None:
+        if not ENV_NAME_RE.match(self.name):
+            raise BadInput(
+                f"ENV name {self.name!r} is not valid",
+                hint="use 1-40 lowercase letters, digits and dashes, e.g. ci-1234",
+            )
+        if not self.os_prefix.strip(","):
+            raise BadInput("--os-prefix is empty", hint="e.g. --os-prefix debian-12")
+        problems = validate_vm_size(self.cpus, self.memory_mib, self.disk_gib or 4)
+        if problems:
+            raise BadInput("; ".join(problems), hint="pick sizes inside the ranges")
+        if not 1 <= self.dup_each <= MAX_VMS:
+            raise BadInput(
+                f"--dup-each {self.dup_each} is outside 1..{MAX_VMS}", hint="ask for fewer replicas"
+            )
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """One VM for hostd to create, already placed on it by the scheduler."""
+
+    id: str
+    env: str
+    name: str
+    owner: str
+    image: str
+    cpus: float = 1
+    memory_mib: int = 512
+    disk_gib: int = 0  # 0: the image's own size
+    deny_outgoing: bool = False
+    ports: Ports = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "api": API_VERSION,
+            "id": self.id,
+            "env": self.env,
+            "name": self.name,
+            "owner": self.owner,
+            "image": self.image,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "disk_gib": self.disk_gib,
+            "deny_outgoing": self.deny_outgoing,
+            "ports": ports_text(list(self.ports)),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> VMRequest:
+        """Raises BadInput for a malformed request (ApiVersionError: another version)."""
+        d = require_object(d, "the VM request")
+        check_api(d, "the VM request")
+        try:
+            return cls(
+                id=str(d.get("id") or uuid.uuid4().hex[:12]),
+                env=str(d["env"]),
+                name=str(d["name"]),
+                owner=str(d.get("owner", "")),
+                image=str(d["image"]),
+                cpus=float(d.get("cpus", 1)),
+                memory_mib=int(d.get("memory_mib", 512)),
+                disk_gib=int(d.get("disk_gib", 0)),
+                deny_outgoing=_flag(d.get("deny_outgoing", False), "deny_outgoing"),
+                ports=tuple(parse_ports(d.get("ports"))),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(
+                f"VM request is malformed: {e!r}",
+                hint="send env, name, image and numeric cpus/memory_mib/disk_gib",
+            ) from e
+
+
+@dataclass(frozen=True)
+class VmUp:
+    """A VM of a new ENV is up (the `vm` event of `POST /v1/envs?progress=1`)."""
+
+    vm: str
+    host: str
+    image: str
+    boot_s: float = 0.0
+    accel: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "host": self.host,
+            "image": self.image,
+            "boot_s": self.boot_s,
+            "accel": self.accel,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VmUp:
+        try:
+            return cls(
+                vm=str(d["vm"]),
+                host=str(d["host"]),
+                image=str(d.get("image", "")),
+                boot_s=float(d.get("boot_s") or 0.0),
+                accel=str(d.get("accel") or ""),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"VM event is malformed: {e!r}", hint="send vm and host") from e
+
+
+@dataclass(frozen=True)
+class EnvEvent:
+    """One line of `POST /v1/envs?progress=1`: `vm` (one per VM as it comes up), then `ready`
+    (with the ENV as `GET /v1/envs/NAME` shows it) or `error` (with the HTTP status the
+    plain request would have answered)."""
+
+    kind: str  # vm, ready or error
+    vm: VmUp | None = None
+    env: Mapping[str, Any] | None = field(default=None, hash=False)
+    error: ErrorBody | None = None
+    status: int = 0
+
+    KINDS = ("vm", "ready", "error")
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "vm" and self.vm is not None:
+            return {"event": "vm", **self.vm.to_dict()}
+        if self.kind == "ready":
+            return {"event": "ready", "env": dict(self.env or {})}
+        err = self.error or ErrorBody("unknown error")
+        return {"event": "error", "error": err.error, "hint": err.hint, "status": self.status}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> EnvEvent:
+        d = require_object(d, "an ENV event")
+        kind = d.get("event")
+        if kind == "vm":
+            return cls("vm", vm=VmUp.from_dict(d))
+        if kind == "ready":
+            return cls("ready", env=require_object(d.get("env"), "the ready event's env"))
+        if kind == "error":
+            status = d.get("status", 0)
+            return cls(
+                "error",
+                error=ErrorBody.from_dict(d),
+                status=status if isinstance(status, int) else 0,
+            )
+        raise BadInput(f"ENV event kind {kind!r} is unknown", hint=f"one of {cls.KINDS}")

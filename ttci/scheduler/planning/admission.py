@@ -291,7 +291,7 @@ def feasibility(request: QueuedRequest, hosts: Sequence[HostView]) -> str | None
         why = why or _gap(f"VM {a.key}", a.need, frees(a.image), f"with image {a.image}")
     for image in images:
         same = [a.need for a in request.asks if a.image == image]
-        why = why or _gap(f"its {len(same)} VMs of {image}", _sum(same), frees(image), "with it")
+        why = why or _gap(f"image {image} ({len(same)} VMs)", _sum(same), frees(image), "with it")
     if why:
         return why
     try:
@@ -368,7 +368,7 @@ class _Budget:
                 ("VMs", quota.vms, float(used.vms), float(req.vm_count)),
                 ("vCPUs", quota.cpus, used.cpus, req.total.cpus),
             ):
-                if cap is not None and have + extra > cap:
+                if cap is not None and round(have + extra, 6) > cap:  # float sums
                     alone = " (more than the cap by itself)" if extra > cap else ""
                     return (
                         f"{who} uses {have:g} of {cap:g} {unit} allowed at once and this ENV "

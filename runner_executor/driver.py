@@ -6,7 +6,6 @@ the scheduler for the ENV, streams stage output into the job log and deletes the
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -22,15 +21,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from runner_executor.core import job
 from ttci.client import config
-from ttci.client.exec_stream import run_events
+from ttci.client.exec_stream import exec_events
 from ttci.model.errors import ApiError, BadInput, TTError
+from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
+from ttci.wire.envs import VmUp
+from ttci.wire.jobs import JobResult
 
 if TYPE_CHECKING:  # requests costs ~150 ms to import: the run stage never needs it
     from ttci.client.scheduler import Client
 
 __all__ = [
     "DELETE_WAIT_S",
-    "RESULTS",
     "RESULT_FILE",
     "TERM_GRACE_S",
     "Cancelled",
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 RESULT_FILE = "tt-gitlab-result.json"  # in the runner's temp dir: what cleanup reports
-RESULTS = ("success", "failed", "cancelled", "error")  # Client.report_result's words, by weight
 TERM_GRACE_S = 10.0  # after SIGTERM the script gets this long before SIGKILL in the guest
 DELETE_WAIT_S = 300.0  # cleanup waits this long for an ENV still being created
 
@@ -86,9 +86,9 @@ class Driver:
         except BadInput as e:  # the runner host's set-up, not the job's: retryable
             raise DriverError(e.message, hint=e.hint) from e
 
-    def run_events(self, name: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def exec_events(self, name: str, req: ExecRequest) -> Iterator[ExecEvent]:
         """A command's events through the standard-library stream (one process per stage)."""
-        return run_events(self.cfg(), name, body)
+        return exec_events(self.cfg(), name, req)
 
     def _write_build_code(self, code: int) -> None:
         path = self.env.get("BUILD_EXIT_CODE_FILE")
@@ -105,11 +105,12 @@ class Driver:
         path = self._result_path()
         if path is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            old = json.loads(path.read_text()).get("result") if path.exists() else None
-            if old in RESULTS and RESULTS.index(old) >= RESULTS.index(result):
+        new = JobResult(result)
+        with contextlib.suppress(OSError, ValueError, TTError):
+            old = JobResult.from_dict(json.loads(path.read_text())) if path.exists() else None
+            if new.worse(old) != new:
                 return
-            path.write_text(json.dumps({"result": result}))
+            path.write_text(json.dumps(new.to_dict()))
 
     # -- stages ----------------------------------------------------------------------------
     def prepare(self) -> int:
@@ -128,11 +129,11 @@ class Driver:
         )
         t0 = time.monotonic()
 
-        def on_vm(ev: dict[str, Any]) -> None:
-            emulated = " (TCG: emulated, slower than native)" if ev.get("accel") == "tcg" else ""
+        def on_vm(vm: VmUp) -> None:
+            emulated = " (TCG: emulated, slower than native)" if vm.accel == "tcg" else ""
             self.say(
-                f"VM {ev.get('vm')} is up on host {ev.get('host')} with {ev.get('accel')}"
-                f"{emulated} after {ev.get('boot_s', 0):.1f} s of boot"
+                f"VM {vm.vm} is up on host {vm.host} with {vm.accel}"
+                f"{emulated} after {vm.boot_s:.1f} s of boot"
             )
 
         req = job.env_request(self.jv, image, sz, self.runner)
@@ -147,17 +148,14 @@ class Driver:
             data = script.read_bytes()
         except OSError as e:
             raise DriverError(f"cannot read the stage script {script}: {e}") from e
-        last: dict[str, Any] | None = None
+        last: ExecEvent | None = None
         with _Canceller(self, name) as canceller:
-            for ev in self.run_events(name, job.stage_request(data, stage)):
-                kind = ev.get("event")
-                if kind == "stdout":
-                    self.out.write(base64.b64decode(ev["data"]))
-                    self.out.flush()
-                elif kind == "stderr":
-                    self.err.write(base64.b64decode(ev["data"]))
-                    self.err.flush()
-                elif kind in ("exit", "error"):
+            for ev in self.exec_events(name, job.stage_request(data, stage)):
+                if ev.kind in (EventKind.STDOUT, EventKind.STDERR):
+                    stream = self.out if ev.kind is EventKind.STDOUT else self.err
+                    stream.write(ev.data)
+                    stream.flush()
+                elif ev.final:
                     last = ev
         end = job.stage_end(last, self.codes)
         if end.build_exit_code is not None:
@@ -187,26 +185,15 @@ class Driver:
 
     def _delete(self, c: Client, name: str) -> bool:
         """Delete the ENV; True if it existed. Waits while the ENV is still being created."""
-        deadline = time.monotonic() + DELETE_WAIT_S
-        while True:
-            try:
-                c.delete_env(name)
-                return True
-            except ApiError as e:
-                if e.status == 404:
-                    return False
-                if e.status == 409 and time.monotonic() < deadline:
-                    time.sleep(1)
-                    continue
-                raise
+        return c.delete_env_wait(name, DELETE_WAIT_S)
 
     def _report(self, c: Client, name: str) -> None:
         """Tell the scheduler's job history how the job ended (best effort)."""
         path = self._result_path()
         if path is None or not path.exists():
             return
-        with contextlib.suppress(TTError, OSError, ValueError, AttributeError):
-            c.report_result(name, json.loads(path.read_text())["result"])
+        with contextlib.suppress(TTError, OSError, ValueError):
+            c.report_result(name, JobResult.from_dict(json.loads(path.read_text())))
 
 
 @contextlib.contextmanager
@@ -250,7 +237,9 @@ class _Canceller:
 
     def _signal(self, sig: str) -> None:
         with contextlib.suppress(TTError):
-            for _ in self.driver.run_events(self.name, {"argv": job.signal_command(sig)}):
+            for _ in self.driver.exec_events(
+                self.name, ExecRequest(tuple(job.signal_command(sig)))
+            ):
                 pass
 
     def _stop(self) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from runner_executor.core import job
 from ttci.model.arch import Arch
+from ttci.wire.commands import ExecEvent, ExitStatus
+from ttci.wire.envs import EnvRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = [
@@ -95,22 +97,23 @@ def test_env_name_origin_and_request() -> None:
     }
     assert job.env_name(jv) == "gl-4711"
     req = job.env_request(jv, "qemu:debian-12:arm64", job.Size(2, 1024, 0))
-    assert req == {
-        "name": "gl-4711",
-        "os_prefix": "qemu:debian-12:arm64",
-        "cpus": 2,
-        "memory_mib": 1024,
-        "disk_gib": 0,
-        "dup_each": 1,
-        "life_time": 600 + 900,
-        "origin": {
+    assert req == EnvRequest(
+        name="gl-4711",
+        os_prefix="qemu:debian-12:arm64",
+        cpus=2,
+        memory_mib=1024,
+        disk_gib=0,
+        dup_each=1,
+        life_s=600 + 900,
+        origin={
             "kind": "gitlab",
             "job": "4711",
             "url": "https://gitlab.example.test/g/p/-/jobs/4711",
             "project": "g/p",
             "runner": "vm runner",
         },
-    }
+    )
+    assert EnvRequest.from_dict(req.to_dict()) == req  # what the scheduler accepts
     for bad in ({}, {"CI_JOB_ID": "12; rm"}):
         with pytest.raises(job.JobError):
             job.env_name(bad)
@@ -140,7 +143,7 @@ def test_config_output_is_what_the_runner_parses() -> None:
 def test_stage_end_maps_to_the_runners_codes(
     event: dict[str, object] | None, rc: int, code: int | None
 ) -> None:
-    end = job.stage_end(event, job.ExitCodes())
+    end = job.stage_end(None if event is None else ExecEvent.from_dict(event), job.ExitCodes())
     assert (end.driver_rc, end.build_exit_code) == (rc, code)
     assert rc == 0 or end.message
 
@@ -150,7 +153,7 @@ def test_exit_codes_come_from_the_environment() -> None:
     codes = job.ExitCodes.from_env(
         {"BUILD_FAILURE_EXIT_CODE": "7", "SYSTEM_FAILURE_EXIT_CODE": "8"}
     )
-    assert job.stage_end({"event": "exit", "code": 5}, codes).driver_rc == 7
+    assert job.stage_end(ExecEvent.exit(ExitStatus(5)), codes).driver_rc == 7
     assert job.stage_end(None, codes).driver_rc == 8
 
 
@@ -158,13 +161,13 @@ def test_stage_request_carries_the_script_byte_exact() -> None:
     import base64
 
     script = "#!/usr/bin/env bash\necho 'ünï ✓'\n".encode()
-    req = job.stage_request(script, "step_release")
+    req = job.stage_request(script, "step_release").to_dict()
     # small scripts: one exec in the guest, the script as bash -c's argument
     assert req["argv"][:2] == ["bash", "-c"] and req["argv"][-1] == "step_release"
     assert req["argv"][2] == job.PGID_LINE + script.decode() and "stdin_b64" not in req
     assert req["env"]["PATH"].startswith("/usr/local/sbin") and "TT_TOKEN" not in req["env"]
     # too big for one argument, not UTF-8 or holding NUL: on stdin through the wrapper
     for big in (b"#" * (job.ARGV_SCRIPT_MAX + 1), b"echo \xff\n", b"echo a\0b\n"):
-        req = job.stage_request(big, "build_script")
+        req = job.stage_request(big, "build_script").to_dict()
         assert req["argv"][:2] == ["/bin/sh", "-c"] and base64.b64decode(req["stdin_b64"]) == big
     assert job.target({"TT_OS": "debian-12", "TT_ARCH": "arm64"}).arch is Arch.ARM64

@@ -8,7 +8,6 @@ runs a stage's script in the VM, and how a script's end maps to the runner's exi
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Any
 from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
 from ttci.model.naming import ImageName
+from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
+from ttci.wire.envs import EnvRequest
 
 __all__ = [
     "ARGV_SCRIPT_MAX",
@@ -330,21 +331,21 @@ def life_time(jv: Mapping[str, str], margin_s: int = 900) -> int:
 
 def env_request(
     jv: Mapping[str, str], image: str, sz: Size, runner: str | None = None
-) -> dict[str, Any]:
+) -> EnvRequest:
     """The scheduler's ENV request for this job: one VM of image."""
     o = origin(jv)
     if runner:
         o["runner"] = runner[:200]
-    return {
-        "name": env_name(jv),
-        "os_prefix": image,
-        "cpus": sz.cpus,
-        "memory_mib": sz.memory_mib,
-        "disk_gib": sz.disk_gib,
-        "dup_each": 1,
-        "life_time": life_time(jv),
-        "origin": o,
-    }
+    return EnvRequest(
+        name=env_name(jv),
+        os_prefix=image,
+        cpus=sz.cpus,
+        memory_mib=sz.memory_mib,
+        disk_gib=sz.disk_gib,
+        dup_each=1,
+        life_s=life_time(jv),
+        origin=o,
+    )
 
 
 def config_output(version: str, jv: Mapping[str, str]) -> dict[str, Any]:
@@ -364,8 +365,8 @@ def config_output(version: str, jv: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def stage_request(script: bytes, stage: str) -> dict[str, Any]:
-    """The scheduler run request that executes a stage's script in the VM."""
+def stage_request(script: bytes, stage: str) -> ExecRequest:
+    """The scheduler exec request that runs a stage's script in the VM."""
     text: str | None = None
     if len(script) <= ARGV_SCRIPT_MAX and b"\0" not in script:
         try:
@@ -373,15 +374,10 @@ def stage_request(script: bytes, stage: str) -> dict[str, Any]:
         except UnicodeDecodeError:
             text = None
     if text is not None:
-        return {
-            "argv": ["bash", "-c", PGID_LINE + text, "tt-stage", stage],
-            "env": dict(GUEST_ENV),
-        }
-    return {
-        "argv": ["/bin/sh", "-c", STAGE_WRAPPER, "tt-stage", stage],
-        "env": dict(GUEST_ENV),
-        "stdin_b64": base64.b64encode(script).decode(),
-    }
+        return ExecRequest(("bash", "-c", PGID_LINE + text, "tt-stage", stage), env=dict(GUEST_ENV))
+    return ExecRequest(
+        ("/bin/sh", "-c", STAGE_WRAPPER, "tt-stage", stage), env=dict(GUEST_ENV), stdin=script
+    )
 
 
 @dataclass(frozen=True)
@@ -393,22 +389,23 @@ class StageEnd:
     message: str = ""
 
 
-def stage_end(event: Mapping[str, Any] | None, codes: ExitCodes) -> StageEnd:
-    """Map the agent's last event (exit or error; None: the stream ended early)."""
+def stage_end(event: ExecEvent | None, codes: ExitCodes) -> StageEnd:
+    """Map the command's final event (exit or error; None: the stream ended early)."""
     if event is None:
         return StageEnd(codes.system_failure, None, "the VM's output ended without a result")
-    if event.get("event") == "error":
-        lost = " (the VM was lost)" if event.get("lost") else ""
-        return StageEnd(codes.system_failure, None, f"{event.get('message', 'error')}{lost}")
-    if event.get("signal"):
-        sig = int(event["signal"])
-        return StageEnd(codes.build_failure, 128 + sig, f"the script was killed by signal {sig}")
-    code = event.get("code")
-    if code == 0:
+    if event.kind is EventKind.ERROR or event.status is None:
+        lost = " (the VM was lost)" if event.lost else ""
+        return StageEnd(codes.system_failure, None, f"{event.message or 'error'}{lost}")
+    st = event.status
+    if st.signal:
+        return StageEnd(
+            codes.build_failure, 128 + st.signal, f"the script was killed by signal {st.signal}"
+        )
+    if st.code == 0:
         return StageEnd(0, None)
-    if isinstance(code, int):
-        return StageEnd(codes.build_failure, code, f"the script exited with {code}")
-    return StageEnd(codes.system_failure, None, f"the agent reported no exit code: {event}")
+    if st.code is not None:
+        return StageEnd(codes.build_failure, st.code, f"the script exited with {st.code}")
+    return StageEnd(codes.system_failure, None, f"the agent reported no exit code: {st}")
 
 
 def is_system_error(e: BaseException) -> bool:

@@ -5,13 +5,13 @@ matrix cell, runs the job on all of them at once, prints the results and tears e
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -21,7 +21,10 @@ from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.infra.proc import run_streaming
 from ttci.infra.settings import add_setting
-from ttci.model.naming import parse_arch, parse_release
+from ttci.model.arch import Arch
+from ttci.model.naming import Release, parse_arch, parse_release
+from ttci.wire.commands import EventKind, ExecRequest
+from ttci.wire.envs import EnvRequest, parse_duration
 
 __all__ = ["JOB", "MATRIX_ARCH", "MATRIX_OS", "cmd_demo", "register"]
 
@@ -60,6 +63,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
         highlight=False,
     )
     out.print("[bold]1. images[/bold] (built once, then cached)", highlight=False)
+    _build_images(args, cells)
+    with tempfile.TemporaryDirectory(prefix="tt-demo-") as tmp:
+        out.print(
+            "[bold]2. starting the all-in-one cloud[/bold] (scheduler, hostd, libvirtd)",
+            highlight=False,
+        )
+        with allinone.running(
+            Path(tmp),
+            args.image_path,
+            scheduler_listen=f"127.0.0.1:{_free_port()}",
+            hostd_listen=f"127.0.0.1:{_free_port()}",
+        ) as stack:
+            client = Client(config.ClientConfig(stack.scheduler, stack.token))
+            shown, results = _run_job(client, ",".join(names), args.cmd)
+        t = Table(title="matrix results (every VM is gone again)")
+        for col in ("VM", "image", "accel", "boot", "job"):
+            t.add_column(col)
+        for vm in shown["vms"]:
+            t.add_row(
+                vm["name"],
+                vm["image"],
+                vm["accel"],
+                f"{vm['boot_s']:.1f} s",
+                results.get(vm["name"], "no result"),
+            )
+        out.print(t)
+    failed = [r for r in results.values() if r != "ok"]
+    return 1 if failed or len(results) != len(cells) else 0
+
+
+def _build_images(args: argparse.Namespace, cells: list[tuple[Release, Arch]]) -> None:
     for release in dict.fromkeys(r for r, _ in cells):
         arches = [a.value for r, a in cells if r == release]
         # The image builder is hostd's: run it as hostd's own command, whose progress shows live.
@@ -80,58 +114,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
             on_line=lambda line: out.print(f"   {line}", highlight=False, markup=False),
             env={k: v for k, v in os.environ.items() if k.startswith("TT_")},
         )
-    with tempfile.TemporaryDirectory(prefix="tt-demo-") as tmp:
-        state = Path(tmp)
-        out.print(
-            "[bold]2. starting the all-in-one cloud[/bold] (scheduler, hostd, libvirtd)",
-            highlight=False,
-        )
-        with allinone.running(
-            state,
-            args.image_path,
-            scheduler_listen=f"127.0.0.1:{_free_port()}",
-            hostd_listen=f"127.0.0.1:{_free_port()}",
-        ) as stack:
-            client = Client(config.ClientConfig(stack.scheduler, stack.token))
-            prefix = ",".join(names)
-            out.print(f"[bold]3. tt env add demo --os-prefix {prefix}[/bold]", highlight=False)
-            t0 = time.monotonic()
-            env = client.create_env(
-                {"name": "demo", "os_prefix": prefix, "memory_mib": 512, "life_time": "15m"}
-            )
-            out.print(
-                f"   {env['vm_count']} fresh VMs up in {time.monotonic() - t0:.1f} s",
-                highlight=False,
-            )
-            out.print("[bold]4. tt env run demo --cmd ...[/bold]", highlight=False)
-            results: dict[str, str] = {}
-            for ev in client.run("demo", {"cmd": args.cmd}):
-                if ev["event"] in ("stdout", "stderr"):
-                    for line in base64.b64decode(ev["data"]).decode(errors="replace").splitlines():
-                        out.print(f"   [{ev['vm']}] {line}", highlight=False, markup=False)
-                elif ev["event"] == "exit":
-                    results[ev["vm"]] = "ok" if ev["code"] == 0 else f"exit {ev['code']}"
-                elif ev["event"] == "error":
-                    results[ev["vm"]] = f"error: {ev['message']}"
-            shown = client.get("/v1/envs/demo")
-            out.print("[bold]5. tt env del demo[/bold]", highlight=False)
-            t1 = time.monotonic()
-            client.delete_env("demo")
-            out.print(f"   deleted in {time.monotonic() - t1:.1f} s", highlight=False)
-        t = Table(title="matrix results (every VM is gone again)")
-        for col in ("VM", "image", "accel", "boot", "job"):
-            t.add_column(col)
-        for vm in shown["vms"]:
-            t.add_row(
-                vm["name"],
-                vm["image"],
-                vm["accel"],
-                f"{vm['boot_s']:.1f} s",
-                results.get(vm["name"], "no result"),
-            )
-        out.print(t)
-    failed = [r for r in results.values() if r != "ok"]
-    return 1 if failed or len(results) != len(cells) else 0
+
+
+def _run_job(client: Client, prefix: str, cmd: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Steps 3-5: the ENV, the job on all its VMs, the ENV deleted. Returns the ENV as it was
+    shown and each VM's result."""
+    out.print(f"[bold]3. tt env add demo --os-prefix {prefix}[/bold]", highlight=False)
+    t0 = time.monotonic()
+    env = client.create_env(
+        EnvRequest("demo", prefix, memory_mib=512, life_s=parse_duration("15m"))
+    )
+    out.print(
+        f"   {env['vm_count']} fresh VMs up in {time.monotonic() - t0:.1f} s", highlight=False
+    )
+    out.print("[bold]4. tt env run demo --cmd ...[/bold]", highlight=False)
+    results: dict[str, str] = {}
+    for ev in client.exec("demo", ExecRequest.shell(cmd)):
+        if ev.kind in (EventKind.STDOUT, EventKind.STDERR):
+            for line in ev.data.decode(errors="replace").splitlines():
+                out.print(f"   [{ev.vm}] {line}", highlight=False, markup=False)
+        elif ev.status is not None:
+            results[ev.vm] = "ok" if ev.status.ok else f"exit {ev.status.code}"
+        elif ev.kind is EventKind.ERROR:
+            results[ev.vm] = f"error: {ev.message}"
+    shown = client.show_env("demo")
+    out.print("[bold]5. tt env del demo[/bold]", highlight=False)
+    t1 = time.monotonic()
+    client.delete_env("demo")
+    out.print(f"   deleted in {time.monotonic() - t1:.1f} s", highlight=False)
+    return shown, results
 
 
 def _free_port() -> int:

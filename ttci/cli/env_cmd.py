@@ -10,6 +10,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from ttci.cli.ssh_exec import ssh_events
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.model.errors import BadInput
+from ttci.model.ports import parse_ports
+from ttci.wire.commands import EventKind, ExecEvent, ExecRequest, ExitStatus
+from ttci.wire.envs import EnvRequest, VmUp, parse_duration
 
 __all__ = [
     "cmd_config",
@@ -64,6 +68,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     env = sub.add_parser("env", help="ENVs: groups of fresh VMs (add/list/show/run/push/get/del)")
     es = env.add_subparsers(dest="env_cmd", required=True, metavar="VERB")
+    _register_add(es)
+    ls = es.add_parser("list", help="list your ENVs")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=cmd_env_list)
+
+    sh = es.add_parser("show", help="show an ENV and its VMs")
+    sh.add_argument("name", help="ENV name")
+    sh.add_argument("--json", action="store_true", help="print JSON")
+    sh.set_defaults(func=cmd_env_show)
+    _register_run(es)
+    _register_files(es)
+
+    d = es.add_parser("del", help="delete an ENV and all its VMs")
+    d.add_argument("name", help="ENV name")
+    d.set_defaults(func=cmd_env_del)
+
+
+def _register_add(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = es.add_parser("add", help="create an ENV of fresh VMs chosen by OS prefix")
     a.add_argument("name", help="ENV name (lowercase letters, digits, dashes)")
     a.add_argument(
@@ -94,15 +116,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--json", action="store_true", help="print JSON")
     a.set_defaults(func=cmd_env_add)
 
-    ls = es.add_parser("list", help="list your ENVs")
-    ls.add_argument("--json", action="store_true", help="print JSON")
-    ls.set_defaults(func=cmd_env_list)
 
-    sh = es.add_parser("show", help="show an ENV and its VMs")
-    sh.add_argument("name", help="ENV name")
-    sh.add_argument("--json", action="store_true", help="print JSON")
-    sh.set_defaults(func=cmd_env_show)
-
+def _register_run(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = es.add_parser("run", help="run a command on every VM of an ENV at once")
     r.add_argument("name", help="ENV name")
     r.add_argument("--cmd", required=True, help="shell command to run (/bin/sh -c)")
@@ -121,6 +136,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--ssh-user", default="root", help="user for --use-ssh (default root)")
     r.set_defaults(func=cmd_env_run)
 
+
+def _register_files(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = es.add_parser("push", help="copy a local file or directory into every VM")
     p.add_argument("name", help="ENV name")
     p.add_argument("src", type=Path, help="local file or directory")
@@ -132,10 +149,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("src", help="absolute path in the VMs")
     g.add_argument("dest", type=Path, help="local directory; each VM's copy goes into DEST/VM/")
     g.set_defaults(func=cmd_env_get)
-
-    d = es.add_parser("del", help="delete an ENV and all its VMs")
-    d.add_argument("name", help="ENV name")
-    d.set_defaults(func=cmd_env_del)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -250,20 +263,20 @@ def _show_env(env: dict[str, Any]) -> None:
 
 
 def cmd_env_add(args: argparse.Namespace) -> int:
-    body = {
-        "name": args.name,
-        "os_prefix": args.os_prefix,
-        "cpus": args.cpu,
-        "memory_mib": args.mem,
-        "disk_gib": args.disk,
-        "dup_each": args.dup_each,
-        "life_time": args.life_time,
-        "deny_outgoing": args.deny_outgoing,
-        "vm_ports": args.vm_port or "",
-    }
+    req = EnvRequest(
+        name=args.name,
+        os_prefix=args.os_prefix,
+        cpus=args.cpu,
+        memory_mib=args.mem,
+        disk_gib=args.disk,
+        dup_each=args.dup_each,
+        life_s=parse_duration(args.life_time),
+        deny_outgoing=args.deny_outgoing,
+        vm_ports=tuple(parse_ports(args.vm_port or "")),
+    )
     t0 = time.monotonic()
     if args.dry_run:
-        plan = _client().call_json("POST", "/v1/envs", params={"dry_run": "1"}, json=body)
+        plan = _client().plan_env(req)
         if args.json:
             print(json.dumps(plan, indent=2))
         else:
@@ -271,20 +284,20 @@ def cmd_env_add(args: argparse.Namespace) -> int:
             print(f"ENV {plan['name']} would place {plan['vm_count']} VMs ({hosts})")
         return 0
     if args.json:
-        env = _client().create_env(body)
+        env = _client().create_env(req)
     else:
         with out.status(f"creating ENV {args.name}: placing and booting fresh VMs ...") as st:
 
-            def on_vm(ev: dict[str, Any]) -> None:
+            def on_vm(vm: VmUp) -> None:
                 out.print(
-                    f"  {ev['vm']} up on {ev['host']} ({ev['accel']}) in {ev['boot_s']:.1f} s",
+                    f"  {vm.vm} up on {vm.host} ({vm.accel}) in {vm.boot_s:.1f} s",
                     highlight=False,
                 )
                 st.update(
-                    f"creating ENV {args.name}: {ev['vm']} is up, {time.monotonic() - t0:.0f} s ..."
+                    f"creating ENV {args.name}: {vm.vm} is up, {time.monotonic() - t0:.0f} s ..."
                 )
 
-            env = _client().create_env_progress(body, on_vm)
+            env = _client().create_env_progress(req, on_vm)
     if args.json:
         print(json.dumps(env, indent=2))
     else:
@@ -327,62 +340,66 @@ def cmd_env_show(args: argparse.Namespace) -> int:
 
 
 def cmd_env_run(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"cmd": args.cmd}
-    if args.timeout:
-        body["timeout"] = args.timeout
-    if args.vm:
-        body["vms"] = args.vm
+    req = ExecRequest.shell(
+        args.cmd, timeout=args.timeout or None, vms=tuple(args.vm) if args.vm else None
+    )
     client = _client()
     env_vms = client.get(f"/v1/envs/{args.name}")["vms"]
     vms = [v["name"] for v in env_vms if not args.vm or v["name"] in args.vm]
     events = (
-        ssh_events(
-            env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=args.timeout
+        map(
+            ExecEvent.from_dict,
+            ssh_events(
+                env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=args.timeout
+            ),
         )
         if args.use_ssh
-        else client.run(args.name, body)
+        else client.exec(args.name, req)
     )
-    results: dict[str, str] = {}
-    partial: dict[tuple[str, str], bytes] = {}
-    for ev in events:
-        if args.json:
-            print(json.dumps(ev), flush=True)
-        vm = ev.get("vm", "?")
-        kind = ev["event"]
-        if kind in ("stdout", "stderr"):
-            buf = partial.get((vm, kind), b"") + base64.b64decode(ev["data"])
-            *lines, rest = buf.split(b"\n")
-            partial[(vm, kind)] = rest
-            if not args.json:
-                stream = sys.stdout if kind == "stdout" else sys.stderr
-                for line in lines:
-                    print(f"[{vm}] {line.decode(errors='replace')}", file=stream, flush=True)
-        elif kind == "exit":
-            results[vm] = _exit_word(ev)
-        elif kind == "error":
-            results[vm] = f"error: {ev.get('message')}" + (" (VM lost)" if ev.get("lost") else "")
+    results = _print_events(events, as_json=args.json)
     for vm in vms:
         results.setdefault(vm, "no result (the command's stream ended early)")
-    if not args.json:
-        for (vm, kind), rest in partial.items():
-            if rest:
-                print(
-                    f"[{vm}] {rest.decode(errors='replace')}",
-                    file=sys.stdout if kind == "stdout" else sys.stderr,
-                )
-        _table("result", ["VM", "result"], [[vm, r] for vm, r in sorted(results.items())])
     failed = [vm for vm, r in results.items() if r != "ok"]
     if not args.json:
+        _table("result", ["VM", "result"], [[vm, r] for vm, r in sorted(results.items())])
         print(f"{len(results) - len(failed)}/{len(results)} VMs succeeded")
     return 1 if failed or not results else 0
 
 
-def _exit_word(ev: dict[str, Any]) -> str:
-    if ev.get("timed_out"):
+def _print_events(events: Iterable[ExecEvent], as_json: bool) -> dict[str, str]:
+    """Print a command's output line by line, prefixed with the VM; returns each VM's result."""
+    results: dict[str, str] = {}
+    partial: dict[tuple[str, EventKind], bytes] = {}
+    streams = {EventKind.STDOUT: sys.stdout, EventKind.STDERR: sys.stderr}
+    for ev in events:
+        if as_json:
+            print(json.dumps(ev.to_dict()), flush=True)
+        vm = ev.vm or "?"
+        if ev.kind in streams:
+            *lines, partial[(vm, ev.kind)] = (partial.get((vm, ev.kind), b"") + ev.data).split(
+                b"\n"
+            )
+            if not as_json:
+                for line in lines:
+                    print(f"[{vm}] {line.decode(errors='replace')}", file=streams[ev.kind])
+                streams[ev.kind].flush()
+        elif ev.status is not None:
+            results[vm] = _exit_word(ev.status)
+        elif ev.kind is EventKind.ERROR:
+            results[vm] = f"error: {ev.message}" + (" (VM lost)" if ev.lost else "")
+    if not as_json:
+        for (vm, kind), rest in partial.items():
+            if rest:
+                print(f"[{vm}] {rest.decode(errors='replace')}", file=streams[kind])
+    return results
+
+
+def _exit_word(st: ExitStatus) -> str:
+    if st.timed_out:
         return "timed out"
-    if ev.get("signal"):
-        return f"killed by signal {ev['signal']}"
-    return "ok" if ev.get("code") == 0 else f"exit {ev.get('code')}"
+    if st.signal:
+        return f"killed by signal {st.signal}"
+    return "ok" if st.code == 0 else f"exit {st.code}"
 
 
 def cmd_env_push(args: argparse.Namespace) -> int:

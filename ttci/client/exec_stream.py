@@ -2,6 +2,7 @@
 
 For callers that start a fresh process per command — the GitLab runner starts the driver once
 per stage — importing requests (~150 ms here) would be most of the cost of a short stage.
+Client.exec streams through here too, so there is one stream reader.
 """
 
 from __future__ import annotations
@@ -10,26 +11,35 @@ import http.client
 import json
 import urllib.parse
 from collections.abc import Iterator
-from typing import Any
 
 from ttci.client.config import ClientConfig
-from ttci.model.errors import ApiError, BadInput, TTError
+from ttci.model.errors import TTError
+from ttci.wire.api import api_error
+from ttci.wire.commands import ExecEvent, ExecRequest
 
-__all__ = ["run_events"]
+__all__ = ["exec_events"]
 
 
-def run_events(
-    cfg: ClientConfig, name: str, body: dict[str, Any], connect_timeout: float = 10
-) -> Iterator[dict[str, Any]]:
-    """The command's events (stdout/stderr/exit/error, tagged with the VM) as they come."""
+def exec_events(
+    cfg: ClientConfig, name: str, req: ExecRequest, connect_timeout: float = 10
+) -> Iterator[ExecEvent]:
+    """The command's events (stdout/stderr/exit/error, tagged with the VM) as they come.
+
+    Raises:
+        BadInput: the scheduler refused the request as malformed (400).
+        ApiError: the scheduler refused it otherwise (no such ENV, ...).
+        TTError: the scheduler could not be reached, or its stream broke off.
+    """
     url = urllib.parse.urlsplit(cfg.url)
-    conn = http.client.HTTPConnection(url.hostname or "", url.port or 80, timeout=connect_timeout)
+    conn = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
+        url.hostname or "", url.port, timeout=connect_timeout
+    )
     try:
         try:
             conn.request(
                 "POST",
                 f"/v1/envs/{urllib.parse.quote(name, safe='')}/run",
-                body=json.dumps(body).encode(),
+                body=json.dumps(req.to_dict()).encode(),
                 headers={
                     "Authorization": f"Bearer {cfg.token}",
                     "Content-Type": "application/json",
@@ -44,18 +54,11 @@ def run_events(
                 hint="is `tt up` (or tt-scheduler) running? see `tt config`",
             ) from e
         if r.status >= 400:
-            raw = r.read()
-            try:
-                err = json.loads(raw)
-            except ValueError:
-                err = {"error": raw[:300].decode(errors="replace") or r.reason}
-            if r.status == 400:
-                raise BadInput(str(err.get("error")), hint=err.get("hint"))
-            raise ApiError(str(err.get("error")), hint=err.get("hint"), status=r.status)
+            raise api_error(r.status, r.read(), r.reason)
         try:
             for line in r:
                 if line.strip():
-                    yield json.loads(line)
+                    yield ExecEvent.from_dict(json.loads(line))
         except (OSError, http.client.HTTPException) as e:
             raise TTError(
                 f"the scheduler's stream broke off: {e}",

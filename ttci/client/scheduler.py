@@ -1,17 +1,26 @@
-"""The CLI's client of the scheduler API. HTTP errors become TTErrors with the server's words."""
+"""The client of the scheduler API (CLI, CI plugins). HTTP errors become TTErrors with the
+server's words (ttci.wire.api.api_error); requests and answers are the ttci.wire shapes."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
 
 from ttci.client.config import ClientConfig
-from ttci.model.errors import ApiError, BadInput, TTError
+from ttci.client.exec_stream import exec_events
+from ttci.model.errors import ApiError, TTError
+from ttci.wire.api import api_error
+from ttci.wire.commands import ExecEvent, ExecRequest
+from ttci.wire.envs import EnvEvent, EnvRequest, VmUp
+from ttci.wire.jobs import JobResult
 
-__all__ = ["ApiError", "Client"]
+__all__ = ["DELETE_WAIT_S", "ApiError", "Client"]
+
+DELETE_WAIT_S = 300.0  # how long delete_env_wait waits for an ENV still being created
 
 
 class Client:
@@ -31,14 +40,7 @@ class Client:
         except requests.RequestException as e:
             raise TTError(f"request to {self.cfg.server} failed: {e}") from e
         if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = {"error": r.text[:300] or r.reason}
-            msg, hint = str(body.get("error")), body.get("hint")
-            if r.status_code == 400:
-                raise BadInput(msg, hint=hint)
-            raise ApiError(msg, hint=hint, status=r.status_code)
+            raise api_error(r.status_code, r.content, r.reason)
         return r
 
     def call_json(self, method: str, path: str, **kw: Any) -> Any:
@@ -51,31 +53,41 @@ class Client:
         out: dict[str, Any] = self.get("/v1/status")
         return out
 
-    def create_env(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_env(self, req: EnvRequest | dict[str, Any]) -> dict[str, Any]:
+        """Create an ENV and wait until every VM is up; returns the ENV as `show_env` does.
+        (A dict request: transitional, until `tt job run` and the GitHub service build one.)"""
+        body = req.to_dict() if isinstance(req, EnvRequest) else req
         out: dict[str, Any] = self._call("POST", "/v1/envs", json=body, timeout=900).json()
         return out
 
-    def create_env_progress(
-        self, body: dict[str, Any], on_vm: Callable[[dict[str, Any]], None]
-    ) -> dict[str, Any]:
+    def plan_env(self, req: EnvRequest) -> dict[str, Any]:
+        """Where the ENV's VMs would go now ({name, vm_count, hosts}); nothing is created."""
+        out: dict[str, Any] = self.call_json(
+            "POST", "/v1/envs", params={"dry_run": "1"}, json=req.to_dict()
+        )
+        return out
+
+    def create_env_progress(self, req: EnvRequest, on_vm: Callable[[VmUp], None]) -> dict[str, Any]:
         """Create an ENV, calling on_vm as each VM comes up; returns the ready ENV."""
         r = self._call(
-            "POST", "/v1/envs", params={"progress": "1"}, json=body, stream=True, timeout=(10, 900)
+            "POST",
+            "/v1/envs",
+            params={"progress": "1"},
+            json=req.to_dict(),
+            stream=True,
+            timeout=(10, 900),
         )
         try:
             for line in r.iter_lines():
                 if not line:
                     continue
-                ev = json.loads(line)
-                if ev["event"] == "vm":
-                    on_vm(ev)
-                elif ev["event"] == "ready":
-                    env: dict[str, Any] = ev["env"]
-                    return env
-                elif ev["event"] == "error":
-                    if ev.get("status") == 400:
-                        raise BadInput(ev["error"], hint=ev.get("hint"))
-                    raise ApiError(ev["error"], hint=ev.get("hint"), status=ev.get("status", 0))
+                ev = EnvEvent.from_dict(json.loads(line))
+                if ev.vm is not None:
+                    on_vm(ev.vm)
+                elif ev.env is not None:
+                    return dict(ev.env)
+                elif ev.error is not None:
+                    raise ev.error.exception(ev.status)
         except requests.RequestException as e:
             raise TTError(
                 f"the scheduler's stream broke off: {e}",
@@ -102,19 +114,34 @@ class Client:
         out: dict[str, Any] = self._call("DELETE", f"/v1/envs/{name}", timeout=600).json()
         return out
 
-    def run(self, name: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        r = self._call("POST", f"/v1/envs/{name}/run", json=body, stream=True, timeout=(10, None))
-        try:
-            for line in r.iter_lines():
-                if line:
-                    yield json.loads(line)
-        except requests.RequestException as e:
-            raise TTError(
-                f"the scheduler's stream broke off: {e}",
-                hint="`tt env show` tells the VMs' state; run the command again",
-            ) from e
-        finally:
-            r.close()
+    def delete_env_wait(
+        self, name: str, wait_s: float = DELETE_WAIT_S, poll_s: float = 1.0
+    ) -> bool:
+        """Delete the ENV, waiting up to wait_s while the scheduler answers 409 (the ENV is
+        still being created, or another delete of it is under way).
+
+        Returns:
+            True if this call deleted it, False if there was no such ENV (404).
+        Raises:
+            ApiError: any other refusal, or still 409 after wait_s.
+            TTError: the scheduler could not be reached.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.delete_env(name)
+                return True
+            except ApiError as e:
+                if e.status == 404:
+                    return False
+                if e.status == 409 and time.monotonic() < deadline:
+                    time.sleep(poll_s)
+                    continue
+                raise
+
+    def exec(self, name: str, req: ExecRequest) -> Iterator[ExecEvent]:
+        """Run a command in the ENV's VMs (req.vms: some of them); its events as they come."""
+        return exec_events(self.cfg, name, req)
 
     def push(self, name: str, dest: str, tar: bytes) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = self._call(
@@ -128,9 +155,16 @@ class Client:
         ).json()
         return out
 
-    def report_result(self, name: str, result: str) -> dict[str, Any]:
-        """Record how the job in ENV `name` ended: success, failed, cancelled or error."""
+    def report_result(self, name: str, result: JobResult | str) -> dict[str, Any]:
+        """Record how the job in ENV `name` ended in the scheduler's job history.
+        (A str result: transitional, as for create_env.)"""
+        result = result if isinstance(result, JobResult) else JobResult(result)
         out: dict[str, Any] = self._call(
-            "POST", f"/v1/envs/{name}/result", json={"result": result}
+            "POST", f"/v1/envs/{name}/result", json=result.to_dict()
         ).json()
         return out
+
+    # -- until `tt job run` and the GitHub service move to the shapes above ------------------
+    def run(self, name: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Transitional: exec() with a dict request, dict events."""
+        return (ev.to_dict() for ev in self.exec(name, ExecRequest.from_dict(body)))

@@ -1,4 +1,7 @@
-"""Shared pieces of our Flask services: bearer-token auth, errors as JSON, NDJSON streams."""
+"""Shared pieces of our Flask services: bearer-token auth, errors as JSON, NDJSON streams.
+
+Error answers are ttci.wire.api.ErrorBody; clients decode them with ttci.wire.api.api_error.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,36 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ttci.model.errors import BadInput, TTError
+from ttci.wire.api import API_VERSION, ApiVersionError, ErrorBody
 
-__all__ = ["API_VERSION", "error_response", "install_auth", "install_errors", "json_body", "ndjson"]
+__all__ = [
+    "API_VERSION",
+    "bearer_ok",
+    "bearer_token",
+    "error_response",
+    "install_auth",
+    "install_errors",
+    "json_body",
+    "ndjson",
+]
 
-API_VERSION = 1
 
-
-def error_response(status: int, message: str, hint: str | None = None, **extra: Any) -> Response:
-    body = {"error": message, **({"hint": hint} if hint else {}), **extra}
-    resp = jsonify(body)
+def error_response(status: int, message: str, hint: str | None = None, kind: str = "") -> Response:
+    resp = jsonify(ErrorBody(message, hint, kind).to_dict())
     resp.status_code = status
     return resp
+
+
+def bearer_token() -> str:
+    """The token of this request's `Authorization: Bearer TOKEN` header ("" without one)."""
+    return request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+
+
+def bearer_ok(want: str) -> bool:
+    """Whether this request carries the bearer token want (compared in constant time; an
+    empty want matches nothing)."""
+    given = bearer_token()
+    return bool(want) and bool(given) and hmac.compare_digest(given.encode(), want.encode())
 
 
 def install_auth(
@@ -32,21 +54,17 @@ def install_auth(
     """Require `Authorization: Bearer TOKEN`. tokens maps token -> user, or is a function that
     returns the token's user (None: refused); the user lands in request.environ["tt.user"]."""
 
-    def lookup(given: str) -> object | None:
+    def lookup() -> object | None:
         if callable(tokens):
-            return tokens(given)
-        for token, user in tokens.items():
-            if hmac.compare_digest(given.encode(), token.encode()):
-                return user
-        return None
+            given = bearer_token()
+            return tokens(given) if given else None
+        return next((user for token, user in tokens.items() if bearer_ok(token)), None)
 
     @app.before_request
     def _auth() -> Response | None:
         if request.path in open_paths:
             return None
-        header = request.headers.get("Authorization", "")
-        given = header.removeprefix("Bearer ").strip()
-        user = lookup(given) if given else None
+        user = lookup()
         if user is not None:
             request.environ["tt.user"] = user
             return None
@@ -56,6 +74,10 @@ def install_auth(
 
 
 def install_errors(app: Flask, status_of: dict[type[TTError], int]) -> None:
+    """Our errors become JSON answers: the status of the nearest class in status_of (another
+    API version: 403; other BadInput: 400; the rest: 500)."""
+    status_of = {ApiVersionError: 403, **status_of}
+
     @app.errorhandler(TTError)
     def _tt_error(e: TTError) -> Response:
         status = 500

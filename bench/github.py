@@ -48,6 +48,7 @@ from ttci.cli import allinone
 from ttci.client.config import ClientConfig
 from ttci.client.scheduler import ApiError, Client
 from ttci.infra.log import setup_logging
+from ttci.infra.proc import stop
 from ttci.model.naming import parse_arch, parse_release
 
 SECRET = "bench-webhook-secret"  # noqa: S105 - a throw-away secret for a loopback run
@@ -86,8 +87,7 @@ def service(tmp: Path, gh: StandIn, extra: list[str], env: dict[str, str]) -> It
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc, grace=30)
         log.close()
 
 

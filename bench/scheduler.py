@@ -36,9 +36,9 @@ from flask import Flask, Response, jsonify, request
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, print_table, write_json
-from ttci.cli.allinone import _python_main, _spawn, _stop
+from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.http_server import API_VERSION
-from ttci.infra.proc import BASE_ENV
+from ttci.infra.proc import BASE_ENV, stop
 
 IMAGES = [
     "qemu:debian-12:amd64",
@@ -200,7 +200,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tt-bench-sched-") as tmp:
         state = Path(tmp)
         argv = [
-            *_python_main("ttci.scheduler.web.serve"),
+            *python_main("ttci.scheduler.web.serve"),
             "--listen",
             f"127.0.0.1:{port}",
             "--state-dir",
@@ -237,7 +237,7 @@ def main() -> int:
             load = read_load(api, args.clients, args.requests, "big")
             api.call("DELETE", "/v1/envs/big")
         finally:
-            _stop(sched)
+            stop(sched, grace=STOP_GRACE_S)
     rows = []
     for key, label in (
         ("place_s", "place (dry run)"),

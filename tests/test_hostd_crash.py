@@ -19,10 +19,11 @@ from hostd.builders.domain_xml import DomainSpec, domain_xml
 from hostd.builders.net_plan import link_prefixes
 from hostd.net.links import our_links
 from hostd.net.manager import host_key
+from hostd.vm.disk import create_overlay
 from tests.cloudutil import free_port, leftovers, net_leftovers, qemu_pids
 from tests.conftest import IMAGE_PATH, built_image
-from ttci.cli.allinone import _spawn, _stop, python_main
-from ttci.infra.proc import BASE_ENV
+from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
+from ttci.infra.proc import BASE_ENV, stop
 from ttci.model.arch import Arch
 from ttci.scheduler.hostd_client import HostdClient, HostdError
 
@@ -107,21 +108,7 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
     orphan_dir = state / "vms" / "orphan"
     orphan_dir.mkdir(parents=True)
     image = IMAGE_PATH / "qemu_debian-12_amd64"
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            str(image / "disk.qcow2"),
-            str(orphan_dir / "disk.qcow2"),
-        ],
-        check=True,
-    )
+    create_overlay(image / "disk.qcow2", orphan_dir / "disk.qcow2")
     conn = libvirt.open(f"qemu:///system?socket={state / 'libvirt' / 'run' / 'libvirt-sock'}")
     spec = DomainSpec(
         name="tt-crashy-orphan",
@@ -156,7 +143,7 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
         with pytest.raises(HostdError, match="no VM orphan"):
             client._call("GET", "/v1/vms/orphan")
     finally:
-        _stop(hostd)  # graceful: destroys its VMs and its private libvirtd
+        stop(hostd, grace=STOP_GRACE_S)  # graceful: destroys its VMs and its private libvirtd
     assert leftovers(state) == []
     assert net_leftovers(state) == []
     assert not qemu_pids(str(state))
@@ -200,11 +187,11 @@ def test_keep_vms_on_graceful_stop_then_reattach(state: Path) -> None:
             "memory_mib": 384,
         }
     )
-    _stop(hostd)  # SIGTERM with --keep-vms: the VM stays
+    stop(hostd, grace=STOP_GRACE_S)  # SIGTERM with --keep-vms: the VM stays
     assert qemu_pids("tt-crashy-kept")
     hostd = start_hostd(state, port)
     try:
         assert run(client, "kept", "echo back") == (0, "back\n")
     finally:
-        _stop(hostd)  # without --keep-vms: everything goes
+        stop(hostd, grace=STOP_GRACE_S)  # without --keep-vms: everything goes
     assert leftovers(state) == []

@@ -188,7 +188,7 @@ def test_qemu_argv_per_arch(arch: Arch) -> None:
     argv = qemu_argv(spec)
     assert argv[0] == arch.row.qemu_binary
     joined = " ".join(argv)
-    assert f"-machine {arch.row.machine}" in joined
+    assert f"-machine {arch.row.qemu_machine}" in joined
     assert f"{arch.virtio_device('serial')}" in joined
     assert "name=org.ttci.agent.0" in joined
     assert "-accel tcg" in joined and "-net none" in joined

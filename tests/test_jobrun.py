@@ -18,6 +18,7 @@ from tests.conftest import built_image
 from ttci.cli.allinone import Stack
 from ttci.client import config
 from ttci.client.scheduler import Client
+from ttci.infra.proc import stop
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -126,9 +127,7 @@ def test_interrupt_deletes_the_envs(
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace=0)
     assert proc.returncode == 130, err
     jobs = _jobs(client)
     for name in envs:

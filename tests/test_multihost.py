@@ -24,8 +24,8 @@ import requests
 from tests.cloudutil import BIN, configure_client, qemu_pids, tt
 from tests.conftest import IMAGE_PATH, built_image
 from tests.netlab import Lab, in_ns, lab
-from ttci.cli.allinone import _spawn, _stop, python_main
-from ttci.infra.proc import BASE_ENV
+from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
+from ttci.infra.proc import BASE_ENV, stop
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -195,12 +195,11 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
             yield c
         finally:
             for hid, p in c.hostds.items():
-                _stop(p)
+                stop(p, grace=STOP_GRACE_S)
                 assert qemu_pids(str(state / hid)) == [], f"QEMU left on {hid}"
             if c.sched:
-                _stop(c.sched)
-            outside.kill()
-            outside.wait()
+                stop(c.sched, grace=STOP_GRACE_S)
+            stop(outside, grace=0)
             leftovers = {hid: our_net_leftovers(c.ns[hid]) for hid in HOSTS}
             assert leftovers == {hid: [] for hid in HOSTS}
 

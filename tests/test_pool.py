@@ -17,8 +17,8 @@ import requests
 
 from tests.cloudutil import free_port
 from tests.conftest import IMAGE_PATH
-from ttci.cli.allinone import _spawn, _stop, python_main
-from ttci.infra.proc import BASE_ENV
+from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
+from ttci.infra.proc import BASE_ENV, stop
 
 JOIN = "join-" + secrets.token_urlsafe(12)
 ADMIN = "admin-" + secrets.token_urlsafe(12)
@@ -100,8 +100,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     finally:
         for p in hostds:
             os.kill(p.pid, signal.SIGCONT)
-            _stop(p)
-        _stop(proc)
+            stop(p, grace=STOP_GRACE_S)
+        stop(proc, grace=STOP_GRACE_S)
 
 
 def test_hosts_join_and_the_catalogue_is_their_union(pool: tuple[str, Path]) -> None:

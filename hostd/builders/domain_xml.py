@@ -1,4 +1,7 @@
-"""libvirt domain XML for one VM, built as a string from plain values (no I/O)."""
+"""libvirt domain XML for one VM, built as a string from plain values (no I/O).
+
+What differs per architecture comes from the arch table (ttci/model/arch.py).
+"""
 
 from __future__ import annotations
 
@@ -13,18 +16,6 @@ __all__ = ["QEMU_NS", "TT_NS", "DomainSpec", "domain_xml", "metadata_from_xml"]
 
 TT_NS = "https://ttci.example/xmlns/vm/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-
-# Per-arch libvirt settings (DESIGN.md: measured on libvirt 9.0 / QEMU 7.2).
-_LIBVIRT: dict[Arch, tuple[str, str | None, str, tuple[str, ...]]] = {
-    # arch: (machine, cpu mode, serial target type, qemu passthrough args)
-    Arch.AMD64: ("q35", "maximum", "isa-serial", ()),
-    Arch.I386: ("q35", "maximum", "isa-serial", ()),
-    Arch.ARM64: ("virt", "maximum", "system-serial", ("-global", "max-arm-cpu.pauth-impdef=on")),
-    Arch.ARMHF: ("virt", "maximum", "system-serial", ()),
-    Arch.RISCV64: ("virt", None, "system-serial", ()),
-    Arch.PPC64EL: ("pseries", None, "spapr-vio-serial", ("-machine", "x-vof=on")),
-    Arch.S390X: ("s390-ccw-virtio", "maximum", "sclp-serial", ()),
-}
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,6 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 
 def domain_xml(spec: DomainSpec) -> str:
-    machine, cpu_mode, serial_target, passthrough = _LIBVIRT[spec.arch]
     ET.register_namespace("qemu", QEMU_NS)
     ET.register_namespace("tt", TT_NS)
     dom = ET.Element("domain", {"type": "kvm" if spec.accel == "kvm" else "qemu"})
@@ -66,22 +56,37 @@ def domain_xml(spec: DomainSpec) -> str:
         ET.SubElement(tt, f"{{{TT_NS}}}{key}").text = value
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus))
+    _machine(dom, spec)
+    _sub(dom, "clock", offset="utc")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(dom, event, "destroy")
+    _devices(_sub(dom, "devices"), spec)
+    if spec.arch.row.libvirt_qemu_args:
+        cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+        for arg in spec.arch.row.libvirt_qemu_args:
+            ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
+    return ET.tostring(dom, encoding="unicode")
+
+
+def _machine(dom: ET.Element, spec: DomainSpec) -> None:
+    """<os> (machine and direct kernel boot), <features> and <cpu>."""
+    row = spec.arch.row
     os_el = _sub(dom, "os")
-    _sub(os_el, "type", "hvm", arch=spec.arch.row.libvirt_arch, machine=machine)
+    _sub(os_el, "type", "hvm", arch=row.libvirt_arch, machine=row.machine)
     _sub(os_el, "kernel", str(spec.kernel))
     _sub(os_el, "initrd", str(spec.initrd))
     _sub(os_el, "cmdline", spec.cmdline)
     features = _sub(dom, "features")
-    if spec.arch in (Arch.AMD64, Arch.I386):
+    if row.acpi:
         _sub(features, "acpi")
     if spec.accel == "kvm":
         _sub(dom, "cpu", mode="host-passthrough")
-    elif cpu_mode:
-        _sub(dom, "cpu", mode=cpu_mode)
-    _sub(dom, "clock", offset="utc")
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        _sub(dom, event, "destroy")
-    dev = _sub(dom, "devices")
+    elif row.libvirt_cpu_mode:
+        _sub(dom, "cpu", mode=row.libvirt_cpu_mode)
+
+
+def _devices(dev: ET.Element, spec: DomainSpec) -> None:
+    """Disk, console, the agent's channel, NIC and rng; no USB, no balloon."""
     if spec.emulator:
         _sub(dev, "emulator", spec.emulator)
     disk = _sub(dev, "disk", type="file", device="disk")
@@ -90,7 +95,7 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(disk, "target", dev="vda", bus="virtio")
     serial = _sub(dev, "serial", type="file")
     _sub(serial, "source", path=str(spec.console_log))
-    _sub(serial, "target", type=serial_target)
+    _sub(serial, "target", type=spec.arch.row.libvirt_serial)
     chan = _sub(dev, "channel", type="unix")
     _sub(chan, "source", mode="bind", path=str(spec.agent_socket))
     _sub(chan, "target", type="virtio", name=PORT_NAME)
@@ -104,11 +109,6 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(dev, "controller", type="usb", model="none")
     _sub(dev, "memballoon", model="none")
-    if passthrough:
-        cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
-        for arg in passthrough:
-            ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
-    return ET.tostring(dom, encoding="unicode")
 
 
 def metadata_from_xml(xml: str) -> dict[str, str]:

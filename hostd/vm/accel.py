@@ -9,8 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from hostd.builders.qemu_argv import QemuSpec, qemu_argv
 from hostd.images.catalogue import Image
-from ttci.infra.proc import spawn
+from ttci.infra.proc import spawn, stop
 from ttci.model.arch import Arch
 
 __all__ = [
@@ -75,37 +76,18 @@ def probe_kvm(image: Image, cache_file: Path | None = CACHE_FILE) -> tuple[bool,
 def _probe_boot(image: Image, arch: Arch) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="tt-kvm-probe-") as tmp:
         log_path = Path(tmp) / "console.log"
-        argv = [
-            arch.qemu_binary(),
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-machine",
-            arch.row.machine,
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "256",
-            "-no-reboot",
-            "-kernel",
-            str(image.file(image.manifest.kernel.path)),
-            "-initrd",
-            str(image.file(image.manifest.initrd.path)),
-            "-append",
-            f"console={arch.row.console} quiet tt.probe=1 panic=-1",
-            "-chardev",
-            f"file,id=c,path={log_path}",
-            "-serial",
-            "chardev:c",
-            "-monitor",
-            "none",
-        ]
+        spec = QemuSpec(
+            arch=arch,
+            kernel=image.file(image.manifest.kernel.path),
+            initrd=image.file(image.manifest.initrd.path),
+            cmdline=f"console={arch.row.console} quiet tt.probe=1 panic=-1",
+            console_log=log_path,
+            accel="kvm",
+            memory_mib=256,
+        )
         t0 = time.monotonic()
         err_path = Path(tmp) / "qemu.err"
-        proc = spawn(argv, log_path=err_path)
+        proc = spawn(qemu_argv(spec), log_path=err_path)
         try:
             while time.monotonic() - t0 < PROBE_TIMEOUT_S:
                 if log_path.exists() and MARKER in log_path.read_bytes():
@@ -116,9 +98,7 @@ def _probe_boot(image: Image, arch: Arch) -> tuple[bool, str]:
                 time.sleep(0.05)
             return False, f"probe boot did not reach its marker in {PROBE_TIMEOUT_S:.0f} s"
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            stop(proc, grace=0)
 
 
 def choose_accel(image: Image) -> tuple[str, str]:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from hostd.builders.qemu_argv import QemuSpec, qemu_argv
 from hostd.vm.agent_client import AgentClient
-from ttci.infra.proc import need, run, spawn
+from hostd.vm.disk import create_overlay
+from ttci.infra.proc import need, spawn, stop
 from ttci.model.arch import Arch
 from ttci.model.errors import BootError
 from ttci.model.manifest import Manifest
 
-__all__ = ["DirectVM", "boot", "overlay"]
+__all__ = ["DirectVM", "boot"]
 
 log = logging.getLogger("hostd.vm.direct_vm")
 
@@ -53,10 +54,6 @@ class DirectVM:
             ) from None
 
 
-def overlay(base: Path, path: Path) -> None:
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(path)])
-
-
 @contextlib.contextmanager
 def boot(
     manifest: Manifest,
@@ -74,8 +71,9 @@ def boot(
     proc: subprocess.Popen[bytes] | None = None
     try:
         disk = work / "disk.qcow2"
-        overlay(image_dir / manifest.disk.path, disk)
+        create_overlay(image_dir / manifest.disk.path, disk)
         token = secrets.token_hex(16)
+        sock, console = work / "agent.sock", work / "console.log"
         cmdline = f"{manifest.kernel_cmdline} tt.token={token} {extra_cmdline}".strip()
         spec = QemuSpec(
             arch=arch,
@@ -83,8 +81,8 @@ def boot(
             initrd=image_dir / manifest.initrd.path,
             disk=disk,
             cmdline=cmdline,
-            agent_socket=work / "agent.sock",
-            console_log=work / "console.log",
+            agent_socket=sock,
+            console_log=console,
             accel=accel,
             memory_mib=memory_mib,
             ssh_forward_port=ssh_forward_port,
@@ -92,9 +90,8 @@ def boot(
         argv = qemu_argv(spec)
         started = time.monotonic()
         proc = spawn(argv, log_path=work / "qemu.err")
-        yield DirectVM(work, proc, spec.agent_socket, spec.console_log, token, started)
+        yield DirectVM(work, proc, sock, console, token, started)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop(proc, grace=0)
         shutil.rmtree(work, ignore_errors=True)

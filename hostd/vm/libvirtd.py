@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from ttci.infra.proc import need, spawn
+from ttci.infra.proc import need, spawn, stop
 from ttci.model.errors import TTError
 
 __all__ = [
@@ -186,13 +186,7 @@ class PrivateLibvirtd:
             with contextlib.suppress(FileNotFoundError):
                 self.socket.unlink()
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, grace=15)
         self.proc = None
         self.pidfile.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):

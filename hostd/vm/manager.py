@@ -28,9 +28,9 @@ from hostd.images.catalogue import Image, scan
 from hostd.net.manager import NetConfig, NetManager, VmNet
 from hostd.vm.accel import choose_accel
 from hostd.vm.agent_client import AgentClient, ExitStatus
+from hostd.vm.disk import create_overlay
 from hostd.vm.engine import Engine
 from ttci.infra.db import Store, now
-from ttci.infra.proc import run
 from ttci.model.arch import Arch
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
 from ttci.model.ports import parse_ports
@@ -294,21 +294,7 @@ class VMManager:
         workdir = Path(row["workdir"])
         workdir.mkdir(parents=True)
         overlay = workdir / "disk.qcow2"
-        run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                str(image.file(image.manifest.disk.path)),
-                str(overlay),
-                f"{disk_gib}G",
-            ]
-        )
+        create_overlay(image.file(image.manifest.disk.path), overlay, disk_gib)
         accel, _ = choose_accel(image)
         self._update(row["id"], accel=accel)
         spec = self._domain_spec(row, image, disk_gib, vmnet, accel)

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -18,11 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttci.client import config
-from ttci.infra.proc import BASE_ENV, spawn
+from ttci.infra.proc import BASE_ENV, spawn, stop
 from ttci.infra.settings import add_setting
 from ttci.model.errors import TTError
 
-__all__ = ["START_TIMEOUT_S", "Stack", "StartError", "cmd_up", "python_main", "register", "running"]
+__all__ = [
+    "START_TIMEOUT_S",
+    "STOP_GRACE_S",
+    "Stack",
+    "StartError",
+    "cmd_up",
+    "python_main",
+    "register",
+    "running",
+]
 
 log = logging.getLogger("ttci.cli.allinone")
 START_TIMEOUT_S = 120
@@ -73,19 +81,44 @@ def _spawn(
                     hint="fix what the log says, then run `tt up` again",
                 )
     except BaseException:  # also Ctrl-C while waiting: the child is in its own session
-        _stop(proc)
+        stop(proc, grace=STOP_GRACE_S)
         raise
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+STOP_GRACE_S = 120  # a daemon's graceful stop (destroying its VMs) may take this long
+
+
+def _hostd_argv(
+    state_dir: Path,
+    image_path: Path,
+    *,
+    hostd_listen: str,
+    libvirt_uri: str | None,
+    cpu_total: float | None,
+    mem_total: int | None,
+    allow_outgoing: bool,
+) -> list[str]:
+    hostd_argv = [
+        *python_main("hostd.cli.main"),
+        "serve",
+        "--listen",
+        hostd_listen,
+        "--state-dir",
+        str(state_dir / "hostd"),
+        "--image-path",
+        str(image_path),
+        "--host-id",
+        "local",
+    ]
+    hostd_argv += ["--libvirt-uri", libvirt_uri] if libvirt_uri else ["--private-libvirtd"]
+    if cpu_total:
+        hostd_argv += ["--cpu-total", str(cpu_total)]
+    if mem_total:
+        hostd_argv += ["--mem-total", str(mem_total)]
+    # A local cloud's VMs reach nothing outside unless asked (DESIGN.md: network safety).
+    hostd_argv += ["--outgoing", "allow" if allow_outgoing else "deny"]
+    return hostd_argv
 
 
 @contextlib.contextmanager
@@ -110,25 +143,15 @@ def running(
         "TT_HOSTD_TOKEN": hostd_token,
         "TT_ADMIN_TOKEN": admin_token,
     }
-    hostd_argv = [
-        *python_main("hostd.cli.main"),
-        "serve",
-        "--listen",
-        hostd_listen,
-        "--state-dir",
-        str(state_dir / "hostd"),
-        "--image-path",
-        str(image_path),
-        "--host-id",
-        "local",
-    ]
-    hostd_argv += ["--libvirt-uri", libvirt_uri] if libvirt_uri else ["--private-libvirtd"]
-    if cpu_total:
-        hostd_argv += ["--cpu-total", str(cpu_total)]
-    if mem_total:
-        hostd_argv += ["--mem-total", str(mem_total)]
-    # A local cloud's VMs reach nothing outside unless asked (DESIGN.md: network safety).
-    hostd_argv += ["--outgoing", "allow" if allow_outgoing else "deny"]
+    hostd_argv = _hostd_argv(
+        state_dir,
+        image_path,
+        hostd_listen=hostd_listen,
+        libvirt_uri=libvirt_uri,
+        cpu_total=cpu_total,
+        mem_total=mem_total,
+        allow_outgoing=allow_outgoing,
+    )
     hostd = _spawn(hostd_argv, env, state_dir / "hostd.log", "tt-hostd")
     try:
         sched = _spawn(
@@ -148,9 +171,9 @@ def running(
         try:
             yield Stack(scheduler_listen, hostd_listen, admin_token, state_dir, hostd, sched)
         finally:
-            _stop(sched)
+            stop(sched, grace=STOP_GRACE_S)
     finally:
-        _stop(hostd)
+        stop(hostd, grace=STOP_GRACE_S)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

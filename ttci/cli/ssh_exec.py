@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ttci.infra.proc import spawn
+from ttci.infra.proc import spawn, stop
 from ttci.model.errors import BadInput
 
 __all__ = ["ssh_argv", "ssh_events", "ssh_target"]
@@ -69,8 +69,7 @@ def ssh_events(
                 t.join()
             events.put({"event": "exit", "vm": vm, "code": code})
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop(proc, grace=0)
             events.put({"event": "exit", "vm": vm, "code": None, "timed_out": True})
         finally:
             events.put(None)

@@ -14,9 +14,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from ttci.model.arch import Arch
 from ttci.model.errors import CommandFailed, MissingTool
 
-__all__ = ["BASE_ENV", "TOOL_PACKAGES", "need", "run", "run_streaming", "spawn"]
+__all__ = [
+    "BASE_ENV",
+    "KILL_WAIT_S",
+    "TOOL_PACKAGES",
+    "need",
+    "run",
+    "run_streaming",
+    "spawn",
+    "stop",
+]
 
 log = logging.getLogger("ttci.infra.proc")
 
@@ -38,13 +48,7 @@ TOOL_PACKAGES = {
     "depmod": "kmod",
     "cpio": "cpio",
     "update-binfmts": "binfmt-support",
-    "qemu-system-x86_64": "qemu-system-x86",
-    "qemu-system-i386": "qemu-system-x86",
-    "qemu-system-aarch64": "qemu-system-arm",
-    "qemu-system-arm": "qemu-system-arm",
-    "qemu-system-ppc64": "qemu-system-ppc",
-    "qemu-system-s390x": "qemu-system-misc",
-    "qemu-system-riscv64": "qemu-system-misc",
+    **{a.row.qemu_binary: a.row.qemu_package for a in Arch},
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
 }
@@ -151,8 +155,9 @@ def run_streaming(
 ) -> None:
     """Run a long command, handing each line of its merged output to on_line (progress).
 
-    The child is terminated if we are interrupted or `cancel` is set, so no build outlives its
-    caller.
+    The child's process group is stopped if we are interrupted or `cancel` is set, so no build
+    outlives its caller (mmdebstrap defers SIGTERM until its current phase ends; what it leaves
+    mounted the caller's clean-up unmounts: hostd.images.fs.safe_rmtree).
 
     Raises:
         CommandFailed: non-zero exit; the message quotes the last lines printed.
@@ -175,15 +180,8 @@ def run_streaming(
         need(args[0])
         raise CommandFailed(f"{args[0]}: {e}") from e
     done = threading.Event()
-
-    def watch() -> None:
-        while cancel is not None and not done.wait(0.2):
-            if cancel.is_set():
-                _stop_group(proc)
-                return
-
     if cancel is not None:
-        threading.Thread(target=watch, daemon=True).start()
+        threading.Thread(target=_stop_on, args=(cancel, done, proc), daemon=True).start()
     try:
         for raw in proc.stdout or ():
             line = raw.decode(errors="replace").rstrip()
@@ -191,7 +189,7 @@ def run_streaming(
             on_line(line)
         rc = proc.wait()
     except BaseException:
-        _stop_group(proc)
+        stop(proc, group=True)
         raise
     finally:
         done.set()
@@ -203,17 +201,38 @@ def run_streaming(
         raise CommandFailed(f"{shlex.join(args)} exited with {rc}:\n" + "\n".join(tail))
 
 
-def _stop_group(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
-    """SIGTERM the child's process group, SIGKILL it after a grace period.
-
-    mmdebstrap defers SIGTERM until its current phase ends (minutes under emulation); whatever it
-    leaves mounted is unmounted by the caller's clean-up (hostd.images.fs.safe_rmtree).
-    """
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
+def _stop_on(cancel: threading.Event, done: threading.Event, proc: subprocess.Popen[bytes]) -> None:
+    """Stop proc's process group as soon as cancel is set (until done is)."""
+    while not done.wait(0.2):
+        if cancel.is_set():
+            stop(proc, group=True)
             return
+
+
+KILL_WAIT_S = 30.0  # how long a SIGKILLed child may take to be reaped
+
+
+def stop(proc: subprocess.Popen[bytes], *, grace: float = 10.0, group: bool = False) -> int | None:
+    """Stop a child and reap it: the one way every child process is ended.
+
+    SIGTERM, then SIGKILL when it has not exited after grace seconds (grace=0: SIGKILL at once).
+    With group=True the signals go to the child's process group (a child started in its own
+    session), also when the child itself has already exited but its group lingers.
+
+    Returns:
+        The child's exit status, or None when even SIGKILL did not end it in KILL_WAIT_S.
+    """
+    if not group and proc.poll() is not None:
+        return proc.returncode
+    steps = [(signal.SIGTERM, grace)] if grace > 0 else []
+    for sig, wait in [*steps, (signal.SIGKILL, KILL_WAIT_S)]:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             continue
+    return None

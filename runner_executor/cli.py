@@ -26,6 +26,8 @@ from pathlib import Path
 
 from runner_executor.core import job
 from ttci import __version__
+from ttci.infra.settings import add_settings, resolve
+from ttci.model.errors import TTError
 
 __all__ = ["main", "make_parser"]
 
@@ -38,27 +40,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="GitLab Runner custom executor: every job in a fresh TT CI VM",
     )
     p.add_argument("--version", action="version", version=f"tt-gitlab-executor {__version__}")
-    p.add_argument("--tt-config", type=Path, help="the tt client config (server, token) to use")
-    p.add_argument("--runner-name", help="shown to operators as the ENV's origin runner")
-    d = job.Limits()
-    p.add_argument("--cpus", type=float, default=d.cpus, help=f"default vCPUs ({d.cpus:g})")
-    p.add_argument("--memory", type=int, default=d.memory_mib, help=f"default MiB ({d.memory_mib})")
-    p.add_argument("--disk", type=int, default=d.disk_gib, help="default GiB (0: image size)")
-    p.add_argument(
-        "--max-cpus",
-        type=float,
-        default=d.max_cpus,
-        help=f"most vCPUs a job may ask ({d.max_cpus:g})",
-    )
-    p.add_argument(
-        "--max-memory",
-        type=int,
-        default=d.max_memory_mib,
-        help=f"most MiB a job may ask ({d.max_memory_mib})",
-    )
-    p.add_argument(
-        "--max-disk", type=int, default=d.max_disk_gib, help=f"most GiB ({d.max_disk_gib})"
-    )
+    add_settings(p, "tt-gitlab-executor")  # main resolves them
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     sub.add_parser("config", help="print the runner's config JSON")
     sub.add_parser("prepare", help="create the job's VM and wait for its agent")
@@ -73,15 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     codes = job.ExitCodes.from_env(os.environ)
     try:
         args = make_parser().parse_args(argv)
+        resolve(args)  # flag > environment > /etc/ttci/tt-gitlab-executor.toml > default
     except SystemExit as e:  # a wrong config.toml: the operator's error, so a system failure
         return 0 if e.code == 0 else codes.system_failure
+    except TTError as e:  # likewise: a bad setting
+        hint = f"\n  hint: {e.hint}" if e.hint else ""
+        print(f"tt-gitlab-executor: {e.message}{hint}", file=sys.stderr)
+        return codes.system_failure
     if args.stage == "config":  # no scheduler needed: keep it fast (no HTTP client import)
         sys.stdout.write(json.dumps(job.config_output(__version__, job.job_vars(os.environ))))
         sys.stdout.write("\n")
         return 0
     from runner_executor.driver import Cancelled, Driver  # noqa: PLC0415
     from ttci.infra.log import mask, setup_logging  # noqa: PLC0415
-    from ttci.model.errors import TTError  # noqa: PLC0415
 
     setup_logging(verbose=bool(os.environ.get("TT_DEBUG")))
     if args.tt_config:

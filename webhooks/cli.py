@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -18,7 +17,7 @@ from ttci import __version__
 from ttci.client import config as client_config
 from ttci.client.scheduler import Client
 from ttci.infra.log import setup_logging
-from ttci.infra.settings import parse_hostport
+from ttci.infra.settings import SETTINGS, add_settings, parse_hostport, resolve
 from ttci.model.errors import TTError
 from webhooks.app import create_app
 from webhooks.github_api import GitHubAPI, GitHubConfig
@@ -28,7 +27,7 @@ from webhooks.store import JobStore
 __all__ = ["DEFAULT_STATE", "list_jobs", "main", "make_parser", "serve"]
 
 log = logging.getLogger("webhooks")
-DEFAULT_STATE = "/var/lib/ttci/github"
+DEFAULT_STATE = SETTINGS["gh-state-dir"].default or ""
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -41,142 +40,35 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the webhook service (waitress)")
-    s.add_argument("--listen", default="127.0.0.1:7430", help="ADDR:PORT to serve on")
-    s.add_argument(
-        "--state-dir",
-        default=os.environ.get("TT_GH_STATE_DIR", DEFAULT_STATE),
-        help="where the SQLite state lives (TT_GH_STATE_DIR)",
-    )
-    s.add_argument(
-        "--secret-file", help="file holding the webhook secret (else TT_GH_WEBHOOK_SECRET)"
-    )
-    s.add_argument(
-        "--api-url",
-        default=os.environ.get("TT_GH_API_URL", "https://api.github.com"),
-        help="GitHub's REST API (TT_GH_API_URL; GHES: https://HOST/api/v3)",
-    )
-    s.add_argument(
-        "--app-id",
-        default=os.environ.get("TT_GH_APP_ID", ""),
-        help="GitHub App id (TT_GH_APP_ID); with --app-key-file",
-    )
-    s.add_argument(
-        "--app-key-file",
-        default=os.environ.get("TT_GH_APP_KEY_FILE", ""),
-        help="the App's private key, PEM (TT_GH_APP_KEY_FILE); without an App, TT_GH_TOKEN is used",
-    )
-    s.add_argument(
-        "--scope",
-        choices=("repo", "org"),
-        default="repo",
-        help="register JIT runners on the repository or on its organisation",
-    )
-    s.add_argument(
-        "--runner-group-id",
-        type=int,
-        default=1,
-        help="runner group of the JIT runners (1: Default)",
-    )
-    s.add_argument("--label", default="tt", help="the marker label jobs carry (runs-on)")
-    s.add_argument(
-        "--max-age",
-        type=float,
-        default=3600,
-        help="refuse deliveries whose event is older than this many seconds",
-    )
-    s.add_argument("--cpus", type=float, default=1, help="CPUs per VM")
-    s.add_argument("--mem", type=int, default=1024, help="MiB of memory per VM")
-    s.add_argument("--disk", type=int, default=0, help="GiB of disk per VM (0: image default)")
-    s.add_argument("--life-time", default="6h", help="longest life of a job's VM")
-    s.add_argument(
-        "--runner-dir", default="/opt/actions-runner", help="where run.sh lives in the image"
-    )
-    s.add_argument(
-        "--push-runner",
-        type=Path,
-        help="local directory pushed into each VM at --runner-dir before start "
-        "(for images without the runner; slower than baking it in)",
-    )
-    s.add_argument(
-        "--jit-via",
-        choices=("env", "argv"),
-        default="env",
-        help="hand the JIT config to run.sh as ACTIONS_RUNNER_INPUT_JITCONFIG (env, "
-        "never in a process list) or as `--jitconfig` (argv)",
-    )
-    s.add_argument("--max-vms", type=int, default=10, help="VMs at once for all GitHub jobs")
-    s.add_argument(
-        "--max-per-owner", type=int, default=5, help="VMs at once per organisation or user"
-    )
-    s.add_argument(
-        "--reconcile-interval",
-        type=float,
-        default=60,
-        help="seconds between reconciliations with GitHub",
-    )
-    s.add_argument(
-        "--runner-timeout",
-        type=float,
-        default=300,
-        help="seconds a started runner may take to pick up its job",
-    )
-    s.add_argument(
-        "--repo",
-        action="append",
-        default=[],
-        help="OWNER/NAME also reconciled before any webhook came (repeatable)",
-    )
-    s.add_argument("--threads", type=int, default=16, help="waitress worker threads")
-    s.add_argument("--admin-token-file", help="file with a bearer token that guards /jobs")
+    add_settings(s, "tt-github-webhooks serve")  # main resolves them
     j = sub.add_parser("jobs", help="list the jobs the service knows, newest first")
-    j.add_argument(
-        "--state-dir",
-        default=os.environ.get("TT_GH_STATE_DIR", DEFAULT_STATE),
-        help="the service's state directory",
-    )
+    add_settings(j, "tt-github-webhooks jobs")
     j.add_argument("--state", help="only jobs in this state (e.g. unservable, pending)")
     j.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
-def _read_secret(path: str | None, env: str, what: str) -> str:
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as e:
-            raise TTError(
-                f"cannot read {what} from {path}: {e.strerror}",
-                hint="check the path and its permissions",
-            ) from e
-    return os.environ.get(env, "")
-
-
-def serve(a: argparse.Namespace) -> int:
-    host, port = parse_hostport(a.listen, "--listen")
-    secret = _read_secret(a.secret_file, "TT_GH_WEBHOOK_SECRET", "the webhook secret")
-    if not secret:
-        raise TTError(
-            "no webhook secret",
-            hint="set TT_GH_WEBHOOK_SECRET or --secret-file; "
-            "use the same secret in GitHub's webhook settings",
-        )
-    key = _read_secret(a.app_key_file, "TT_GH_APP_KEY", "the App key")
-    gh = GitHubAPI(
+def _github(a: argparse.Namespace) -> GitHubAPI:
+    key = a.gh_app_key
+    return GitHubAPI(
         GitHubConfig(
             base_url=a.api_url.rstrip("/"),
-            token=os.environ.get("TT_GH_TOKEN", ""),
+            token=a.gh_token,
             app_id=a.app_id if key else "",
             private_key=key,
             scope=a.scope,
             runner_group_id=a.runner_group_id,
         )
     )
+
+
+def _settings(a: argparse.Namespace) -> Settings:
     if a.push_runner and not (a.push_runner / "run.sh").is_file():
         raise TTError(
             f"{a.push_runner}/run.sh does not exist",
             hint="--push-runner takes the unpacked actions-runner directory",
         )
-    settings = Settings(
+    return Settings(
         marker=a.label,
         max_age_s=a.max_age,
         vm_cpus=a.cpus,
@@ -192,10 +84,21 @@ def serve(a: argparse.Namespace) -> int:
         runner_timeout_s=a.runner_timeout,
         repos=tuple(a.repo),
     )
+
+
+def serve(a: argparse.Namespace) -> int:
+    """Run the service; `a` holds resolved settings (`main` resolves them)."""
+    host, port = parse_hostport(a.listen, "--listen")
+    if not a.gh_webhook_secret:
+        raise TTError(
+            "no webhook secret",
+            hint="set TT_GH_WEBHOOK_SECRET or --secret-file; "
+            "use the same secret in GitHub's webhook settings",
+        )
+    gh = _github(a)
     store = JobStore(Path(a.state_dir) / "github.db")
-    svc = Service(settings, store, gh, Client(client_config.load()))
-    admin = _read_secret(a.admin_token_file, "TT_GH_ADMIN_TOKEN", "the admin token")
-    app = create_app(svc, secret.encode(), admin)
+    svc = Service(_settings(a), store, gh, Client(client_config.load()))
+    app = create_app(svc, a.gh_webhook_secret.encode(), a.gh_admin_token)
     server = waitress.create_server(app, host=host, port=port, threads=a.threads)
     svc.start()
     stop = threading.Event()
@@ -243,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     a = make_parser().parse_args(argv)
     setup_logging(a.verbose)
     try:
+        resolve(a)  # flag > environment > /etc/ttci/tt-github-webhooks.toml > default
         return serve(a) if a.cmd == "serve" else list_jobs(a)
     except TTError as e:
         print(f"tt-github-webhooks: error: {e.message}", file=sys.stderr)

@@ -19,7 +19,7 @@ from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
 from ttci.infra.proc import need
-from ttci.infra.settings import add_setting, parse_hostport
+from ttci.infra.settings import add_settings, parse_hostport
 from ttci.model.errors import BadInput
 from ttci.model.resources import Resources
 
@@ -42,74 +42,7 @@ def default_total(state_dir: Path) -> Resources:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="run the host daemon (its API is used by the scheduler)")
-    s.add_argument("--listen", default="127.0.0.1:7420", help="ADDR:PORT to serve the API on")
-    s.add_argument(
-        "--token",
-        default=os.environ.get("TT_HOSTD_TOKEN", ""),
-        help="bearer token the scheduler must send (env TT_HOSTD_TOKEN)",
-    )
-    s.add_argument(
-        "--host-id",
-        default=socket.gethostname().split(".")[0].lower(),
-        help="this host's name in the pool (default: the hostname)",
-    )
-    for name in ("image-path", "state-dir"):
-        add_setting(s, name)
-    s.add_argument("--cpu-total", type=float, help="vCPUs to hand out (default 2 per core)")
-    s.add_argument("--mem-total", type=int, help="MiB of memory to hand out (default 80 %%)")
-    s.add_argument("--disk-total", type=int, help="GiB of disk to hand out (default 80 %% free)")
-    s.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt to drive")
-    s.add_argument(
-        "--private-libvirtd",
-        action="store_true",
-        help="start an own libvirtd under --state-dir instead of using the system's",
-    )
-    s.add_argument(
-        "--keep-vms",
-        action="store_true",
-        help="leave VMs running when stopped (a restart re-attaches them)",
-    )
-    s.add_argument(
-        "--outgoing",
-        choices=("allow", "deny"),
-        default="allow",
-        help="may VMs reach outside through NAT (allow; ENVs can still --deny-outgoing) or never",
-    )
-    s.add_argument(
-        "--vm-net-pool",
-        default="10.213.0.0/16",
-        help="IPv4 pool the ENV subnets come from (default 10.213.0.0/16)",
-    )
-    s.add_argument(
-        "--port-range",
-        default="20000-29999",
-        help="host ports for --vm-port maps (default 20000-29999)",
-    )
-    s.add_argument(
-        "--public-addr",
-        help="address users reach port maps at (default: the --advertise or --listen address)",
-    )
-    s.add_argument(
-        "--protect",
-        metavar="ADDR[,ADDR]",
-        help="control-plane addresses VMs must never reach, even through NAT (the --join "
-        "scheduler is always protected)",
-    )
-    s.add_argument(
-        "--join",
-        metavar="ADDR:PORT",
-        help="register with this scheduler (instead of being listed in its --server-set)",
-    )
-    s.add_argument(
-        "--join-token",
-        default=os.environ.get("TT_JOIN_TOKEN", ""),
-        help="the scheduler's join token (env TT_JOIN_TOKEN)",
-    )
-    s.add_argument(
-        "--advertise",
-        metavar="ADDR:PORT",
-        help="where the scheduler reaches this hostd (default: --listen)",
-    )
+    add_settings(s, "tt-hostd serve")  # run_cli resolves them: flag > env > file > default
     s.set_defaults(func=cmd_serve)
 
 
@@ -164,12 +97,7 @@ def _net_config(args: argparse.Namespace, listen_host: str) -> NetConfig:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    if not args.token:
-        raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
-    host, port = parse_hostport(args.listen, "--listen")
-    state_dir: Path = args.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
+def _totals(args: argparse.Namespace, state_dir: Path) -> Resources:
     dflt = default_total(state_dir)
     total = Resources(
         args.cpu_total or dflt.cpus,
@@ -178,6 +106,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if total.cpus <= 0 or total.memory_mib <= 0 or total.disk_gib <= 0:
         raise BadInput(f"totals must be positive, got {total.text()}", hint="fix --*-total")
+    return total
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.token:
+        raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
+    args.host_id = args.host_id or socket.gethostname().split(".")[0].lower()
+    host, port = parse_hostport(args.listen, "--listen")
+    state_dir: Path = args.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    total = _totals(args, state_dir)
     joiner_args = _join_args(args, host, port)
     net = _net_config(args, host)
     need("nft")  # VM networking: say which package is missing before anything starts

@@ -7,14 +7,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttci.infra.settings import parse_hostport
+from ttci.infra.settings import env_text, parse_hostport
 from ttci.model.errors import BadInput
 
 __all__ = ["ClientConfig", "config_path", "load", "save"]
 
 
 def config_path() -> Path:
-    return Path(os.environ.get("TT_CONFIG", Path.home() / ".config" / "tt" / "config.json"))
+    return Path(env_text("config") or Path.home() / ".config" / "tt" / "config.json")
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ def load() -> ClientConfig:
             raise BadInput(
                 f"{path} is not valid JSON: {e}", hint="rewrite it with `tt config`"
             ) from e
-    server = os.environ.get("TT_SERVER", data.get("server", ""))
-    token = os.environ.get("TT_TOKEN", data.get("token", ""))
+    # The settings table's order: the environment (TT_SERVER, TT_TOKEN) beats the file.
+    server = env_text("server") or data.get("server", "")
+    token = env_text("token") or data.get("token", "")
     if not server:
         raise BadInput(
             "no scheduler configured",

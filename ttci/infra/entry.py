@@ -11,6 +11,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from ttci.infra.log import setup_logging
+from ttci.infra.settings import resolve
 from ttci.model.errors import BadInput, TTError
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "run_cli"]
@@ -31,6 +32,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> i
     signal.signal(signal.SIGTERM, _terminate)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        resolve(args)  # the settings' values: flag > environment > config file > default
         return func(args)
     except BadInput as e:
         print(f"error: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else ""), file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import waitress
 
 from ttci import __version__
 from ttci.infra.entry import run_cli
-from ttci.infra.settings import add_setting, parse_hostport
+from ttci.infra.settings import add_settings, parse_hostport
 from ttci.model.errors import BadInput
 from ttci.scheduler.service import Scheduler
 from ttci.scheduler.web.api import create_app
@@ -69,34 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tt-scheduler", description="TT CI scheduler")
     p.add_argument("--version", action="version", version=f"tt-scheduler {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--listen", default="127.0.0.1:7400", help="ADDR:PORT of the public API")
-    p.add_argument(
-        "--server-set",
-        default="",
-        help="static hostds: [ID=]ADDR:PORT[,...] (hosts may also register with --join-token)",
-    )
-    p.add_argument(
-        "--join-token",
-        default=os.environ.get("TT_JOIN_TOKEN", ""),
-        help="token hostds present to register themselves (env TT_JOIN_TOKEN)",
-    )
-    p.add_argument(
-        "--host-timeout",
-        type=float,
-        default=15.0,
-        help="seconds without a heartbeat before a host is marked down (default 15)",
-    )
-    p.add_argument(
-        "--hostd-token",
-        default=os.environ.get("TT_HOSTD_TOKEN", ""),
-        help="token the hostds expect (env TT_HOSTD_TOKEN)",
-    )
-    p.add_argument(
-        "--admin-token",
-        default=os.environ.get("TT_ADMIN_TOKEN", ""),
-        help="token of the admin user (env TT_ADMIN_TOKEN)",
-    )
-    add_setting(p, "state-dir")
+    add_settings(p, "tt-scheduler")  # run_cli resolves them: flag > env > file > default
     p.set_defaults(func=_main)
     return p
 

@@ -16,7 +16,6 @@ from ttci.cli.artifacts import tar_dir
 from ttci.cli.job_plan import (
     EXIT_ERROR,
     EXIT_TIMEOUT,
-    Target,
     env_name,
     exit_code,
     image_for,
@@ -24,7 +23,9 @@ from ttci.cli.job_plan import (
     origin_from_env,
     parse_targets,
 )
+from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
+from ttci.model.naming import Target, parse_target
 from ttci.scheduler.planning.envspec import ENV_NAME_RE, parse_origin
 
 IMAGES = [
@@ -36,26 +37,31 @@ IMAGES = [
 
 
 def test_targets_are_every_os_arch_pair_with_arch_aliases() -> None:
-    assert parse_targets("debian-12, debian-13", "x86_64,aarch64") == [
-        Target("debian-12", "amd64"),
-        Target("debian-12", "arm64"),
-        Target("debian-13", "amd64"),
-        Target("debian-13", "arm64"),
+    assert parse_targets("debian-12, Debian-13", "x86_64,ARM64") == [
+        Target("debian-12", Arch.AMD64),
+        Target("debian-12", Arch.ARM64),
+        Target("debian-13", Arch.AMD64),
+        Target("debian-13", Arch.ARM64),
     ]
-    assert parse_targets("debian-12,debian-12", "amd64") == [Target("debian-12", "amd64")]
+    assert parse_targets("debian-12,debian-12", "amd64") == [Target("debian-12", Arch.AMD64)]
+    assert parse_targets("debian-12+systemd", "amd64") == [
+        Target("debian-12", Arch.AMD64, "systemd")
+    ]
     with pytest.raises(BadInput, match="unknown architecture 'sparc'"):
         parse_targets("debian-12", "sparc")
     with pytest.raises(BadInput, match="at least one"):
         parse_targets(",", "amd64")
+    with pytest.raises(BadInput, match="--os 'debian' is not an OS release"):
+        parse_targets("debian", "amd64")
 
 
 def test_a_target_maps_to_exactly_one_image() -> None:
-    assert image_for(Target("debian-12", "amd64"), IMAGES) == "qemu:debian-12:amd64"
-    assert image_for(Target("debian-12+systemd", "amd64"), IMAGES) == (
+    assert image_for(Target("debian-12", Arch.AMD64), IMAGES) == "qemu:debian-12:amd64"
+    assert image_for(Target("debian-12", Arch.AMD64, "systemd"), IMAGES) == (
         "qemu:debian-12+systemd:amd64"
     )
     with pytest.raises(BadInput) as e:
-        image_for(Target("debian-13", "arm64"), IMAGES)
+        image_for(Target("debian-13", Arch.ARM64), IMAGES)
     assert "no image serves --os debian-13 --arch arm64" in e.value.message
     assert e.value.hint is not None and "debian-12/arm64" in e.value.hint
 
@@ -68,7 +74,7 @@ def test_origin_says_jenkins_with_a_link_or_cli() -> None:
         "BUILD_NUMBER": "17",
         "NODE_NAME": "built-in",
     }
-    o = origin_from_env(jenkins, Target("debian-12", "arm64"))
+    o = origin_from_env(jenkins, Target("debian-12", Arch.ARM64))
     assert o == {
         "kind": "jenkins",
         "job": "app #17 debian-12/arm64",
@@ -77,15 +83,17 @@ def test_origin_says_jenkins_with_a_link_or_cli() -> None:
         "url": "https://ci.example.org/job/app/17/",
     }
     assert parse_origin(o) == o  # the scheduler accepts it as is
-    o = origin_from_env({"BUILD_URL": "javascript:alert(1)", "JOB_NAME": "x"}, Target("d", "a"))
+    o = origin_from_env(
+        {"BUILD_URL": "javascript:alert(1)", "JOB_NAME": "x"}, Target("debian-12", Arch.AMD64)
+    )
     assert o["kind"] == "jenkins" and "url" not in o
-    o = origin_from_env({}, Target("debian-12", "amd64"))
+    o = origin_from_env({}, Target("debian-12", Arch.AMD64))
     assert o["kind"] == "cli" and parse_origin(o) == o
 
 
 def test_env_names_are_valid_and_distinct() -> None:
     names = {
-        env_name(Target(os_, arch), "a1b2c3")
+        env_name(parse_target(f"{os_}:{arch}"), "a1b2c3")
         for os_ in ("debian-12", "debian-12+systemd", "debian-14")
         for arch in ("amd64", "ppc64el", "riscv64")
     }

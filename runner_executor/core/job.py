@@ -9,13 +9,19 @@ runs a stage's script in the VM, and how a script's end maps to the runner's exi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
-from ttci.model.naming import ImageName
+from ttci.model.naming import (
+    DEFAULT_PROFILE,
+    Target,
+    image_targets,
+    parse_arch,
+    parse_os,
+    parse_target,
+)
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 from ttci.wire.envs import EnvRequest
 
@@ -168,99 +174,62 @@ def origin(jv: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class Target:
-    """The OS release, architecture and profile a job asked for."""
-
-    release: str
-    arch: Arch
-    profile: str = "agent"
-    source: str = "TT_OS/TT_ARCH"
-
-    @property
-    def image(self) -> str:
-        return str(ImageName("qemu", self.release, self.arch, self.profile))
-
-    @property
-    def short(self) -> str:
-        p = "" if self.profile == "agent" else f"+{self.profile}"
-        return f"{self.release}{p}:{self.arch.value}"
-
-
-_OS_RE = re.compile(r"^(?P<release>[a-z][a-z0-9]*-[0-9a-z.]+)(?:\+(?P<profile>[a-z0-9-]+))?$")
-
-
-def _parse_os(text: str, what: str) -> tuple[str, str | None]:
-    m = _OS_RE.match(text.strip().lower())
-    if not m:
-        raise JobError(
-            f"{what} {text!r} is not an OS release",
-            hint="write OS-RELEASE, e.g. debian-12 (see `tt image list`)",
-        )
-    return m["release"], m["profile"]
-
-
-def _parse_arch(text: str, what: str) -> Arch:
-    try:
-        return Arch.parse(text)
-    except ValueError as e:
-        raise JobError(f"{what}: {e}", hint="e.g. amd64 or arm64") from None
-
-
 def target(jv: Mapping[str, str], default_arch: str = "amd64") -> Target:
     """The job's target from TT_OS/TT_ARCH (a parallel:matrix sets them) or from `image:`.
 
     `image:` may be `debian-12:arm64`, `qemu:debian-12:arm64`, `debian-12+systemd:amd64` or
-    `debian-12` (default architecture). TT_PROFILE picks a profile with the variables.
+    `debian-12` (default architecture). TT_PROFILE picks a profile with the variables. Both read
+    the one target grammar (ttci.model.naming).
     """
     os_var, arch_var = jv.get("TT_OS", "").strip(), jv.get("TT_ARCH", "").strip()
     image = jv.get("CI_JOB_IMAGE", "").strip()
+    profile = jv.get("TT_PROFILE", "").strip().lower()
     if os_var or arch_var:
         if not os_var:
             raise JobError(
                 f"TT_ARCH is {arch_var!r} but TT_OS is not set",
                 hint="set both, e.g. TT_OS: debian-12 and TT_ARCH: arm64",
             )
-        release, profile = _parse_os(os_var, "TT_OS")
-        arch = _parse_arch(arch_var or default_arch, "TT_ARCH")
-        profile = jv.get("TT_PROFILE", "").strip().lower() or profile or "agent"
-        return Target(release, arch, profile, "TT_OS/TT_ARCH")
-    if image:
-        parts = image.lower().split(":")
-        if parts[0] == "qemu":
-            parts = parts[1:]
-        if not 1 <= len(parts) <= 2 or not parts[0]:
-            raise JobError(
-                f"image {image!r} does not name an OS and architecture",
-                hint="write image: OS-RELEASE:ARCH, e.g. debian-12:arm64",
-            )
-        release, profile = _parse_os(parts[0], "image")
-        arch = _parse_arch(parts[1] if len(parts) == 2 else default_arch, f"image {image!r}")
-        profile = jv.get("TT_PROFILE", "").strip().lower() or profile or "agent"
-        return Target(release, arch, profile, "image")
-    raise JobError(
-        "the job names no target",
-        hint="set the variables TT_OS and TT_ARCH (e.g. in parallel:matrix) "
-        "or `image: debian-12:arm64`",
-    )
+        t = _job_error(lambda: _from_variables(os_var, arch_var or default_arch))
+    elif image:
+        t = _job_error(
+            lambda: parse_target(image, parse_arch(default_arch), what="image", source="image")
+        )
+    else:
+        raise JobError(
+            "the job names no target",
+            hint="set the variables TT_OS and TT_ARCH (e.g. in parallel:matrix) "
+            "or `image: debian-12:arm64`",
+        )
+    return replace(t, profile=profile) if profile else t
+
+
+def _from_variables(os_var: str, arch_var: str) -> Target:
+    release, profile = parse_os(os_var, "TT_OS")
+    arch = parse_arch(arch_var, hint="e.g. amd64 or arm64", what="TT_ARCH")
+    return Target(release, arch, profile or DEFAULT_PROFILE, "TT_OS/TT_ARCH")
+
+
+def _job_error(parse: Callable[[], Target]) -> Target:
+    """A target that does not parse is the job's mistake: a JobError (a build failure)."""
+    try:
+        return parse()
+    except BadInput as e:
+        raise JobError(e.message, hint=e.hint) from None
 
 
 def pick_image(t: Target, images: Iterable[str]) -> str:
     """The pool's image for the target, or a JobError listing what exists."""
     names = sorted(set(images))
-    if t.image in names:
-        return t.image
-    parsed = []
-    for n in names:
-        try:
-            parsed.append(ImageName.parse(n))
-        except BadInput:
-            continue
-    parsed.sort(key=lambda i: (i.release, i.profile != "agent", i.profile, i.arch.value))
-    have = [Target(i.release, i.arch, i.profile).short for i in parsed]
+    if str(t.image()) in names:
+        return str(t.image())
+    have = sorted(
+        image_targets(names).values(),
+        key=lambda i: (i.release, i.profile != DEFAULT_PROFILE, i.profile, i.arch.value),
+    )
+    exist = ", ".join(h.os_prefix for h in have) or "none (no images built)"
     raise JobError(
-        f"no host offers {t.short} (asked by {t.source})",
-        hint=f"targets that exist: {', '.join(have) or 'none (no images built)'}",
+        f"no host offers {t.os_prefix} (asked by {t.source})", hint=f"targets that exist: {exist}"
     )
 
 

@@ -11,7 +11,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ttci.model.errors import BadInput
-from ttci.model.naming import parse_arch
+from ttci.model.naming import (
+    DEFAULT_PROFILE,
+    Target,
+    image_targets,
+    images_serving,
+    parse_arch,
+    parse_os,
+)
 
 __all__ = [
     "DELETE_WAIT_S",
@@ -45,38 +52,27 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-@dataclass(frozen=True)
-class Target:
-    os: str  # e.g. debian-12 or debian-12+systemd
-    arch: str  # Debian name
-
-    @property
-    def label(self) -> str:
-        return f"{self.os}/{self.arch}"
-
-    @property
-    def slug(self) -> str:
-        return f"{self.os}-{self.arch}".replace("+", "-")
-
-
 def parse_targets(oses: str, arches: str) -> list[Target]:
-    """`--os a,b --arch x,y` -> every combination, in order."""
-    os_list = [o.strip().lower() for o in oses.split(",") if o.strip()]
-    arch_list = [parse_arch(a).value for a in arches.split(",") if a.strip()]
+    """`--os a,b --arch x,y` -> every combination, in order (the one target grammar)."""
+    os_list = [parse_os(o, "--os") for o in oses.split(",") if o.strip()]
+    arch_list = [parse_arch(a) for a in arches.split(",") if a.strip()]
     if not os_list or not arch_list:
         raise BadInput("--os and --arch must name at least one value", hint="--os debian-12")
-    out = [Target(o, a) for o, a in itertools.product(os_list, arch_list)]
+    out = [
+        Target(release, arch, profile or DEFAULT_PROFILE, "--os/--arch")
+        for (release, profile), arch in itertools.product(os_list, arch_list)
+    ]
     return list(dict.fromkeys(out))
 
 
 def image_for(target: Target, images: list[str]) -> str:
     """The one image that serves a target, or BadInput naming the targets that exist."""
-    found = [i for i in images if i.lower().split(":", 1)[-1] == f"{target.os}:{target.arch}"]
+    found = images_serving(target, images)
     if len(found) == 1:
         return found[0]
-    have = sorted({"/".join(i.split(":", 1)[-1].rsplit(":", 1)) for i in images})
+    have = sorted({t.label for t in image_targets(images).values()})
     raise BadInput(
-        f"no image serves --os {target.os} --arch {target.arch}"
+        f"no image serves --os {target.os} --arch {target.arch.value}"
         if not found
         else f"{len(found)} images serve {target.label}: {', '.join(found)}",
         hint=f"targets in this cloud: {', '.join(have) or 'none (build images first)'}",
@@ -200,5 +196,10 @@ def exec_request(spec: JobSpec, target: Target) -> dict[str, Any]:
         "argv": spec.argv,
         "cwd": WORKDIR,
         "timeout": spec.timeout_s,
-        "env": {"CI": "true", "TT_JOB_OS": target.os, "TT_JOB_ARCH": target.arch, "HOME": "/root"},
+        "env": {
+            "CI": "true",
+            "TT_JOB_OS": target.os,
+            "TT_JOB_ARCH": target.arch.value,
+            "HOME": "/root",
+        },
     }

@@ -2,35 +2,22 @@
 
 A job is ours when its labels hold `self-hosted` and our marker label (`tt` by default). Then
 exactly one OS label (`debian-12`, or with an image profile `debian-12+systemd`) and exactly one
-architecture (Debian names, or GitHub's `X64`/`ARM64`/`X86`/`ARM`) pick the image; `linux` may
-be there too. Anything else means the job asks for something we cannot give it.
+architecture (any name of the arch table: Debian's, uname's, GitHub's `X64`/`ARM64`/`X86`/`ARM`)
+pick the image; `linux` may be there too. Anything else means the job asks for something we
+cannot give it. Labels are read with the one target grammar (ttci.model.naming).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ttci.model.arch import Arch
+from ttci.model.naming import DEFAULT_PROFILE, Target, match_os
 
-__all__ = ["IGNORED", "Match", "Target", "jit_labels", "parse_labels"]
+__all__ = ["IGNORED", "SOURCE", "Match", "Target", "jit_labels", "parse_labels"]
 
-_OS_RE = re.compile(r"^[a-z][a-z0-9]*-[0-9][0-9a-z.]*(\+[a-z0-9-]+)?$")
-_GITHUB_ARCH = {"x64": Arch.AMD64, "x86": Arch.I386, "arm": Arch.ARMHF, "arm64": Arch.ARM64}
 IGNORED = frozenset({"self-hosted", "linux"})
-
-
-@dataclass(frozen=True)
-class Target:
-    """The image a job wants: OS (with optional +profile) and architecture."""
-
-    os: str
-    arch: Arch
-
-    @property
-    def os_prefix(self) -> str:
-        """The scheduler's ENV request selector, e.g. `debian-12:arm64`."""
-        return f"{self.os}:{self.arch.value}"
+SOURCE = "runs-on"  # a Target's source: where the job asked for it
 
 
 @dataclass(frozen=True)
@@ -43,8 +30,6 @@ class Match:
 
 
 def _arch(label: str) -> Arch | None:
-    if label in _GITHUB_ARCH:
-        return _GITHUB_ARCH[label]
     try:
         return Arch.parse(label)
     except ValueError:
@@ -61,17 +46,18 @@ def parse_labels(labels: list[str], marker: str = "tt") -> Match:
     low = [str(x).strip().lower() for x in labels]
     if "self-hosted" not in low or marker.lower() not in low:
         return Match(ours=False)
-    oses: list[str] = []
+    oses: list[tuple[str, tuple[str, str | None]]] = []  # (label, (release, profile))
     arches: list[Arch] = []
     unknown: list[str] = []
     for label in low:
         if label in IGNORED or label == marker.lower():
             continue
         arch = _arch(label)
+        os_word = match_os(label)
         if arch is not None:
             arches.append(arch)
-        elif _OS_RE.match(label):
-            oses.append(label)
+        elif os_word is not None:
+            oses.append((label, os_word))
         else:
             unknown.append(label)
     example = f"runs-on: [self-hosted, {marker}, debian-12, arm64]"
@@ -81,7 +67,7 @@ def parse_labels(labels: list[str], marker: str = "tt") -> Match:
             reason=f"labels {', '.join(unknown)} are not part of TT CI's scheme; use {example}",
         )
     if len(oses) != 1:
-        what = "no OS label" if not oses else f"several OS labels ({', '.join(oses)})"
+        what = "no OS label" if not oses else f"several OS labels ({', '.join(o for o, _ in oses)})"
         return Match(True, reason=f"{what}; name exactly one, e.g. {example}")
     if len(set(arches)) != 1:
         what = (
@@ -90,7 +76,8 @@ def parse_labels(labels: list[str], marker: str = "tt") -> Match:
             else f"several architectures ({', '.join(a.value for a in arches)})"
         )
         return Match(True, reason=f"{what}; name exactly one, e.g. {example}")
-    return Match(True, target=Target(oses[0], arches[0]))
+    [(_, (release, profile))] = oses
+    return Match(True, target=Target(release, arches[0], profile or DEFAULT_PROFILE, SOURCE))
 
 
 def jit_labels(labels: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from ttci.cli import allinone
 from ttci.client.config import ClientConfig
 from ttci.client.scheduler import Client
 from ttci.infra.log import setup_logging
-from ttci.model.naming import parse_arch, parse_release
+from ttci.model.naming import parse_release, parse_target
 
 
 def main() -> int:
@@ -38,9 +38,11 @@ def main() -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("/var/cache/ttci"))
     args = p.parse_args()
     setup_logging()
-    release, arch = args.image.split(":")
+    t = parse_target(args.image)
     build_image(
-        BuildSpec(parse_release(release), parse_arch(arch)), args.image_path, args.cache_dir
+        BuildSpec(parse_release(t.release), t.arch, profile=t.profile),
+        args.image_path,
+        args.cache_dir,
     )
     sizes = [int(s) for s in args.sizes.split(",")]
     rows, results = [], []

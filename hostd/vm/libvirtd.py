@@ -2,7 +2,8 @@
 
 Hosts with a system libvirtd use `qemu:///system`. The all-in-one mode and the tests start their
 own: `unshare -m` with bind mounts over libvirt's directories, so nothing is shared with (or left
-in) the host's libvirt, and the daemon's configuration is ours (DESIGN.md's recipe).
+in) the host's libvirt, and the daemon's configuration is ours
+(docs/facts/qemu-and-libvirt.md).
 """
 
 from __future__ import annotations

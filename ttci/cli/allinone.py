@@ -116,7 +116,7 @@ def _hostd_argv(
         hostd_argv += ["--cpu-total", str(cpu_total)]
     if mem_total:
         hostd_argv += ["--mem-total", str(mem_total)]
-    # A local cloud's VMs reach nothing outside unless asked (DESIGN.md: network safety).
+    # A local cloud's VMs reach nothing outside unless asked (docs/facts/networking.md).
     hostd_argv += ["--outgoing", "allow" if allow_outgoing else "deny"]
     return hostd_argv
 

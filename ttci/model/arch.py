@@ -5,7 +5,8 @@ how QEMU and libvirt run it (binary, machine, CPU, console, virtio bus, serial t
 per-arch quirks), and what its images need (kernel package, extra kernel arguments). Adding an
 architecture is adding its enum member and its row; `Arch.parse`, the QEMU and libvirt builders,
 the image builder and every label or variable parser read this table.
-Values measured on QEMU 7.2 and libvirt 9.0 (Debian 12's).
+Values measured on QEMU 7.2 and libvirt 9.0 (Debian 12's); why each quirk is there:
+docs/facts/qemu-and-libvirt.md.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from tests.github.util import RUN_SH, app_keys, serve_argv
 from ttci.cli.allinone import running
 from ttci.client.config import ClientConfig
 from ttci.client.scheduler import ApiError, Client
+from ttci.infra.proc import stop
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 SECRET = "e2e-webhook-secret-7c1d"
@@ -51,8 +53,8 @@ class World:
         """SIGTERM the service as an operator's init system does; seconds until it exited."""
         assert self.proc is not None
         t0 = time.monotonic()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        code = stop(self.proc, grace=30)
+        assert code != -signal.SIGKILL, "the service ignored SIGTERM for 30 s"
         return time.monotonic() - t0
 
     def restart(self) -> float:

@@ -9,9 +9,10 @@ import json
 import uuid
 from pathlib import Path
 
-from ttci.infra.http_server import API_VERSION
 from ttci.scheduler import history
 from ttci.scheduler.service import Scheduler
+from ttci.wire.api import API_VERSION
+from ttci.wire.hosts import HostRegistration
 
 HOST_TOKEN = "host-secret-" + "h" * 20
 IMAGES = ["qemu:debian-12:amd64", "qemu:debian-12:arm64", "qemu:debian-13:amd64"]
@@ -35,21 +36,27 @@ def fake_scheduler(
     s = Scheduler(state_dir, {}, admin_token=admin_token, host_timeout=3600)
     for h in range(hosts):
         s.pool.register(
-            {
-                "id": f"fake-{h}",
-                "url": f"http://127.0.0.1:{9 + h}",
-                "api": API_VERSION,
-                "token": HOST_TOKEN,
-                "info": {
-                    "machine": "x86_64",
-                    "accel": "kvm" if h % 2 else "tcg",
-                    "total": {"cpus": 64, "memory_mib": 262144, "disk_gib": 2000},
-                    "used": {"cpus": vms / hosts, "memory_mib": 512 * vms // hosts, "disk_gib": 0},
-                    "free": {"cpus": 64, "memory_mib": 262144, "disk_gib": 2000},
-                    "vms": vms // hosts,
-                    "images": [{"name": i, "arch": i.rsplit(":", 1)[1]} for i in IMAGES],
-                },
-            }
+            HostRegistration.from_dict(
+                {
+                    "id": f"fake-{h}",
+                    "url": f"http://127.0.0.1:{9 + h}",
+                    "api": API_VERSION,
+                    "token": HOST_TOKEN,
+                    "info": {
+                        "machine": "x86_64",
+                        "accel": "kvm" if h % 2 else "tcg",
+                        "total": {"cpus": 64, "memory_mib": 262144, "disk_gib": 2000},
+                        "used": {
+                            "cpus": vms / hosts,
+                            "memory_mib": 512 * vms // hosts,
+                            "disk_gib": 0,
+                        },
+                        "free": {"cpus": 64, "memory_mib": 262144, "disk_gib": 2000},
+                        "vms": vms // hosts,
+                        "images": [{"name": i, "arch": i.rsplit(":", 1)[1]} for i in IMAGES],
+                    },
+                }
+            )
         )
     now = dt.datetime.now(dt.UTC)
     env_rows, vm_rows = [], []

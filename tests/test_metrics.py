@@ -16,6 +16,7 @@ from hostd.service.metrics import HostMetrics
 from tests.admin_fake import HOST_TOKEN, fake_scheduler
 from ttci.scheduler.metrics import scheduler_registry
 from ttci.scheduler.web.api import create_app
+from ttci.wire.commands import ExecEvent
 
 ADMIN = "admin-secret-" + "m" * 24
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -84,10 +85,11 @@ def test_scheduler_registry_on_an_empty_state(tmp_path: Path) -> None:
     s.stop()
 
 
-def _events(*evs: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield {"event": "start"}
-    yield {"event": "stdout", "data": ""}
-    yield from evs
+def _events(*evs: dict[str, Any]) -> Iterator[ExecEvent]:
+    """A command's stream as hostd yields it, ending with evs (given as on the wire)."""
+    yield ExecEvent.start()
+    yield ExecEvent.output("stdout", b"")
+    yield from map(ExecEvent.from_dict, evs)
 
 
 def test_hostd_counts_boots_and_commands_by_outcome() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ttci.model.errors import ApiError, BadInput
-from ttci.wire.agent_protocol import ExitStatus, MsgType, ProtocolError, encode_json
+from ttci.wire.agent_protocol import ExitStatus, MsgType, ProtocolError, encode_json, exec_payload
 from ttci.wire.api import API_VERSION, ApiVersionError, ErrorBody, api_error
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 from ttci.wire.envs import EnvEvent, EnvRequest, VMRequest, VmUp, parse_duration
@@ -41,6 +41,14 @@ def test_exit_frame_bytes_are_unchanged() -> None:
     assert encode_json(MsgType.EXIT, 5, ExitStatus(3).to_dict()) == encode_json(
         MsgType.EXIT, 5, old
     )
+
+
+def test_exec_frame_bytes_are_unchanged() -> None:
+    assert encode_json(MsgType.EXEC, 1, exec_payload(("uname", "-m"))) == (
+        b"TT\x01\x03\x00\x00\x00\x01\x00\x00\x00\x25" + b'{"argv":["uname","-m"],"stdin":false}'
+    )
+    full = exec_payload(["sh"], env={"A": "b"}, cwd="/root", stdin=True, timeout=5)
+    assert full == {"argv": ["sh"], "env": {"A": "b"}, "cwd": "/root", "stdin": True, "timeout": 5}
 
 
 def test_exit_status_is_immutable_and_checks_types() -> None:

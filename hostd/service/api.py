@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import logging
 import os
@@ -17,12 +15,13 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from hostd.service import metrics
-from hostd.vm.agent_client import ExitStatus
 from hostd.vm.engine import EngineError
 from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager, VMRequest
 from ttci import __version__
-from ttci.infra.http_server import API_VERSION, install_auth, install_errors, json_body, ndjson
+from ttci.infra.http_server import install_auth, install_errors, json_body, ndjson
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
+from ttci.wire.api import API_VERSION
+from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 
 __all__ = [
     "bp",
@@ -37,7 +36,6 @@ __all__ = [
     "host_info",
     "images",
     "list_vms",
-    "parse_exec",
     "push",
 ]
 
@@ -117,56 +115,14 @@ def delete_vm(vm_id: str) -> tuple[str, int]:
     return "", 204
 
 
-def _status_json(st: ExitStatus) -> dict[str, Any]:
-    return {
-        "event": "exit",
-        "code": st.code,
-        "signal": st.signal,
-        "timed_out": st.timed_out,
-        "cancelled": st.cancelled,
-    }
-
-
-def parse_exec(req: dict[str, Any]) -> dict[str, Any]:
-    """Validate an exec request (argv, env, cwd, timeout, stdin_b64) into run() keywords."""
-    argv = req.get("argv")
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise BadInput("argv must be a non-empty list of strings", hint='{"argv": ["uname"]}')
-    env = req.get("env")
-    if env is not None and (
-        not isinstance(env, dict)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-    ):
-        raise BadInput("env must be an object of strings", hint='{"env": {"CI": "true"}}')
-    cwd = req.get("cwd")
-    if cwd is not None and not (isinstance(cwd, str) and cwd.startswith("/")):
-        raise BadInput("cwd must be an absolute path", hint='{"cwd": "/root"}')
-    timeout = req.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-    ):
-        raise BadInput(
-            f"timeout {timeout!r} is not a positive number of seconds", hint='{"timeout": 600}'
-        )
-    stdin = None
-    if req.get("stdin_b64") is not None:
-        try:
-            stdin = base64.b64decode(str(req["stdin_b64"]), validate=True)
-        except binascii.Error as e:
-            raise BadInput(f"stdin_b64 is not base64: {e}", hint="encode stdin with base64") from e
-    return {"argv": argv, "env": env, "cwd": cwd, "timeout": timeout, "stdin": stdin}
-
-
-def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def exec_events(mgr: VMManager, vm_id: str, req: ExecRequest) -> Iterator[ExecEvent]:
     """Run a command and yield its events as they happen; a dropped client cancels it."""
-    kw = parse_exec(req)
-    argv = kw.pop("argv")
     agent = mgr.agent(vm_id)  # raises before the stream starts: a proper HTTP error
-    events: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=256)
+    events: queue.Queue[ExecEvent | None] = queue.Queue(maxsize=256)
     abandoned = threading.Event()
     channel: list[int] = []
 
-    def emit(ev: dict[str, Any] | None) -> None:
+    def emit(ev: ExecEvent | None) -> None:
         while not abandoned.is_set():  # nobody reads an abandoned stream: drop, never block
             try:
                 events.put(ev, timeout=0.5)
@@ -178,28 +134,31 @@ def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dic
         try:
             st = mgr.exec(
                 vm_id,
-                argv,
-                **kw,
+                list(req.argv),
+                env=req.env,
+                cwd=req.cwd,
+                stdin=req.stdin,
+                timeout=req.timeout,
                 on_start=channel.append,
-                on_stdout=lambda b: emit({"event": "stdout", "data": base64.b64encode(b).decode()}),
-                on_stderr=lambda b: emit({"event": "stderr", "data": base64.b64encode(b).decode()}),
+                on_stdout=lambda b: emit(ExecEvent.output(EventKind.STDOUT, b)),
+                on_stderr=lambda b: emit(ExecEvent.output(EventKind.STDERR, b)),
             )
-            emit(_status_json(st))
+            emit(ExecEvent.exit(st))
         except VMLost as e:
-            emit({"event": "error", "message": e.message, "lost": True})
+            emit(ExecEvent.error(e.message, lost=True))
         except TTError as e:
-            emit({"event": "error", "message": e.message, "lost": False})
+            emit(ExecEvent.error(e.message))
         except Exception as e:  # the stream must always end with exit or error
             log.exception("exec on %s failed", vm_id)
-            emit({"event": "error", "message": f"hostd failed: {e!r}", "lost": False})
+            emit(ExecEvent.error(f"hostd failed: {e!r}"))
         finally:
             emit(None)
 
-    def gen() -> Iterator[dict[str, Any]]:
+    def gen() -> Iterator[ExecEvent]:
         threading.Thread(target=work, daemon=True).start()
         finished = False
         try:
-            yield {"event": "start"}
+            yield ExecEvent.start()
             while (ev := events.get()) is not None:
                 yield ev
             finished = True
@@ -213,8 +172,8 @@ def exec_events(mgr: VMManager, vm_id: str, req: dict[str, Any]) -> Iterator[dic
 
 @bp.post("/vms/<vm_id>/exec")
 def exec_vm(vm_id: str) -> Response:
-    events = exec_events(_mgr(), vm_id, json_body())
-    return ndjson(current_app.config["METRICS"].timed_exec(events))
+    events = exec_events(_mgr(), vm_id, ExecRequest.from_dict(json_body()))
+    return ndjson(ev.to_dict() for ev in current_app.config["METRICS"].timed_exec(events))
 
 
 @bp.put("/vms/<vm_id>/files")

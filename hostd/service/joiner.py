@@ -15,8 +15,9 @@ from typing import Any
 
 import requests
 
-from ttci.infra.http_server import API_VERSION
 from ttci.model.errors import TTError
+from ttci.wire.api import ErrorBody
+from ttci.wire.hosts import Heartbeat, HostRegistration, JoinAnswer
 
 __all__ = ["JoinRefused", "Joiner"]
 
@@ -48,39 +49,25 @@ class Joiner:
         self.interval = 5.0
         self._stop = threading.Event()
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any]) -> JoinAnswer:
         r = self.session.post(self.url + path, json=body, timeout=10)
         if r.status_code in (400, 403, 409):
-            try:
-                err = r.json()
-            except ValueError:
-                err = {"error": r.text[:200]}
+            err = ErrorBody.decode(r.content, r.reason)
             raise JoinRefused(
-                f"scheduler {self.url} refused host {self.host_id}: {err.get('error')}",
-                hint=err.get("hint"),
+                f"scheduler {self.url} refused host {self.host_id}: {err.error}", hint=err.hint
             )
         r.raise_for_status()
-        out: dict[str, Any] = r.json()
-        return out
+        return JoinAnswer.from_dict(r.json())
 
     def register(self) -> None:
-        out = self._post(
-            "/v1/hosts/register",
-            {
-                "id": self.host_id,
-                "url": self.advertise_url,
-                "api": API_VERSION,
-                "token": self.host_token,
-                "info": self.info(),
-            },
-        )
-        self.interval = float(out.get("heartbeat_s", 5.0))
+        reg = HostRegistration(self.host_id, self.advertise_url, self.host_token, self.info())
+        self.interval = self._post("/v1/hosts/register", reg.to_dict()).heartbeat_s
         log.info("joined %s as %s (heartbeat every %.1f s)", self.url, self.host_id, self.interval)
 
     def beat(self) -> None:
         try:
-            out = self._post("/v1/hosts/heartbeat", {"id": self.host_id, "info": self.info()})
-            self.interval = float(out.get("heartbeat_s", self.interval))
+            beat = Heartbeat(self.host_id, self.info())
+            self.interval = self._post("/v1/hosts/heartbeat", beat.to_dict()).heartbeat_s
         except requests.HTTPError as e:
             if e.response is not None and e.response.status_code == 404:
                 self.register()  # the scheduler forgot us (new state): join again

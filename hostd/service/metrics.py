@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ttci.infra.metrics_common import CONTENT_TYPE, RESOURCES, VM_STATES, by_state
+from ttci.wire.commands import ExecEvent
 
 __all__ = ["CONTENT_TYPE", "HostMetrics", "hostd_snapshot"]
 
@@ -83,18 +84,20 @@ class HostMetrics:
     def boot_failed(self) -> None:
         self.boots.labels("failed").inc()
 
-    def exec_done(self, event: dict[str, Any], seconds: float) -> None:
-        """Count a finished command from its final event (exit or error)."""
-        if event.get("event") == "error":
+    def exec_done(self, event: ExecEvent | None, seconds: float) -> None:
+        """Count a finished command from its final event (exit or error; None: the client
+        left before the end, which cancels the command)."""
+        st = event.status if event is not None else None
+        if event is not None and st is None:
             outcome = "error"
-        elif event.get("cancelled"):
+        elif st is None or st.cancelled:
             outcome = "cancelled"
-        elif event.get("timed_out"):
+        elif st.timed_out:
             outcome = "timed_out"
-        elif event.get("signal"):
+        elif st.signal:
             outcome = "killed"
         else:
-            outcome = "ok" if event.get("code") == 0 else "failed"
+            outcome = "ok" if st.ok else "failed"
         self.execs.labels(outcome).inc()
         self.exec_seconds.observe(seconds)
 
@@ -108,7 +111,7 @@ class HostMetrics:
         self.booted(float(row.get("boot_s") or 0.0))
         return row
 
-    def timed_exec(self, events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def timed_exec(self, events: Iterator[ExecEvent]) -> Iterator[ExecEvent]:
         """Pass a command's event stream through, counting it when it ends.
 
         A stream the client abandons before the end counts as cancelled.
@@ -116,11 +119,11 @@ class HostMetrics:
         t0, final = time.monotonic(), None
         try:
             for ev in events:
-                if ev.get("event") in ("exit", "error"):
+                if ev.final:
                     final = ev
                 yield ev
         finally:
-            self.exec_done(final or {"event": "exit", "cancelled": True}, time.monotonic() - t0)
+            self.exec_done(final, time.monotonic() - t0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

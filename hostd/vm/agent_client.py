@@ -1,4 +1,4 @@
-"""Host side of the agent protocol: connect to a VM's port, run commands, stream their output."""
+"""Host side of the agent protocol: connect to a VM's port, exec commands, stream their output."""
 
 from __future__ import annotations
 
@@ -19,38 +19,19 @@ from ttci.wire.agent_protocol import (
     CONTROL,
     PROTOCOL_VERSION,
     Decoder,
+    ExitStatus,
     Frame,
     MsgType,
+    ProtocolError,
     encode,
     encode_data,
     encode_json,
+    exec_payload,
 )
-from ttci.wire.agent_protocol import ProtocolError as WireError
 
 __all__ = ["AgentClient", "ExitStatus", "OutputFn"]
 
 OutputFn = Callable[[bytes], None]
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    code: int | None
-    signal: int | None = None
-    timed_out: bool = False
-    cancelled: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.code == 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExitStatus:
-        return cls(
-            code=d.get("code"),
-            signal=d.get("signal"),
-            timed_out=bool(d.get("timed_out")),
-            cancelled=bool(d.get("cancelled")),
-        )
 
 
 @dataclass
@@ -95,7 +76,7 @@ class AgentClient:
             except TimeoutError:
                 sock.close()
                 break
-            except (OSError, WireError) as e:
+            except (OSError, ProtocolError) as e:
                 last_err = str(e)
                 sock.close()
                 time.sleep(0.05)
@@ -119,13 +100,13 @@ class AgentClient:
                     call = self._calls.get(frame.channel)
                     if call is not None:
                         call.frames.put(frame)
-        except (OSError, WireError):
+        except (OSError, ProtocolError):
             pass
         self._closed = True
         for call in list(self._calls.values()):
             call.frames.put(None)
 
-    def run(
+    def exec(
         self,
         argv: Sequence[str],
         *,
@@ -140,42 +121,45 @@ class AgentClient:
         """Run argv in the guest, streaming output to the callbacks as it arrives.
 
         Raises:
-            AgentError: the agent could not start the command, or the connection was lost.
+            AgentError: the agent could not start the command, sent a malformed EXIT, or the
+                connection was lost.
         """
         channel = next(self._ids)
         call = _Call(queue.Queue())
         self._calls[channel] = call
         try:
-            req: dict[str, Any] = {"argv": list(argv), "stdin": stdin is not None}
-            if env is not None:
-                req["env"] = dict(env)
-            if cwd is not None:
-                req["cwd"] = cwd
-            if timeout is not None:
-                req["timeout"] = timeout
-            self._send(encode_json(MsgType.EXEC, channel, req))
+            payload = exec_payload(argv, env=env, cwd=cwd, stdin=stdin is not None, timeout=timeout)
+            self._send(encode_json(MsgType.EXEC, channel, payload))
             if on_start:
                 on_start(channel)
             if stdin is not None:
                 for frame in encode_data(MsgType.STDIN, channel, stdin) if stdin else []:
                     self._send(frame)
                 self._send(encode(MsgType.STDIN_EOF, channel))
-            while True:
-                if self._closed and call.frames.empty():
-                    raise AgentError(f"connection to the agent was lost while running {argv[0]}")
-                item = call.frames.get()
-                if item is None:
-                    raise AgentError(f"connection to the agent was lost while running {argv[0]}")
-                if item.type is MsgType.STDOUT and on_stdout:
-                    on_stdout(item.payload)
-                elif item.type is MsgType.STDERR and on_stderr:
-                    on_stderr(item.payload)
-                elif item.type is MsgType.EXIT:
-                    return ExitStatus.from_dict(item.json())
-                elif item.type is MsgType.ERROR:
-                    raise AgentError(f"agent refused {argv[0]}: {item.json().get('message')}")
+            return self._wait(call, argv[0], on_stdout, on_stderr)
         finally:
             self._calls.pop(channel, None)
+
+    def _wait(
+        self, call: _Call, what: str, on_stdout: OutputFn | None, on_stderr: OutputFn | None
+    ) -> ExitStatus:
+        """Hand the command's output to the callbacks until its EXIT (or ERROR) comes."""
+        while True:
+            if self._closed and call.frames.empty():
+                raise AgentError(f"connection to the agent was lost while running {what}")
+            item = call.frames.get()
+            if item is None:
+                raise AgentError(f"connection to the agent was lost while running {what}")
+            if item.type is MsgType.STDOUT and on_stdout:
+                on_stdout(item.payload)
+            elif item.type is MsgType.STDERR and on_stderr:
+                on_stderr(item.payload)
+            elif item.type is MsgType.EXIT:
+                return _exit_status(item)
+            elif item.type is MsgType.ERROR:
+                raise AgentError(f"agent refused {what}: {item.json().get('message')}")
+
+    run = exec  # until hostd's VM manager calls exec
 
     def cancel(self, channel: int, signal: int = 15) -> None:
         """Signal a running command's process group (SIGTERM, then SIGKILL after a grace)."""
@@ -189,7 +173,7 @@ class AgentClient:
     def output(self, argv: Sequence[str], **kw: Any) -> tuple[ExitStatus, bytes, bytes]:
         out: list[bytes] = []
         err: list[bytes] = []
-        status = self.run(argv, on_stdout=out.append, on_stderr=err.append, **kw)
+        status = self.exec(argv, on_stdout=out.append, on_stderr=err.append, **kw)
         return status, b"".join(out), b"".join(err)
 
     def close(self) -> None:
@@ -203,6 +187,13 @@ class AgentClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _exit_status(frame: Frame) -> ExitStatus:
+    try:
+        return ExitStatus.from_dict(frame.json())
+    except ProtocolError as e:
+        raise AgentError(f"the agent's exit report is malformed: {e}") from e
 
 
 def _handshake(sock: socket.socket, token: str | None, deadline: float) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ttci.wire.agent_protocol import (
     PORT_NAME,
     PROTOCOL_VERSION,
     Decoder,
+    ExitStatus,
     Frame,
     MsgType,
     ProtocolError,
@@ -38,8 +39,8 @@ __all__ = [
     "PIPE_SIZE",
     "READ_SIZE",
     "Agent",
-    "Job",
     "Link",
+    "Process",
     "find_port",
     "kernel_param",
     "main",
@@ -114,8 +115,8 @@ class Link:
         self.send(encode_json(mtype, channel, obj))
 
 
-class Job:
-    """One command: a process group, its pumps and its exit report."""
+class Process:
+    """One command in the guest (an EXEC): its process group, output pumps and exit report."""
 
     def __init__(self, link: Link, channel: int, req: dict[str, Any]) -> None:
         self.link = link
@@ -178,13 +179,7 @@ class Job:
         pipe.close()
 
     def _wait(self) -> None:
-        status: dict[str, Any] = {
-            "code": None,
-            "signal": None,
-            "timed_out": False,
-            "timeout": self.timeout,
-            "cancelled": False,
-        }
+        status = ExitStatus(timeout=self.timeout)
         try:
             try:
                 self.proc.wait(timeout=self.timeout)
@@ -197,15 +192,16 @@ class Job:
             for t in self.pumps:
                 t.join(timeout=OUTPUT_GRACE_S)
             rc = self.proc.returncode
-            status.update(
+            status = ExitStatus(
                 code=rc if rc >= 0 else None,
                 signal=-rc if rc < 0 else None,
                 timed_out=self.timed_out,
+                timeout=self.timeout,
                 cancelled=self.cancelled,
             )
         finally:
             self.finished = True
-            self.link.send_json(MsgType.EXIT, self.channel, status)
+            self.link.send_json(MsgType.EXIT, self.channel, status.to_dict())
 
     def kill(self, sig: int) -> None:
         """Signal the whole process group, then SIGKILL it if it lingers."""
@@ -258,7 +254,7 @@ class Agent:
         self.link = link
         self.token = token
         self.authed = False
-        self.jobs: dict[int, Job] = {}
+        self.procs: dict[int, Process] = {}
 
     def handle(self, frame: Frame) -> None:
         if frame.type is MsgType.HELLO:
@@ -272,16 +268,16 @@ class Agent:
         elif frame.type is MsgType.EXEC:
             self._exec(frame)
         elif frame.type in (MsgType.STDIN, MsgType.STDIN_EOF, MsgType.CANCEL):
-            job = self.jobs.get(frame.channel)
-            if job is None:
+            proc = self.procs.get(frame.channel)
+            if proc is None:
                 return
             if frame.type is MsgType.STDIN:
-                job.write_stdin(frame.payload)
+                proc.write_stdin(frame.payload)
             elif frame.type is MsgType.STDIN_EOF:
-                job.close_stdin()
+                proc.close_stdin()
             else:
-                job.cancelled = True
-                job.kill(int(frame.json().get("signal") or signal.SIGTERM))
+                proc.cancelled = True
+                proc.kill(int(frame.json().get("signal") or signal.SIGTERM))
         else:
             self.link.send_json(
                 MsgType.ERROR, frame.channel, {"message": f"unexpected {frame.type.name}"}
@@ -308,9 +304,9 @@ class Agent:
                 time.clock_settime(time.CLOCK_REALTIME, float(host_time))
             except OSError:
                 pass
-        for job in self.jobs.values():  # a new session: nobody reads the old jobs any more
-            job.kill(signal.SIGKILL)
-        self.jobs.clear()
+        for proc in self.procs.values():  # a new session: nobody reads the old ones any more
+            proc.kill(signal.SIGKILL)
+        self.procs.clear()
         self.authed = True
         self.link.send_json(
             MsgType.HELLO_OK,
@@ -325,17 +321,17 @@ class Agent:
         )
 
     def _exec(self, frame: Frame) -> None:
-        if frame.channel == CONTROL or frame.channel in self.jobs:
+        if frame.channel == CONTROL or frame.channel in self.procs:
             self.link.send_json(MsgType.ERROR, frame.channel, {"message": "channel in use"})
             return
         try:
-            self.jobs[frame.channel] = Job(self.link, frame.channel, frame.json())
+            self.procs[frame.channel] = Process(self.link, frame.channel, frame.json())
         except (OSError, ValueError, TypeError, ProtocolError) as e:
             self.link.send_json(MsgType.ERROR, frame.channel, {"message": str(e)})
 
     def reap_finished(self) -> None:
-        for ch in [c for c, j in self.jobs.items() if j.finished]:
-            del self.jobs[ch]
+        for ch in [c for c, p in self.procs.items() if p.finished]:
+            del self.procs[ch]
 
 
 def serve(path: str, token: str | None) -> None:

@@ -10,7 +10,6 @@ __all__ = [
     "CommandFailed",
     "ImageError",
     "MissingTool",
-    "ProtocolError",
     "TTError",
 ]
 
@@ -45,10 +44,6 @@ class ImageError(TTError):
 
 class BootError(TTError):
     """A VM did not boot to a working agent."""
-
-
-class ProtocolError(TTError):
-    """The host<->agent byte stream is malformed."""
 
 
 class AgentError(TTError):

@@ -13,21 +13,20 @@ from ttci.model.errors import BadInput, TTError
 from ttci.scheduler.core import PARALLEL_CREATES, SchedulerCore
 from ttci.scheduler.hostd_client import HostdClient, HostdError, HostUnreachable
 from ttci.scheduler.users import User
+from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 
 __all__ = ["EnvExec"]
 
 
 class EnvExec(SchedulerCore):
-    def exec(
-        self, name: str, user: User, req: dict[str, Any], only: list[str] | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """Run on every VM of the ENV (or those named in only) at once; events are tagged with
-        the VM's name."""
-        vms = self._exec_targets(name, user, only)
-        events: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1024)
+    def exec(self, name: str, user: User, req: ExecRequest) -> Iterator[ExecEvent]:
+        """Run on every VM of the ENV (or those named in req.vms) at once; events are tagged
+        with the VM's name."""
+        vms = self._exec_targets(name, user, req.vms)
+        events: queue.Queue[ExecEvent | str] = queue.Queue(maxsize=1024)  # str: a VM is done
         stop = threading.Event()
 
-        def put(ev: dict[str, Any]) -> bool:
+        def put(ev: ExecEvent | str) -> bool:
             while not stop.is_set():  # the client left: drop, never block
                 try:
                     events.put(ev, timeout=0.5)
@@ -42,15 +41,16 @@ class EnvExec(SchedulerCore):
         try:
             while remaining:
                 ev = events.get()
-                if ev["event"] == "done":
+                if isinstance(ev, str):
                     remaining -= 1
-                    continue
-                if ev["event"] != "start":
+                elif ev.kind is not EventKind.START:
                     yield ev
         finally:
             stop.set()
 
-    def _exec_targets(self, name: str, user: User, only: list[str] | None) -> list[dict[str, Any]]:
+    def _exec_targets(
+        self, name: str, user: User, only: tuple[str, ...] | None
+    ) -> list[dict[str, Any]]:
         self._env_row(name, user)
         vms = self._vm_rows(name)
         if not vms:
@@ -66,37 +66,31 @@ class EnvExec(SchedulerCore):
         return vms
 
     def _exec_on_vm(
-        self, v: dict[str, Any], req: dict[str, Any], put: Callable[[dict[str, Any]], bool]
+        self, v: dict[str, Any], req: ExecRequest, put: Callable[[ExecEvent | str], bool]
     ) -> None:
-        """One VM's part of an exec: its events tagged with its name, then "done"."""
-        ended = False
+        """One VM's part of an exec: its events tagged with its name, then its name alone."""
+        vm, ended = v["name"], False
         try:
             if v["state"] != "running":
                 raise TTError(f"VM is {v['state']}: {v['error'] or 'not running'}")
             for ev in self._client(v["host"]).exec(v["id"], req):
-                if ev.get("event") == "error" and ev.get("lost"):
-                    self._set_vm(v["id"], state="lost", error=ev.get("message", ""))
-                ended = ended or ev.get("event") in ("exit", "error")
-                if not put({**ev, "vm": v["name"]}):
+                if ev.lost:
+                    self._set_vm(v["id"], state="lost", error=ev.message)
+                ended = ended or ev.final
+                if not put(ev.with_vm(vm)):
                     return  # closing the stream makes hostd cancel the command
             if not ended:
-                put(
-                    {
-                        "event": "error",
-                        "vm": v["name"],
-                        "message": "the command's output ended without a result",
-                    }
-                )
+                put(ExecEvent.error("the command's output ended without a result", vm=vm))
         except HostUnreachable as e:
             self._set_vm(v["id"], state="lost", error=e.message)
-            put({"event": "error", "vm": v["name"], "message": e.message, "lost": True})
+            put(ExecEvent.error(e.message, lost=True, vm=vm))
         except Exception as e:
             msg = e.message if isinstance(e, TTError) else repr(e)
             if isinstance(e, HostdError) and e.status == 410:
                 self._set_vm(v["id"], state="lost", error=msg)
-            put({"event": "error", "vm": v["name"], "message": msg})
+            put(ExecEvent.error(msg, vm=vm))
         finally:
-            put({"event": "done", "vm": v["name"]})
+            put(vm)
 
     def push(self, name: str, user: User, dest: str, tar: bytes) -> list[dict[str, Any]]:
         self._env_row(name, user)

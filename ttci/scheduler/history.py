@@ -15,7 +15,8 @@ from typing import Any
 import sqlite_utils
 
 from ttci.infra.db import Store, now
-from ttci.model.errors import BadInput, TTError
+from ttci.model.errors import TTError
+from ttci.wire.jobs import RESULTS, JobResult
 
 __all__ = [
     "MIGRATION_NAME",
@@ -25,13 +26,11 @@ __all__ = [
     "env_ready",
     "job_json",
     "migrate",
-    "parse_result",
     "recent",
     "report_result",
     "since",
 ]
 
-RESULTS = ("success", "failed", "cancelled", "error")
 MIGRATION_NAME = "0010_job_history"
 
 
@@ -65,16 +64,6 @@ def migrate(db: sqlite_utils.Database) -> None:
     )
     db.table("jobs").create_index(["env"])
     db.table("jobs").create_index(["created_at"])
-
-
-def parse_result(body: Any) -> str:
-    """Validate a `{"result": ...}` body; returns the result word."""
-    if not isinstance(body, dict) or "result" not in body:
-        raise BadInput("result is missing", hint='send {"result": "success"}')
-    result = body["result"]
-    if result not in RESULTS:
-        raise BadInput(f"result {result!r} is not one of {', '.join(RESULTS)}", hint="e.g. failed")
-    return str(result)
 
 
 def _seconds_between(a: str, b: str) -> float:
@@ -130,7 +119,9 @@ def _latest(store: Store, name: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def report_result(store: Store, name: str, user: str, admin: bool, result: str) -> dict[str, Any]:
+def report_result(
+    store: Store, name: str, user: str, admin: bool, result: JobResult
+) -> dict[str, Any]:
     """Set the outcome of the newest job of ENV `name` (its owner or an admin may)."""
     with store.lock:
         row = _latest(store, name)
@@ -139,7 +130,7 @@ def report_result(store: Store, name: str, user: str, admin: bool, result: str) 
                 f"no job for an ENV named {name!r}",
                 hint="report the result before the ENV is created again; see `tt env list`",
             )
-        store.db.table("jobs").update(row["id"], {"result": result, "reported_at": now()})
+        store.db.table("jobs").update(row["id"], {"result": result.result, "reported_at": now()})
         return job_json(dict(store.db.table("jobs").get(row["id"])))
 
 

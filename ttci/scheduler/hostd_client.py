@@ -9,6 +9,8 @@ from typing import Any
 import requests
 
 from ttci.model.errors import BadInput, TTError
+from ttci.wire.api import ErrorBody
+from ttci.wire.commands import ExecEvent, ExecRequest
 
 __all__ = ["HostUnreachable", "HostdClient", "HostdError"]
 
@@ -48,17 +50,10 @@ class HostdClient:
                 hint="check that tt-hostd runs there",
             ) from e
         if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = {"error": r.text[:300]}
-            cls = BadInput if r.status_code == 400 else HostdError
-            msg = str(body.get("error", r.reason))
-            if cls is BadInput:
-                raise BadInput(msg, hint=body.get("hint"))
-            raise HostdError(
-                msg, hint=body.get("hint"), status=r.status_code, kind=str(body.get("kind", ""))
-            )
+            err = ErrorBody.decode(r.content, r.reason)
+            if r.status_code == 400:
+                raise BadInput(err.error, hint=err.hint)
+            raise HostdError(err.error, hint=err.hint, status=r.status_code, kind=err.kind)
         return r
 
     def info(self) -> dict[str, Any]:
@@ -80,13 +75,19 @@ class HostdClient:
             if e.status != 404:
                 raise
 
-    def exec(self, vm_id: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def exec(self, vm_id: str, req: ExecRequest) -> Iterator[ExecEvent]:
         """The command's events as hostd streams them."""
-        r = self._call("POST", f"/v1/vms/{vm_id}/exec", json=req, stream=True, timeout=(10, None))  # type: ignore[arg-type]
+        r = self._call(
+            "POST",
+            f"/v1/vms/{vm_id}/exec",
+            json=req.on_vm().to_dict(),
+            stream=True,
+            timeout=(10, None),  # type: ignore[arg-type]
+        )
         try:
             for line in r.iter_lines():
                 if line:
-                    yield json.loads(line)
+                    yield ExecEvent.from_dict(json.loads(line))
         except requests.RequestException as e:
             raise HostUnreachable(f"host {self.host_id} went away mid-command: {e}") from e
         finally:

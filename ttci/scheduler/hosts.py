@@ -10,19 +10,18 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ttci.infra.db import Store, now
-from ttci.infra.http_server import API_VERSION
 from ttci.model.arch import Arch
-from ttci.model.errors import BadInput, TTError
+from ttci.model.errors import TTError
 from ttci.model.resources import Resources
 from ttci.scheduler.hostd_client import HostdClient, HostdError
 from ttci.scheduler.planning.placement import HostView
+from ttci.wire.hosts import HOST_ID_RE, URL_RE, Heartbeat, HostRegistration, JoinAnswer
 
 __all__ = [
     "HOST_ID_RE",
@@ -36,8 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("ttci.scheduler.hosts")
-HOST_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
 class HostNotFound(TTError):
@@ -48,37 +45,13 @@ class HostRefused(TTError):
     """A host may not join: wrong token, incompatible version, or a name clash."""
 
 
-def check_registration(body: dict[str, Any], static_ids: set[str]) -> dict[str, Any]:
-    """Validate a host's registration; returns the clean record. Pure."""
-    hid = str(body.get("id", ""))
-    if not HOST_ID_RE.match(hid):
-        raise BadInput(
-            f"host id {hid!r} is not valid",
-            hint="use 1-63 lowercase letters, digits, dots, dashes (pass --host-id)",
-        )
-    if hid in static_ids:
+def check_registration(reg: HostRegistration, static_ids: set[str]) -> None:
+    """Refuse a registration (already validated as a document) that takes a static host's id."""
+    if reg.id in static_ids:
         raise HostRefused(
-            f"host id {hid!r} is a static host of this scheduler",
+            f"host id {reg.id!r} is a static host of this scheduler",
             hint="give the registering hostd another --host-id",
         )
-    url = str(body.get("url", ""))
-    if not URL_RE.match(url):
-        raise BadInput(
-            f"host url {url!r} is not http://ADDR:PORT", hint="pass --advertise ADDR:PORT to hostd"
-        )
-    api = body.get("api")
-    if api != API_VERSION:
-        raise HostRefused(
-            f"host {hid} speaks API version {api!r}; this scheduler speaks {API_VERSION}",
-            hint="run the same TT CI version on the host and the scheduler",
-        )
-    token = body.get("token")
-    if not isinstance(token, str) or len(token) < 16:
-        raise BadInput("registration lacks the host's token (16+ chars)", hint="hostd --token")
-    info = body.get("info", {})
-    if not isinstance(info, dict):
-        raise BadInput("registration info must be an object", hint="send hostd's /v1/host")
-    return {"id": hid, "url": url, "token": token, "info": info}
 
 
 def effective_free(info: dict[str, Any], committed: Resources) -> Resources:
@@ -180,37 +153,39 @@ class HostPool:
         }
 
     # -- joining -----------------------------------------------------------------------------
-    def register(self, body: dict[str, Any]) -> dict[str, Any]:
-        rec = check_registration(body, set(self.static))
+    def register(self, reg: HostRegistration) -> JoinAnswer:
+        check_registration(reg, set(self.static))
         with self.store.lock:
-            was = self.store.db.table("hosts").get(rec["id"]) if self._exists(rec["id"]) else None
+            was = self.store.db.table("hosts").get(reg.id) if self._exists(reg.id) else None
             self._version += 1
             self.store.db.table("hosts").upsert(
                 {
-                    "id": rec["id"],
-                    "url": rec["url"],
+                    "id": reg.id,
+                    "url": reg.url,
                     "kind": "registered",
-                    "token": rec["token"],
+                    "token": reg.token,
                     "state": "up",
                     "last_seen": now(),
                     "seen_mono": time.monotonic(),
-                    "info": json.dumps(rec["info"]),
+                    "info": json.dumps(dict(reg.info)),
                     "error": "",
                     "drained": was["drained"] if was else 0,
                 },
                 pk="id",
             )
-        log.info("host %s registered from %s", rec["id"], rec["url"])
+        log.info("host %s registered from %s", reg.id, reg.url)
         if was is None or was["state"] != "up":
-            self._came_up(rec["id"])
-        return {"id": rec["id"], "heartbeat_s": max(1.0, self.timeout / 3)}
+            self._came_up(reg.id)
+        return JoinAnswer(reg.id, max(1.0, self.timeout / 3))
 
-    def heartbeat(self, hid: str, info: dict[str, Any]) -> dict[str, Any]:
-        row = self.row(hid)
+    def heartbeat(self, beat: Heartbeat) -> JoinAnswer:
+        row = self.row(beat.id)
         if row["kind"] != "registered":
-            raise HostRefused(f"host {hid} is static", hint="static hosts are polled, not pushed")
-        self._seen(hid, info, was=row["state"])
-        return {"id": hid, "heartbeat_s": max(1.0, self.timeout / 3)}
+            raise HostRefused(
+                f"host {beat.id} is static", hint="static hosts are polled, not pushed"
+            )
+        self._seen(beat.id, dict(beat.info), was=row["state"])
+        return JoinAnswer(beat.id, max(1.0, self.timeout / 3))
 
     def _seen(self, hid: str, info: dict[str, Any], was: str) -> None:
         """The host answered (heartbeat or poll) with its current info."""

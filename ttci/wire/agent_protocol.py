@@ -38,6 +38,7 @@ __all__ = [
     "encode",
     "encode_data",
     "encode_json",
+    "exec_payload",
 ]
 
 PROTOCOL_VERSION = 1
@@ -133,6 +134,26 @@ def encode_data(msg_type: MsgType, channel: int, data: bytes) -> list[bytes]:
         encode(msg_type, channel, data[i : i + MAX_PAYLOAD])
         for i in range(0, len(data), MAX_PAYLOAD)
     ]
+
+
+def exec_payload(
+    argv: Any,
+    *,
+    env: Any = None,
+    cwd: str | None = None,
+    stdin: bool = False,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """The EXEC payload: argv, and env/cwd/timeout only when set; stdin says whether STDIN
+    frames follow (then STDIN_EOF), else the command's stdin is /dev/null."""
+    req: dict[str, Any] = {"argv": list(argv), "stdin": stdin}
+    if env is not None:
+        req["env"] = dict(env)
+    if cwd is not None:
+        req["cwd"] = cwd
+    if timeout is not None:
+        req["timeout"] = timeout
+    return req
 
 
 class Decoder:

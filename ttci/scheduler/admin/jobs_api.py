@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from ttci.infra.http_server import error_response, json_body
 from ttci.model.errors import BadInput
 from ttci.scheduler import history
+from ttci.wire.jobs import JobResult
 
 __all__ = ["bp", "jobs", "report_result"]
 
@@ -26,7 +27,7 @@ def _user() -> Any:
 @bp.post("/envs/<name>/result")
 def report_result(name: str) -> Response:
     """Body {"result": "success|failed|cancelled|error"}; the ENV may be deleted already."""
-    result = history.parse_result(json_body())
+    result = JobResult.from_dict(json_body())
     user, store = _user(), current_app.config["SCHEDULER"].store
     try:
         return jsonify(history.report_result(store, name, user.name, user.admin, result))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import queue
 import threading
@@ -11,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from ttci import __version__
-from ttci.infra.http_server import API_VERSION, install_auth, install_errors, json_body, ndjson
+from ttci.infra.http_server import bearer_ok, install_auth, install_errors, json_body, ndjson
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admin
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
@@ -20,6 +19,9 @@ from ttci.scheduler.planning.envspec import EnvRequest, parse_duration
 from ttci.scheduler.planning.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
 from ttci.scheduler.users import User, UserExists, UserNotFound
+from ttci.wire.api import API_VERSION
+from ttci.wire.commands import ExecRequest
+from ttci.wire.hosts import Heartbeat, HostRegistration
 
 __all__ = [
     "Forbidden",
@@ -73,31 +75,24 @@ class Forbidden(TTError):
 
 def _join_check() -> None:
     """Host registration and heartbeats carry the pool's join token."""
-    s = _s()
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    want = s.pool.join_token
-    if not want:
+    if not _s().pool.join_token:
         raise HostRefused(
             "this scheduler takes no registrations", hint="start tt-scheduler with --join-token"
         )
-    if not given or not hmac.compare_digest(given.encode(), want.encode()):
+    if not bearer_ok(_s().pool.join_token):
         raise HostRefused("wrong join token", hint="pass the scheduler's --join-token to hostd")
 
 
 @bp.post("/hosts/register")
 def register_host() -> Response:
     _join_check()
-    return jsonify(_s().pool.register(json_body()))
+    return jsonify(_s().pool.register(HostRegistration.from_dict(json_body())).to_dict())
 
 
 @bp.post("/hosts/heartbeat")
 def heartbeat() -> Response:
     _join_check()
-    body = json_body()
-    info = body.get("info")
-    if not isinstance(info, dict):
-        raise BadInput("heartbeat info must be an object", hint="send hostd's /v1/host")
-    return jsonify(_s().pool.heartbeat(str(body.get("id", "")), info))
+    return jsonify(_s().pool.heartbeat(Heartbeat.from_dict(json_body())).to_dict())
 
 
 @bp.post("/hosts/<host_id>/drain")
@@ -244,28 +239,13 @@ def extend_env(name: str) -> Response:
 
 @bp.post("/envs/<name>/run")
 def run_env(name: str) -> Response:
-    body = json_body()
-    argv: Any
-    if "cmd" in body:
-        if not isinstance(body["cmd"], str) or not body["cmd"].strip():
-            raise BadInput("cmd must be a non-empty string", hint="--cmd 'uname -a'")
-        argv = ["/bin/sh", "-c", body["cmd"]]
-    else:
-        argv = body.get("argv")
-    req: dict[str, Any] = {"argv": argv}
-    for key in ("env", "cwd", "timeout", "stdin_b64"):
-        if body.get(key) is not None:
-            req[key] = body[key]
-    only = body.get("vms")
-    if only is not None and (
-        not isinstance(only, list) or not all(isinstance(v, str) for v in only)
-    ):
-        raise BadInput("vms must be a list of VM names", hint='e.g. "vms": ["debian-12-amd64"]')
+    """Body: an ExecRequest; the answer: its ExecEvents as NDJSON, each tagged with its VM."""
+    req = ExecRequest.from_dict(json_body())
     s, user = _s(), _user()
     s.show_env(name, user, vms=False)  # 404 before the stream starts
-    events = s.exec(name, user, req, only)
+    events = s.exec(name, user, req)
     first = next(events, None)  # bad input (an unknown VM) is a 400, not a broken stream
-    return ndjson(itertools.chain([first] if first else [], events))
+    return ndjson(ev.to_dict() for ev in itertools.chain([first] if first else [], events))
 
 
 @bp.put("/envs/<name>/files")

@@ -347,11 +347,8 @@ def cmd_env_run(args: argparse.Namespace) -> int:
     env_vms = client.get(f"/v1/envs/{args.name}")["vms"]
     vms = [v["name"] for v in env_vms if not args.vm or v["name"] in args.vm]
     events = (
-        map(
-            ExecEvent.from_dict,
-            ssh_events(
-                env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=args.timeout
-            ),
+        ssh_events(
+            env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=args.timeout
         )
         if args.use_ssh
         else client.exec(args.name, req)

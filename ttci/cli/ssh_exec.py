@@ -1,9 +1,8 @@
-"""`tt env run --use-ssh`: the command over ssh through each VM's port map for 22, as events
-shaped like the agent's (so the CLI prints both the same way)."""
+"""`tt env run --use-ssh`: the command over ssh through each VM's port map for 22, as the same
+ExecEvents the scheduler streams (so the CLI prints both the same way)."""
 
 from __future__ import annotations
 
-import base64
 import queue
 import subprocess
 import threading
@@ -13,6 +12,7 @@ from typing import Any
 
 from ttci.infra.proc import spawn, stop
 from ttci.model.errors import BadInput
+from ttci.wire.commands import EventKind, ExecEvent, ExitStatus
 
 __all__ = ["ssh_argv", "ssh_events", "ssh_target"]
 
@@ -45,21 +45,21 @@ def ssh_events(
     user: str,
     key: Path | None,
     timeout: float | None,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[ExecEvent]:
     chosen = [v for v in env_vms if v["name"] in names]
     targets = {v["name"]: ssh_target(v) for v in chosen}  # every VM checked before any runs
-    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    events: queue.Queue[ExecEvent | None] = queue.Queue()
 
-    def pump(vm: str, stream: Any, kind: str) -> None:
+    def pump(vm: str, stream: Any, kind: EventKind) -> None:
         for chunk in iter(lambda: stream.read1(65536), b""):
-            events.put({"event": kind, "vm": vm, "data": base64.b64encode(chunk).decode()})
+            events.put(ExecEvent.output(kind, chunk, vm=vm))
 
     def one(vm: str) -> None:
         host, port = targets[vm]
         proc = spawn(ssh_argv(host, port, user, key, cmd), pipe_stdout=True, pipe_stderr=True)
         readers = [
-            threading.Thread(target=pump, args=(vm, proc.stdout, "stdout"), daemon=True),
-            threading.Thread(target=pump, args=(vm, proc.stderr, "stderr"), daemon=True),
+            threading.Thread(target=pump, args=(vm, proc.stdout, EventKind.STDOUT), daemon=True),
+            threading.Thread(target=pump, args=(vm, proc.stderr, EventKind.STDERR), daemon=True),
         ]
         for t in readers:
             t.start()
@@ -67,10 +67,10 @@ def ssh_events(
             code = proc.wait(timeout=timeout)
             for t in readers:
                 t.join()
-            events.put({"event": "exit", "vm": vm, "code": code})
+            events.put(ExecEvent.exit(ExitStatus(code), vm=vm))
         except subprocess.TimeoutExpired:
             stop(proc, grace=0)
-            events.put({"event": "exit", "vm": vm, "code": None, "timed_out": True})
+            events.put(ExecEvent.exit(ExitStatus(None, timed_out=True, timeout=timeout), vm=vm))
         finally:
             events.put(None)
 

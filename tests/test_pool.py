@@ -4,6 +4,7 @@ on loopback; no VMs are booted here (see test_multihost.py for those)."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -41,6 +42,11 @@ class Api:
 
     def __call__(self, method: str, path: str, **kw: object) -> requests.Response:
         return self.s.request(method, self.base + path, timeout=30, **kw)  # type: ignore[arg-type]
+
+    def stream(self, method: str, path: str, **kw: object) -> requests.Response:
+        return self.s.request(  # type: ignore[arg-type]
+            method, self.base + path, timeout=30, stream=True, **kw
+        )
 
     def hosts(self) -> dict[str, dict[str, object]]:
         return {h["id"]: h for h in self("GET", "/v1/hosts").json()}
@@ -149,10 +155,24 @@ def test_drain_keeps_the_host_but_takes_it_out_of_placement(pool: tuple[str, Pat
     wait_for(lambda: {"h1", "h2"} <= set(api.hosts()), what="hosts")
     for hid in ("h1", "h2"):
         assert api("POST", f"/v1/hosts/{hid}/drain").json()["drained"] is True
-    r = api("POST", "/v1/envs", json={"name": "nowhere", "os_prefix": "debian-12:amd64"})
+    body = {"name": "nowhere", "os_prefix": "debian-12:amd64"}
+    r = api("POST", "/v1/envs", json={**body, "wait": False})
     assert r.status_code == 409, r.text
     assert "no host" in r.json()["error"]
     assert api("GET", "/v1/envs/nowhere").status_code == 404  # nothing half-made
+    # Waiting is the default: the request queues for a drained host to come back.
+    with api.stream("POST", "/v1/envs?progress=1", json=body) as s:
+        lines = s.iter_lines()
+        first = json.loads(next(lines))
+        assert first["event"] == "queued" and first["blocked_by"] == "no_host", first
+        shown = api("GET", "/v1/envs/nowhere").json()
+        assert shown["state"] == "queued" and shown["queue"]["position"] == 1, shown
+        assert [q["env"] for q in api("GET", "/v1/queue").json()] == ["nowhere"]
+        assert api("DELETE", "/v1/envs/nowhere").json()["was"] == "queued"
+        rest = [json.loads(line) for line in lines if line]
+        assert rest[-1]["event"] == "error" and "cancelled" in rest[-1]["error"], rest
+    assert api("GET", "/v1/envs/nowhere").status_code == 404
+    assert api("GET", "/v1/queue").json() == []
     for hid in ("h1", "h2"):
         assert api("POST", f"/v1/hosts/{hid}/undrain").json()["drained"] is False
     assert api("POST", "/v1/hosts/nope/drain").status_code == 404

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from ttci.model.errors import TTError
 from ttci.model.resources import Resources
 from ttci.scheduler.hostd_client import HostdClient
 from ttci.scheduler.hosts import HostPool
+from ttci.scheduler.planning.admission import Waiting
 from ttci.scheduler.schema import MIGRATIONS
 from ttci.scheduler.users import User, Users
+from ttci.wire.queue import QueueInfo
 
 __all__ = ["PARALLEL_CREATES", "EnvBusy", "EnvExists", "EnvNotFound", "SchedulerCore"]
 
@@ -62,6 +65,21 @@ class SchedulerCore:
         self.users = Users(self.store, admin_token)
         self._stop = threading.Event()
         self._place_lock = threading.Lock()
+        # The admission queue (env_queue): the dispatcher's wake-up call, the last decision's
+        # waiting requests, and the progress streams that watch an ENV.
+        self._dispatch_wake = threading.Event()
+        self._waiting: dict[str, Waiting] = {}
+        self._decided_at = 0.0
+        self._watch_lock = threading.Lock()
+        self._watchers: dict[str, list[queue.Queue[dict[str, Any]]]] = {}
+
+    def queue_info(self, name: str) -> QueueInfo | None:
+        """Where a queued ENV stands (env_queue answers; None: not waiting)."""
+        return None
+
+    def wake_dispatch(self) -> None:
+        """Capacity may have freed (or a request arrived): the dispatcher looks at once."""
+        self._dispatch_wake.set()
 
     # -- hosts and images --------------------------------------------------------------------
     def refresh_hosts(self) -> list[dict[str, Any]]:
@@ -89,7 +107,9 @@ class SchedulerCore:
 
     def set_drain(self, host_id: str, drained: bool) -> dict[str, Any]:
         """A drained host keeps its VMs but gets no new ones."""
-        return self.pool.set_drain(host_id, drained)
+        out = self.pool.set_drain(host_id, drained)
+        self.wake_dispatch()
+        return out
 
     def images(self) -> list[dict[str, Any]]:
         """The union of all up hosts' images, with the hosts that have each."""
@@ -128,6 +148,7 @@ class SchedulerCore:
                 if v["id"] in there:
                     self.store.db.table("vms").update(v["id"], {"state": "running", "error": ""})
                     log.info("VM %s on %s is back", v["name"], host_id)
+        self.wake_dispatch()
 
     def _committed(self) -> dict[str, Resources]:
         """What the scheduler has put on each host (VMs not yet deleted)."""
@@ -182,4 +203,5 @@ class SchedulerCore:
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_CREATES) as pool:
             list(pool.map(drop, rows))
         self.pool.refresh({v["host"] for v in rows})
+        self.wake_dispatch()
         return problems

@@ -22,7 +22,7 @@ from ttci.scheduler.planning.envspec import EnvRequest
 from ttci.scheduler.planning.placement import Ask, NoPlacement, place
 from ttci.scheduler.users import User
 
-__all__ = ["EnvCreation"]
+__all__ = ["EnvCreation", "request_from_json", "request_json"]
 
 log = logging.getLogger("ttci.scheduler")
 
@@ -58,14 +58,11 @@ class EnvCreation(EnvViews):
             for name, image in wanted
         ]
 
-    def create_env(
+    def boot_env(
         self, req: EnvRequest, user: User, progress: Callable[[dict[str, Any]], None] | None = None
     ) -> dict[str, Any]:
-        """Place and boot every VM of the ENV; all or nothing."""
-        asks = self._asks(req)
-        with self._place_lock, self.store.lock:
-            placement = place(asks, self.pool.views(self._committed()))
-            self._record_env(req, user, asks, placement)
+        """Boot every VM of a granted ENV (its VM rows are placed and recorded); all or nothing:
+        if any VM fails, the ones made are deleted again and TTError says why."""
         vm_rows = self._vm_rows(req.name)
         failures: list[str] = []
 
@@ -87,33 +84,35 @@ class EnvCreation(EnvViews):
         history.env_ready(self.store, req.name)
         return self.show_env(req.name, user)
 
-    def _record_env(
-        self, req: EnvRequest, user: User, asks: list[Ask], placement: dict[str, str]
-    ) -> None:
-        """Write the ENV and its VMs (state creating) before anything is made on a host.
-        The caller holds the store's lock."""
+    def _insert_env(self, req: EnvRequest, user: User, project: str) -> None:
+        """Write the ENV (state queued) before anything is made. The caller holds the lock."""
         if self.store.db.table("envs").count_where("name = ?", [req.name]):
             raise EnvExists(
                 f"an ENV named {req.name!r} exists",
                 hint="pick another name or `tt env del` it first",
             )
         created = now()
-        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=req.life_s)).isoformat(
-            timespec="seconds"
-        )
         self.store.db.table("envs").insert(
             {
                 "name": req.name,
                 "owner": user.name,
                 "os_prefix": req.os_prefix,
-                "state": "creating",
+                "state": "queued",
                 "created_at": created,
-                "expires_at": expires,
-                "request": json.dumps(req.__dict__),
+                "expires_at": _after(req.life_s),
+                "request": json.dumps(request_json(req)),
                 "error": "",
                 "origin": json.dumps(req.origin),
+                "project": project,
             }
         )
+
+    def _insert_vms(
+        self, req: EnvRequest, asks: list[Ask], placement: dict[str, str], wait_s: float
+    ) -> None:
+        """A granted ENV: its VMs placed and recorded (state creating), its lifetime starting
+        now. The caller holds the store's lock."""
+        created = now()
         self.store.db.table("vms").insert_all(
             [
                 {
@@ -134,6 +133,10 @@ class EnvCreation(EnvViews):
                 }
                 for a in asks
             ]
+        )
+        self.store.db.table("envs").update(
+            req.name,
+            {"state": "creating", "expires_at": _after(req.life_s), "wait_s": round(wait_s, 3)},
         )
 
     def _create_on_host(self, req: EnvRequest, user: User, v: dict[str, Any]) -> dict[str, Any]:
@@ -214,3 +217,16 @@ class EnvCreation(EnvViews):
             f"ENV {env} could not be created (nothing was kept): " + "; ".join(failures[:5]),
             hint="see the reasons; `tt image list` shows what exists",
         )
+
+
+def _after(seconds: int) -> str:
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat(timespec="seconds")
+
+
+def request_json(req: EnvRequest) -> dict[str, Any]:
+    """The request as the ENV's row keeps it (a queued ENV is booted from it after a restart)."""
+    return dict(req.__dict__)
+
+
+def request_from_json(d: dict[str, Any]) -> EnvRequest:
+    return EnvRequest(**d)

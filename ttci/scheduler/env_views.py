@@ -40,6 +40,8 @@ class EnvViews(SchedulerCore):
                     "select state, count(*) from vms where env = ? group by state", [row["name"]]
                 ).fetchall()
             )
+        if row["state"] == "queued" and (info := self.queue_info(row["name"])) is not None:
+            out["queue"] = info.to_dict()
         out["vm_count"] = sum(counts.values())
         out["lost"] = counts.get("lost", 0)
         if vms:

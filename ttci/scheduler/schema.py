@@ -84,6 +84,20 @@ def _vm_order(db: sqlite_utils.Database) -> None:
     db.table("vms").create_index(["env", "state"])  # per-ENV counts from the index alone
 
 
+def _admission(db: sqlite_utils.Database) -> None:
+    # The admission queue: one row per waiting ENV (the ENV's row has state "queued").
+    db.table("queue").create(
+        {"env": str, "request": str, "enqueued_at": float, "deadline": float}, pk="env"
+    )
+    # Admin settings per user, project (origin project key) or origin kind.
+    db.table("quotas").create(
+        {"scope": str, "name": str, "vms": int, "cpus": float, "priority": int},
+        pk=("scope", "name"),
+    )
+    db.table("envs").add_column("project", str, not_null_default="")
+    db.table("envs").add_column("wait_s", float, not_null_default=0.0)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_base", _base),
     ("0002_guest_boot_s", _guest_boot),
@@ -93,4 +107,5 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     (history.MIGRATION_NAME, history.migrate),
     ("0006_vm_net", _vm_net),
     ("0007_vm_order", _vm_order),
+    ("0008_admission", _admission),
 ]

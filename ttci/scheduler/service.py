@@ -3,8 +3,8 @@
 State lives in SQLite (sqlite-utils, named migrations), so a restarted scheduler loses nothing.
 An ENV is created all or nothing: if any VM fails, the ones already made are deleted again.
 The class is assembled from one part per concern: core (state, hosts, rows), env_views (reads),
-env_create (placement and boot), env_exec (commands and files); this module adds deletion
-and lifetimes (the reaper and the host monitor).
+env_create (placement and boot), env_queue (the admission queue), env_exec (commands and
+files); this module adds deletion and lifetimes (the reaper and the host monitor).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from ttci.infra.db import now
 from ttci.model.errors import TTError
 from ttci.scheduler import history
 from ttci.scheduler.core import EnvBusy, EnvExists, EnvNotFound
-from ttci.scheduler.env_create import EnvCreation
 from ttci.scheduler.env_exec import EnvExec
+from ttci.scheduler.env_queue import EnvQueue
 from ttci.scheduler.users import User
 
 __all__ = ["EnvBusy", "EnvExists", "EnvNotFound", "Scheduler"]
@@ -27,8 +27,10 @@ __all__ = ["EnvBusy", "EnvExists", "EnvNotFound", "Scheduler"]
 log = logging.getLogger("ttci.scheduler")
 
 
-class Scheduler(EnvCreation, EnvExec):
+class Scheduler(EnvQueue, EnvExec):
     def delete_env(self, name: str, user: User) -> dict[str, Any]:
+        if self._env_row(name, user)["state"] == "queued" and self.cancel_queued(name, user):
+            return {"name": name, "deleted": True, "was": "queued"}
         with self.store.lock:  # check and claim at once: two deletes never race
             row = self._env_row(name, user)
             if row["state"] == "creating":
@@ -84,7 +86,7 @@ class Scheduler(EnvCreation, EnvExec):
             names = [
                 r["name"]
                 for r in self.store.db.table("envs").rows_where(
-                    "expires_at < ? and state not in ('creating', 'deleting')", [stamp]
+                    "expires_at < ? and state not in ('queued', 'creating', 'deleting')", [stamp]
                 )
             ]
         done = []

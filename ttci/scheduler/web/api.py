@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import queue
-import threading
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -13,6 +13,8 @@ from ttci import __version__
 from ttci.infra.http_server import bearer_ok, install_auth, install_errors, json_body, ndjson
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admin
+from ttci.scheduler import admission_store as qs
+from ttci.scheduler.env_queue import QueuedRefused, QueueTimeout
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
 from ttci.scheduler.hosts import HostNotFound, HostRefused
 from ttci.scheduler.planning.envspec import EnvRequest, parse_duration
@@ -22,6 +24,7 @@ from ttci.scheduler.users import User, UserExists, UserNotFound
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
 from ttci.wire.hosts import Heartbeat, HostRegistration
+from ttci.wire.queue import WaitOptions
 
 __all__ = [
     "Forbidden",
@@ -30,8 +33,10 @@ __all__ = [
     "create_app",
     "create_env",
     "delete_env",
+    "delete_quota",
     "delete_user",
     "drain",
+    "env_progress",
     "env_vms",
     "extend_env",
     "forget_host",
@@ -40,10 +45,13 @@ __all__ = [
     "hosts",
     "images",
     "list_envs",
+    "list_queue",
+    "list_quotas",
     "list_users",
     "push",
     "register_host",
     "run_env",
+    "set_quota",
     "show_env",
     "status",
     "undrain",
@@ -166,34 +174,72 @@ def list_envs() -> Response:
 
 @bp.post("/envs")
 def create_env() -> tuple[Response, int]:
-    """Create an ENV; with ?progress=1 the answer is an NDJSON stream: one `vm` event per VM
-    as it comes up, then `ready` (with the ENV) or `error`."""
-    req, user = EnvRequest.from_dict(json_body()), _user()
+    """Create an ENV. It waits in the admission queue while the cloud is busy (unless the body
+    says "wait": false; "max_wait" bounds the wait). With ?progress=1 the answer is an NDJSON
+    stream: `queued` (its position, when it changes), `granted`, one `vm` event per VM as it
+    comes up, then `ready` (with the ENV) or `error`; closing the stream while the ENV is still
+    queued takes it out of the queue."""
+    body = json_body()
+    req, opts, user = EnvRequest.from_dict(body), WaitOptions.from_dict(body), _user()
     s = _s()
     if request.args.get("dry_run") in ("1", "true"):
         return jsonify(s.plan_env(req)), 200
     if request.args.get("progress") not in ("1", "true"):
-        return jsonify(s.create_env(req, user)), 201
-    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        return jsonify(s.create_env(req, user, opts=opts)), 201
+    s.submit_env(req, user, opts)  # refusals are plain HTTP errors, before the stream starts
+    return ndjson(_watch_then_cancel(s, req.name, user)), 201
 
-    def work() -> None:
-        try:
-            env = s.create_env(req, user, progress=lambda ev: events.put({"event": "vm", **ev}))
-            events.put({"event": "ready", "env": env})
-        except TTError as e:
-            status = (
-                400
-                if isinstance(e, BadInput)
-                else 409
-                if isinstance(e, EnvExists | NoPlacement | EnvBusy)
-                else 500
-            )
-            events.put({"event": "error", "error": e.message, "hint": e.hint, "status": status})
-        finally:
-            events.put(None)
 
-    threading.Thread(target=work, daemon=True).start()
-    return ndjson(iter(events.get, None)), 201
+def _watch_then_cancel(s: Scheduler, name: str, user: User) -> Iterator[dict[str, Any]]:
+    done = False
+    try:
+        for ev in s.watch_env(name, user):
+            done = ev["event"] in ("ready", "error")
+            yield ev
+    finally:
+        if not done:  # the client left (Ctrl-C, a cancelled CI job): no request stays queued
+            with contextlib.suppress(TTError):
+                s.cancel_queued(name, user)
+
+
+@bp.get("/envs/<name>/progress")
+def env_progress(name: str) -> Response:
+    """Follow an ENV being queued or created (again, e.g. after a broken stream): the same
+    NDJSON events as POST /v1/envs?progress=1, ending with `ready` or `error`."""
+    s, user = _s(), _user()
+    s.show_env(name, user, vms=False)  # 404 before the stream starts
+    return ndjson(s.watch_env(name, user))
+
+
+@bp.get("/queue")
+def list_queue() -> Response:
+    """The waiting ENV requests in line order, with what each needs and what blocks it."""
+    return jsonify(_s().list_queue(_user()))
+
+
+@bp.get("/quotas")
+def list_quotas() -> Response:
+    _admin()
+    return jsonify(qs.load_quotas(_s().store).to_dict())
+
+
+@bp.put("/quotas")
+def set_quota() -> Response:
+    """Set a user's, project's or origin kind's caps and priority (admin)."""
+    _admin()
+    scope, name, quota = qs.parse_quota(json_body())
+    qs.set_quota(_s().store, scope, name, quota)
+    _s().wake_dispatch()
+    return jsonify({"scope": scope, "name": name, **quota.to_dict()})
+
+
+@bp.delete("/quotas/<scope>/<path:name>")
+def delete_quota(scope: str, name: str) -> Response:
+    _admin()
+    if not qs.remove_quota(_s().store, scope, name):
+        raise EnvNotFound(f"no quota for {scope} {name!r}", hint="see GET /v1/quotas")
+    _s().wake_dispatch()
+    return jsonify({"scope": scope, "name": name, "deleted": True})
 
 
 def _page() -> tuple[int, int]:
@@ -280,6 +326,8 @@ def create_app(scheduler: Scheduler) -> Flask:
             EnvExists: 409,
             EnvBusy: 409,
             NoPlacement: 409,
+            QueuedRefused: 409,
+            QueueTimeout: 408,
             HostNotFound: 404,
             HostRefused: 403,
             Forbidden: 403,

@@ -55,6 +55,7 @@ def serve(scheduler: Scheduler, listen: str) -> None:
     scheduler.refresh_hosts()
     scheduler.start_reaper()
     scheduler.start_monitor()
+    scheduler.start_dispatcher()
     log.info("tt-scheduler %s on %s:%s", __version__, host, server.effective_port)
     print(f"tt-scheduler ready on {host}:{server.effective_port}", flush=True)
     try:

@@ -273,6 +273,7 @@ def describe(resolved: Sequence[Resolved]) -> list[str]:
     """`name = value (source)` lines for a log, secrets masked."""
     lines = []
     for r in resolved:
-        value = ("***" if r.value else "(unset)") if r.setting.secret else r.value
+        unset = r.value is None or r.value in ("", [])
+        value = "(unset)" if unset else "***" if r.setting.secret else r.value
         lines.append(f"{r.setting.name} = {value} ({r.source})")
     return lines

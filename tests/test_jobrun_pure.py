@@ -27,6 +27,7 @@ from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
 from ttci.model.naming import Target, parse_target
 from ttci.scheduler.planning.envspec import ENV_NAME_RE, parse_origin
+from ttci.wire.commands import ExecEvent
 
 IMAGES = [
     "qemu:debian-12:amd64",
@@ -101,11 +102,14 @@ def test_env_names_are_valid_and_distinct() -> None:
 
 
 def test_exit_codes() -> None:
-    assert exit_code({"event": "exit", "code": 0}) == 0
-    assert exit_code({"event": "exit", "code": 7}) == 7
-    assert exit_code({"event": "exit", "code": None, "timed_out": True}) == EXIT_TIMEOUT
-    assert exit_code({"event": "exit", "code": None, "signal": 9}) == 137
-    assert exit_code({"event": "error", "message": "VM lost"}) == EXIT_ERROR
+    assert exit_code(ExecEvent.from_dict({"event": "exit", "code": 0})) == 0
+    assert exit_code(ExecEvent.from_dict({"event": "exit", "code": 7})) == 7
+    assert (
+        exit_code(ExecEvent.from_dict({"event": "exit", "code": None, "timed_out": True}))
+        == EXIT_TIMEOUT
+    )
+    assert exit_code(ExecEvent.from_dict({"event": "exit", "code": None, "signal": 9})) == 137
+    assert exit_code(ExecEvent.from_dict({"event": "error", "message": "VM lost"})) == EXIT_ERROR
     assert exit_code(None) == EXIT_ERROR
 
 

@@ -8,7 +8,6 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from ttci.model.errors import BadInput
 from ttci.model.naming import (
@@ -19,6 +18,9 @@ from ttci.model.naming import (
     parse_arch,
     parse_os,
 )
+from ttci.wire.commands import ExecEvent, ExecRequest
+from ttci.wire.envs import EnvRequest
+from ttci.wire.jobs import JobResult
 
 __all__ = [
     "DELETE_WAIT_S",
@@ -103,23 +105,24 @@ def env_name(target: Target, tag: str) -> str:
     return f"job-{tag}-{target.slug}"[:40].rstrip("-")
 
 
-def exit_code(ev: dict[str, Any] | None) -> int:
+def exit_code(ev: ExecEvent | None) -> int:
     """The job's exit code from the command's final event."""
-    if ev is None or ev.get("event") != "exit":
+    st = ev.status if ev is not None else None
+    if st is None:
         return EXIT_ERROR
-    if ev.get("timed_out"):
+    if st.timed_out:
         return EXIT_TIMEOUT
-    if ev.get("signal"):
-        return 128 + int(ev["signal"])
-    return int(ev.get("code") or 0)
+    if st.signal:
+        return 128 + st.signal
+    return st.code or 0
 
 
-def result_word(code: int, interrupted: bool, error: str) -> str:
+def result_word(code: int, interrupted: bool, error: str) -> JobResult:
     if interrupted:
-        return "cancelled"
+        return JobResult("cancelled")
     if error:
-        return "error"
-    return "success" if code == 0 else "failed"
+        return JobResult("error")
+    return JobResult("success" if code == 0 else "failed")
 
 
 def guest_path(path: str) -> str:
@@ -177,29 +180,29 @@ class Outcome:
 # -- the requests sent to the scheduler (built here only) ------------------------------------
 def env_request(
     spec: JobSpec, target: Target, env: str, image: str, environ: dict[str, str]
-) -> dict[str, Any]:
+) -> EnvRequest:
     """The scheduler's ENV request for one target: one VM of image."""
-    return {
-        "name": env,
-        "os_prefix": image,
-        "cpus": spec.cpus,
-        "memory_mib": spec.memory_mib,
-        "disk_gib": spec.disk_gib,
-        "life_time": spec.timeout_s + LIFE_MARGIN_S,
-        "origin": origin_from_env(environ, target),
-    }
+    return EnvRequest(
+        name=env,
+        os_prefix=image,
+        cpus=spec.cpus,
+        memory_mib=spec.memory_mib,
+        disk_gib=spec.disk_gib,
+        life_s=spec.timeout_s + LIFE_MARGIN_S,
+        origin=origin_from_env(environ, target),
+    )
 
 
-def exec_request(spec: JobSpec, target: Target) -> dict[str, Any]:
+def exec_request(spec: JobSpec, target: Target) -> ExecRequest:
     """The scheduler's exec request that runs the job's command in the target's VM."""
-    return {
-        "argv": spec.argv,
-        "cwd": WORKDIR,
-        "timeout": spec.timeout_s,
-        "env": {
+    return ExecRequest(
+        tuple(spec.argv),
+        cwd=WORKDIR,
+        timeout=spec.timeout_s,
+        env={
             "CI": "true",
             "TT_JOB_OS": target.os,
             "TT_JOB_ARCH": target.arch.value,
             "HOME": "/root",
         },
-    }
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
 import secrets
@@ -32,8 +31,9 @@ from ttci.cli.job_plan import (
     local_parent,
     result_word,
 )
-from ttci.client.scheduler import ApiError, Client
+from ttci.client.scheduler import Client
 from ttci.model.errors import TTError
+from ttci.wire.commands import EventKind, ExecEvent
 
 __all__ = ["Job"]
 
@@ -92,8 +92,8 @@ class Job:
             final = self._run(t, o)
             o.run_s = time.monotonic() - t0
             o.code = exit_code(final)
-            if final and final.get("event") == "error":
-                o.error = str(final.get("message"))
+            if final is not None and final.kind is EventKind.ERROR:
+                o.error = final.message
             elif o.code == EXIT_TIMEOUT:
                 self.say(t, f"the command timed out after {self.spec.timeout_s} s and was killed")
             self._fetch(t, o)
@@ -121,13 +121,12 @@ class Job:
         if bad:
             raise TTError(f"copying into the VM failed: {bad[0].get('error')}")
 
-    def _run(self, t: Target, o: Outcome) -> dict[str, Any] | None:
+    def _run(self, t: Target, o: Outcome) -> ExecEvent | None:
         final = None
-        for ev in self.client.run(o.env, exec_request(self.spec, t)):
-            kind = ev.get("event")
-            if kind in ("stdout", "stderr"):
-                self.out.write(t.label, kind, base64.b64decode(ev.get("data", "")))
-            elif kind in ("exit", "error"):
+        for ev in self.client.exec(o.env, exec_request(self.spec, t)):
+            if ev.kind in (EventKind.STDOUT, EventKind.STDERR):
+                self.out.write(t.label, ev.kind.value, ev.data)
+            elif ev.final:
                 final = ev
         return final
 
@@ -165,24 +164,14 @@ class Job:
     def _delete_once(self, env: str, t: Target) -> None:
         if env in self._deleted:
             return
-        deadline = time.monotonic() + DELETE_WAIT_S
-        while True:
-            try:
-                self.client.delete_env(env)
-                self._deleted.add(env)
-                self.say(t, f"ENV {env} deleted")
-                return
-            except ApiError as e:
-                if e.status == 404:
-                    return  # not made (yet: its creator deletes it when done), or gone
-                if e.status == 409 and time.monotonic() < deadline:
-                    time.sleep(1)  # still booting: delete it as soon as it is ready
-                    continue
-                err.print(f"tt: could not delete ENV {env}: {e.message}; the reaper will")
-                return
-            except TTError as e:
-                err.print(f"tt: could not delete ENV {env}: {e.message}; the reaper will")
-                return
+        try:  # an ENV still booting is deleted as soon as it is ready
+            if not self.client.delete_env_wait(env, DELETE_WAIT_S):
+                return  # not made (yet: its creator deletes it when done), or gone
+        except TTError as e:
+            err.print(f"tt: could not delete ENV {env}: {e.message}; the reaper will")
+            return
+        self._deleted.add(env)
+        self.say(t, f"ENV {env} deleted")
 
     def cleanup(self) -> None:
         """Delete every ENV of this job (Ctrl-C, SIGTERM): in parallel, uninterruptible."""

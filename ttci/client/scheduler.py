@@ -17,10 +17,12 @@ from ttci.wire.api import api_error
 from ttci.wire.commands import ExecEvent, ExecRequest
 from ttci.wire.envs import EnvEvent, EnvRequest, VmUp
 from ttci.wire.jobs import JobResult
+from ttci.wire.queue import QueueInfo, WaitOptions
 
 __all__ = ["DELETE_WAIT_S", "ApiError", "Client"]
 
 DELETE_WAIT_S = 300.0  # how long delete_env_wait waits for an ENV still being created
+REATTACH_TRIES = 5  # a broken progress stream is followed again this often
 
 
 class Client:
@@ -53,12 +55,12 @@ class Client:
         out: dict[str, Any] = self.get("/v1/status")
         return out
 
-    def create_env(self, req: EnvRequest | dict[str, Any]) -> dict[str, Any]:
-        """Create an ENV and wait until every VM is up; returns the ENV as `show_env` does.
-        (A dict request: transitional, until `tt job run` and the GitHub service build one.)"""
-        body = req.to_dict() if isinstance(req, EnvRequest) else req
-        out: dict[str, Any] = self._call("POST", "/v1/envs", json=body, timeout=900).json()
-        return out
+    def create_env(
+        self, req: EnvRequest | dict[str, Any], wait: WaitOptions | None = None
+    ) -> dict[str, Any]:
+        """Create an ENV and wait (in the admission queue, then for the boots) until every VM
+        is up; returns the ENV as `show_env` does. (A dict request: as the API takes it.)"""
+        return self.create_env_progress(req, lambda vm: None, wait=wait)
 
     def plan_env(self, req: EnvRequest) -> dict[str, Any]:
         """Where the ENV's VMs would go now ({name, vm_count, hosts}); nothing is created."""
@@ -67,38 +69,57 @@ class Client:
         )
         return out
 
-    def create_env_progress(self, req: EnvRequest, on_vm: Callable[[VmUp], None]) -> dict[str, Any]:
-        """Create an ENV, calling on_vm as each VM comes up; returns the ready ENV."""
+    def create_env_progress(
+        self,
+        req: EnvRequest | dict[str, Any],
+        on_vm: Callable[[VmUp], None],
+        *,
+        on_queued: Callable[[QueueInfo], None] | None = None,
+        on_granted: Callable[[float], None] | None = None,
+        wait: WaitOptions | None = None,
+    ) -> dict[str, Any]:
+        """Create an ENV, calling on_queued while it waits for capacity (with its position),
+        on_granted when its VMs start booting and on_vm as each comes up; returns the ready ENV.
+
+        A broken stream (the scheduler restarted, a proxy timed out) is followed again through
+        GET /v1/envs/NAME/progress. Closing the stream (Ctrl-C: KeyboardInterrupt passes
+        through) takes a still-queued ENV out of the queue on the scheduler.
+
+        Raises:
+            BadInput, ApiError: refused (too big, no image, name taken, waited past max_wait).
+        """
+        body = req.to_dict() if isinstance(req, EnvRequest) else dict(req)
+        if wait is not None:
+            body.update(wait.to_dict())
+        name = str(body.get("name", ""))
+        handlers = _Handlers(on_vm, on_queued, on_granted)
         r = self._call(
-            "POST",
-            "/v1/envs",
-            params={"progress": "1"},
-            json=req.to_dict(),
-            stream=True,
-            timeout=(10, 900),
+            "POST", "/v1/envs", params={"progress": "1"}, json=body, stream=True, timeout=(10, 900)
         )
-        try:
-            for line in r.iter_lines():
-                if not line:
-                    continue
-                ev = EnvEvent.from_dict(json.loads(line))
-                if ev.vm is not None:
-                    on_vm(ev.vm)
-                elif ev.env is not None:
-                    return dict(ev.env)
-                elif ev.error is not None:
-                    raise ev.error.exception(ev.status)
-        except requests.RequestException as e:
-            raise TTError(
-                f"the scheduler's stream broke off: {e}",
-                hint="`tt env show` tells what exists; delete and retry",
-            ) from e
-        finally:
-            r.close()
+        for attempt in range(REATTACH_TRIES + 1):
+            try:
+                env = handlers.follow(r)
+            except requests.RequestException as e:
+                if attempt == REATTACH_TRIES:
+                    raise TTError(
+                        f"the scheduler's stream for ENV {name} kept breaking off: {e}",
+                        hint="`tt env show` tells what exists; delete and retry",
+                    ) from e
+                time.sleep(min(2.0 * (attempt + 1), 10.0))
+                r = self._reattach(name)
+                continue
+            finally:
+                r.close()
+            if env is not None:
+                return env
+            r = self._reattach(name)  # the stream ended without a result: follow it again
         raise TTError(
-            "the scheduler ended the ENV stream without an answer",
+            f"the scheduler ended the stream of ENV {name} without an answer",
             hint="`tt env show` tells what exists",
         )
+
+    def _reattach(self, name: str) -> requests.Response:
+        return self._call("GET", f"/v1/envs/{name}/progress", stream=True, timeout=(10, 900))
 
     def extend_env(self, name: str, life_time: str) -> dict[str, Any]:
         out: dict[str, Any] = self._call(
@@ -168,3 +189,35 @@ class Client:
     def run(self, name: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Transitional: exec() with a dict request, dict events."""
         return (ev.to_dict() for ev in self.exec(name, ExecRequest.from_dict(body)))
+
+
+class _Handlers:
+    """Reads one progress stream, handing each event to its callback."""
+
+    def __init__(
+        self,
+        on_vm: Callable[[VmUp], None],
+        on_queued: Callable[[QueueInfo], None] | None,
+        on_granted: Callable[[float], None] | None,
+    ) -> None:
+        self.on_vm, self.on_queued, self.on_granted = on_vm, on_queued, on_granted
+
+    def follow(self, r: requests.Response) -> dict[str, Any] | None:
+        """The ready ENV; None if the stream ended without a result. Raises the error event."""
+        for line in r.iter_lines():
+            if not line:
+                continue
+            ev = EnvEvent.from_dict(json.loads(line))
+            if ev.kind == "queued" and ev.queue is not None:
+                if self.on_queued:
+                    self.on_queued(ev.queue)
+            elif ev.kind == "granted":
+                if self.on_granted:
+                    self.on_granted(ev.waited_s)
+            elif ev.vm is not None:
+                self.on_vm(ev.vm)
+            elif ev.env is not None:
+                return dict(ev.env)
+            elif ev.error is not None:
+                raise ev.error.exception(ev.status)
+        return None

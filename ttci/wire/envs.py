@@ -18,6 +18,7 @@ from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports, ports_text
 from ttci.model.resources import validate_vm_size
 from ttci.wire.api import API_VERSION, ErrorBody, check_api, require_object
+from ttci.wire.queue import QueueInfo
 
 __all__ = [
     "DEFAULT_LIFE_S",
@@ -261,19 +262,26 @@ class VmUp:
 
 @dataclass(frozen=True)
 class EnvEvent:
-    """One line of `POST /v1/envs?progress=1`: `vm` (one per VM as it comes up), then `ready`
-    (with the ENV as `GET /v1/envs/NAME` shows it) or `error` (with the HTTP status the
-    plain request would have answered)."""
+    """One line of `POST /v1/envs?progress=1` (or GET /v1/envs/NAME/progress): `queued` (its
+    place in the admission queue, whenever that changes), `granted` (capacity is its: the VMs
+    boot), `vm` (one per VM as it comes up), then `ready` (with the ENV as `GET /v1/envs/NAME`
+    shows it) or `error` (with the HTTP status the plain request would have answered)."""
 
-    kind: str  # vm, ready or error
+    kind: str  # queued, granted, vm, ready or error
     vm: VmUp | None = None
     env: Mapping[str, Any] | None = field(default=None, hash=False)
     error: ErrorBody | None = None
     status: int = 0
+    queue: QueueInfo | None = None
+    waited_s: float = 0.0
 
-    KINDS = ("vm", "ready", "error")
+    KINDS = ("queued", "granted", "vm", "ready", "error")
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind == "queued" and self.queue is not None:
+            return {"event": "queued", **self.queue.to_dict()}
+        if self.kind == "granted":
+            return {"event": "granted", "waited_s": self.waited_s}
         if self.kind == "vm" and self.vm is not None:
             return {"event": "vm", **self.vm.to_dict()}
         if self.kind == "ready":
@@ -285,6 +293,11 @@ class EnvEvent:
     def from_dict(cls, d: Any) -> EnvEvent:
         d = require_object(d, "an ENV event")
         kind = d.get("event")
+        if kind == "queued":
+            return cls("queued", queue=QueueInfo.from_dict(d))
+        if kind == "granted":
+            waited = d.get("waited_s", 0.0)
+            return cls("granted", waited_s=float(waited) if isinstance(waited, int | float) else 0)
         if kind == "vm":
             return cls("vm", vm=VmUp.from_dict(d))
         if kind == "ready":

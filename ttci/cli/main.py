@@ -11,7 +11,7 @@ import argparse
 from importlib.metadata import entry_points
 
 from ttci import __version__
-from ttci.cli import allinone, demo, env_cmd, job_cmd, pool_cmd
+from ttci.cli import allinone, demo, env_cmd, job_cmd, pool_cmd, queue_cmd
 from ttci.infra.entry import run_cli
 
 __all__ = ["COMMAND_GROUP", "main", "make_parser"]
@@ -27,6 +27,7 @@ def make_parser() -> argparse.ArgumentParser:
     for register in (
         env_cmd.register,
         pool_cmd.register,
+        queue_cmd.register,
         job_cmd.register,
         allinone.register,
         demo.register,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ttci.cli import queue_cmd
 from ttci.client import config
 from ttci.client.scheduler import Client
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=cmd_host)
 
-    u = sub.add_parser("user", help="users and their tokens: add, list, del (admin)")
+    u = sub.add_parser("user", help="users and their tokens: add, list, del, quota (admin)")
     us = u.add_subparsers(dest="verb", required=True, metavar="VERB")
     a = us.add_parser("add", help="create a user; prints their token once")
     a.add_argument("name", help="user name (lowercase letters, digits, _ or -)")
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = us.add_parser("del", help="delete a user (their token stops working)")
     d.add_argument("name", help="user name")
     d.set_defaults(func=cmd_user_del)
+    queue_cmd.register_quota(us)
 
 
 def _client() -> Client:

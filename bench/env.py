@@ -27,6 +27,8 @@ from ttci.client.config import ClientConfig
 from ttci.client.scheduler import Client
 from ttci.infra.log import setup_logging
 from ttci.model.naming import parse_release, parse_target
+from ttci.wire.commands import EventKind, ExecRequest
+from ttci.wire.envs import EnvRequest
 
 
 def main() -> int:
@@ -61,14 +63,12 @@ def main() -> int:
         for n in sizes:
             name = f"bench-{n}"
             t0 = time.monotonic()
-            env = client.create_env(
-                {"name": name, "os_prefix": args.image, "dup_each": n, "memory_mib": 384}
-            )
+            env = client.create_env(EnvRequest(name, args.image, dup_each=n, memory_mib=384))
             added = time.monotonic() - t0
             first: dict[str, float] = {}
-            for ev in client.run(name, {"cmd": "echo ready"}):
-                if ev["event"] == "stdout" and ev["vm"] not in first:
-                    first[ev["vm"]] = time.monotonic() - t0
+            for ev in client.exec(name, ExecRequest.shell("echo ready")):
+                if ev.kind is EventKind.STDOUT and ev.vm not in first:
+                    first[ev.vm] = time.monotonic() - t0
             total = max(first.values())
             guest = max(v["guest_boot_s"] for v in env["vms"])
             overhead = total - guest

@@ -89,7 +89,7 @@ def main() -> int:
             got[0] += len(b)
 
         t0 = time.monotonic()
-        st = agent.run(["head", "-c", str(nbytes), "/dev/zero"], on_stdout=count)
+        st = agent.exec(["head", "-c", str(nbytes), "/dev/zero"], on_stdout=count)
         agent_s = time.monotonic() - t0
         assert st.ok and got[0] == nbytes, (st, got)
 

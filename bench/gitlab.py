@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -147,7 +148,7 @@ def same_vm(job_id: int, cfg: Path, client: Client, key: Path) -> dict[str, list
     req = job.env_request(
         {"CI_JOB_ID": str(job_id)}, "qemu:debian-12+systemd:amd64", job.Size(1, 1024, 0)
     )
-    env_row = client.create_env({**req, "vm_ports": "22"})
+    env_row = client.create_env(replace(req, vm_ports=((22, "tcp"),)))
     try:
         host, port = ssh_target(env_row["vms"][0])
         deadline = time.monotonic() + 180

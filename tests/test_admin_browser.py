@@ -21,6 +21,9 @@ from tests.conftest import built_image
 from ttci.cli.allinone import Stack
 from ttci.client import config
 from ttci.client.scheduler import Client
+from ttci.wire.commands import ExecRequest, ExitStatus
+from ttci.wire.envs import EnvRequest
+from ttci.wire.jobs import JobResult
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "admin"
@@ -91,12 +94,12 @@ def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(  # noqa: PLR0915
     creating = threading.Thread(
         target=lambda: made.append(
             client.create_env(
-                {
-                    "name": "web-1",
-                    "os_prefix": "debian-12:amd64",
-                    "memory_mib": 384,
-                    "origin": {"kind": "gitlab", "job": "4242", "url": job_url, "project": "app"},
-                }
+                EnvRequest(
+                    "web-1",
+                    "debian-12:amd64",
+                    memory_mib=384,
+                    origin={"kind": "gitlab", "job": "4242", "url": job_url, "project": "app"},
+                )
             )
         )
     )
@@ -175,11 +178,11 @@ def test_metrics_parse_and_move_when_vms_start_and_stop(cloud: tuple[Stack, Clie
         return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
     m0 = both()
-    client.create_env({"name": "metrics-1", "os_prefix": "debian-12:amd64", "memory_mib": 384})
-    events = list(client.run("metrics-1", {"cmd": "exit 3"}))
-    assert events[-1]["code"] == 3
+    client.create_env(EnvRequest("metrics-1", "debian-12:amd64", memory_mib=384))
+    events = list(client.exec("metrics-1", ExecRequest.shell("exit 3")))
+    assert events[-1].status == ExitStatus(3)
     m1 = both()
-    client.report_result("metrics-1", "failed")
+    client.report_result("metrics-1", JobResult("failed"))
     client.delete_env("metrics-1")
     m2 = both()
 

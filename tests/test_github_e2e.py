@@ -6,14 +6,13 @@ and the test checks the runner it started carries the JIT config GitHub issued f
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from ttci.cli.allinone import running
 from ttci.client.config import ClientConfig
 from ttci.client.scheduler import ApiError, Client
 from ttci.infra.proc import stop
+from ttci.wire.commands import EventKind, ExecRequest
+from ttci.wire.envs import EnvRequest
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 SECRET = "e2e-webhook-secret-7c1d"
@@ -81,9 +82,9 @@ class World:
 
     def in_vm(self, env: str, cmd: str) -> str:
         out = []
-        for ev in self.tt.run(env, {"argv": ["/bin/sh", "-c", cmd]}):
-            if ev.get("event") == "stdout":
-                out.append(base64.b64decode(ev["data"]).decode())
+        for ev in self.tt.exec(env, ExecRequest.shell(cmd)):
+            if ev.kind is EventKind.STDOUT:
+                out.append(ev.data.decode())
         return "".join(out)
 
     def env_exists(self, env: str) -> bool:
@@ -294,10 +295,10 @@ def test_restart_keeps_running_jobs_and_the_reconciler_ends_them(world: World) -
 
 
 def test_reconciler_deletes_our_orphan_envs_only(world: World) -> None:
-    body = {"os_prefix": "debian-12:amd64", "memory_mib": 384, "life_time": "10m"}
-    world.tt.create_env({**body, "name": "gh-99-1"})  # a user's own ENV with a lookalike name
+    user_env = EnvRequest("gh-99-1", "debian-12:amd64", memory_mib=384, life_s=600)
+    world.tt.create_env(user_env)  # a user's own ENV with a lookalike name
     orphan = {"kind": "github", "job": "98", "project": REPO, "runner": "tt-98-1"}
-    world.tt.create_env({**body, "name": "gh-98-1", "origin": orphan})  # ours, no job owns it
+    world.tt.create_env(replace(user_env, name="gh-98-1", origin=orphan))  # ours, no job owns it
     try:
         world.wait("the orphan to go", lambda: not world.env_exists("gh-98-1"), timeout=60)
         time.sleep(3)  # one more reconcile round

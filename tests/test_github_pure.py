@@ -260,11 +260,11 @@ def test_reconcile_gives_a_started_runner_time() -> None:
 def test_launch_request_keeps_the_jit_config_off_every_command_line() -> None:
     secret = "eyJydW5uZXIiOiJ0dC0xLTEifQ=="
     for mode in ("env", "argv"):
-        req = launch_request("/opt/actions-runner", mode, secret)
+        req = launch_request("/opt/actions-runner", mode, secret).to_dict()
         assert secret not in " ".join(req["argv"])
         assert base64.b64decode(req["stdin_b64"]).decode() == secret + "\n"
     assert "ACTIONS_RUNNER_INPUT_JITCONFIG" in LAUNCHER and "--jitconfig" in LAUNCHER
-    req = launch_request("/opt/actions-runner", "env", secret, b"TARBYTES")
+    req = launch_request("/opt/actions-runner", "env", secret, b"TARBYTES").to_dict()
     assert base64.b64decode(req["stdin_b64"]) == secret.encode() + b"\nTARBYTES"
     assert req["argv"][-1] == "unpack"
     with pytest.raises(ValueError, match="env or argv"):

@@ -253,7 +253,7 @@ def test_launcher_hands_the_jit_config_to_run_sh(tmp_path: Path, mode: str) -> N
     record.unlink(missing_ok=True)
     flag.unlink(missing_ok=True)
     jit = base64.b64encode(b'{"nonce": "' + os.urandom(8).hex().encode() + b'"}').decode()
-    req = launch_request(str(runner), mode, jit, tar_dir(src) if mode == "env" else None)
+    req = launch_request(str(runner), mode, jit, tar_dir(src) if mode == "env" else None).to_dict()
     p = subprocess.Popen(
         req["argv"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ttci.infra.http_server import bearer_ok
 from webhooks.core.jobs import check_delivery_id
 from webhooks.core.signature import SignatureError, verify
 from webhooks.service import Service
@@ -86,10 +86,8 @@ def metrics() -> Response:
 def jobs() -> tuple[Response, int]:
     """Jobs as we see them (state, reason, runner, VM) for operators; no secrets in here."""
     token = current_app.config.get("ADMIN_TOKEN") or ""
-    if token:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return jsonify({"error": "a bearer token is needed", "hint": "--admin-token"}), 401
+    if token and not bearer_ok(token):
+        return jsonify({"error": "a bearer token is needed", "hint": "--admin-token"}), 401
     return jsonify(_svc().jobs(request.args.get("state") or None)), 200
 
 

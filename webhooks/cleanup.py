@@ -7,8 +7,8 @@ import threading
 import time
 from typing import Any
 
-from ttci.client.scheduler import ApiError
 from ttci.model.errors import TTError
+from ttci.wire.jobs import JobResult
 from webhooks.core import reconcile
 from webhooks.core.jobs import (
     Event,
@@ -64,17 +64,15 @@ class Cleanup(ServiceBase):
         """Tell the scheduler's job history how GitHub says the job ended."""
         if job.get("env") and job.get("conclusion"):
             try:
-                self.tt.report_result(job["env"], result_of(job["conclusion"]))
+                self.tt.report_result(job["env"], JobResult(result_of(job["conclusion"])))
             except TTError as e:
                 log.warning("job %s: result not reported: %s", job["id"], e)
 
     def _delete_env(self, env: str) -> bool:
+        """Delete the ENV (gone already is fine). One still being created is not waited for:
+        the reconciler tries again."""
         try:
-            self.tt.delete_env(env)
-        except ApiError as e:
-            if e.status != 404:
-                log.warning("ENV %s not deleted: %s", env, e, extra={"env": env})
-                return False
+            self.tt.delete_env_wait(env, wait_s=0)
         except TTError as e:
             log.warning("ENV %s not deleted: %s", env, e, extra={"env": env})
             return False

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
 from typing import Any
 
 from ttci.model.errors import BadInput, TTError
+from ttci.wire.commands import EventKind
+from ttci.wire.envs import EnvRequest, parse_duration
 from webhooks.core.jobs import (
     Event,
     State,
@@ -193,22 +194,22 @@ class Provisioning(ServiceBase):
         if isinstance(jit, JitRunner):
             self._remove_runner({**job, "runner_id": jit.runner_id})
 
-    def _env_request(self, job: dict[str, Any], env: str, rname: str) -> dict[str, Any]:
-        return {
-            "name": env,
-            "os_prefix": job["os_prefix"],
-            "cpus": self.s.vm_cpus,
-            "memory_mib": self.s.vm_memory_mib,
-            "disk_gib": self.s.vm_disk_gib,
-            "life_time": self.s.life_time,
-            "origin": {
+    def _env_request(self, job: dict[str, Any], env: str, rname: str) -> EnvRequest:
+        return EnvRequest(
+            name=env,
+            os_prefix=job["os_prefix"],
+            cpus=self.s.vm_cpus,
+            memory_mib=self.s.vm_memory_mib,
+            disk_gib=self.s.vm_disk_gib,
+            life_s=parse_duration(self.s.life_time),
+            origin={
                 "kind": "github",
                 "job": str(job["id"]),
                 "url": job["html_url"] or f"https://github.com/{job['repo']}",
                 "project": job["repo"],
                 "runner": rname,
             },
-        }
+        )
 
     def _run_runner(self, jid: int, env: str, jit: JitRunner) -> None:
         """Start run.sh in the VM; returns when the runner process has exited."""
@@ -216,21 +217,20 @@ class Provisioning(ServiceBase):
         req = launch_request(self.s.runner_dir, self.s.jit_via, jit.encoded_jit_config, bundle)
         self.store.update(jid, launched_at=time.time())
         tail: list[str] = []
-        code: Any = None
-        for ev in self.tt.run(env, req):
-            kind = ev.get("event")
-            if kind in ("stdout", "stderr"):
-                text = base64.b64decode(ev.get("data", "")).decode(errors="replace")
-                if STARTED_MARK in text and kind == "stderr":
+        code: int | str | None = None
+        for ev in self.tt.exec(env, req):
+            if ev.kind in (EventKind.STDOUT, EventKind.STDERR):
+                text = ev.data.decode(errors="replace")
+                if STARTED_MARK in text and ev.kind is EventKind.STDERR:
                     self.store.apply(jid, Event.RUNNER_STARTED, runner_started_at=time.time())
                     log.info(
                         "job %s: runner %s started in %s", jid, jit.name, env, extra={"job": jid}
                     )
                 tail = (tail + text.splitlines())[-20:]
-            elif kind == "exit":
-                code = ev.get("code")
-            elif kind == "error":
-                code = ev.get("message")
+            elif ev.status is not None:
+                code = ev.status.code
+            elif ev.kind is EventKind.ERROR:
+                code = ev.message
         why = f"the runner exited ({code})"
         if code not in (0, None) and tail:
             log.info(

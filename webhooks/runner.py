@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import tarfile
 from pathlib import Path
-from typing import Any
+
+from ttci.wire.commands import ExecRequest
 
 __all__ = ["LAUNCHER", "STARTED_MARK", "launch_request", "tar_dir"]
 
@@ -33,7 +33,7 @@ STARTED_MARK = "ttci: starting "
 
 def launch_request(
     runner_dir: str, jit_via: str, encoded_jit_config: str, bundle: bytes | None = None
-) -> dict[str, Any]:
+) -> ExecRequest:
     """The agent request that starts run.sh; the JIT config travels on stdin only.
 
     bundle: a tar of the runner directory, unpacked into runner_dir first (--push-runner);
@@ -41,18 +41,10 @@ def launch_request(
     if jit_via not in ("env", "argv"):
         raise ValueError(f"jit_via {jit_via!r} is not env or argv")
     stdin = encoded_jit_config.encode() + b"\n" + (bundle or b"")
-    return {
-        "argv": [
-            "/bin/sh",
-            "-c",
-            LAUNCHER,
-            "tt-runner",
-            runner_dir,
-            jit_via,
-            "unpack" if bundle else "-",
-        ],
-        "stdin_b64": base64.b64encode(stdin).decode(),
-    }
+    return ExecRequest(
+        ("/bin/sh", "-c", LAUNCHER, "tt-runner", runner_dir, jit_via, "unpack" if bundle else "-"),
+        stdin=stdin,
+    )
 
 
 def tar_dir(path: Path) -> bytes:

@@ -176,19 +176,12 @@ class Client:
         ).json()
         return out
 
-    def report_result(self, name: str, result: JobResult | str) -> dict[str, Any]:
-        """Record how the job in ENV `name` ended in the scheduler's job history.
-        (A str result: transitional, as for create_env.)"""
-        result = result if isinstance(result, JobResult) else JobResult(result)
+    def report_result(self, name: str, result: JobResult) -> dict[str, Any]:
+        """Record how the job in ENV `name` ended in the scheduler's job history."""
         out: dict[str, Any] = self._call(
             "POST", f"/v1/envs/{name}/result", json=result.to_dict()
         ).json()
         return out
-
-    # -- until `tt job run` and the GitHub service move to the shapes above ------------------
-    def run(self, name: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Transitional: exec() with a dict request, dict events."""
-        return (ev.to_dict() for ev in self.exec(name, ExecRequest.from_dict(body)))
 
 
 class _Handlers:

@@ -46,7 +46,7 @@ def test_stdout_and_stderr_stay_apart_and_exit_code_comes_back(agent: AgentClien
 def test_output_streams_before_the_command_ends(agent: AgentClient) -> None:
     seen: list[float] = []
     t0 = time.monotonic()
-    agent.run(
+    agent.exec(
         ["sh", "-c", "echo first; sleep 1; echo second"],
         on_stdout=lambda b: seen.append(time.monotonic() - t0),
     )
@@ -133,7 +133,7 @@ def test_cancel_stops_a_running_command(agent: AgentClient) -> None:
     timer = threading.Timer(0.5, lambda: agent.cancel(channels[0]))
     timer.start()
     t0 = time.monotonic()
-    status = agent.run(["sh", "-c", "sleep 30; echo never"], on_start=channels.append)
+    status = agent.exec(["sh", "-c", "sleep 30; echo never"], on_start=channels.append)
     assert status.cancelled and status.signal == 15
     assert time.monotonic() - t0 < 5
 

@@ -16,12 +16,13 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from hostd.service import metrics
 from hostd.vm.engine import EngineError
-from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager, VMRequest
+from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager
 from ttci import __version__
 from ttci.infra.http_server import install_auth, install_errors, json_body, ndjson
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
+from ttci.wire.envs import VMRequest
 
 __all__ = [
     "bp",

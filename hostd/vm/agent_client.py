@@ -159,8 +159,6 @@ class AgentClient:
             elif item.type is MsgType.ERROR:
                 raise AgentError(f"agent refused {what}: {item.json().get('message')}")
 
-    run = exec  # until hostd's VM manager calls exec
-
     def cancel(self, channel: int, signal: int = 15) -> None:
         """Signal a running command's process group (SIGTERM, then SIGKILL after a grace)."""
         with contextlib.suppress(AgentError):

@@ -27,14 +27,15 @@ from hostd.builders.domain_xml import DomainSpec
 from hostd.images.catalogue import Image, scan
 from hostd.net.manager import NetConfig, NetManager, VmNet
 from hostd.vm.accel import choose_accel
-from hostd.vm.agent_client import AgentClient, ExitStatus
+from hostd.vm.agent_client import AgentClient
 from hostd.vm.disk import create_overlay
 from hostd.vm.engine import Engine
 from ttci.infra.db import Store, now
 from ttci.model.arch import Arch
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
-from ttci.model.ports import parse_ports
 from ttci.model.resources import Resources, shortfall, validate_vm_size
+from ttci.wire.agent_protocol import ExitStatus
+from ttci.wire.envs import VMRequest
 
 __all__ = [
     "BOOT_TIMEOUT_S",
@@ -45,7 +46,6 @@ __all__ = [
     "NotFound",
     "VMLost",
     "VMManager",
-    "VMRequest",
 ]
 
 log = logging.getLogger("hostd.vm.manager")
@@ -96,41 +96,6 @@ def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
         db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
 
     return [("0001_vms", vms), ("0002_guest_boot_s", guest_boot), *NetManager.migrations()]
-
-
-@dataclass(frozen=True)
-class VMRequest:
-    id: str
-    env: str
-    name: str
-    owner: str
-    image: str
-    cpus: float = 1
-    memory_mib: int = 512
-    disk_gib: int = 0  # 0: the image's own size
-    deny_outgoing: bool = False
-    ports: tuple[tuple[int, str], ...] = ()
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VMRequest:
-        try:
-            return cls(
-                id=str(d.get("id") or uuid.uuid4().hex[:12]),
-                env=str(d["env"]),
-                name=str(d["name"]),
-                owner=str(d.get("owner", "")),
-                image=str(d["image"]),
-                cpus=float(d.get("cpus", 1)),
-                memory_mib=int(d.get("memory_mib", 512)),
-                disk_gib=int(d.get("disk_gib", 0)),
-                deny_outgoing=bool(d.get("deny_outgoing", False)),
-                ports=tuple(parse_ports(d.get("ports"))),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadInput(
-                f"VM request is malformed: {e!r}",
-                hint="send env, name, image and numeric cpus/memory_mib/disk_gib",
-            ) from e
 
 
 @dataclass(frozen=True)
@@ -419,10 +384,10 @@ class VMManager:
         return agent
 
     def exec(self, vm_id: str, argv: list[str], **kw: Any) -> ExitStatus:
-        """Run argv in the VM (see AgentClient.run). A VM that dies mid-command: VMLost."""
+        """Run argv in the VM (see AgentClient.exec). A VM that dies mid-command: VMLost."""
         agent = self.agent(vm_id)
         try:
-            return agent.run(argv, **kw)
+            return agent.exec(argv, **kw)
         except AgentError:
             row = self._row(vm_id)
             if not self.engine.is_running(row["domain"]):

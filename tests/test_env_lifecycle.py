@@ -151,7 +151,8 @@ def test_push_get_exit_codes_and_dup_each(cloud: tuple[Stack, Path], tmp_path: P
         (
             ["x4", "--os-prefix", "debian-12:amd64", "--dup-each", "40", "--mem", "1024"],
             1,
-            "free on the hosts that have it",
+            # Refused at once, for the whole ENV (it could never fit: it does not queue).
+            "the ENV (40 VMs) needs 40 CPUs",
         ),
         (["x5", "--os-prefix", "debian-12:amd64", "--vm-port", "22,22"], 2, "asked for twice"),
     ],

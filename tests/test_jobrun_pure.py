@@ -26,8 +26,8 @@ from ttci.cli.job_plan import (
 from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
 from ttci.model.naming import Target, parse_target
-from ttci.scheduler.planning.envspec import ENV_NAME_RE, parse_origin
 from ttci.wire.commands import ExecEvent
+from ttci.wire.envs import ENV_NAME_RE, parse_origin
 
 IMAGES = [
     "qemu:debian-12:amd64",

@@ -4,8 +4,9 @@ import pytest
 
 from ttci.model.errors import BadInput
 from ttci.model.resources import Resources, shortfall
-from ttci.scheduler.planning.envspec import EnvRequest, parse_duration
+from ttci.scheduler.planning.envspec import vm_names
 from ttci.scheduler.planning.placement import Ask, HostView, NoPlacement, place
+from ttci.wire.envs import EnvRequest, parse_duration
 
 IMG = "qemu:debian-12:arm64"
 
@@ -96,7 +97,7 @@ def test_bad_durations(bad: str) -> None:
 def test_env_vm_names_follow_images_and_replicas() -> None:
     images = ["qemu:debian-12:amd64", "qemu:debian-12:arm64", "qemu:debian-12+systemd:amd64"]
     req = EnvRequest.from_dict({"name": "ci-1", "os_prefix": "debian-12", "dup_each": 2})
-    assert [n for n, _ in req.vms(images)] == [  # in image-name order
+    assert [n for n, _ in vm_names(req, images)] == [  # in image-name order
         "debian-12-systemd-amd64-1",
         "debian-12-systemd-amd64-2",
         "debian-12-amd64-1",
@@ -105,7 +106,7 @@ def test_env_vm_names_follow_images_and_replicas() -> None:
         "debian-12-arm64-2",
     ]
     single = EnvRequest.from_dict({"name": "ci-2", "os_prefix": "qemu:debian-12:arm"})
-    assert single.vms(images) == [("debian-12-arm64", "qemu:debian-12:arm64")]
+    assert vm_names(single, images) == [("debian-12-arm64", "qemu:debian-12:arm64")]
 
 
 @pytest.mark.parametrize(

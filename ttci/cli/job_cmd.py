@@ -25,7 +25,7 @@ from ttci.cli.job_runner import Job
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.model.errors import BadInput
-from ttci.scheduler.planning.envspec import parse_duration
+from ttci.wire.envs import parse_duration
 
 __all__ = ["cmd_job_run", "register"]
 

@@ -18,9 +18,10 @@ from ttci.scheduler import history
 from ttci.scheduler.core import PARALLEL_CREATES, EnvExists
 from ttci.scheduler.env_views import EnvViews
 from ttci.scheduler.hostd_client import HostUnreachable
-from ttci.scheduler.planning.envspec import EnvRequest
+from ttci.scheduler.planning.envspec import vm_names
 from ttci.scheduler.planning.placement import Ask, NoPlacement, place
 from ttci.scheduler.users import User
+from ttci.wire.envs import EnvRequest, VMRequest, VmUp
 
 __all__ = ["EnvCreation", "request_from_json", "request_json"]
 
@@ -46,7 +47,7 @@ class EnvCreation(EnvViews):
         images = sorted(
             {i["name"] for h in hosts if h["state"] == "up" for i in h.get("images", [])}
         )
-        wanted = req.vms(images)
+        wanted = vm_names(req, images)
         sizes = {i["name"]: i.get("disk_gib", 4) for h in hosts for i in h.get("images", [])}
         return [
             Ask(
@@ -59,7 +60,7 @@ class EnvCreation(EnvViews):
         ]
 
     def boot_env(
-        self, req: EnvRequest, user: User, progress: Callable[[dict[str, Any]], None] | None = None
+        self, req: EnvRequest, user: User, progress: Callable[[VmUp], None] | None = None
     ) -> dict[str, Any]:
         """Boot every VM of a granted ENV (its VM rows are placed and recorded); all or nothing:
         if any VM fails, the ones made are deleted again and TTError says why."""
@@ -142,18 +143,18 @@ class EnvCreation(EnvViews):
     def _create_on_host(self, req: EnvRequest, user: User, v: dict[str, Any]) -> dict[str, Any]:
         """Create the VM where it was placed; a host that vanished meanwhile is marked
         down and the VM is placed once more on the rest of the pool."""
-        body = {
-            "id": v["id"],
-            "env": req.name,
-            "name": v["name"],
-            "owner": user.name,
-            "image": v["image"],
-            "cpus": v["cpus"],
-            "memory_mib": v["memory_mib"],
-            "disk_gib": v["disk_gib"],
-            "deny_outgoing": req.deny_outgoing,
-            "ports": req.vm_ports,
-        }
+        body = VMRequest(
+            id=v["id"],
+            env=req.name,
+            name=v["name"],
+            owner=user.name,
+            image=v["image"],
+            cpus=v["cpus"],
+            memory_mib=v["memory_mib"],
+            disk_gib=v["disk_gib"],
+            deny_outgoing=req.deny_outgoing,
+            ports=req.vm_ports,
+        )
         try:
             return self._client(v["host"]).create_vm(body)
         except HostUnreachable as e:
@@ -179,7 +180,7 @@ class EnvCreation(EnvViews):
         req: EnvRequest,
         user: User,
         v: dict[str, Any],
-        progress: Callable[[dict[str, Any]], None] | None,
+        progress: Callable[[VmUp], None] | None,
     ) -> None:
         r = self._create_on_host(req, user, v)
         self._set_vm(
@@ -192,13 +193,7 @@ class EnvCreation(EnvViews):
         )
         if progress:
             progress(
-                {
-                    "vm": v["name"],
-                    "host": v["host"],
-                    "image": v["image"],
-                    "boot_s": r.get("boot_s", 0.0),
-                    "accel": r.get("accel", ""),
-                }
+                VmUp(v["name"], v["host"], v["image"], r.get("boot_s", 0.0), r.get("accel", ""))
             )
 
     def _take_back(self, env: str, failures: list[str]) -> None:
@@ -224,9 +219,12 @@ def _after(seconds: int) -> str:
 
 
 def request_json(req: EnvRequest) -> dict[str, Any]:
-    """The request as the ENV's row keeps it (a queued ENV is booted from it after a restart)."""
-    return dict(req.__dict__)
+    """The request as the ENV's row keeps it (a queued ENV is booted from it after a restart):
+    as it came over the wire."""
+    return req.to_dict()
 
 
 def request_from_json(d: dict[str, Any]) -> EnvRequest:
-    return EnvRequest(**d)
+    if "life_s" in d:  # kept by a scheduler of before the wire shapes: the dataclass's fields
+        d = {("life_time" if k == "life_s" else k): v for k, v in d.items()}
+    return EnvRequest.from_dict(d)

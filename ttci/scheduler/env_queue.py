@@ -36,9 +36,9 @@ from ttci.scheduler.planning.admission import (
     next_to_place,
     project_key,
 )
-from ttci.scheduler.planning.envspec import EnvRequest
 from ttci.scheduler.planning.placement import NoPlacement, place
 from ttci.scheduler.users import User
+from ttci.wire.envs import EnvEvent, EnvRequest
 from ttci.wire.queue import QueueInfo, WaitOptions
 
 __all__ = ["EnvQueue", "QueueTimeout", "QueuedRefused", "status_of"]
@@ -191,7 +191,7 @@ class EnvQueue(EnvCreation):
     def _boot_granted(self, req: EnvRequest, user: User) -> None:
         try:
             env = self.boot_env(
-                req, user, progress=lambda ev: self._publish(req.name, {"event": "vm", **ev})
+                req, user, progress=lambda vm: self._publish(req.name, EnvEvent("vm", vm).to_dict())
             )
             self._publish(req.name, {"event": "ready", "env": env}, final=True)
         except Exception as e:  # reported to the watchers; the ENV was taken back

@@ -11,6 +11,7 @@ import requests
 from ttci.model.errors import BadInput, TTError
 from ttci.wire.api import ErrorBody
 from ttci.wire.commands import ExecEvent, ExecRequest
+from ttci.wire.envs import VMRequest
 
 __all__ = ["HostUnreachable", "HostdClient", "HostdError"]
 
@@ -64,8 +65,8 @@ class HostdClient:
         out: list[dict[str, Any]] = self._call("GET", "/v1/vms").json()
         return out
 
-    def create_vm(self, req: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = self._call("POST", "/v1/vms", json=req, timeout=300).json()
+    def create_vm(self, req: VMRequest) -> dict[str, Any]:
+        out: dict[str, Any] = self._call("POST", "/v1/vms", json=req.to_dict(), timeout=300).json()
         return out
 
     def delete_vm(self, vm_id: str) -> None:

@@ -17,12 +17,12 @@ from ttci.scheduler import admission_store as qs
 from ttci.scheduler.env_queue import QueuedRefused, QueueTimeout
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
 from ttci.scheduler.hosts import HostNotFound, HostRefused
-from ttci.scheduler.planning.envspec import EnvRequest, parse_duration
 from ttci.scheduler.planning.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
 from ttci.scheduler.users import User, UserExists, UserNotFound
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
+from ttci.wire.envs import EnvRequest, parse_duration
 from ttci.wire.hosts import Heartbeat, HostRegistration
 from ttci.wire.queue import WaitOptions
 

@@ -3,7 +3,6 @@ what no state row owns, and a graceful stop leaves nothing behind."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import signal
@@ -26,6 +25,8 @@ from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 from ttci.model.arch import Arch
 from ttci.scheduler.hostd_client import HostdClient, HostdError
+from ttci.wire.commands import EventKind, ExecRequest
+from ttci.wire.envs import VMRequest
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 TOKEN = "crash-test-token"
@@ -56,13 +57,13 @@ def start_hostd(state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
 def run(client: HostdClient, vm_id: str, cmd: str) -> tuple[int | None, str]:
     out = []
     code = None
-    for ev in client.exec(vm_id, {"argv": ["sh", "-c", cmd]}):
-        if ev["event"] == "stdout":
-            out.append(base64.b64decode(ev["data"]).decode())
-        elif ev["event"] == "exit":
-            code = ev["code"]
-        elif ev["event"] == "error":
-            raise AssertionError(ev["message"])
+    for ev in client.exec(vm_id, ExecRequest(("sh", "-c", cmd))):
+        if ev.kind is EventKind.STDOUT:
+            out.append(ev.data.decode())
+        elif ev.status is not None:
+            code = ev.status.code
+        elif ev.kind is EventKind.ERROR:
+            raise AssertionError(ev.message)
     return code, "".join(out)
 
 
@@ -82,13 +83,7 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
     hostd = start_hostd(state, port)
     client = HostdClient("crashy", f"http://127.0.0.1:{port}", TOKEN)
     client.create_vm(
-        {
-            "id": "keep1",
-            "env": "e",
-            "name": "survivor",
-            "image": "qemu:debian-12:amd64",
-            "memory_mib": 384,
-        }
+        VMRequest("keep1", "e", "survivor", "", "qemu:debian-12:amd64", memory_mib=384)
     )
     assert run(client, "keep1", "echo $((6*7)) > /root/mark; cat /root/mark") == (0, "42\n")
 
@@ -178,15 +173,7 @@ def test_keep_vms_on_graceful_stop_then_reattach(state: Path) -> None:
     port = free_port()
     hostd = start_hostd(state, port, "--keep-vms")
     client = HostdClient("crashy", f"http://127.0.0.1:{port}", TOKEN)
-    client.create_vm(
-        {
-            "id": "kept",
-            "env": "e",
-            "name": "kept",
-            "image": "qemu:debian-12:amd64",
-            "memory_mib": 384,
-        }
-    )
+    client.create_vm(VMRequest("kept", "e", "kept", "", "qemu:debian-12:amd64", memory_mib=384))
     stop(hostd, grace=STOP_GRACE_S)  # SIGTERM with --keep-vms: the VM stays
     assert qemu_pids("tt-crashy-kept")
     hostd = start_hostd(state, port)

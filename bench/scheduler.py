@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, print_table, write_json
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
-from ttci.infra.http_server import API_VERSION
 from ttci.infra.proc import BASE_ENV, stop
+from ttci.wire.api import API_VERSION
 
 IMAGES = [
     "qemu:debian-12:amd64",

@@ -14,10 +14,9 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ttci.model.errors import BadInput, TTError
-from ttci.wire.api import API_VERSION, ApiVersionError, ErrorBody
+from ttci.wire.api import ApiVersionError, ErrorBody
 
 __all__ = [
-    "API_VERSION",
     "bearer_ok",
     "bearer_token",
     "error_response",

@@ -17,13 +17,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ttci.cli import env_wait
 from ttci.cli.ssh_exec import ssh_events
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest, ExitStatus
-from ttci.wire.envs import EnvRequest, VmUp, parse_duration
+from ttci.wire.envs import EnvRequest, parse_duration
 
 __all__ = [
     "cmd_config",
@@ -112,6 +113,19 @@ def _register_add(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--deny-outgoing",
         action="store_true",
         help="the VMs may not open connections outside their ENV",
+    )
+    w = a.add_mutually_exclusive_group()
+    w.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if the cloud cannot start it now (default: wait in the queue, "
+        "showing the position; Ctrl-C withdraws the request)",
+    )
+    w.add_argument(
+        "--max-wait",
+        metavar="DURATION",
+        help="give up after waiting this long in the queue, e.g. 90s, 10m, 2h "
+        "(default: as long as it takes)",
     )
     a.add_argument("--json", action="store_true", help="print JSON")
     a.set_defaults(func=cmd_env_add)
@@ -222,6 +236,10 @@ def _show_env(env: dict[str, Any]) -> None:
         f"prefix {env['os_prefix']!r}, expires {env['expires_at']}",
         highlight=False,
     )
+    if waiting := env_wait.queue_lines(env):
+        for line in waiting:
+            out.print(f"  {line}", highlight=False)
+        return  # no VMs yet
     _table(
         f"{env['vm_count']} VMs",
         [
@@ -274,30 +292,28 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         deny_outgoing=args.deny_outgoing,
         vm_ports=tuple(parse_ports(args.vm_port or "")),
     )
+    req.validate()
+    opts = env_wait.wait_options(args.no_wait, args.max_wait)
     t0 = time.monotonic()
+    c = _client()
     if args.dry_run:
-        plan = _client().plan_env(req)
+        plan = c.plan_env(req)
         if args.json:
             print(json.dumps(plan, indent=2))
         else:
             hosts = ", ".join(f"{h}: {n}" for h, n in sorted(plan["hosts"].items()))
             print(f"ENV {plan['name']} would place {plan['vm_count']} VMs ({hosts})")
         return 0
-    if args.json:
-        env = _client().create_env(req)
-    else:
-        with out.status(f"creating ENV {args.name}: placing and booting fresh VMs ...") as st:
-
-            def on_vm(vm: VmUp) -> None:
-                out.print(
-                    f"  {vm.vm} up on {vm.host} ({vm.accel}) in {vm.boot_s:.1f} s",
-                    highlight=False,
-                )
-                st.update(
-                    f"creating ENV {args.name}: {vm.vm} is up, {time.monotonic() - t0:.0f} s ..."
-                )
-
-            env = _client().create_env_progress(req, on_vm)
+    existed = env_wait.exists(c, req.name)  # the scheduler refuses the name: nothing to take back
+    try:
+        if args.json:
+            env = c.create_env(req, wait=opts)
+        else:
+            env = env_wait.Live(out, req.name, t0).create(c, req, opts)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: leave nothing queued or booting behind
+        if not existed:
+            env_wait.withdraw(c, req.name)
+        raise
     if args.json:
         print(json.dumps(env, indent=2))
     else:
@@ -318,7 +334,7 @@ def cmd_env_list(args: argparse.Namespace) -> int:
             [
                 e["name"],
                 e["owner"],
-                e["state"],
+                env_wait.state_text(e),
                 e["vm_count"],
                 e["lost"],
                 e["os_prefix"],

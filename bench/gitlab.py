@@ -57,7 +57,7 @@ VARS = {"TT_OS": "debian-12", "TT_ARCH": "amd64", "TT_PROFILE": "systemd", "TT_M
 
 
 def driver_env(job_id: int, tmp: Path, cfg: Path) -> dict[str, str]:
-    """The environment gitlab-runner gives the driver (CONTRACTS.md §1.1)."""
+    """The environment gitlab-runner gives the driver (docs/facts/gitlab-custom-executor.md)."""
     j = Job(job_id, ["true"], variables=VARS)
     return {
         **os.environ,

@@ -1,7 +1,7 @@
 """A small network lab for tests: namespaces on a bridge, all made here and all removed again.
 
 Only addresses this module creates are used; no namespace gets a default route, so nothing a test
-does can leave for the real network (DESIGN.md: network safety).
+does can leave for the real network (docs/facts/networking.md: network safety).
 """
 
 from __future__ import annotations

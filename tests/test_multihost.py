@@ -4,7 +4,7 @@ packets between VMs, an "outside" namespace and the control plane; a host's cabl
 mid-ENV; the scheduler killed and restarted; and nothing left in any namespace afterwards.
 
 No namespace has a default route and the VMs' only way out is their host's namespace, so no
-packet can leave for an address this test did not create (DESIGN.md: network safety).
+packet can leave for an address this test did not create (docs/facts/networking.md: network safety).
 """
 
 from __future__ import annotations

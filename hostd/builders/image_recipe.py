@@ -45,7 +45,8 @@ PROFILE_PACKAGES = {
 }
 
 # The images `tt image build --default` and the README's main job build. riscv64 comes from the
-# newest suite whose index works on these mirrors (trixie's riscv64 index fails: DESIGN.md).
+# newest suite whose index works on these mirrors (trixie's riscv64 index fails here:
+# docs/facts/images.md).
 DEFAULT_TARGETS: tuple[tuple[str, Arch], ...] = (
     ("debian-12", Arch.AMD64),
     ("debian-12", Arch.ARM64),

@@ -133,7 +133,8 @@ class Engine:
         return out
 
     def set_limits(self, name: str, memory_limit_mib: int, cpus: float) -> None:
-        """Memory hard limit and CPU quota on the VM's cgroup (after start: DESIGN.md)."""
+        """Memory hard limit and CPU quota on the VM's cgroup, set after start
+        (docs/facts/qemu-and-libvirt.md)."""
         dom = self._lookup(name)
         if dom is None:
             raise EngineError(f"VM {name} vanished before its limits were set")

@@ -1,6 +1,7 @@
 """What a GitLab job asks of TT CI, decided from its variables alone. Pure: no I/O.
 
-The runner hands the driver every job variable as `CUSTOM_ENV_<KEY>` (CONTRACTS.md §1.1).
+The runner hands the driver every job variable as `CUSTOM_ENV_<KEY>`
+(docs/facts/gitlab-custom-executor.md).
 From those this module derives the ENV's name, the image (target), the VM's size within the
 operator's limits, the `origin` shown to operators, the `config` stage's JSON, the command that
 runs a stage's script in the VM, and how a script's end maps to the runner's exit codes.
@@ -125,7 +126,7 @@ class JobError(BadInput):
 
 @dataclass(frozen=True)
 class ExitCodes:
-    """The runner's exit codes, read from the environment (never hard-coded: §1.1)."""
+    """The runner's exit codes, read from the environment (never hard-coded)."""
 
     build_failure: int = 1
     system_failure: int = 2

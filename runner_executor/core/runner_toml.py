@@ -1,6 +1,7 @@
 """The gitlab-runner `config.toml` section that wires a runner to tt-gitlab-executor. Pure.
 
-Keys from the runner's `common.CustomConfig` and `[[runners]]` (CONTRACTS.md §1.1).
+Keys from the runner's `common.CustomConfig` and `[[runners]]`
+(docs/facts/gitlab-custom-executor.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A stand-in for gitlab-runner's custom executor, faithful to its published contract.
 
 No gitlab-runner binary is installable here, so this drives a driver exactly as the runner
-does (CONTRACTS.md §1.1 and "details confirmed in the runner's source", GitLab Runner 19.4.0):
+does (docs/facts/gitlab-custom-executor.md, from GitLab Runner 19.4.0's docs and source):
 
 - `executors/custom/command/command.go` `New`: each call gets `os.Environ()` plus TMPDIR,
   BUILD_FAILURE_EXIT_CODE=1, SYSTEM_FAILURE_EXIT_CODE=2, BUILD_EXIT_CODE_FILE, JOB_RESPONSE_FILE,
@@ -13,7 +13,7 @@ does (CONTRACTS.md §1.1 and "details confirmed in the runner's source", GitLab 
   renamed `build_script`; scripts in `scriptNNN/script`, mode 0700) → cleanup, always.
 - `common/build.go` `retryCreateExecutor`: prepare is tried 3 times for anything but a build
   failure, each attempt with cleanup and a fresh config in a fresh temp dir.
-- stage order and skipping (§ details 3, 5, 6); a cancel during build_script stops only that
+- stage order and which stages a failure skips; a cancel during build_script stops only that
   script, after_script then runs with CI_JOB_STATUS=canceled.
 - `helpers/process/killer.go`: on timeout or cancel SIGTERM to the process group, SIGKILL after
   graceful_kill_timeout, abandon after force_kill_timeout.

@@ -19,6 +19,8 @@ from ttci.cli.allinone import Stack
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.infra.proc import stop
+from ttci.wire.envs import EnvRequest
+from ttci.wire.queue import WaitOptions
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -196,3 +198,73 @@ def test_unknown_target_names_what_exists(
     assert "no image serves --os debian-99 --arch amd64" in r.stderr
     assert "debian-12/arm64" in r.stderr  # the hint lists the targets this cloud has
     assert client.get("/v1/envs") == []
+
+
+def _wait_queued(client: Client, n: int = 1, timeout: float = 60) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows: list[dict[str, Any]] = client.get("/v1/queue")
+        if len(rows) >= n:
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"nothing queued after {timeout} s: {client.get('/v1/envs')}")
+
+
+def test_a_busy_cloud_queues_the_job_max_wait_ends_it_ctrl_c_withdraws_it(
+    cloud: tuple[Stack, Path, Client], tmp_path: Path
+) -> None:
+    """A blocker ENV holds the cloud's memory: the job waits in the queue (its place printed);
+    past --max-wait it exits 75 with nothing run; Ctrl-C while queued leaves nothing; without a
+    limit it runs as soon as the blocker is deleted."""
+    stack, cfg, client = cloud
+    [host] = client.get("/v1/hosts")
+    free = host["total"]["memory_mib"] - 200  # less than the job's 384 MiB stays free
+    client.create_env(
+        EnvRequest("blocker", "qemu:debian-12:amd64", memory_mib=free, life_s=900),
+        wait=WaitOptions(wait=False),
+    )
+    job = ("--os", "debian-12", "--arch", "amd64", "--mem", "384", "--no-copy")
+    try:
+        t0 = time.monotonic()
+        r = _job(cfg, tmp_path, *job, "--max-wait", "4s", "--", "echo never")
+        assert r.returncode == 75, r.stderr
+        assert 4 <= time.monotonic() - t0 < 60
+        assert r.stdout == "" and "never" not in r.stderr
+        assert "the cloud is busy: waiting in TT CI's queue" in r.stderr
+        assert "queued: position 1, waiting for capacity" in r.stderr
+        assert "no VM within --max-wait 4 s" in r.stderr and "did not run" in r.stderr
+        assert "no VM within --max-wait (nothing ran)" in r.stderr  # the summary's result
+        assert [e["name"] for e in client.get("/v1/envs")] == ["blocker"]
+        assert client.get("/v1/queue") == []
+
+        cmd: list[str | Path] = [BIN / "tt", "job", "run", *job]
+        proc = subprocess.Popen(
+            [*cmd, "--", "echo never"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+            env=_env(cfg),
+        )  # fmt: skip
+        try:
+            [row] = _wait_queued(client)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            stop(proc, grace=0)
+        assert proc.returncode == 130, err
+        assert f"ENV {row['env']} deleted" in err and "could not delete" not in err
+        assert client.get("/v1/queue") == []
+        assert [e["name"] for e in client.get("/v1/envs")] == ["blocker"]
+
+        proc = subprocess.Popen(
+            [*cmd, "--", "echo ran"], cwd=tmp_path, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=_env(cfg),
+        )  # fmt: skip
+        try:
+            _wait_queued(client)
+            assert client.delete_env_wait("blocker")
+            out, err = proc.communicate(timeout=300)
+        finally:
+            stop(proc, grace=0)
+        assert proc.returncode == 0, err
+        assert out == "ran\n" and "granted after" in err and "queued: position 1" in err
+    finally:
+        client.delete_env_wait("blocker")
+    _nothing_left(stack, client)

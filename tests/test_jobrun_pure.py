@@ -15,13 +15,19 @@ from tests.cloudutil import BIN
 from ttci.cli.artifacts import tar_dir
 from ttci.cli.job_plan import (
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_QUEUE_TIMEOUT,
     EXIT_TIMEOUT,
+    QUEUE_LINE_EVERY_S,
+    Outcome,
     env_name,
     exit_code,
     image_for,
+    job_exit,
     local_parent,
     origin_from_env,
     parse_targets,
+    queue_news,
 )
 from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
@@ -113,6 +119,26 @@ def test_exit_codes() -> None:
     assert exit_code(None) == EXIT_ERROR
 
 
+def test_the_jobs_exit_code_is_the_first_failing_targets() -> None:
+    a, b = Target("debian-12", Arch.AMD64), Target("debian-12", Arch.ARM64)
+    assert job_exit([Outcome(a, "e1", code=0), Outcome(b, "e2", code=0)]) == 0
+    assert job_exit([Outcome(a, "e1", code=0), Outcome(b, "e2", code=5)]) == 5
+    waited = Outcome(a, "e1", error="no VM within --max-wait", queue_timeout=True)
+    assert job_exit([waited, Outcome(b, "e2", code=5)]) == EXIT_QUEUE_TIMEOUT
+    assert job_exit([Outcome(b, "e2", code=5), waited]) == 5
+    assert job_exit([Outcome(a, "e1", error="VM lost")]) == EXIT_ERROR
+    assert waited.summary == "no VM within --max-wait (nothing ran)"
+    # distinct from every code tt itself gives (the command's own codes are its business)
+    assert len({EXIT_QUEUE_TIMEOUT, EXIT_TIMEOUT, EXIT_ERROR, EXIT_INTERRUPTED, 2}) == 5
+
+
+def test_a_waiting_target_gets_a_line_when_its_place_changes_or_now_and_then() -> None:
+    assert queue_news(None, 5, 100.0)  # the first queued event
+    assert not queue_news((5, 100.0), 5, 101.0)
+    assert queue_news((5, 100.0), 4, 101.0)
+    assert queue_news((5, 100.0), 5, 100.0 + QUEUE_LINE_EVERY_S)
+
+
 def test_artifact_paths_stay_inside(tmp_path: Path) -> None:
     assert local_parent("out/report.xml", tmp_path) == tmp_path / "out"
     assert local_parent("/var/log/syslog", tmp_path) == tmp_path
@@ -149,6 +175,14 @@ def _tt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--os", "debian-12", "--arch", "amd64", "--script", "nope.sh"], "nope.sh does not exist"),
         (["--os", "debian-12", "--arch", "mips", "--", "true"], "unknown architecture 'mips'"),
         (["--os", "debian-12", "--arch", "amd64", "--timeout", "1s", "--", "true"], "outside 10 s"),
+        (
+            ["--os", "debian-12", "--arch", "amd64", "--max-wait", "soon", "--", "true"],
+            "--max-wait 'soon' is not a duration",
+        ),
+        (
+            ["--os", "debian-12", "--arch", "amd64", "--max-wait", "40d", "--", "true"],
+            "is outside 0 .. 30 days",
+        ),
         (
             ["--os", "debian-12", "--arch", "amd64", "--artifact", "../x", "--", "true"],
             "leaves the work directory",

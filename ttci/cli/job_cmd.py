@@ -5,7 +5,9 @@ in, the command runs with its output streamed, declared artifacts are copied bac
 result is reported to the job history, and the ENV is deleted — also on Ctrl-C, SIGTERM, a
 timeout or an error. The exit code is the command's (the first failing target's in a matrix).
 The ENV's lifetime is the timeout plus a margin, so even a `kill -9` of `tt` leaks nothing for
-long: the scheduler's reaper takes it back.
+long: the scheduler's reaper takes it back. While the cloud is busy a target waits in the
+scheduler's admission queue (its place in line is printed); `--max-wait` bounds that wait, and a
+target that got no VM in time exits EXIT_QUEUE_TIMEOUT (75) with nothing run.
 
 This module holds the argparse side; the plan is job_plan, the runner job_runner, the printing
 job_output and the tar helpers artifacts.
@@ -20,12 +22,21 @@ from pathlib import Path
 
 from ttci.cli.artifacts import empty_tar, git_archive, tar_dir
 from ttci.cli.job_output import print_summary
-from ttci.cli.job_plan import EXIT_ERROR, SCRIPT_DIR, JobSpec, local_parent, parse_targets
+from ttci.cli.job_plan import (
+    EXIT_QUEUE_TIMEOUT,
+    EXIT_TIMEOUT,
+    SCRIPT_DIR,
+    JobSpec,
+    job_exit,
+    local_parent,
+    parse_targets,
+)
 from ttci.cli.job_runner import Job
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.model.errors import BadInput
 from ttci.wire.envs import parse_duration
+from ttci.wire.queue import parse_wait_seconds
 
 __all__ = ["cmd_job_run", "register"]
 
@@ -39,7 +50,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run a command in a fresh VM per OS x ARCH target; exit with its exit code",
         description="Create a one-VM ENV per target, copy the working directory in (or `git "
         "archive` a ref), run COMMAND in it with output streamed, copy artifacts back, delete "
-        "the ENV (also on Ctrl-C, SIGTERM and timeout) and exit with the command's exit code.",
+        "the ENV (also on Ctrl-C, SIGTERM and timeout) and exit with the command's exit code. "
+        "While the cloud is busy each target waits in the scheduler's queue, its place in line "
+        f"printed. Exit codes: the command's (a matrix: the first failing target's); "
+        f"{EXIT_TIMEOUT} when --timeout killed it; {EXIT_QUEUE_TIMEOUT} when no VM was free "
+        "within --max-wait (nothing ran; retry later); 130 when interrupted; 2 for bad input; "
+        "1 for other errors.",
     )
     r.add_argument("--os", required=True, help="OS release(s), comma separated, e.g. debian-12")
     r.add_argument("--arch", required=True, help="architecture(s), comma separated, e.g. arm64")
@@ -47,6 +63,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--mem", type=int, default=1024, help="MiB of memory of the VM (default 1024)")
     r.add_argument("--disk", type=int, default=0, help="GiB of disk (default: the image's)")
     r.add_argument("--timeout", default="1h", help="kill the command after this long (1h)")
+    r.add_argument(
+        "--max-wait",
+        metavar="DURATION",
+        help="wait at most this long in the queue for a VM, e.g. 90s, 10m, 2h (default: as "
+        f"long as it takes); past it the target fails with exit code {EXIT_QUEUE_TIMEOUT}",
+    )
     r.add_argument(
         "--artifact",
         action="append",
@@ -96,6 +118,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
     else:
         argv = command
     targets = parse_targets(args.os, args.arch)
+    max_wait = None if args.max_wait is None else parse_wait_seconds(args.max_wait, "--max-wait")
     here = Path.cwd()
     upload: Callable[[], bytes | None]
     if args.no_copy:
@@ -117,6 +140,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         upload=upload,
         script=script,
         quiet=args.quiet,
+        max_wait_s=max_wait,
     )
 
 
@@ -128,7 +152,4 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     outcomes = job.run_all()
     if len(outcomes) > 1 or not spec.quiet:
         print_summary(outcomes)
-    failed = [o for o in outcomes if o.error or o.code]
-    if not failed:
-        return 0
-    return failed[0].code if not failed[0].error else EXIT_ERROR
+    return job_exit(outcomes)

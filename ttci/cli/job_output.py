@@ -57,12 +57,13 @@ class Output:
 
 def print_summary(outcomes: list[Outcome]) -> None:
     t = Table(title="tt job run")
-    for col in ("target", "image", "host", "boot", "run", "result", "artifacts"):
+    for col in ("target", "image", "queued", "host", "boot", "run", "result", "artifacts"):
         t.add_column(col, overflow="fold")
     for o in outcomes:
         t.add_row(
             o.target.label,
             o.image,
+            f"{o.queued_s:.0f} s" if o.queued_s else "",
             f"{o.host} ({o.accel})" if o.host else "",
             f"{o.boot_s:.1f} s" if o.boot_s else "",
             f"{o.run_s:.1f} s" if o.run_s else "",

@@ -26,8 +26,10 @@ __all__ = [
     "DELETE_WAIT_S",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
+    "EXIT_QUEUE_TIMEOUT",
     "EXIT_TIMEOUT",
     "LIFE_MARGIN_S",
+    "QUEUE_LINE_EVERY_S",
     "SCRIPT_DIR",
     "WORKDIR",
     "JobSpec",
@@ -39,9 +41,11 @@ __all__ = [
     "exit_code",
     "guest_path",
     "image_for",
+    "job_exit",
     "local_parent",
     "origin_from_env",
     "parse_targets",
+    "queue_news",
     "result_word",
 ]
 
@@ -52,6 +56,8 @@ DELETE_WAIT_S = 600  # how long cleanup waits for an ENV still booting
 EXIT_TIMEOUT = 124  # like timeout(1)
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_QUEUE_TIMEOUT = 75  # EX_TEMPFAIL (sysexits.h): no VM within --max-wait, nothing ran; retry
+QUEUE_LINE_EVERY_S = 30.0  # a waiting target's line: when its place changes, else this often
 
 
 def parse_targets(oses: str, arches: str) -> list[Target]:
@@ -117,6 +123,24 @@ def exit_code(ev: ExecEvent | None) -> int:
     return st.code or 0
 
 
+def job_exit(outcomes: list[Outcome]) -> int:
+    """The exit code of the whole job: the first failing target's (in the given order); a target
+    that never got a VM within --max-wait is EXIT_QUEUE_TIMEOUT, another error EXIT_ERROR."""
+    failed = [o for o in outcomes if o.error or o.code]
+    if not failed:
+        return 0
+    first = failed[0]
+    if first.queue_timeout:
+        return EXIT_QUEUE_TIMEOUT
+    return EXIT_ERROR if first.error else first.code
+
+
+def queue_news(last: tuple[int, float] | None, position: int, now: float) -> bool:
+    """Whether a target waiting in the queue gets a progress line now: its first queued event,
+    a new place in line, or QUEUE_LINE_EVERY_S since the last line. last: (position, when)."""
+    return last is None or position != last[0] or now - last[1] >= QUEUE_LINE_EVERY_S
+
+
 def result_word(code: int, interrupted: bool, error: str) -> JobResult:
     if interrupted:
         return JobResult("cancelled")
@@ -153,6 +177,7 @@ class JobSpec:
     upload: Callable[[], bytes | None]  # the tar to unpack into WORKDIR (None: nothing)
     script: tuple[str, bytes] | None  # (file name, content) pushed to SCRIPT_DIR
     quiet: bool
+    max_wait_s: float | None = None  # longest wait in the admission queue (None: no limit)
 
 
 @dataclass
@@ -167,9 +192,13 @@ class Outcome:
     code: int = EXIT_ERROR
     error: str = ""
     artifacts: list[str] = field(default_factory=list)
+    queued_s: float = 0.0  # how long it waited in the admission queue
+    queue_timeout: bool = False  # no VM within --max-wait: nothing ran
 
     @property
     def summary(self) -> str:
+        if self.queue_timeout:
+            return "no VM within --max-wait (nothing ran)"
         if self.error:
             return f"error: {self.error}"
         if self.code == EXIT_TIMEOUT:

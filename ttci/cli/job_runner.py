@@ -29,11 +29,14 @@ from ttci.cli.job_plan import (
     guest_path,
     image_for,
     local_parent,
+    queue_news,
     result_word,
 )
 from ttci.client.scheduler import Client
-from ttci.model.errors import TTError
+from ttci.model.errors import ApiError, TTError
 from ttci.wire.commands import EventKind, ExecEvent
+from ttci.wire.envs import VmUp
+from ttci.wire.queue import QueueInfo, WaitOptions
 
 __all__ = ["Job"]
 
@@ -110,8 +113,44 @@ class Job:
                 self._finish(t, o)
 
     def _create(self, t: Target, o: Outcome) -> None:
+        """The target's ENV, waiting in the admission queue for capacity (--max-wait bounds
+        it); a line when its place in line changes. Raises TTError (queue_timeout: no VM)."""
         self.say(t, f"starting a fresh VM ({o.image}, ENV {o.env}) ...")
-        env = self.client.create_env(env_request(self.spec, t, o.env, o.image, self.environ))
+        last: tuple[int, float] | None = None
+
+        def on_queued(info: QueueInfo) -> None:
+            nonlocal last
+            if self.interrupted.is_set():  # cleanup ran before this request got in: leave
+                raise TTError("interrupted")
+            if last is None:
+                self.say(t, "the cloud is busy: waiting in TT CI's queue (`tt queue` shows it)")
+            now = time.monotonic()
+            if queue_news(last, info.position, now):
+                self.say(t, info.sentence())
+                last = (info.position, now)
+
+        def on_granted(waited_s: float) -> None:
+            o.queued_s = waited_s
+            self.say(t, f"granted after {waited_s:.0f} s in the queue: booting")
+
+        req = env_request(self.spec, t, o.env, o.image, self.environ)
+        try:
+            env = self.client.create_env_progress(
+                req,
+                _ignore_vm,
+                on_queued=on_queued,
+                on_granted=on_granted,
+                wait=WaitOptions(max_wait_s=self.spec.max_wait_s),
+            )
+        except ApiError as e:
+            if e.status != 408:
+                raise
+            o.queue_timeout = True
+            raise TTError(
+                f"no VM within --max-wait {self.spec.max_wait_s or 0:g} s: the cloud stayed busy "
+                "and the command did not run",
+                hint="retry later, allow a longer --max-wait, or ask for a smaller VM",
+            ) from e
         [vm] = env["vms"]
         o.host, o.accel, o.boot_s = vm["host"], vm["accel"], vm["boot_s"]
         self.say(t, f"VM up on {o.host} ({o.accel}) in {o.boot_s:.1f} s")
@@ -180,6 +219,10 @@ class Job:
             err.print(f"tt: interrupted; deleting {', '.join(o.env for o in outcomes)} ...")
             with concurrent.futures.ThreadPoolExecutor(len(outcomes)) as pool:
                 list(pool.map(lambda o: self._delete(o.env, o.target), outcomes))
+
+
+def _ignore_vm(vm: VmUp) -> None:
+    """One VM per target: the ready ENV says where it runs."""
 
 
 @contextlib.contextmanager

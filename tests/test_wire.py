@@ -260,6 +260,7 @@ def test_env_events_round_trip() -> None:
     for ev in events:
         assert EnvEvent.from_dict(_through_json(ev.to_dict())) == ev
     assert events[0].to_dict()["event"] == "vm" and events[0].to_dict()["vm"] == "a"
+    assert [ev.final for ev in events] == [False, True, True]
 
 
 # -- hosts -----------------------------------------------------------------------------------

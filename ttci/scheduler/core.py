@@ -21,6 +21,7 @@ from ttci.scheduler.hosts import HostPool
 from ttci.scheduler.planning.admission import Waiting
 from ttci.scheduler.schema import MIGRATIONS
 from ttci.scheduler.users import User, Users
+from ttci.wire.envs import EnvEvent
 from ttci.wire.queue import QueueInfo
 
 __all__ = ["PARALLEL_CREATES", "EnvBusy", "EnvExists", "EnvNotFound", "SchedulerCore"]
@@ -71,7 +72,7 @@ class SchedulerCore:
         self._waiting: dict[str, Waiting] = {}
         self._decided_at = 0.0
         self._watch_lock = threading.Lock()
-        self._watchers: dict[str, list[queue.Queue[dict[str, Any]]]] = {}
+        self._watchers: dict[str, list[queue.Queue[EnvEvent]]] = {}
 
     def queue_info(self, name: str) -> QueueInfo | None:
         """Where a queued ENV stands (env_queue answers; None: not waiting)."""

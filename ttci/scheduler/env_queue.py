@@ -38,6 +38,7 @@ from ttci.scheduler.planning.admission import (
 )
 from ttci.scheduler.planning.placement import NoPlacement, place
 from ttci.scheduler.users import User
+from ttci.wire.api import ErrorBody
 from ttci.wire.envs import EnvEvent, EnvRequest
 from ttci.wire.queue import QueueInfo, WaitOptions
 
@@ -156,7 +157,7 @@ class EnvQueue(EnvCreation):
             if w.blocked_by == IMPOSSIBLE:
                 self._end_queued(w.id, QueuedRefused(w.detail, hint="add hosts with its image"))
             elif _changed(before.get(w.id), w):
-                self._publish(w.id, {"event": "queued", **self._info(w).to_dict()})
+                self._publish(w.id, EnvEvent("queued", queue=self._info(w)))
         return {g.id for g in decision.grants}
 
     def _expired(self, r: QueuedRequest, now: float) -> bool:
@@ -183,7 +184,7 @@ class EnvQueue(EnvCreation):
             self.store.db.conn.commit()
         user = User(r.owner, admin=False)
         log.info("ENV %s granted after %.1f s", r.id, now - r.enqueued_at)
-        self._publish(r.id, {"event": "granted", "waited_s": round(now - r.enqueued_at, 1)})
+        self._publish(r.id, EnvEvent("granted", waited_s=round(now - r.enqueued_at, 1)))
         threading.Thread(
             target=self._boot_granted, args=(req, user), name=f"boot-{r.id}", daemon=True
         ).start()
@@ -191,9 +192,9 @@ class EnvQueue(EnvCreation):
     def _boot_granted(self, req: EnvRequest, user: User) -> None:
         try:
             env = self.boot_env(
-                req, user, progress=lambda vm: self._publish(req.name, EnvEvent("vm", vm).to_dict())
+                req, user, progress=lambda vm: self._publish(req.name, EnvEvent("vm", vm))
             )
-            self._publish(req.name, {"event": "ready", "env": env}, final=True)
+            self._publish(req.name, EnvEvent("ready", env=env), final=True)
         except Exception as e:  # reported to the watchers; the ENV was taken back
             err = e if isinstance(e, TTError) else TTError(repr(e))
             log.warning("ENV %s failed: %s", req.name, err.message)
@@ -238,7 +239,7 @@ class EnvQueue(EnvCreation):
         threading.Thread(target=loop, name="dispatcher", daemon=True).start()
 
     # -- watching ---------------------------------------------------------------------------
-    def _publish(self, name: str, ev: dict[str, Any], final: bool = False) -> None:
+    def _publish(self, name: str, ev: EnvEvent, final: bool = False) -> None:
         with self._watch_lock:
             for q in self._watchers.get(name, []):
                 with contextlib.suppress(queue.Full):
@@ -246,11 +247,11 @@ class EnvQueue(EnvCreation):
             if final:
                 self._watchers.pop(name, None)
 
-    def watch_env(self, name: str, user: User) -> Iterator[dict[str, Any]]:
+    def watch_env(self, name: str, user: User) -> Iterator[EnvEvent]:
         """The ENV's progress until it is ready or failed: queued (position), granted, vm,
         then ready or error. Attach at any time (e.g. again after a scheduler restart)."""
         self._env_row(name, user)
-        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=10_000)
+        q: queue.Queue[EnvEvent] = queue.Queue(maxsize=10_000)
         with self._watch_lock:
             self._watchers.setdefault(name, []).append(q)
         try:
@@ -260,16 +261,14 @@ class EnvQueue(EnvCreation):
                 if q in self._watchers.get(name, []):
                     self._watchers[name].remove(q)
 
-    def _follow(
-        self, name: str, user: User, q: queue.Queue[dict[str, Any]]
-    ) -> Iterator[dict[str, Any]]:
+    def _follow(self, name: str, user: User, q: queue.Queue[EnvEvent]) -> Iterator[EnvEvent]:
         last_sent = 0.0
         while True:
             with contextlib.suppress(queue.Empty):
                 ev = q.get(timeout=1.0)
                 yield ev
                 last_sent = time.monotonic()
-                if ev["event"] in ("ready", "error"):
+                if ev.final:
                     return
                 continue
             state = self._state_of(name, user)
@@ -279,7 +278,7 @@ class EnvQueue(EnvCreation):
                 )
                 return
             if state == "ready":
-                yield {"event": "ready", "env": self.show_env(name, user)}
+                yield EnvEvent("ready", env=self.show_env(name, user))
                 return
             if state == "failed":
                 row = self._env_row(name, user)
@@ -288,7 +287,7 @@ class EnvQueue(EnvCreation):
             if state == "queued" and time.monotonic() - last_sent >= REPORT_EVERY_S:
                 w = self._waiting.get(name)
                 if w is not None:
-                    yield {"event": "queued", **self._info(w).to_dict()}
+                    yield EnvEvent("queued", queue=self._info(w))
                     last_sent = time.monotonic()
 
     def _state_of(self, name: str, user: User) -> str | None:
@@ -301,17 +300,16 @@ class EnvQueue(EnvCreation):
         self,
         req: EnvRequest,
         user: User,
-        progress: Callable[[dict[str, Any]], None] | None = None,
+        progress: Callable[[EnvEvent], None] | None = None,
         opts: WaitOptions = WAIT,
     ) -> dict[str, Any]:
         """Queue the ENV and wait until it is ready (all or nothing); progress hears every
         event. Raises what submit_env raises, or the TTError that failed it."""
         self.submit_env(req, user, opts)
         for ev in self.watch_env(req.name, user):
-            if ev["event"] == "ready":
-                env: dict[str, Any] = ev["env"]
-                return env
-            if ev["event"] == "error":
+            if ev.env is not None:
+                return dict(ev.env)
+            if ev.error is not None:
                 raise _raised(ev)
             if progress:
                 progress(ev)
@@ -384,16 +382,17 @@ def status_of(e: TTError) -> int:
     return 500
 
 
-def _error_event(e: TTError) -> dict[str, Any]:
-    status = status_of(e)
-    return {"event": "error", "error": e.message, "hint": e.hint, "status": status}
+def _error_event(e: TTError) -> EnvEvent:
+    return EnvEvent("error", error=ErrorBody(e.message, e.hint), status=status_of(e))
 
 
-def _raised(ev: dict[str, Any]) -> TTError:
+def _raised(ev: EnvEvent) -> TTError:
+    """The error an error event stands for, as the plain request raises it."""
     cls: type[TTError] = {
         400: BadInput,
         404: EnvNotFound,
         408: QueueTimeout,
         409: QueuedRefused,
-    }.get(ev.get("status", 0), TTError)
-    return cls(ev.get("error", "failed"), hint=ev.get("hint"))
+    }.get(ev.status, TTError)
+    err = ev.error or ErrorBody("failed")
+    return cls(err.error, hint=err.hint)

@@ -277,6 +277,11 @@ class EnvEvent:
 
     KINDS = ("queued", "granted", "vm", "ready", "error")
 
+    @property
+    def final(self) -> bool:
+        """The last event of the stream (ready or error)."""
+        return self.kind in ("ready", "error")
+
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "queued" and self.queue is not None:
             return {"event": "queued", **self.queue.to_dict()}

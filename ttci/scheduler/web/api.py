@@ -194,8 +194,8 @@ def _watch_then_cancel(s: Scheduler, name: str, user: User) -> Iterator[dict[str
     done = False
     try:
         for ev in s.watch_env(name, user):
-            done = ev["event"] in ("ready", "error")
-            yield ev
+            done = ev.final
+            yield ev.to_dict()
     finally:
         if not done:  # the client left (Ctrl-C, a cancelled CI job): no request stays queued
             with contextlib.suppress(TTError):
@@ -208,7 +208,7 @@ def env_progress(name: str) -> Response:
     NDJSON events as POST /v1/envs?progress=1, ending with `ready` or `error`."""
     s, user = _s(), _user()
     s.show_env(name, user, vms=False)  # 404 before the stream starts
-    return ndjson(s.watch_env(name, user))
+    return ndjson(ev.to_dict() for ev in s.watch_env(name, user))
 
 
 @bp.get("/queue")

@@ -9,9 +9,12 @@ import json
 import uuid
 from pathlib import Path
 
-from ttci.scheduler import history
+from ttci.scheduler import admission_store, history
+from ttci.scheduler.planning.admission import Quota
 from ttci.scheduler.service import Scheduler
+from ttci.scheduler.users import User
 from ttci.wire.api import API_VERSION
+from ttci.wire.envs import EnvRequest
 from ttci.wire.hosts import HostRegistration
 
 HOST_TOKEN = "host-secret-" + "h" * 20
@@ -118,6 +121,24 @@ def fake_scheduler(
     return s
 
 
+def queue_requests(s: Scheduler) -> list[str]:
+    """Three waiting requests that are never granted (so no fake host is asked to boot): bob's
+    60-CPU VM waits for capacity (and holds room), alice's two wait for her quota of 0 VMs."""
+    admission_store.set_quota(s.store, "user", "alice", Quota(vms=0))
+    asks = [
+        ("big", "bob", EnvRequest("big", IMAGES[0], cpus=60, origin=_origin("gitlab", "g/p"))),
+        ("q1", "alice", EnvRequest("q1", IMAGES[0], origin=_origin("github", "o/r"))),
+        ("q2", "alice", EnvRequest("q2", "qemu:debian-12", origin={"kind": "cli"})),
+    ]
+    for _, owner, req in asks:
+        s.submit_env(req, User(owner))
+    return [name for name, _, _ in asks]
+
+
+def _origin(kind: str, project: str) -> dict[str, str]:
+    return {"kind": kind, "project": project, "job": "7"}
+
+
 def _job(created: dt.datetime, j: int) -> dict[str, object]:
     kind = KINDS[j % len(KINDS)]
     return {
@@ -130,6 +151,7 @@ def _job(created: dt.datetime, j: int) -> dict[str, object]:
         "ready_at": _iso(created + dt.timedelta(seconds=5 + j % 7)),
         "deleted_at": _iso(created + dt.timedelta(seconds=60 + j % 120)),
         "ready_s": 5.0 + j % 7,
+        "wait_s": 30.0 * (j % 5),
         "vm_count": 1 + j % 3,
         "cpus": float(1 + j % 3),
         "memory_mib": 512,

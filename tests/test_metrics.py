@@ -13,8 +13,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hostd.service.metrics import HostMetrics
-from tests.admin_fake import HOST_TOKEN, fake_scheduler
-from ttci.scheduler.metrics import scheduler_registry
+from tests.admin_fake import HOST_TOKEN, fake_scheduler, queue_requests
+from ttci.scheduler.metrics import WAIT_BUCKETS, scheduler_registry
 from ttci.scheduler.web.api import create_app
 from ttci.wire.commands import ExecEvent
 
@@ -30,8 +30,8 @@ def _parse(text: str) -> Samples:
     return out
 
 
-def _v(m: Samples, name: str, **labels: str) -> float:
-    return m[(name, tuple(sorted(labels.items())))]
+def _v(m: Samples, metric: str, /, **labels: str) -> float:
+    return m[(metric, tuple(sorted(labels.items())))]
 
 
 @pytest.fixture
@@ -81,8 +81,88 @@ def test_scheduler_registry_on_an_empty_state(tmp_path: Path) -> None:
     s = fake_scheduler(tmp_path, ADMIN, vms=0, hosts=0, jobs=0)
     m = _parse(generate_latest(scheduler_registry(s.store)).decode())
     assert _v(m, "ttci_vms", state="running") == 0
+    assert _v(m, "ttci_envs", state="queued") == 0
     assert not [k for k in m if k[0].startswith("ttci_jobs_started")]
+    assert not [k for k in m if k[0].startswith("ttci_queue_wait_seconds")]
+    # Every origin kind and reason is there, at 0, so dashboards and alerts need no absent().
+    assert _v(m, "ttci_queue_requests", kind="github", reason="quota") == 0
+    assert _v(m, "ttci_queue_oldest_wait_seconds", kind="gitlab") == 0
+    assert not [k for k in m if k[0].startswith("ttci_quota_")]
     s.stop()
+
+
+@pytest.fixture
+def queued(tmp_path: Path) -> Iterator[str]:
+    """Metrics of a cloud with 40 running VMs (user admin), three waiting requests and quotas."""
+    s = fake_scheduler(tmp_path, ADMIN, vms=40, per_env=2, hosts=2, jobs=200)
+    queue_requests(s)  # bob's big one waits for capacity, alice's two for her quota
+    from ttci.scheduler import admission_store
+    from ttci.scheduler.planning.admission import Quota
+
+    admission_store.set_quota(s.store, "project", "gitlab:g/p", Quota(vms=4, cpus=2.5))
+    with s.store.lock:  # one request is older, as after a long wait
+        s.store.db.execute(
+            "update queue set enqueued_at = enqueued_at - 300, request = json_set(request,"
+            " '$.enqueued_at', json_extract(request, '$.enqueued_at') - 300) where env = 'q1'"
+        )
+    yield create_app(s).test_client().get("/metrics").text
+    s.stop()
+
+
+def test_queue_depth_by_kind_and_reason(queued: str) -> None:
+    m = _parse(queued)
+    assert _v(m, "ttci_envs", state="queued") == 3
+    assert _v(m, "ttci_queue_requests", kind="gitlab", reason="capacity") == 1
+    assert _v(m, "ttci_queue_requests", kind="github", reason="quota") == 1
+    assert _v(m, "ttci_queue_requests", kind="cli", reason="quota") == 1
+    depth = {k[1]: v for k, v in m.items() if k[0] == "ttci_queue_requests"}
+    assert sum(depth.values()) == 3 and len(depth) == 5 * 4  # every kind x reason
+    assert 300 <= _v(m, "ttci_queue_oldest_wait_seconds", kind="github") < 330
+    assert 0 <= _v(m, "ttci_queue_oldest_wait_seconds", kind="gitlab") < 30
+    assert _v(m, "ttci_queue_oldest_wait_seconds", kind="jenkins") == 0
+    assert "q1" not in queued and "big" not in queued  # no ENV names
+
+
+def test_queue_requests_not_yet_decided(tmp_path: Path) -> None:
+    """Without the scheduler's last decision (e.g. just after a restart), waiting requests are
+    counted as undecided."""
+    s = fake_scheduler(tmp_path, ADMIN, vms=40, per_env=2, hosts=2, jobs=0)
+    queue_requests(s)
+    m = _parse(generate_latest(scheduler_registry(s.store)).decode())
+    assert _v(m, "ttci_queue_requests", kind="cli", reason="undecided") == 1
+    assert _v(m, "ttci_queue_requests", kind="github", reason="undecided") == 1
+    s.stop()
+
+
+def test_quota_use_and_caps_per_user_and_project(queued: str) -> None:
+    m = _parse(queued)
+    # The 40 fake VMs are user admin's (no project recorded: the user's own key).
+    assert _v(m, "ttci_quota_used_vms", scope="user", name="admin") == 40
+    assert _v(m, "ttci_quota_used_cpus", scope="user", name="admin") == 40
+    assert _v(m, "ttci_quota_used_vms", scope="project", name="user:admin") == 40
+    assert ("ttci_quota_limit_vms", (("name", "admin"), ("scope", "user"))) not in m  # no cap
+    assert _v(m, "ttci_quota_used_vms", scope="user", name="alice") == 0
+    assert _v(m, "ttci_quota_limit_vms", scope="user", name="alice") == 0
+    assert ("ttci_quota_limit_cpus", (("name", "alice"), ("scope", "user"))) not in m
+    assert _v(m, "ttci_quota_limit_vms", scope="project", name="gitlab:g/p") == 4
+    assert _v(m, "ttci_quota_limit_cpus", scope="project", name="gitlab:g/p") == 2.5
+    assert _v(m, "ttci_quota_used_cpus", scope="project", name="gitlab:g/p") == 0
+
+
+def test_wait_histogram_from_the_job_history(queued: str) -> None:
+    m = _parse(queued)
+    buckets = sorted(
+        (float(dict(k[1])["le"]), v)
+        for k, v in m.items()
+        if k[0] == "ttci_queue_wait_seconds_bucket" and dict(k[1])["kind"] == "gitlab"
+    )
+    assert [b for b, _ in buckets] == [*WAIT_BUCKETS, float("inf")]
+    counts = [c for _, c in buckets]
+    assert counts == sorted(counts) and counts[-1] == 50
+    # Fake waits are 0, 30, 60, 90, 120 s in turn; gitlab's jobs are every 4th (j = 0, 4, 8 ...).
+    assert dict(buckets)[0.5] == 10 and dict(buckets)[30.0] == 20 and dict(buckets)[120.0] == 50
+    assert _v(m, "ttci_queue_wait_seconds_sum", kind="gitlab") == 10 * (0 + 30 + 60 + 90 + 120)
+    assert _v(m, "ttci_queue_wait_seconds_count", kind="gitlab") == 50
 
 
 def _events(*evs: dict[str, Any]) -> Iterator[ExecEvent]:

@@ -96,6 +96,7 @@ def env_ready(store: Store, name: str) -> None:
                 "ready_at": ready,
                 "deleted_at": "",
                 "ready_s": max(0.0, _seconds_between(env["created_at"], ready)),
+                "wait_s": float(env.get("wait_s") or 0.0),
                 "vm_count": vms["n"] or 0,
                 "cpus": vms["c"] or 0.0,
                 "memory_mib": vms["m"] or 0,

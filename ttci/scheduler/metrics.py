@@ -1,17 +1,20 @@
 """Prometheus metrics of the scheduler (prometheus-client).
 
 The scheduler's metrics are read from its SQLite state at scrape time (VMs and ENVs by state,
-host capacity and use, jobs and their results from the job history), so they survive a restart
-and need no hooks in the request paths.
+host capacity and use, jobs and their results from the job history, the admission queue and
+the quotas), so they survive a restart and need no hooks in the request paths. What blocks each
+waiting request is the dispatcher's last decision, asked of the scheduler (`waiting`).
 
-Both `/metrics` endpoints are open, like node_exporter's: they hold counts, sizes and host ids,
-never a token, an ENV name or a command line.
+Both `/metrics` endpoints are open, like node_exporter's: they hold counts, sizes, host ids and
+the names of users and projects that have quotas or VMs, never a token, an ENV name or a
+command line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -27,18 +30,34 @@ from prometheus_client.registry import Collector
 
 from ttci.infra.db import Store
 from ttci.infra.metrics_common import RESOURCES, VM_STATES, by_state
+from ttci.scheduler import admission_store as qs
+from ttci.wire.envs import ORIGIN_KINDS
+from ttci.wire.queue import BLOCKERS
 
-__all__ = ["ENV_STATES", "START_BUCKETS", "SchedulerCollector", "scheduler_registry"]
+__all__ = [
+    "ENV_STATES",
+    "START_BUCKETS",
+    "UNDECIDED",
+    "WAIT_BUCKETS",
+    "SchedulerCollector",
+    "Waiting",
+    "scheduler_registry",
+]
 
-ENV_STATES = ("creating", "ready", "deleting", "failed")
+ENV_STATES = ("queued", "creating", "ready", "deleting", "failed")
 START_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+WAIT_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+UNDECIDED = "undecided"  # queued, not yet looked at by the dispatcher (just after a restart)
+# What blocks each waiting request: ENV name -> capacity, quota, no_host or impossible.
+Waiting = Callable[[], Mapping[str, str]]
 
 
 class SchedulerCollector(Collector):
     """Everything the scheduler knows, read from its state database at scrape time."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, waiting: Waiting | None = None) -> None:
         self.store = store
+        self.waiting: Waiting = waiting or (lambda: {})
 
     def _query(self, sql: str, args: list[Any] | None = None) -> list[tuple[Any, ...]]:
         with self.store.lock:
@@ -60,8 +79,11 @@ class SchedulerCollector(Collector):
             envs.add_metric([state], n)
         yield envs
         yield from self._hosts()
+        yield from self._queue()
+        yield from self._quotas()
         if self._query("select name from sqlite_master where name = 'jobs'"):
             yield from self._jobs()
+            yield self._waits()
 
     def _hosts(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("ttci_host_up", "1 if the host answers", labels=["host"])
@@ -120,8 +142,75 @@ class SchedulerCollector(Collector):
             hist.add_metric([kind], [*buckets, ("+Inf", n)], total or 0.0)
         yield hist
 
+    def _queue(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "ttci_queue_requests",
+            "ENV requests waiting in the admission queue, by origin kind and what blocks them"
+            f" ({UNDECIDED}: not yet looked at)",
+            labels=["kind", "reason"],
+        )
+        oldest = GaugeMetricFamily(
+            "ttci_queue_oldest_wait_seconds",
+            "How long the longest-waiting request of each origin kind has waited (0: none waits)",
+            labels=["kind"],
+        )
+        counts = {(k, r): 0 for k in ORIGIN_KINDS for r in BLOCKERS}
+        ages = dict.fromkeys(ORIGIN_KINDS, 0.0)
+        blocked, now = self.waiting(), time.time()
+        for req in qs.load_queue(self.store):
+            key = (req.kind, blocked.get(req.id, UNDECIDED))
+            counts[key] = counts.get(key, 0) + 1
+            ages[req.kind] = max(ages.get(req.kind, 0.0), now - req.enqueued_at)
+        for (kind, reason), n in sorted(counts.items()):
+            depth.add_metric([kind, reason], n)
+        for kind, age in sorted(ages.items()):
+            oldest.add_metric([kind], max(0.0, age))
+        yield from (depth, oldest)
 
-def scheduler_registry(store: Store) -> CollectorRegistry:
+    def _quotas(self) -> Iterator[Metric]:
+        """Use and caps per user and project: every one with a cap set or VMs in use."""
+        quotas, use = qs.load_quotas(self.store), qs.in_use(self.store)
+        fams = {
+            key: GaugeMetricFamily(f"ttci_quota_{key}", text, labels=["scope", "name"])
+            for key, text in (
+                ("used_vms", "VMs a user or project has now (being created included)"),
+                ("used_cpus", "vCPUs a user or project has now (being created included)"),
+                ("limit_vms", "The cap on a user's or project's concurrent VMs (absent: none)"),
+                ("limit_cpus", "The cap on a user's or project's concurrent vCPUs (absent: none)"),
+            )
+        }
+        for scope, caps, used in (
+            ("user", quotas.users, use.users),
+            ("project", quotas.projects, use.projects),
+        ):
+            for name in sorted(set(caps) | set(used)):
+                u, q = used.get(name), caps.get(name)
+                fams["used_vms"].add_metric([scope, name], u.vms if u else 0)
+                fams["used_cpus"].add_metric([scope, name], u.cpus if u else 0.0)
+                if q is not None and q.vms is not None:
+                    fams["limit_vms"].add_metric([scope, name], q.vms)
+                if q is not None and q.cpus is not None:
+                    fams["limit_cpus"].add_metric([scope, name], q.cpus)
+        yield from fams.values()
+
+    def _waits(self) -> Metric:
+        hist = HistogramMetricFamily(
+            "ttci_queue_wait_seconds",
+            "How long each ENV that became ready waited in the admission queue, by origin",
+            labels=["kind"],
+        )
+        cases = ", ".join(f"sum(wait_s <= {b})" for b in WAIT_BUCKETS)
+        for kind, n, total, *counts in self._query(
+            f"select kind, count(*), sum(wait_s), {cases} from jobs group by kind"  # noqa: S608
+        ):
+            buckets = [(str(b), c or 0) for b, c in zip(WAIT_BUCKETS, counts, strict=True)]
+            hist.add_metric([kind], [*buckets, ("+Inf", n)], total or 0.0)
+        return hist
+
+
+def scheduler_registry(store: Store, waiting: Waiting | None = None) -> CollectorRegistry:
+    """The scheduler's metrics; `waiting` gives what blocks each queued ENV (the dispatcher's
+    last decision); without it every queued request counts as undecided."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(SchedulerCollector(store))
+    reg.register(SchedulerCollector(store, waiting))
     return reg

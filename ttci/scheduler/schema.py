@@ -98,6 +98,11 @@ def _admission(db: sqlite_utils.Database) -> None:
     db.table("envs").add_column("wait_s", float, not_null_default=0.0)
 
 
+def _job_wait(db: sqlite_utils.Database) -> None:
+    # How long each job's ENV waited in the queue (the metrics' wait-time histogram).
+    db.table("jobs").add_column("wait_s", float, not_null_default=0.0)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_base", _base),
     ("0002_guest_boot_s", _guest_boot),
@@ -108,4 +113,5 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0006_vm_net", _vm_net),
     ("0007_vm_order", _vm_order),
     ("0008_admission", _admission),
+    ("0009_job_wait", _job_wait),
 ]

@@ -14,6 +14,9 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from ttci.scheduler.admin.jobs_api import bp as jobs_bp
 from ttci.scheduler.admin.views import Resolve, create_admin_app
 from ttci.scheduler.metrics import scheduler_registry
+from ttci.scheduler.users import User
+
+_METRICS_USER = User("metrics", admin=True)  # sees every waiting request, changes nothing
 
 
 def mount(
@@ -32,7 +35,12 @@ def mount(
     app.config["JOBS_CURRENT_USER"] = current_user
     app.register_blueprint(jobs_bp)
     admin = create_admin_app(scheduler, resolve)
-    metrics = make_wsgi_app(scheduler_registry(scheduler.store))
+    metrics = make_wsgi_app(
+        scheduler_registry(
+            scheduler.store,
+            lambda: {w["env"]: w["blocked_by"] for w in scheduler.list_queue(_METRICS_USER)},
+        )
+    )
     # Mounted beside the API app, so neither its bearer auth nor its error handlers apply.
     app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
         app.wsgi_app, {"/admin": admin.wsgi_app, "/metrics": metrics}

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from tests.admin_fake import HOST_TOKEN, fake_scheduler
+from tests.admin_fake import HOST_TOKEN, fake_scheduler, queue_requests
 from ttci.scheduler import history
 from ttci.scheduler.admin import plots
 from ttci.scheduler.admin.state import MAX_VMS_SHOWN
+from ttci.scheduler.core import EnvNotFound
 from ttci.scheduler.service import Scheduler
 from ttci.scheduler.web.api import create_app
 
@@ -171,6 +172,97 @@ def test_actions_and_things_that_no_longer_exist(sched: Scheduler) -> None:
     r = c.post("/admin/api/envs/gone/extend", json={"life_time": "1h"}, headers=csrf)
     assert r.status_code == 404
     assert "empty" not in [e["name"] for e in c.get("/admin/api/state").json["envs"]]
+
+
+def test_queue_section_shows_every_waiting_request(sched: Scheduler) -> None:
+    queue_requests(sched)
+    c = create_app(sched).test_client()
+    _login(c)
+    page = c.get("/admin/").text
+    assert 'id="queue"' in page and 'id="quotas"' in page and 'id="quota-form"' in page
+    st = c.get("/admin/api/state").json
+    assert st["counts"]["queued"] == 3
+    q = {w["env"]: w for w in st["queue"]}
+    assert [w["env"] for w in st["queue"]] == ["big", "q1", "q2"]
+    assert [w["position"] for w in st["queue"]] == [1, 2, 3]
+    big, q2 = q["big"], q["q2"]
+    assert (big["owner"], big["project"], big["kind"]) == ("bob", "gitlab:g/p", "gitlab")
+    assert big["blocked_by"] == "capacity" and big["reserved"] is True
+    assert "needs 60 CPU" in big["detail"] and big["needs"]["cpus"] == 60 and big["vms"] == 1
+    assert (q2["owner"], q2["project"], q2["kind"], q2["vms"]) == ("alice", "user:alice", "cli", 2)
+    assert q2["blocked_by"] == "quota" and "user alice uses 0 of 0 VMs" in q2["detail"]
+    for w in st["queue"]:  # when it was queued, so the page counts the wait up by itself
+        assert 0 <= (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(w["since"])).seconds < 60
+        assert w["waited_s"] >= 0
+    # Queued ENVs are in the ENV list too, in state "queued".
+    assert {e["name"]: e["state"] for e in st["envs"]}["big"] == "queued"
+    assert st["quotas"] == [
+        {
+            "scope": "user",
+            "name": "alice",
+            "vms": 0,
+            "cpus": None,
+            "priority": None,
+            "used_vms": 0,
+            "used_cpus": 0.0,
+        }
+    ]
+
+
+def test_cancel_takes_a_request_out_of_the_queue(sched: Scheduler) -> None:
+    queue_requests(sched)
+    admin = sched.users.resolve(ADMIN)
+    c = create_app(sched).test_client()
+    csrf = {"X-CSRFToken": _login(c)}
+    r = c.post("/admin/api/queue/q1/cancel", headers={"X-CSRFToken": "forged"})
+    assert r.status_code == 400 and "refused" in r.json["error"]
+    assert sched.show_env("q1", admin)["state"] == "queued"
+    r = c.post("/admin/api/queue/q1/cancel", headers=csrf)
+    assert r.status_code == 200, r.text
+    assert r.json["result"] == {"name": "q1", "cancelled": True}
+    with pytest.raises(EnvNotFound):
+        sched.show_env("q1", admin)  # nothing left: no ENV row, no queue row
+    sched.dispatch()  # as the dispatcher does within half a second
+    st = c.get("/admin/api/state").json
+    assert [(w["env"], w["position"]) for w in st["queue"]] == [("big", 1), ("q2", 2)]
+    assert "q1" not in [e["name"] for e in st["envs"]]
+    r = c.post("/admin/api/queue/q1/cancel", headers=csrf)
+    assert r.status_code == 404 and "q1" in r.json["error"]
+    r = c.post("/admin/api/queue/ci-00000/cancel", headers=csrf)  # ready, not queued
+    assert r.status_code == 409 and "no longer queued" in r.json["error"]
+    assert sched.show_env("ci-00000", admin)["state"] == "ready"
+
+
+def test_quotas_are_set_and_removed_from_the_page(sched: Scheduler) -> None:
+    queue_requests(sched)
+    c = create_app(sched).test_client()
+    csrf = {"X-CSRFToken": _login(c)}
+    body = {"scope": "project", "name": "gitlab:g/p", "vms": 3, "cpus": 2.5, "priority": 5}
+    r = c.post("/admin/api/quotas", json=body, headers={"X-CSRFToken": "forged"})
+    assert r.status_code == 400
+    r = c.post("/admin/api/quotas", json=body, headers=csrf)
+    assert r.status_code == 200, r.text
+    kind = {"scope": "kind", "name": "cli", "priority": 1}
+    assert c.post("/admin/api/quotas", json=kind, headers=csrf).status_code == 200
+    rows = {(q["scope"], q["name"]): q for q in c.get("/admin/api/state").json["quotas"]}
+    assert set(rows) == {("user", "alice"), ("project", "gitlab:g/p"), ("kind", "cli")}
+    assert rows[("project", "gitlab:g/p")] == {**body, "used_vms": 0, "used_cpus": 0.0}
+    assert rows[("kind", "cli")]["priority"] == 1
+    # The fake ENVs (owner admin, no project recorded) count for user admin.
+    mine = {"scope": "user", "name": "admin", "vms": 50}
+    assert c.post("/admin/api/quotas", json=mine, headers=csrf).status_code == 200
+    row = next(q for q in c.get("/admin/api/state").json["quotas"] if q["name"] == "admin")
+    assert (row["used_vms"], row["vms"], row["used_cpus"]) == (40, 50, 40.0)
+    for bad in ({"scope": "planet", "name": "x"}, {"scope": "kind", "name": "cli", "vms": 1}):
+        r = c.post("/admin/api/quotas", json=bad, headers=csrf)
+        assert r.status_code == 400 and r.json["hint"]
+    r = c.post("/admin/api/quotas/delete", json={"scope": "user", "name": "alice"}, headers=csrf)
+    assert r.status_code == 200, r.text
+    r = c.post("/admin/api/quotas/delete", json={"scope": "user", "name": "alice"}, headers=csrf)
+    assert r.status_code == 404
+    assert ("user", "alice") not in {
+        (q["scope"], q["name"]) for q in c.get("/admin/api/state").json["quotas"]
+    }
 
 
 def test_logout_ends_the_session_on_the_server(sched: Scheduler) -> None:

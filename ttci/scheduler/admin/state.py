@@ -13,10 +13,21 @@ import time
 from typing import Any
 
 from ttci.infra.db import Store, now
+from ttci.scheduler import admission_store as qs
 from ttci.scheduler import history
 from ttci.scheduler.admin import plots
+from ttci.scheduler.planning.admission import Quota, Usage
 
-__all__ = ["ENV_COLS", "MAX_VMS_SHOWN", "PLOT_WINDOW_S", "VM_COLS", "envs_and_vms", "snapshot"]
+__all__ = [
+    "ENV_COLS",
+    "MAX_VMS_SHOWN",
+    "PLOT_WINDOW_S",
+    "VM_COLS",
+    "envs_and_vms",
+    "queue_rows",
+    "quota_rows",
+    "snapshot",
+]
 
 MAX_VMS_SHOWN = 5000
 PLOT_WINDOW_S = 3600
@@ -81,12 +92,54 @@ def envs_and_vms(store: Store, q: str = "") -> dict[str, Any]:
     }
 
 
+def queue_rows(store: Store, waiting: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The waiting requests (the scheduler's list_queue, in line order), each with `since`: when
+    it was queued (ISO), so the page counts its wait up without a redraw."""
+    enqueued = {r.id: r.enqueued_at for r in qs.load_queue(store)}
+    out = []
+    for w in waiting:
+        t = enqueued.get(w["env"], time.time() - float(w.get("waited_s", 0.0)))
+        out.append({**w, "since": _iso(t)})
+    return out
+
+
+def _quota_row(scope: str, name: str, q: Quota, used: Usage | None) -> dict[str, Any]:
+    used = used or Usage()
+    return {
+        "scope": scope,
+        "name": name,
+        **q.to_dict(),
+        "used_vms": used.vms,
+        "used_cpus": round(used.cpus, 3),
+    }
+
+
+def quota_rows(store: Store) -> list[dict[str, Any]]:
+    """Every quota an admin set (user, project, origin kind) with what its user or project
+    uses now (VMs being created included)."""
+    quotas, use = qs.load_quotas(store), qs.in_use(store)
+    return [
+        *(_quota_row("user", n, q, use.users.get(n)) for n, q in sorted(quotas.users.items())),
+        *(
+            _quota_row("project", n, q, use.projects.get(n))
+            for n, q in sorted(quotas.projects.items())
+        ),
+        *(_quota_row("kind", n, Quota(priority=p), None) for n, p in sorted(quotas.kinds.items())),
+    ]
+
+
 def snapshot(
-    store: Store, hosts: list[dict[str, Any]], images: list[dict[str, Any]], q: str = ""
+    store: Store,
+    hosts: list[dict[str, Any]],
+    images: list[dict[str, Any]],
+    q: str = "",
+    waiting: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Everything the page shows, as one JSON-able dict."""
+    """Everything the page shows, as one JSON-able dict. `waiting` is the scheduler's
+    list_queue (for an admin: every waiting request, in line order)."""
     t_end = time.time()
     data = envs_and_vms(store, q)
+    queue = queue_rows(store, waiting or [])
     # VMs per host from the scheduler's own records: current, unlike the host's last report.
     per_host = data.pop("vms_by_host")
     hosts = [{**_clean_host(h), "vms": per_host.get(h["id"], 0)} for h in hosts]
@@ -101,6 +154,8 @@ def snapshot(
             {k: i.get(k) for k in ("name", "arch", "release", "kernel", "hosts")} for i in images
         ],
         **data,
+        "queue": queue,
+        "quotas": quota_rows(store),
         "jobs": jobs,
         "plots": {
             "pool": plots.line_plot("vCPUs in use, last hour", pool, capacity),
@@ -111,6 +166,7 @@ def snapshot(
         "counts": {
             "hosts_up": sum(1 for h in hosts if h["state"] == "up"),
             "hosts": len(hosts),
+            "queued": len(queue),
         },
     }
 

@@ -34,7 +34,9 @@ from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped
 from werkzeug.wrappers import Response as WResponse
 
 from ttci.model.errors import BadInput, TTError
+from ttci.scheduler import admission_store as qs
 from ttci.scheduler.admin.state import snapshot
+from ttci.scheduler.core import EnvBusy
 from ttci.scheduler.planning.envspec import parse_duration
 
 __all__ = [
@@ -43,14 +45,17 @@ __all__ = [
     "Resolve",
     "Sessions",
     "bp",
+    "cancel_queued",
     "create_admin_app",
     "delete_env",
+    "delete_quota",
     "drain",
     "extend_env",
     "index",
     "login",
     "login_post",
     "logout",
+    "set_quota",
     "state",
 ]
 
@@ -152,7 +157,7 @@ def index() -> str:
 def state() -> Response:
     s = current_app.config["SCHEDULER"]
     q = request.args.get("q", "")[:200]
-    resp = jsonify(snapshot(s.store, s.hosts(), s.images(), q))
+    resp = jsonify(snapshot(s.store, s.hosts(), s.images(), q, s.list_queue(g.user)))
     resp.headers["Cache-Control"] = "no-store"
     return resp
 
@@ -197,6 +202,54 @@ def extend_env(name: str) -> tuple[Response, int]:
         return s.extend_env(name, g.user, seconds)
 
     return _act(do)
+
+
+@bp.post("/api/queue/<name>/cancel")
+@_login_required(api=True)
+def cancel_queued(name: str) -> tuple[Response, int]:
+    """Take a waiting ENV request out of the queue (its watchers hear it was cancelled)."""
+    s = current_app.config["SCHEDULER"]
+
+    def do() -> Any:
+        if not s.cancel_queued(name, g.user):
+            raise EnvBusy(
+                f"ENV {name} is no longer queued",
+                hint="it was granted meanwhile; delete it from the ENV list",
+            )
+        log.info("admin %s cancelled queued ENV %s", g.user.name, name)
+        return {"name": name, "cancelled": True}
+
+    return _act(do)
+
+
+@bp.post("/api/quotas")
+@_login_required(api=True)
+def set_quota() -> tuple[Response, int]:
+    """{"scope": "user"|"project"|"kind", "name", "vms", "cpus", "priority"} (null: no cap)."""
+    s = current_app.config["SCHEDULER"]
+
+    def do() -> Any:
+        scope, name, quota = qs.parse_quota(request.get_json(silent=True))
+        qs.set_quota(s.store, scope, name, quota)
+        s.wake_dispatch()
+        log.info("admin %s sets the quota of %s %s: %s", g.user.name, scope, name, quota)
+        return {"scope": scope, "name": name, **quota.to_dict()}
+
+    return _act(do)
+
+
+@bp.post("/api/quotas/delete")
+@_login_required(api=True)
+def delete_quota() -> tuple[Response, int]:
+    """{"scope", "name"}: back to the defaults (no cap, the kind's priority)."""
+    s = current_app.config["SCHEDULER"]
+    body = request.get_json(silent=True) or {}
+    scope, name = str(body.get("scope", "")), str(body.get("name", ""))
+    if not qs.remove_quota(s.store, scope, name):
+        return _error(404, f"no quota for {scope} {name!r}", "it was removed already")
+    s.wake_dispatch()
+    log.info("admin %s removes the quota of %s %s", g.user.name, scope, name)
+    return jsonify({"ok": True, "result": {"scope": scope, "name": name, "deleted": True}}), 200
 
 
 @bp.post("/api/hosts/<host_id>/drain")

@@ -81,7 +81,7 @@
       cell(`<span class="state state-${esc(e.state)}">${esc(e.state)}</span>${errText(e.error)}`) +
       cell(esc(e.os_prefix), "muted") + cell(`${n} VM${n === 1 ? "" : "s"}`) +
       cell(since(e.created_at)) + cell(until(e.expires_at)) +
-      cell(`<button data-action="extend" data-env="${esc(e.name)}">+1 h</button> ` +
+      cell((e.state === "queued" ? "" : `<button data-action="extend" data-env="${esc(e.name)}">+1 h</button> `) +
         `<button data-action="delete" data-env="${esc(e.name)}" class="danger">Delete</button>`) +
       "</div>"];
     for (const v of e.vms) {
@@ -148,6 +148,35 @@
     }).join("");
   }
 
+  // The admission queue in line order; each request's wait counts up from `since`.
+  function needs(w) {
+    const n = w.needs || {};
+    return `${esc(w.vms)} VM${w.vms === 1 ? "" : "s"}, ${num(n.cpus)} CPU, ${esc(n.memory_mib)} MiB`;
+  }
+
+  function queueRows(queue) {
+    if (!queue.length) return `<tr><td colspan="9" class="muted">nothing waits</td></tr>`;
+    return queue.map((w) => `<tr data-queued="${esc(w.env)}"><td>${esc(w.position)}</td>` +
+      `<td><b>${esc(w.env)}</b></td><td>${esc(w.owner)}</td><td>${esc(w.project)}</td>` +
+      `<td><span class="kind kind-${esc(w.kind)}">${esc(w.kind)}</span></td><td>${needs(w)}</td>` +
+      `<td class="blocked"><span class="state blocked-${esc(w.blocked_by)}">${esc(String(w.blocked_by).replace("_", " "))}</span>` +
+      `${w.reserved ? ' <span class="muted">(room held)</span>' : ""} <span class="detail">${esc(w.detail)}</span></td>` +
+      `<td>${since(w.since)}</td>` +
+      `<td><button data-action="cancel" data-env="${esc(w.env)}" class="danger">Cancel</button></td></tr>`).join("");
+  }
+
+  const cap = (used, limit) => `${num(used)} / ${limit === null || limit === undefined ? "no cap" : num(limit)}`;
+
+  function quotaRows(quotas) {
+    if (!quotas.length) return `<tr><td colspan="6" class="muted">no quotas set: no caps, priority by origin kind 0</td></tr>`;
+    return quotas.map((q) => {
+      const caps = q.scope === "kind" ? ["", ""] : [cap(q.used_vms, q.vms), cap(q.used_cpus, q.cpus)];
+      return `<tr data-quota="${esc(q.scope)}/${esc(q.name)}"><td>${esc(q.scope)}</td><td>${esc(q.name)}</td>` +
+        `<td>${caps[0]}</td><td>${caps[1]}</td><td>${esc(q.priority ?? "")}</td>` +
+        `<td><button data-action="unquota" data-scope="${esc(q.scope)}" data-name="${esc(q.name)}">Remove</button></td></tr>`;
+    }).join("");
+  }
+
   function imageRows(images) {
     return images.map((i) => `<tr><td>${esc(i.name)}</td><td>${esc(i.arch)}</td>` +
       `<td>${esc(i.kernel)}</td><td>${esc((i.hosts || []).join(", "))}</td></tr>`).join("");
@@ -172,10 +201,14 @@
     clockSkew = ts(s.now) - Date.now();
     const byState = Object.entries(s.vms_by_state).map(([k, v]) => `${v} ${k}`).join(", ") || "0";
     document.getElementById("summary").textContent =
-      `${s.counts.hosts_up}/${s.counts.hosts} hosts up · ${s.env_total} ENVs · ${s.vm_total} VMs (${byState})`;
+      `${s.counts.hosts_up}/${s.counts.hosts} hosts up · ${s.env_total} ENVs · ${s.vm_total} VMs (${byState})` +
+      ` · ${s.counts.queued} queued`;
+    document.getElementById("queue-note").textContent = s.queue.length ? `(${s.queue.length} waiting)` : "";
     document.getElementById("env-note").textContent = s.vm_shown < s.vm_total && !query
       ? `(${s.vm_shown} of ${s.vm_total} VMs listed)` : query ? `(filter: ${query})` : "";
     draw("hosts", s.hosts, hostRows);
+    draw("queue", s.queue, queueRows);
+    draw("quotas", s.quotas, quotaRows);
     draw("envs", s.envs, drawEnvs);
     draw("jobs", s.jobs, jobRows);
     draw("images", s.images, imageRows);
@@ -236,6 +269,12 @@
       case "extend":
         act(`api/envs/${e(env)}/extend`, { add: "1h" }, `extending ENV ${env} by 1 h`);
         break;
+      case "cancel":
+        if (window.confirm(`Take ENV ${env} out of the queue?`)) act(`api/queue/${e(env)}/cancel`, {}, `cancelling queued ENV ${env}`);
+        break;
+      case "unquota":
+        act("api/quotas/delete", { scope: b.dataset.scope, name: b.dataset.name }, `removing the quota of ${b.dataset.scope} ${b.dataset.name}`);
+        break;
       case "drain":
         act(`api/hosts/${e(host)}/drain`, { drained: true }, `draining host ${host}`);
         break;
@@ -243,6 +282,17 @@
         act(`api/hosts/${e(host)}/drain`, { drained: false }, `undraining host ${host}`);
         break;
     }
+  });
+
+  document.getElementById("quota-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const f = new FormData(ev.target);
+    const opt = (k, parse) => (f.get(k) === "" ? null : parse(f.get(k)));
+    const body = {
+      scope: f.get("scope"), name: String(f.get("name")).trim(),
+      vms: opt("vms", (v) => parseInt(v, 10)), cpus: opt("cpus", Number), priority: opt("priority", (v) => parseInt(v, 10)),
+    };
+    act("api/quotas", body, `setting the quota of ${body.scope} ${body.name}`);
   });
 
   document.querySelector("#env-more button").addEventListener("click", showMore);

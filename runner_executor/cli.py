@@ -11,7 +11,8 @@ Wire it in config.toml (`tt gitlab register` writes this):
 
 Exit codes are the runner's: BUILD_FAILURE_EXIT_CODE when the job's script (or request) is at
 fault, SYSTEM_FAILURE_EXIT_CODE for ours (the runner retries prepare). Nothing escapes as an
-unhandled exception, which Python would report as exit 1, a build failure.
+unhandled exception, which Python would report as exit 1, a build failure. A busy cloud is no
+failure: prepare waits in the scheduler's admission queue, its place in line in the job log.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def make_parser() -> argparse.ArgumentParser:
     add_settings(p, "tt-gitlab-executor")  # main resolves them
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     sub.add_parser("config", help="print the runner's config JSON")
-    sub.add_parser("prepare", help="create the job's VM and wait for its agent")
+    sub.add_parser(
+        "prepare",
+        help="create the job's VM (waiting in TT CI's queue while the cloud is busy; "
+        "TT_MAX_WAIT bounds that) and wait for its agent",
+    )
     r = sub.add_parser("run", help="run a stage's script in the VM")
     r.add_argument("script", type=Path, help="the script the runner generated")
     r.add_argument("name", help="the stage name (any: build_script, step_*, ...)")

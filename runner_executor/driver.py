@@ -26,6 +26,7 @@ from ttci.model.errors import ApiError, BadInput, TTError
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 from ttci.wire.envs import VmUp
 from ttci.wire.jobs import JobResult
+from ttci.wire.queue import QueueInfo
 
 if TYPE_CHECKING:  # requests costs ~150 ms to import: the run stage never needs it
     from ttci.client.scheduler import Client
@@ -117,6 +118,7 @@ class Driver:
         name = job.env_name(self.jv)
         t = job.target(self.jv)
         sz = job.size(self.jv, self.limits)
+        wait = job.wait_options(self.jv)
         c = self.client()
         image = job.pick_image(t, (i["name"] for i in c.get("/v1/images")))
         with contextlib.suppress(ApiError):  # 404: the usual case
@@ -128,19 +130,45 @@ class Driver:
             f"as ENV {name} ..."
         )
         t0 = time.monotonic()
-
-        def on_vm(vm: VmUp) -> None:
-            emulated = " (TCG: emulated, slower than native)" if vm.accel == "tcg" else ""
-            self.say(
-                f"VM {vm.vm} is up on host {vm.host} with {vm.accel}"
-                f"{emulated} after {vm.boot_s:.1f} s of boot"
-            )
-
+        progress = _Progress(self, name)
         req = job.env_request(self.jv, image, sz, self.runner)
-        with _term_raises():
-            c.create_env_progress(req, on_vm)  # ready means hostd's agent handshake succeeded
+        try:
+            with _term_raises(progress):  # ready means hostd's agent handshake succeeded
+                c.create_env_progress(
+                    req,
+                    progress.on_vm,
+                    on_queued=progress.on_queued,
+                    on_granted=progress.on_granted,
+                    wait=wait,
+                )
+        except Cancelled:
+            self._withdraw(c, name)
+            raise
+        except ApiError as e:
+            if e.status != 408:
+                raise
+            raise DriverError(
+                f"ENV {name} waited longer than TT_MAX_WAIT ({wait.max_wait_s or 0:g} s) in TT "
+                "CI's queue: the cloud stayed busy, so no VM was started",
+                hint="raise TT_MAX_WAIT (or unset it to wait as long as it takes); the "
+                "operator sees the queue with `tt queue` and can add hosts",
+            ) from e
         self.say(f"ready in {time.monotonic() - t0:.1f} s")
         return 0
+
+    def _withdraw(self, c: Client, name: str) -> None:
+        """SIGTERM during prepare: take the request back at once (a queued one leaves the
+        queue); one still booting is cleanup's to delete, which waits for it."""
+        try:
+            c.delete_env(name)
+            self.say(f"ENV {name} withdrawn")
+        except ApiError as e:
+            if e.status == 409:
+                self.say(f"ENV {name} is still booting; cleanup deletes it")
+            elif e.status != 404:  # 404: the scheduler already took it out of the queue
+                self.say(f"could not withdraw ENV {name} ({e.message}); cleanup retries")
+        except TTError as e:
+            self.say(f"could not withdraw ENV {name} ({e.message}); cleanup retries")
 
     def run(self, script: Path, stage: str) -> int:
         name = job.env_name(self.jv)
@@ -196,12 +224,56 @@ class Driver:
             c.report_result(name, JobResult.from_dict(json.loads(path.read_text())))
 
 
+class _Progress:
+    """prepare's job-log lines while the ENV is made: its place in TT CI's queue while the cloud
+    is busy (a line when the place changes, else at most every QUEUE_LINE_EVERY_S), the grant,
+    then each VM up."""
+
+    def __init__(self, driver: Driver, name: str) -> None:
+        self.driver, self.name = driver, name
+        self.last: tuple[int, float] | None = None  # (position, when) of the last line
+        self.position: int | None = None  # while queued
+        self.granted = False
+
+    def on_queued(self, info: QueueInfo) -> None:
+        if self.position is None:
+            self.driver.say(
+                f"the cloud is busy: ENV {self.name} waits in TT CI's queue for its turn "
+                "(the job starts as soon as capacity frees; operators: `tt queue`)"
+            )
+        self.position = info.position
+        now = time.monotonic()
+        if job.queue_news(self.last, info.position, now):
+            self.driver.say(info.sentence())
+            self.last = (info.position, now)
+
+    def on_granted(self, waited_s: float) -> None:
+        self.granted, self.position = True, None
+        self.driver.say(f"capacity granted after {waited_s:.0f} s in the queue; booting the VM")
+
+    def on_vm(self, vm: VmUp) -> None:
+        emulated = " (TCG: emulated, slower than native)" if vm.accel == "tcg" else ""
+        self.driver.say(
+            f"VM {vm.vm} is up on host {vm.host} with {vm.accel}"
+            f"{emulated} after {vm.boot_s:.1f} s of boot"
+        )
+
+    def cancelled(self) -> Cancelled:
+        if self.position is not None:
+            return Cancelled(
+                f"the runner stopped the job (SIGTERM) while it waited in TT CI's queue "
+                f"(position {self.position}); its request is withdrawn"
+            )
+        return Cancelled("the runner stopped the job (SIGTERM) while the VM was being created")
+
+
 @contextlib.contextmanager
-def _term_raises() -> Iterator[None]:
-    """While creating the ENV, SIGTERM aborts with Cancelled (cleanup deletes what exists)."""
+def _term_raises(progress: _Progress) -> Iterator[None]:
+    """While creating the ENV, SIGTERM aborts with Cancelled (closing the scheduler's stream:
+    a queued request leaves the queue; cleanup deletes what exists)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Cancelled("the runner stopped the job (SIGTERM) while the VM was being created")
+        raise progress.cancelled()
 
     old = signal.signal(signal.SIGTERM, handler)
     try:

@@ -25,6 +25,7 @@ from ttci.model.naming import (
 )
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 from ttci.wire.envs import EnvRequest
+from ttci.wire.queue import WaitOptions, parse_wait_seconds
 
 __all__ = [
     "ARGV_SCRIPT_MAX",
@@ -36,6 +37,7 @@ __all__ = [
     "ON_FAILURE_STAGES",
     "PGID_FILE",
     "PGID_LINE",
+    "QUEUE_LINE_EVERY_S",
     "STAGES",
     "STAGE_DIR",
     "STAGE_WRAPPER",
@@ -54,11 +56,13 @@ __all__ = [
     "life_time",
     "origin",
     "pick_image",
+    "queue_news",
     "signal_command",
     "size",
     "stage_end",
     "stage_request",
     "target",
+    "wait_options",
 ]
 
 DRIVER_NAME = "tt-ci"
@@ -106,6 +110,9 @@ STAGE_WRAPPER = (
     'cat > "$f"; chmod 700 "$f"; echo $$ > ' + PGID_FILE + "; "
     'exec bash "$f" < /dev/null'
 )
+
+
+QUEUE_LINE_EVERY_S = 5.0  # while prepare waits in the queue: a job-log line at most this often
 
 
 def signal_command(sig: str) -> list[str]:
@@ -316,6 +323,24 @@ def env_request(
         life_s=life_time(jv),
         origin=o,
     )
+
+
+def wait_options(jv: Mapping[str, str]) -> WaitOptions:
+    """How long prepare may wait in TT CI's admission queue: TT_MAX_WAIT (seconds or `30m`,
+    `2h`; unset: as long as it takes, within the runner's prepare timeout)."""
+    text = jv.get("TT_MAX_WAIT", "").strip()
+    if not text:
+        return WaitOptions()
+    try:
+        return WaitOptions(max_wait_s=parse_wait_seconds(text, "TT_MAX_WAIT"))
+    except BadInput as e:
+        raise JobError(e.message, hint="e.g. TT_MAX_WAIT: 30m (or 1800)") from None
+
+
+def queue_news(last: tuple[int, float] | None, position: int, now: float) -> bool:
+    """Whether a `queued` event becomes a job-log line: the first one, a new place in line, or
+    QUEUE_LINE_EVERY_S after the last line. last: (position, when) of the last line."""
+    return last is None or position != last[0] or now - last[1] >= QUEUE_LINE_EVERY_S
 
 
 def config_output(version: str, jv: Mapping[str, str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ class RunnerSection:
     executor_path: str
     driver_args: tuple[str, ...] = ()  # e.g. --tt-config PATH --max-memory 8192
     limit: int = 0  # jobs at once for this runner (0: no limit)
-    prepare_timeout_s: int = 600
+    prepare_timeout_s: int = 3600  # prepare includes the wait in TT CI's admission queue
     cleanup_timeout_s: int = 600
     graceful_kill_timeout_s: int = 30
 

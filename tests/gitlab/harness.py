@@ -187,7 +187,7 @@ class JobResult:
 class Faults:
     """What happens to a job from outside: a cancel, or the job's timeout, during a stage."""
 
-    cancel_during: str | None = None  # the user cancels the job during this stage
+    cancel_during: str | None = None  # the user cancels the job during this stage (or prepare)
     cancel_after_s: float = 0
     job_timeout_s: float | None = None
     kill_during: str | None = None  # the job times out during this stage: nothing more runs
@@ -371,12 +371,21 @@ class Runner:
         builds_dir = str(config.get("builds_dir") or "/builds")
         job_env = {str(k): str(v) for k, v in dict(config.get("job_env") or {}).items()}  # type: ignore[call-overload]
         custom = job.all_variables(builds_dir)
+        cancel = threading.Event()
+        timer = threading.Timer(cancel_after_s, cancel.set)
+        if cancel_during == "prepare":  # the user cancels the job while prepare runs
+            timer.start()
         c = self._call(
             [*self.exe, *self.prepare_args], tmp, job_env, custom,
             timeout=self.prepare_exec_timeout,
+            cancel=cancel,
             log=log,
         )  # fmt: skip
+        timer.cancel()
         calls.append(c)
+        if cancel.is_set():  # a cancelled job is not retried: cleanup, and it ends canceled
+            c.signals.insert(0, "cancel")
+            return self._cleanup(tmp, job_env, job, calls, ("canceled", None, config))
         if c.kind == "build":
             return self._cleanup(tmp, job_env, job, calls, ("failed", c.build_exit_code, config))
         if c.kind != "ok":

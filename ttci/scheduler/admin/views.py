@@ -37,7 +37,7 @@ from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.admin.state import snapshot
 from ttci.scheduler.core import EnvBusy
-from ttci.scheduler.planning.envspec import parse_duration
+from ttci.wire.envs import parse_duration
 
 __all__ = [
     "MAX_LIFE_S",

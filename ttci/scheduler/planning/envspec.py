@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ttci.model.errors import BadInput
 from ttci.model.naming import ImageName, select_by_prefix
-from ttci.wire.envs import MAX_VMS, EnvRequest, parse_duration
+from ttci.wire.envs import MAX_VMS, EnvRequest
 
-__all__ = ["parse_duration", "vm_names"]
+__all__ = ["vm_names"]
 
 
 def vm_names(req: EnvRequest, images: list[str]) -> list[tuple[str, str]]:

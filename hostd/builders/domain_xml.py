@@ -33,7 +33,7 @@ class DomainSpec:
     vcpus: int
     accel: str = "tcg"  # "kvm" or "tcg"
     emulator: str | None = None
-    nic: tuple[str, str] | None = None  # (tap made by hostd, MAC): <interface type='ethernet'>
+    nic: tuple[str, str] | None = None  # (tap made by hostd or "", MAC): type='ethernet' NIC
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -102,7 +102,8 @@ def _devices(dev: ET.Element, spec: DomainSpec) -> None:
     if spec.nic:
         iface = _sub(dev, "interface", type="ethernet")
         _sub(iface, "mac", address=spec.nic[1])
-        _sub(iface, "target", dev=spec.nic[0], managed="no")
+        if spec.nic[0]:  # else libvirt makes an unconnected tap (templates, restore self-tests)
+            _sub(iface, "target", dev=spec.nic[0], managed="no")
         _sub(iface, "model", type="virtio")
         _sub(iface, "driver", name="qemu")  # userspace virtio-net: no vhost-net needed
     rng = _sub(dev, "rng", model="virtio")

@@ -17,6 +17,7 @@ from typing import Any
 from ttci.model.errors import AgentError, BootError
 from ttci.wire.agent_protocol import (
     CONTROL,
+    IDENTITY_FEATURE,
     PROTOCOL_VERSION,
     Decoder,
     ExitStatus,
@@ -158,6 +159,39 @@ class AgentClient:
                 return _exit_status(item)
             elif item.type is MsgType.ERROR:
                 raise AgentError(f"agent refused {what}: {item.json().get('message')}")
+
+    @property
+    def knows_identity(self) -> bool:
+        """Whether the agent accepts IDENTITY (images built before warm start do not)."""
+        return IDENTITY_FEATURE in (self.hello.get("features") or [])
+
+    def identity(self, payload: dict[str, Any], timeout: float = 20.0) -> dict[str, Any]:
+        """Give a restored clone its identity (an identity_payload); the agent then ends this
+        session, and only payload's token opens the next one.
+
+        Raises:
+            AgentError: the agent does not know IDENTITY, refused it, or did not answer.
+        """
+        if not self.knows_identity:
+            raise AgentError("the agent does not know IDENTITY (an image built before warm start)")
+        channel = next(self._ids)
+        call = _Call(queue.Queue())
+        self._calls[channel] = call
+        try:
+            self._send(encode_json(MsgType.IDENTITY, channel, payload))
+            try:
+                item = call.frames.get(timeout=timeout)
+            except queue.Empty:
+                raise AgentError(f"the agent did not apply its identity in {timeout:g} s") from None
+            if item is None:
+                raise AgentError("connection to the agent was lost while giving it its identity")
+            if item.type is MsgType.IDENTITY_OK:
+                return item.json()
+            if item.type is MsgType.ERROR:
+                raise AgentError(f"the agent refused its identity: {item.json().get('message')}")
+            raise AgentError(f"unexpected {item.type.name} in answer to IDENTITY")
+        finally:
+            self._calls.pop(channel, None)
 
     def cancel(self, channel: int, signal: int = 15) -> None:
         """Signal a running command's process group (SIGTERM, then SIGKILL after a grace)."""

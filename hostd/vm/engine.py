@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import libvirt
 
@@ -82,6 +83,32 @@ class Engine:
         except libvirt.libvirtError as e:
             self.destroy(spec.name)
             raise EngineError(f"VM {spec.name} did not start: {e.get_error_message()}") from e
+
+    def save(self, name: str, path: Path) -> None:
+        """Save a running domain's memory and device state to path; the domain stops."""
+        dom = self._lookup(name)
+        if dom is None:
+            raise EngineError(f"VM {name} vanished before it could be saved")
+        try:
+            dom.save(str(path))
+        except libvirt.libvirtError as e:
+            raise EngineError(f"cannot save {name}: {e.get_error_message()}") from e
+
+    def restore(self, path: Path) -> None:
+        """Start the domain a save file describes (its header's XML), running.
+
+        On failure nothing stays running under that name."""
+        try:
+            self._c().restoreFlags(str(path), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        except libvirt.libvirtError as e:
+            raise EngineError(f"restore of {path.name} failed: {e.get_error_message()}") from e
+
+    def qemu_version(self) -> int:
+        """The QEMU version libvirt drives (major * 1e6 + minor * 1e3 + micro)."""
+        try:
+            return int(self._c().getVersion())
+        except libvirt.libvirtError as e:
+            raise EngineError(f"libvirt: {e.get_error_message()}") from e
 
     def _lookup(self, name: str) -> libvirt.virDomain | None:
         try:

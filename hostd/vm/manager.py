@@ -15,7 +15,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,17 @@ from hostd.vm.accel import choose_accel
 from hostd.vm.agent_client import AgentClient
 from hostd.vm.disk import create_overlay
 from hostd.vm.engine import Engine
+from hostd.vm.schema import migrations
+from hostd.vm.templates import WAKE_TIMEOUT_S, Templates
+from hostd.vm.warm import (
+    CloneSpec,
+    TemplateSpec,
+    dns_servers,
+    identity_for,
+    restore_clone,
+    vcpus_for,
+    wake,
+)
 from ttci.infra.db import Store, now
 from ttci.model.arch import Arch
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
@@ -67,37 +77,6 @@ class VMLost(TTError):
     """The VM stopped (crashed, was killed) while we used it."""
 
 
-def _migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
-    def vms(db: sqlite_utils.Database) -> None:
-        db.table("vms").create(
-            {
-                "id": str,
-                "env": str,
-                "name": str,
-                "owner": str,
-                "image": str,
-                "arch": str,
-                "cpus": float,
-                "memory_mib": int,
-                "disk_gib": int,
-                "domain": str,
-                "workdir": str,
-                "token": str,
-                "accel": str,
-                "state": str,
-                "error": str,
-                "boot_s": float,
-                "created_at": str,
-            },
-            pk="id",
-        )
-
-    def guest_boot(db: sqlite_utils.Database) -> None:
-        db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
-
-    return [("0001_vms", vms), ("0002_guest_boot_s", guest_boot), *NetManager.migrations()]
-
-
 @dataclass(frozen=True)
 class HostConfig:
     host_id: str
@@ -105,10 +84,15 @@ class HostConfig:
     state_dir: Path
     total: Resources
     net: NetConfig = field(default_factory=NetConfig)
+    warm: bool = True  # start VMs from snapshot templates where restore works
 
     @property
     def vm_root(self) -> Path:
         return self.state_dir / "vms"
+
+    @property
+    def template_root(self) -> Path:
+        return self.state_dir / "templates"
 
 
 def _public(row: dict[str, Any], net: dict[str, Any]) -> dict[str, Any]:
@@ -119,10 +103,13 @@ class VMManager:
     def __init__(self, cfg: HostConfig, engine: Engine) -> None:
         self.cfg = cfg
         self.engine = engine
-        self.store = Store(cfg.state_dir / "hostd.db", _migrations())
+        self.store = Store(cfg.state_dir / "hostd.db", migrations())
         self._agents: dict[str, AgentClient] = {}
         self._agent_lock = threading.Lock()
         self.net = NetManager(self.store, cfg.state_dir, cfg.net)
+        self.templates = Templates(
+            self.store, cfg.template_root, cfg.host_id, engine, enabled=cfg.warm
+        )
         cfg.vm_root.mkdir(parents=True, exist_ok=True)
 
     # -- state -------------------------------------------------------------------------------
@@ -146,7 +133,8 @@ class VMManager:
         for r in self._rows():
             if r["state"] in ("creating", "running"):
                 total = total + Resources(r["cpus"], r["memory_mib"], r["disk_gib"])
-        return total
+        templates_gib = -(-self.templates.disk_bytes() // (1 << 30))  # whole GiB, rounded up
+        return total + Resources(0, 0, templates_gib)
 
     def all(self) -> list[dict[str, Any]]:
         return [_public(r, self.net.info(r["id"])) for r in self._rows()]
@@ -186,18 +174,80 @@ class VMManager:
         t0 = time.monotonic()
         with contextlib.ExitStack() as stack:
             stack.callback(self._reclaim, req.id)
-            vmnet = self.net.attach(req.id, req.env, req.deny_outgoing, list(req.ports))
-            self._boot(self._row(req.id), image, disk_gib, vmnet)
+            vmnet = self.net.attach_request(req)
+            self._start(self._row(req.id), image, disk_gib, vmnet)
             stack.pop_all()
         self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
+        row = self._row(req.id)
         log.info(
-            "VM %s up in %.1f s (guest boot %.1f s)",
+            "VM %s up in %.2f s (%s, guest %.2f s)%s",
             req.name,
             time.monotonic() - t0,
-            self._row(req.id)["guest_boot_s"],
+            row["start"],
+            row["guest_boot_s"],
+            f"; not warm: {row['warm_why']}" if row["warm_why"] else "",
             extra={"vm": req.id, "env": req.env, "image": image.name},
         )
         return self.get(req.id)
+
+    def _start(self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet) -> None:
+        """Restore the VM from its template where there is one, else (or if that fails) boot
+        it cold; a missing template is then made in the background for the next VM."""
+        accel, _ = choose_accel(image)
+        tspec = TemplateSpec(image, vcpus_for(row["cpus"]), row["memory_mib"], disk_gib, accel)
+        pick = self.templates.pick(tspec)
+        why = pick.why
+        if pick.row is not None:
+            try:
+                self._restore(row, image, disk_gib, vmnet, pick.row)
+                self.templates.count(pick, warm=True)
+                self._update(row["id"], start="warm", template=pick.row["id"], warm_why="")
+                return
+            except TTError as e:
+                why = f"restore failed, booted cold: {e.message}"[:500]
+                log.warning("VM %s: %s", row["name"], why, extra={"vm": row["id"]})
+                self._stop_vm(row)
+        self.templates.count(pick, warm=False, why=why if pick.row is not None else "")
+        self._update(row["id"], start="cold", template="", warm_why=why)
+        self._boot(row, image, disk_gib, vmnet)
+        free = self.cfg.total - self.used()  # making a template takes memory for a while
+        if pick.reason in ("no_template", "template_failed") and (
+            free.memory_mib >= tspec.memory_mib + TCG_OVERHEAD_MIB
+        ):
+            self.templates.want(tspec)
+
+    def _restore(
+        self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet, tpl: dict[str, Any]
+    ) -> None:
+        """Restore a clone of tpl as this VM and give it its own identity (warm.py)."""
+        workdir = Path(row["workdir"])
+        workdir.mkdir(parents=True)
+        self._update(row["id"], accel=tpl["accel"], template=tpl["id"], start="warm")
+        spec = self._domain_spec(row, image, disk_gib, vmnet, tpl["accel"])
+        clone = CloneSpec(spec.name, spec.uuid, workdir, (vmnet.tap, vmnet.mac), spec.metadata)
+        started = time.monotonic()
+        restore_clone(self.engine, Path(tpl["dir"]), self.templates.header(tpl), clone, disk_gib)
+        overhead = TCG_OVERHEAD_MIB if tpl["accel"] == "tcg" else KVM_OVERHEAD_MIB
+        self.engine.set_limits(row["domain"], row["memory_mib"] + overhead, row["cpus"])
+        dns = dns_servers(spec.cmdline)
+        net = {"mac": vmnet.mac, "ip": vmnet.ip, "gateway": vmnet.gateway, "dns": dns}
+        identity = identity_for(row["name"], row["token"], net)
+        agent = wake(clone.agent_socket, tpl["token"], identity, WAKE_TIMEOUT_S)
+        with self._agent_lock:
+            self._agents[row["id"]] = agent
+        self._update(row["id"], guest_boot_s=round(time.monotonic() - started, 3))
+
+    def _stop_vm(self, row: dict[str, Any]) -> None:
+        """Close its agent link, remove its domain and work directory."""
+        with self._agent_lock:
+            agent = self._agents.pop(row["id"], None)
+        if agent:
+            agent.close()
+        if row["domain"]:
+            self.engine.destroy(row["domain"])
+        workdir = Path(row["workdir"])
+        if row["workdir"] and workdir.is_relative_to(self.cfg.vm_root):
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def _checked(self, req: VMRequest) -> tuple[Image, int]:
         """The request's image and disk size, or BadInput saying what is wrong."""
@@ -290,7 +340,7 @@ class VMManager:
             agent_socket=workdir / "agent.sock",
             console_log=workdir / "console.log",
             memory_mib=row["memory_mib"],
-            vcpus=max(1, int(row["cpus"] + 0.999)),
+            vcpus=vcpus_for(row["cpus"]),
             accel=accel,
             nic=(vmnet.tap, vmnet.mac),
             metadata={
@@ -327,24 +377,21 @@ class VMManager:
     # -- delete and reclaim ------------------------------------------------------------------
     def _reclaim(self, vm_id: str, keep_row: bool = False) -> None:
         """Remove everything a VM has: agent link, domain, work directory, and its row."""
-        with self._agent_lock:
-            agent = self._agents.pop(vm_id, None)
-        if agent:
-            agent.close()
         try:
             row = self._row(vm_id)
         except NotFound:
+            row = {"id": vm_id, "domain": "", "workdir": ""}
+        self._stop_vm(row)
+        if not row["domain"]:
             return
-        self.engine.destroy(row["domain"])
         self.net.detach(vm_id)
-        workdir = Path(row["workdir"])
-        if workdir.is_relative_to(self.cfg.vm_root):
-            shutil.rmtree(workdir, ignore_errors=True)
         with self.store.lock:
             if keep_row:
                 self.store.db.table("vms").update(vm_id, {"state": "lost"})
             else:
                 self.store.db.table("vms").delete(vm_id)
+        if row.get("template"):
+            self.templates.collect()  # a stale template may have lost its last clone
 
     def delete(self, vm_id: str) -> bool:
         """Destroy a VM and forget it; False when it did not exist (delete is idempotent)."""
@@ -401,6 +448,7 @@ class VMManager:
     def reconcile(self) -> dict[str, int]:
         """After a start: re-attach running VMs, reap what no row owns, finish half-done work."""
         counts = {"reattached": 0, "lost": 0, "reaped": 0, "cleaned": 0}
+        counts.update(self.templates.reconcile())
         domains = {
             d.name: d for d in self.engine.ours() if d.metadata.get("host") == self.cfg.host_id
         }
@@ -432,10 +480,12 @@ class VMManager:
             if d.name not in rows:
                 shutil.rmtree(d, ignore_errors=True)
                 counts["reaped"] += 1
+        counts["templates_dropped"] = len(self.templates.collect(self.images()))
         log.info("reconciled: %s", counts)
         return counts
 
     def shutdown(self, keep_vms: bool) -> None:
+        self.templates.shutdown()
         with self._agent_lock:
             agents = list(self._agents.values())
             self._agents.clear()

@@ -10,6 +10,14 @@ A stream of frames over a virtio-serial port. Every frame has a 12-byte header:
 
 Control messages carry UTF-8 JSON objects; STDIN/STDOUT/STDERR/FILE_DATA carry raw bytes.
 The EXIT payload is ExitStatus, which the HTTP APIs also carry as their `exit` event.
+
+Warm start (a VM restored from a snapshot template): the restored agent still holds the
+template's token. Right after HELLO (with that token) the host sends IDENTITY on a channel of
+its own: the clone's clock, fresh entropy, hostname, machine-id, NIC settings and its new token.
+The agent applies them, answers IDENTITY_OK and ends the session; from then on only the new
+token opens one. Agents that know IDENTITY list IDENTITY_FEATURE in HELLO_OK's `features`;
+the host sends IDENTITY to no other (older images simply boot cold). The frame format is
+unchanged, so PROTOCOL_VERSION stays 1; IDENTITY's payload carries its own version `v`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ if TYPE_CHECKING:  # the guest imports this file at boot: no typing/dataclasses 
 __all__ = [
     "CONTROL",
     "HEADER",
+    "IDENTITY_FEATURE",
+    "IDENTITY_VERSION",
     "JSON_TYPES",
     "MAGIC",
     "MAX_PAYLOAD",
@@ -39,6 +49,8 @@ __all__ = [
     "encode_data",
     "encode_json",
     "exec_payload",
+    "identity_payload",
+    "parse_identity",
 ]
 
 PROTOCOL_VERSION = 1
@@ -47,6 +59,8 @@ HEADER = struct.Struct(">2sBBII")
 MAX_PAYLOAD = 1 << 20
 PORT_NAME = "org.ttci.agent.0"
 CONTROL = 0
+IDENTITY_VERSION = 1
+IDENTITY_FEATURE = f"identity/{IDENTITY_VERSION}"
 
 
 class ProtocolError(Exception):
@@ -66,6 +80,8 @@ class MsgType(enum.IntEnum):
     ERROR = 10  # guest -> host {message}: the request on this channel failed
     PING = 11  # host -> guest {}
     PONG = 12  # guest -> host {}
+    IDENTITY = 13  # host -> guest identity_payload(): a restored clone becomes itself
+    IDENTITY_OK = 14  # guest -> host {v, hostname}: applied; the session is over
 
 
 JSON_TYPES = frozenset(
@@ -78,6 +94,8 @@ JSON_TYPES = frozenset(
         MsgType.ERROR,
         MsgType.PING,
         MsgType.PONG,
+        MsgType.IDENTITY,
+        MsgType.IDENTITY_OK,
     }
 )
 
@@ -154,6 +172,76 @@ def exec_payload(
     if timeout is not None:
         req["timeout"] = timeout
     return req
+
+
+def identity_payload(
+    *,
+    token: str,
+    hostname: str,
+    machine_id: str,
+    seed: str,
+    time: float,
+    net: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The IDENTITY payload. seed: hex of fresh host entropy; net (optional): {"mac", "ip"
+    (ADDR/LEN), "gateway" (or None: no route out), "dns" (list of servers, or None: leave
+    resolv.conf alone)}. parse_identity checks it the same way on the guest side."""
+    req: dict[str, Any] = {
+        "v": IDENTITY_VERSION,
+        "token": token,
+        "hostname": hostname,
+        "machine_id": machine_id,
+        "seed": seed,
+        "time": time,
+    }
+    if net is not None:
+        req["net"] = dict(net)
+    return parse_identity(req)
+
+
+def _hexstr(d: dict[str, Any], key: str, size: int | None = None) -> str:
+    value = d.get(key)
+    ok = isinstance(value, str) and value != "" and all(c in "0123456789abcdef" for c in value)
+    if not ok or (size is not None and len(str(value)) != size):
+        raise ProtocolError(
+            f"identity {key} {value!r} is not {size or 'some'} lowercase hex digits"
+        )
+    return str(value)
+
+
+def parse_identity(d: dict[str, Any]) -> dict[str, Any]:
+    """Check an IDENTITY payload (ProtocolError says what is wrong); returns it unchanged."""
+    if d.get("v") != IDENTITY_VERSION:
+        raise ProtocolError(f"identity version {d.get('v')!r} is not {IDENTITY_VERSION}")
+    _hexstr(d, "token")
+    _hexstr(d, "machine_id", 32)
+    _hexstr(d, "seed")
+    name = d.get("hostname")
+    if not isinstance(name, str) or not 0 < len(name) <= 63 or name.strip("-.") != name:
+        raise ProtocolError(f"identity hostname {name!r} is not a host name")
+    if isinstance(d.get("time"), bool) or not isinstance(d.get("time"), int | float):
+        raise ProtocolError("identity time is not a number")
+    net = d.get("net")
+    if net is not None:
+        if not isinstance(net, dict) or not _address(net.get("mac")):
+            raise ProtocolError("identity net must be an object with a mac")
+        for key in ("ip", "gateway"):
+            if net.get(key) is not None and not _address(net[key]):
+                raise ProtocolError(f"identity net {key} {net[key]!r} is not an address")
+        dns = net.get("dns")
+        if dns is not None and not (isinstance(dns, list) and all(_address(x) for x in dns)):
+            raise ProtocolError("identity net dns is not a list of addresses")
+    return d
+
+
+def _address(value: object) -> bool:
+    """A MAC, an IP address or ADDR/LEN: only the characters those have (no spaces, no words:
+    the guest hands them to `ip -batch`)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 64
+        and all(c in "0123456789abcdefABCDEF:./" for c in value)
+    )
 
 
 class Decoder:

@@ -1,0 +1,281 @@
+"""Snapshot templates, mechanically: boot and save one, restore clones of it, wake a clone up.
+
+A template is a VM booted once to a ready agent, idle, then saved by libvirt (memory and device
+state in `vm.save`) with its overlay frozen read-only (`disk.qcow2`). A clone gets its own
+overlay on that frozen disk and its own copy of the save file whose header carries the clone's
+domain XML (name, UUID, disk, console log, agent socket, tap, MAC); libvirt restores it into
+its own cgroup. The restored guest still has the template's identity until `wake` gives it its
+own (ttci.wire.agent_protocol, IDENTITY). Policy (which template, when, fallbacks) lives in
+hostd.vm.templates; this module only does the steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hostd.builders.domain_xml import DomainSpec
+from hostd.builders.save_image import SaveHeader, SaveImageError, clone_xml, parse_header
+from hostd.images.catalogue import Image
+from hostd.vm.agent_client import AgentClient
+from hostd.vm.disk import create_overlay
+from hostd.vm.engine import Engine
+from ttci.model.arch import Arch
+from ttci.model.errors import AgentError, BootError, TTError
+from ttci.wire.agent_protocol import identity_payload
+
+log = logging.getLogger("hostd.vm.warm")
+
+__all__ = [
+    "DISK_FILE",
+    "SAVE_FILE",
+    "TEMPLATE_MAC",
+    "CloneSpec",
+    "TemplateError",
+    "TemplateSpec",
+    "copy_save",
+    "dns_servers",
+    "identity_for",
+    "make_template",
+    "read_header",
+    "restore_clone",
+    "vcpus_for",
+    "wake",
+]
+
+SAVE_FILE = "vm.save"
+DISK_FILE = "disk.qcow2"
+TEMPLATE_MAC = "52:54:00:00:7e:01"  # the template's NIC: never on a bridge, every clone's differs
+SETTLE_S = 1.0  # let the guest finish what boot started before it is frozen
+_HEAD_READ = 1 << 20
+
+
+class TemplateError(TTError):
+    """A template could not be made, or a clone could not be restored from it."""
+
+
+@dataclass(frozen=True)
+class CloneSpec:
+    """A VM restored from a template: its own domain name, UUID, work directory (disk, console
+    log, agent socket), NIC (tap or "" for an unconnected one, MAC) and metadata."""
+
+    name: str
+    uuid: str
+    directory: Path
+    nic: tuple[str, str]
+    metadata: dict[str, str]
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / DISK_FILE
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.directory / "agent.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """What one template is: the image booted at one size with one accelerator."""
+
+    image: Image
+    vcpus: int
+    memory_mib: int
+    disk_gib: int
+    accel: str
+
+    def domain(
+        self, name: str, directory: Path, token: str, metadata: dict[str, str]
+    ) -> DomainSpec:
+        m = self.image.manifest
+        cmdline = f"{m.kernel_cmdline} tt.token={token} tt.hostname=tt-template"
+        if self.disk_gib << 30 > m.disk_virtual_size:
+            cmdline += " tt.resize=1"
+        return DomainSpec(
+            name=name,
+            uuid=str(uuid.uuid4()),
+            arch=Arch.parse(m.arch),
+            kernel=self.image.file(m.kernel.path),
+            initrd=self.image.file(m.initrd.path),
+            cmdline=cmdline + " net.ifnames=0",  # no tt.ip: a clone's NIC is set by IDENTITY
+            disk=directory / DISK_FILE,
+            agent_socket=directory / "agent.sock",
+            console_log=directory / "console.log",
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            accel=self.accel,
+            nic=("", TEMPLATE_MAC),
+            metadata=metadata,
+        )
+
+
+def make_template(
+    engine: Engine,
+    spec: TemplateSpec,
+    directory: Path,
+    *,
+    name: str,
+    token: str,
+    meta: dict[str, str],
+) -> float:
+    """Boot, wait for the agent, let it settle, save, freeze. Returns the boot seconds.
+
+    The caller recorded directory and name first and removes them if this raises.
+
+    Raises:
+        TemplateError: the agent cannot take an identity (an old image), or a step failed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    create_overlay(
+        spec.image.file(spec.image.manifest.disk.path), directory / DISK_FILE, spec.disk_gib
+    )
+    dom = spec.domain(name, directory, token, meta)
+    t0 = time.monotonic()
+    engine.start(dom)
+    try:
+        agent = AgentClient.connect(dom.agent_socket, token=token, timeout=120)
+    except (BootError, AgentError) as e:
+        raise TemplateError(f"template of {spec.image.name} did not boot: {e}") from e
+    boot_s = time.monotonic() - t0
+    try:
+        if not agent.knows_identity:
+            raise TemplateError(
+                f"{spec.image.name}'s agent predates warm start",
+                hint=f"rebuild it: tt image build --force {spec.image.manifest.release}",
+            )
+        agent.exec(["sync"], timeout=30)
+        time.sleep(SETTLE_S)
+    finally:
+        agent.close()
+    time.sleep(0.1)  # the agent sees its host leave before it is frozen
+    engine.save(name, directory / SAVE_FILE)
+    engine.destroy(name)  # saved: only the definition is left
+    (directory / DISK_FILE).chmod(0o444)
+    dom.agent_socket.unlink(missing_ok=True)
+    read_header(directory / SAVE_FILE)  # a template we could not clone is no template
+    return boot_s
+
+
+def read_header(save: Path) -> SaveHeader:
+    try:
+        with open(save, "rb") as f:
+            return parse_header(f.read(_HEAD_READ))
+    except (OSError, SaveImageError) as e:
+        raise TemplateError(f"template save file {save}: {e}") from e
+
+
+def copy_save(template_save: Path, header: SaveHeader, xml: str, dest: Path) -> None:
+    """dest: the template's save file with xml in its header (the memory is copied in-kernel)."""
+    try:
+        head = header.with_xml(xml)
+    except SaveImageError as e:
+        raise TemplateError(str(e)) from e
+    size = template_save.stat().st_size
+    with open(template_save, "rb") as src, open(dest, "wb") as dst:
+        dst.write(head)
+        offset = header.stream_offset
+        while offset < size:
+            n = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
+            if n == 0:
+                raise TemplateError(f"{template_save} shrank while it was copied")
+            offset += n
+
+
+def restore_clone(
+    engine: Engine, template_dir: Path, header: SaveHeader, dom: CloneSpec, disk_gib: int
+) -> None:
+    """Start the clone dom from the template's state.
+
+    Makes dom.disk (an overlay on the template's frozen disk) and a save file copy next to it,
+    which is removed once QEMU has read it.
+
+    Raises:
+        TemplateError, EngineError: the clone did not start (nothing of it runs).
+    """
+    t0 = time.monotonic()
+    create_overlay(template_dir / DISK_FILE, dom.disk, disk_gib)
+    t1 = time.monotonic()
+    xml = clone_xml(
+        header.xml,
+        name=dom.name,
+        uuid=dom.uuid,
+        metadata=dom.metadata,
+        disk=dom.disk,
+        console_log=dom.console_log,
+        agent_socket=dom.agent_socket,
+        nic=dom.nic,
+    )
+    save = dom.directory / SAVE_FILE
+    copy_save(template_dir / SAVE_FILE, header, xml, save)
+    t2 = time.monotonic()
+    try:
+        engine.restore(save)
+    finally:
+        save.unlink(missing_ok=True)
+    log.debug(
+        "%s restored: overlay %.3f s, save copy %.3f s, restore %.3f s",
+        dom.name,
+        t1 - t0,
+        t2 - t1,
+        time.monotonic() - t2,
+    )
+
+
+def identity_for(hostname: str, token: str, net: dict[str, Any] | None) -> dict[str, Any]:
+    """A clone's identity: its name and token, a new machine-id, fresh entropy, the host's time."""
+    return identity_payload(
+        token=token,
+        hostname=hostname,
+        machine_id=uuid.uuid4().hex,
+        seed=secrets.token_hex(64),
+        time=time.time(),
+        net=net,
+    )
+
+
+def vcpus_for(cpus: float) -> int:
+    """The vCPUs a VM of `cpus` CPUs gets (its cgroup quota holds it to the fraction)."""
+    return max(1, int(cpus + 0.999))
+
+
+def dns_servers(cmdline: str) -> list[str] | None:
+    """The DNS servers a cold boot gets (`tt.dns=A,B` on its kernel command line), else None."""
+    for word in cmdline.split():
+        if word.startswith("tt.dns="):
+            return [s for s in word.removeprefix("tt.dns=").split(",") if s]
+    return None
+
+
+def wake(sock: Path, template_token: str, identity: dict[str, Any], timeout: float) -> AgentClient:
+    """Reach a restored clone's agent with the template's token, give it its identity, and open
+    a session with its own token (the template's opens nothing after this).
+
+    Raises:
+        TemplateError: no answer, or the identity was refused.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        first = AgentClient.connect(sock, token=template_token, timeout=timeout)
+        try:
+            t0 = time.monotonic()
+            # The clock is set from the time sent: take it now, not when the payload was made.
+            identity = {**identity, "time": time.time()}
+            first.identity(identity, timeout=max(1.0, deadline - time.monotonic()))
+            log.debug("identity applied in %.3f s", time.monotonic() - t0)
+        finally:
+            first.close()
+        return AgentClient.connect(
+            sock, token=identity["token"], timeout=max(2.0, deadline - time.monotonic())
+        )
+    except (BootError, AgentError) as e:
+        raise TemplateError(f"the restored VM did not wake: {e}") from e

@@ -139,7 +139,7 @@ def test_bad_max_wait_is_refused_before_anything_is_asked(
 ) -> None:
     c = fake()
     assert _add("--max-wait", "31d") == 2
-    assert "outside 0 .. 30 days" in capsys.readouterr().err and c.waits == []
+    assert "is outside 0 .. 30 days" in capsys.readouterr().err and c.waits == []
 
 
 def test_env_add_shows_its_place_in_line_then_the_boot(

@@ -2,8 +2,9 @@
 
 Every folder of the four packages has a floor; a module may import its own folder and folders on
 lower floors of its own package or of ttci's shared ground (model, wire, infra, client). Nothing
-on the host imports the guest agent (it runs inside VMs; its launcher is copied into images). Pure folders import no I/O library and only other pure folders. A new folder
-must be given a floor here, so nothing can slip in unclassified.
+on the host imports the guest agent (it runs inside VMs; its launcher is copied into images).
+Pure folders import no I/O library and only other pure folders. A new folder must be given a
+floor here, so nothing can slip in unclassified.
 """
 
 from __future__ import annotations

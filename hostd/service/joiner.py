@@ -1,9 +1,11 @@
 """A hostd that joins a scheduler by itself: register with the join token, then heartbeat.
 
-Heartbeats carry what `/v1/host` shows (capacity, use, images, accelerator), so the scheduler
-places from fresh numbers without polling. A scheduler that forgot the host (404) gets a new
-registration; one that is away is retried quietly; a refusal (wrong token, other version)
-is fatal for the first registration and logged afterwards.
+The registration binds the host id to this hostd's own token; heartbeats bear that token (not
+the join token), so nobody else can beat for this host. Heartbeats carry what `/v1/host` shows
+(capacity, use, images, accelerator), so the scheduler places from fresh numbers without
+polling. A scheduler that forgot the host (404) gets a new registration; one that is away is
+retried quietly; a refusal (wrong token, other version, the id bound to another host's token)
+is fatal for the first registration and logged afterwards, as is a report the scheduler refused.
 """
 
 from __future__ import annotations
@@ -45,29 +47,37 @@ class Joiner:
         self.host_token = host_token
         self.info = info
         self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {join_token}"
+        self._join_auth = f"Bearer {join_token}"
+        self._host_auth = f"Bearer {host_token}"
         self.interval = 5.0
         self._stop = threading.Event()
 
-    def _post(self, path: str, body: dict[str, Any]) -> JoinAnswer:
-        r = self.session.post(self.url + path, json=body, timeout=10)
+    def _post(self, path: str, body: dict[str, Any], auth: str) -> JoinAnswer:
+        r = self.session.post(
+            self.url + path, json=body, timeout=10, headers={"Authorization": auth}
+        )
         if r.status_code in (400, 403, 409):
             err = ErrorBody.decode(r.content, r.reason)
             raise JoinRefused(
                 f"scheduler {self.url} refused host {self.host_id}: {err.error}", hint=err.hint
             )
         r.raise_for_status()
-        return JoinAnswer.from_dict(r.json())
+        answer = JoinAnswer.from_dict(r.json())
+        if answer.report_error:
+            log.warning("%s refused our report: %s", self.url, answer.report_error)
+        return answer
 
     def register(self) -> None:
         reg = HostRegistration(self.host_id, self.advertise_url, self.host_token, self.info())
-        self.interval = self._post("/v1/hosts/register", reg.to_dict()).heartbeat_s
+        answer = self._post("/v1/hosts/register", reg.to_dict(), self._join_auth)
+        self.interval = answer.heartbeat_s
         log.info("joined %s as %s (heartbeat every %.1f s)", self.url, self.host_id, self.interval)
 
     def beat(self) -> None:
         try:
             beat = Heartbeat(self.host_id, self.info())
-            self.interval = self._post("/v1/hosts/heartbeat", beat.to_dict()).heartbeat_s
+            answer = self._post("/v1/hosts/heartbeat", beat.to_dict(), self._host_auth)
+            self.interval = answer.heartbeat_s
         except requests.HTTPError as e:
             if e.response is not None and e.response.status_code == 404:
                 self.register()  # the scheduler forgot us (new state): join again

@@ -3,11 +3,20 @@
 Registered hosts heartbeat; a host not heard from for `timeout` seconds is marked down and its
 VMs lost. Static hosts are polled. Host records live in the scheduler's SQLite state, so a
 restarted scheduler knows its pool at once.
+
+Identity: a registered host's id is bound to the token it first registered with (the one the
+scheduler sends it). Registering the id again needs that token (or, to change it, the old one as
+`current_token`), or an admin forgets the host first; every heartbeat bears it. A host's report
+is checked against its schema (ttci.wire.hosts.parse_report) and stored apart from the fields
+the scheduler owns; a malformed one makes that host `unhealthy` with the reason (out of
+placement and the catalogue, its VMs untouched) until a good report comes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -17,21 +26,31 @@ from typing import Any
 
 from ttci.infra.db import Store, now
 from ttci.model.arch import Arch
-from ttci.model.errors import TTError
+from ttci.model.errors import BadInput, TTError
 from ttci.model.resources import Resources
 from ttci.scheduler.hostd_client import HostdClient, HostdError
 from ttci.scheduler.planning.placement import HostView
-from ttci.wire.hosts import HOST_ID_RE, URL_RE, Heartbeat, HostRegistration, JoinAnswer
+from ttci.wire.hosts import (
+    HOST_ID_RE,
+    URL_RE,
+    Heartbeat,
+    HostRegistration,
+    JoinAnswer,
+    parse_report,
+)
 
 __all__ = [
     "HOST_ID_RE",
     "URL_RE",
+    "HostClaimed",
     "HostNotFound",
     "HostPool",
     "HostRefused",
     "check_registration",
+    "credential_ok",
     "effective_free",
     "kvm_arches",
+    "stored_report",
 ]
 
 log = logging.getLogger("ttci.scheduler.hosts")
@@ -43,6 +62,38 @@ class HostNotFound(TTError):
 
 class HostRefused(TTError):
     """A host may not join: wrong token, incompatible version, or a name clash."""
+
+
+class HostClaimed(HostRefused):
+    """The host id is bound to another host's credential."""
+
+
+def _sha(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def credential_ok(given: str, row: dict[str, Any]) -> bool:
+    """Whether given is the credential a registered host's id is bound to (constant time)."""
+    bound = str(row.get("token") or "")
+    return bool(given) and bool(bound) and hmac.compare_digest(_sha(given), _sha(bound))
+
+
+def stored_report(row: dict[str, Any]) -> dict[str, Any]:
+    """A host record's report, checked again (a record written before reports were checked
+    may hold anything): {} when it does not pass."""
+    try:
+        return parse_report(json.loads(row.get("info") or "{}"))
+    except (ValueError, BadInput):
+        return {}
+
+
+def _redact(text: str, url: str) -> str:
+    """text without the host's address (for users who are not admins)."""
+    m = URL_RE.match(url)
+    addr = url.split("://", 1)[-1].rsplit(":", 1)[0] if m else ""
+    for secret in filter(None, (url, addr)):
+        text = text.replace(secret, "(host address)")
+    return text
 
 
 def check_registration(reg: HostRegistration, static_ids: set[str]) -> None:
@@ -85,8 +136,8 @@ class HostPool:
         self.on_down = on_down or (lambda hid, why: None)
         self.on_up = on_up or (lambda hid: None)
         self._clients: dict[str, HostdClient] = {}
-        self._version = 0  # bumped by every write: the public list is cached per version
-        self._cache: tuple[int, list[dict[str, Any]]] = (-1, [])
+        self._version = 0  # bumped by every write: the public lists are cached per version
+        self._cache: dict[bool, tuple[int, list[dict[str, Any]]]] = {}
         self._clients_lock = threading.Lock()
         with store.lock:
             for hid, (url, _) in static.items():
@@ -128,35 +179,46 @@ class HostPool:
                 c = self._clients[hid] = HostdClient(hid, row["url"], token)
             return c
 
-    def public_all(self) -> list[dict[str, Any]]:
-        """Every host as the API shows it; rebuilt only after a host record changed."""
+    def public_all(self, admin: bool = True) -> list[dict[str, Any]]:
+        """Every host as the API shows it (to an admin, or without addresses to anyone else);
+        rebuilt only after a host record changed."""
         with self.store.lock:
-            version, cached = self._cache
+            version, cached = self._cache.get(admin, (-1, []))
             if version != self._version:
                 version = self._version
-                cached = [self.public(r) for r in self.rows()]
-                self._cache = (version, cached)
+                cached = [self.public(r, admin=admin) for r in self.rows()]
+                self._cache[admin] = (version, cached)
             return cached
 
     @staticmethod
-    def public(row: dict[str, Any]) -> dict[str, Any]:
-        """A host as the API shows it (never its token)."""
-        return {
+    def public(row: dict[str, Any], admin: bool = True) -> dict[str, Any]:
+        """A host as the API shows it: its checked report, then the fields the scheduler owns
+        (a report can never override them); never its token, and its address only to admins."""
+        error = row.get("error") or ""
+        owned = {
             "id": row["id"],
-            "url": row["url"],
+            **({"url": row["url"]} if admin else {}),
             "kind": row["kind"],
             "state": row["state"],
             "drained": bool(row["drained"]),
             "last_seen": row["last_seen"],
-            **({"error": row["error"]} if row.get("error") else {}),
-            **json.loads(row["info"] or "{}"),
+            **({"error": error if admin else _redact(error, row["url"])} if error else {}),
         }
+        return {**stored_report(row), **owned}
 
     # -- joining -----------------------------------------------------------------------------
     def register(self, reg: HostRegistration) -> JoinAnswer:
+        """Join (or join again) a host. The id's first registration binds it to reg.token.
+
+        Raises:
+            HostRefused: a static host's id. HostClaimed: the id is bound to another token.
+        """
         check_registration(reg, set(self.static))
+        report, problem = _check_report(reg.info)
         with self.store.lock:
             was = self.store.db.table("hosts").get(reg.id) if self._exists(reg.id) else None
+            if was is not None:
+                self._check_claim(reg, was)
             self._version += 1
             self.store.db.table("hosts").upsert(
                 {
@@ -164,31 +226,71 @@ class HostPool:
                     "url": reg.url,
                     "kind": "registered",
                     "token": reg.token,
-                    "state": "up",
+                    "state": "unhealthy" if problem else "up",
                     "last_seen": now(),
                     "seen_mono": time.monotonic(),
-                    "info": json.dumps(dict(reg.info)),
-                    "error": "",
+                    "info": json.dumps(report) if not problem else (was or {}).get("info", "{}"),
+                    "error": problem,
                     "drained": was["drained"] if was else 0,
                 },
                 pk="id",
             )
-        log.info("host %s registered from %s", reg.id, reg.url)
-        if was is None or was["state"] != "up":
+        moved = was is not None and (was["url"] != reg.url or was["token"] != reg.token)
+        log.info("host %s registered from %s%s", reg.id, reg.url, " (changed)" if moved else "")
+        if problem:
+            log.warning("host %s is unhealthy: %s", reg.id, problem)
+        elif was is None or was["state"] != "up":
             self._came_up(reg.id)
-        return JoinAnswer(reg.id, max(1.0, self.timeout / 3))
+        return JoinAnswer(reg.id, max(1.0, self.timeout / 3), problem)
 
-    def heartbeat(self, beat: Heartbeat) -> JoinAnswer:
+    @staticmethod
+    def _check_claim(reg: HostRegistration, was: dict[str, Any]) -> None:
+        """A registered id joins again only with its bound token (or the old one, to change
+        it). The caller holds the store's lock."""
+        if was["kind"] != "registered":
+            return
+        if credential_ok(reg.token, was) or credential_ok(reg.current_token, was):
+            return
+        log.warning("refused a registration of host %s: not its credential", reg.id)
+        raise HostClaimed(
+            f"host id {reg.id!r} is registered by another host (its token differs)",
+            hint="give this hostd its old token, another --host-id, or have an admin run "
+            f"`tt host forget {reg.id}` first",
+        )
+
+    def heartbeat(self, beat: Heartbeat, credential: str) -> JoinAnswer:
+        """A registered host's report, bearing its credential (the token it registered with).
+
+        Raises:
+            HostNotFound: no such host (it should register again). HostRefused: a static host,
+            or not this host's credential.
+        """
         row = self.row(beat.id)
         if row["kind"] != "registered":
             raise HostRefused(
                 f"host {beat.id} is static", hint="static hosts are polled, not pushed"
             )
-        self._seen(beat.id, dict(beat.info), was=row["state"])
-        return JoinAnswer(beat.id, max(1.0, self.timeout / 3))
+        if not credential_ok(credential, row):
+            log.warning("refused a heartbeat for host %s: not its credential", beat.id)
+            raise HostRefused(
+                f"this heartbeat does not bear host {beat.id}'s token",
+                hint="a host beats with the token it registered with",
+            )
+        problem = self._report(beat.id, beat.info, was=row["state"])
+        return JoinAnswer(beat.id, max(1.0, self.timeout / 3), problem)
+
+    def _report(self, hid: str, info: Any, was: str) -> str:
+        """A host answered (heartbeat or poll) with this report: it is up, or unhealthy when
+        the report is malformed (the reason is returned)."""
+        report, problem = _check_report(info)
+        if problem:
+            self._mark_unhealthy(hid, problem)
+        else:
+            self._seen(hid, report, was)
+        return problem
 
     def _seen(self, hid: str, info: dict[str, Any], was: str) -> None:
-        """The host answered (heartbeat or poll) with its current info."""
+        """The host answered with its current (checked) report."""
         with self.store.lock:
             self._version += 1
             self.store.db.table("hosts").update(
@@ -205,6 +307,23 @@ class HostPool:
             log.info("host %s is up", hid)
             self._came_up(hid)
 
+    def _mark_unhealthy(self, hid: str, why: str) -> None:
+        """The host answers but its report is malformed: out of placement, VMs untouched."""
+        with self.store.lock:
+            was = self.store.db.table("hosts").get(hid)["state"]
+            self._version += 1
+            self.store.db.table("hosts").update(
+                hid,
+                {
+                    "state": "unhealthy",
+                    "last_seen": now(),
+                    "seen_mono": time.monotonic(),
+                    "error": why,
+                },
+            )
+        if was != "unhealthy":
+            log.warning("host %s is unhealthy: %s", hid, why)
+
     def set_drain(self, hid: str, drained: bool) -> dict[str, Any]:
         self.row(hid)
         with self.store.lock:
@@ -214,13 +333,15 @@ class HostPool:
         return self.public(self.row(hid))
 
     def forget(self, hid: str) -> None:
-        """Remove a registered host that is down (its VMs must be gone already)."""
+        """Remove a registered host that is down (its VMs must be gone already); its id is
+        free for any host holding the join token."""
         row = self.row(hid)
         if row["kind"] == "static":
             raise HostRefused(f"host {hid} is static", hint="remove it from --server-set")
         with self.store.lock:
             self._version += 1
             self.store.db.table("hosts").delete(hid)
+        log.info("host %s forgotten", hid)
 
     # -- health ------------------------------------------------------------------------------
     def poll_static(self) -> None:
@@ -230,7 +351,7 @@ class HostPool:
             except HostdError as e:
                 self._mark_down(hid, e.message)
                 continue
-            self._seen(hid, info, was=self.row(hid)["state"])
+            self._report(hid, info, was=self.row(hid)["state"])
 
     def _came_up(self, hid: str) -> None:
         """Re-attach a host's VMs off the request path (the host may still be starting)."""
@@ -242,12 +363,13 @@ class HostPool:
 
         def one(hid: str) -> None:
             try:
-                if self.row(hid)["state"] == "down":
+                state = self.row(hid)["state"]
+                if state == "down":
                     return
                 info = self.client(hid).info()
             except (HostdError, HostNotFound):
                 return
-            self._seen(hid, info, was="up")
+            self._report(hid, info, was=state)
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(one, sorted(hids)))
@@ -256,7 +378,8 @@ class HostPool:
         limit = time.monotonic() - self.timeout
         for row in self.rows():
             stale = (row.get("seen_mono") or 0) < limit
-            if row["kind"] == "registered" and row["state"] == "up" and stale:
+            alive = row["state"] in ("up", "unhealthy")
+            if row["kind"] == "registered" and alive and stale:
                 self._mark_down(hid=row["id"], why=f"no heartbeat for {self.timeout:g} s")
 
     def mark_unreachable(self, hid: str, why: str) -> None:
@@ -274,7 +397,7 @@ class HostPool:
     def views(self, committed: dict[str, Resources]) -> list[HostView]:
         out = []
         for row in self.rows():
-            info = json.loads(row["info"] or "{}")
+            info = stored_report(row)
             out.append(
                 HostView(
                     id=row["id"],
@@ -286,6 +409,14 @@ class HostPool:
                 )
             )
         return out
+
+
+def _check_report(info: Any) -> tuple[dict[str, Any], str]:
+    """(the checked report, "") or ({}, why it is malformed)."""
+    try:
+        return parse_report(info), ""
+    except BadInput as e:
+        return {}, e.message
 
 
 def kvm_arches(info: dict[str, Any]) -> frozenset[str]:

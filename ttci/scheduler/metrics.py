@@ -12,7 +12,6 @@ command line.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -31,6 +30,7 @@ from prometheus_client.registry import Collector
 from ttci.infra.db import Store
 from ttci.infra.metrics_common import RESOURCES, VM_STATES, by_state
 from ttci.scheduler import admission_store as qs
+from ttci.scheduler.hosts import stored_report
 from ttci.wire.envs import ORIGIN_KINDS
 from ttci.wire.queue import BLOCKERS
 
@@ -102,10 +102,7 @@ class SchedulerCollector(Collector):
             hid = row["id"]
             up.add_metric([hid], 1 if row.get("state") == "up" else 0)
             drained.add_metric([hid], 1 if row.get("drained") else 0)
-            try:
-                info = json.loads(row.get("info") or "{}")
-            except ValueError:
-                info = {}
+            info = stored_report(row)  # checked: a malformed report counts as none
             for key, label in RESOURCES:
                 cap.add_metric([hid, label], float(info.get("total", {}).get(key, 0)))
                 used.add_metric([hid, label], float(info.get("used", {}).get(key, 0)))

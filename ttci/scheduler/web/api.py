@@ -10,13 +10,20 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from ttci import __version__
-from ttci.infra.http_server import bearer_ok, install_auth, install_errors, json_body, ndjson
+from ttci.infra.http_server import (
+    bearer_ok,
+    bearer_token,
+    install_auth,
+    install_errors,
+    json_body,
+    ndjson,
+)
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admin
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.env_queue import QueuedRefused, QueueTimeout
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
-from ttci.scheduler.hosts import HostNotFound, HostRefused
+from ttci.scheduler.hosts import HostClaimed, HostNotFound, HostRefused
 from ttci.scheduler.planning.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
 from ttci.scheduler.users import User, UserExists, UserNotFound
@@ -81,26 +88,30 @@ class Forbidden(TTError):
     """The user may not do this."""
 
 
-def _join_check() -> None:
-    """Host registration and heartbeats carry the pool's join token."""
+def _join_check(*, join_token: bool = True) -> None:
+    """Registrations carry the pool's join token (heartbeats their host's own token)."""
     if not _s().pool.join_token:
         raise HostRefused(
             "this scheduler takes no registrations", hint="start tt-scheduler with --join-token"
         )
-    if not bearer_ok(_s().pool.join_token):
+    if join_token and not bearer_ok(_s().pool.join_token):
         raise HostRefused("wrong join token", hint="pass the scheduler's --join-token to hostd")
 
 
 @bp.post("/hosts/register")
 def register_host() -> Response:
+    """A hostd joins (bearing the join token); an id already registered needs its host's own
+    token too (hosts.HostPool.register)."""
     _join_check()
     return jsonify(_s().pool.register(HostRegistration.from_dict(json_body())).to_dict())
 
 
 @bp.post("/hosts/heartbeat")
 def heartbeat() -> Response:
-    _join_check()
-    return jsonify(_s().pool.heartbeat(Heartbeat.from_dict(json_body())).to_dict())
+    """A registered hostd's report, bearing its own token (the one it registered with)."""
+    _join_check(join_token=False)
+    beat = Heartbeat.from_dict(json_body())
+    return jsonify(_s().pool.heartbeat(beat, bearer_token()).to_dict())
 
 
 @bp.post("/hosts/<host_id>/drain")
@@ -158,7 +169,8 @@ def status() -> Response:
 
 @bp.get("/hosts")
 def hosts() -> Response:
-    return jsonify(_s().hosts())
+    """The pool; host addresses only for admins."""
+    return jsonify(_s().pool.public_all(admin=_user().admin))
 
 
 @bp.get("/images")
@@ -329,6 +341,7 @@ def create_app(scheduler: Scheduler) -> Flask:
             QueuedRefused: 409,
             QueueTimeout: 408,
             HostNotFound: 404,
+            HostClaimed: 409,
             HostRefused: 403,
             Forbidden: 403,
             UserExists: 409,

@@ -247,19 +247,47 @@ class EnvQueue(EnvCreation):
             if final:
                 self._watchers.pop(name, None)
 
+    def submit_and_watch(
+        self, req: EnvRequest, user: User, opts: WaitOptions = WAIT
+    ) -> Iterator[EnvEvent]:
+        """submit_env, with the progress stream subscribed first so no event is missed (a
+        request granted at once is granted inside submit_env). Raises what submit_env raises."""
+        q = self._subscribe(req.name)
+        try:
+            self.submit_env(req, user, opts)
+        except BaseException:
+            self._unsubscribe(req.name, q)
+            raise
+        return self._watching(req.name, user, q, replay=False)
+
     def watch_env(self, name: str, user: User) -> Iterator[EnvEvent]:
         """The ENV's progress until it is ready or failed: queued (position), granted, vm,
-        then ready or error. Attach at any time (e.g. again after a scheduler restart)."""
+        then ready or error. Attach at any time (e.g. again after a scheduler restart): an ENV
+        already granted starts with a `granted` event. EnvNotFound at once if it is not there."""
         self._env_row(name, user)
+        return self._watching(name, user, self._subscribe(name), replay=True)
+
+    def _subscribe(self, name: str) -> queue.Queue[EnvEvent]:
         q: queue.Queue[EnvEvent] = queue.Queue(maxsize=10_000)
         with self._watch_lock:
             self._watchers.setdefault(name, []).append(q)
+        return q
+
+    def _unsubscribe(self, name: str, q: queue.Queue[EnvEvent]) -> None:
+        with self._watch_lock:
+            if q in self._watchers.get(name, []):
+                self._watchers[name].remove(q)
+
+    def _watching(
+        self, name: str, user: User, q: queue.Queue[EnvEvent], replay: bool
+    ) -> Iterator[EnvEvent]:
         try:
+            if replay and self._state_of(name, user) in ("creating", "ready"):
+                row = self._env_row(name, user)
+                yield EnvEvent("granted", waited_s=float(row.get("wait_s") or 0.0))
             yield from self._follow(name, user, q)
         finally:
-            with self._watch_lock:
-                if q in self._watchers.get(name, []):
-                    self._watchers[name].remove(q)
+            self._unsubscribe(name, q)
 
     def _follow(self, name: str, user: User, q: queue.Queue[EnvEvent]) -> Iterator[EnvEvent]:
         last_sent = 0.0
@@ -305,8 +333,7 @@ class EnvQueue(EnvCreation):
     ) -> dict[str, Any]:
         """Queue the ENV and wait until it is ready (all or nothing); progress hears every
         event. Raises what submit_env raises, or the TTError that failed it."""
-        self.submit_env(req, user, opts)
-        for ev in self.watch_env(req.name, user):
+        for ev in self.submit_and_watch(req, user, opts):
             if ev.env is not None:
                 return dict(ev.env)
             if ev.error is not None:

@@ -29,7 +29,7 @@ from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
 from ttci.scheduler.users import User, UserExists, UserNotFound
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
-from ttci.wire.envs import EnvRequest, parse_duration
+from ttci.wire.envs import EnvEvent, EnvRequest, parse_duration
 from ttci.wire.hosts import Heartbeat, HostRegistration
 from ttci.wire.queue import WaitOptions
 
@@ -198,17 +198,23 @@ def create_env() -> tuple[Response, int]:
         return jsonify(s.plan_env(req)), 200
     if request.args.get("progress") not in ("1", "true"):
         return jsonify(s.create_env(req, user, opts=opts)), 201
-    s.submit_env(req, user, opts)  # refusals are plain HTTP errors, before the stream starts
-    return ndjson(_watch_then_cancel(s, req.name, user)), 201
+    # Refusals are plain HTTP errors, raised before the stream starts.
+    events = s.submit_and_watch(req, user, opts)
+    return ndjson(_watch_then_cancel(s, req.name, user, events)), 201
 
 
-def _watch_then_cancel(s: Scheduler, name: str, user: User) -> Iterator[dict[str, Any]]:
+def _watch_then_cancel(
+    s: Scheduler, name: str, user: User, events: Iterator[EnvEvent]
+) -> Iterator[dict[str, Any]]:
     done = False
     try:
-        for ev in s.watch_env(name, user):
+        for ev in events:
             done = ev.final
             yield ev.to_dict()
     finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # unsubscribe now, not when the garbage collector gets to it
         if not done:  # the client left (Ctrl-C, a cancelled CI job): no request stays queued
             with contextlib.suppress(TTError):
                 s.cancel_queued(name, user)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
 
-from ttci.infra.http_server import bearer_ok
+from ttci.infra.http_server import BodyTooLarge, bearer_ok, read_body, strict_loads
+from ttci.model.errors import BadInput
 from webhooks.core.jobs import check_delivery_id
 from webhooks.core.signature import SignatureError, verify
 from webhooks.service import Service
@@ -18,6 +19,7 @@ __all__ = ["MAX_BODY", "bp", "create_app", "healthz", "jobs", "metrics", "webhoo
 
 bp = Blueprint("github", __name__)
 MAX_BODY = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
+MAX_DEPTH = 64  # GitHub's payloads nest a few levels
 
 
 def _svc() -> Service:
@@ -41,9 +43,10 @@ def webhook() -> tuple[Response, int]:
 
 
 def _webhook() -> tuple[Response, int]:
-    if (request.content_length or 0) > MAX_BODY:
+    try:  # the size from Content-Length before reading; counted for a body without one
+        body = read_body(MAX_BODY)
+    except BodyTooLarge:
         return _error(413, "the body is larger than GitHub's 25 MB", "this is not GitHub")
-    body = request.get_data(cache=False)
     event = request.headers.get("X-GitHub-Event", "")
     try:
         verify(
@@ -64,10 +67,10 @@ def _webhook() -> tuple[Response, int]:
             "set the webhook's content type to application/json",
             event,
         )
-    try:
-        payload: Any = json.loads(body)
-    except ValueError as e:
-        return _error(400, f"the body is not JSON: {e}", "send GitHub's payload unchanged", event)
+    try:  # strict: no NaN/Infinity, no huge numbers, no deep nesting
+        payload: Any = strict_loads(body, max_depth=MAX_DEPTH)
+    except BadInput as e:
+        return _error(400, f"the body is not JSON: {e.message}", "send GitHub's payload", event)
     status, out = _svc().handle_delivery(event, delivery, payload)
     return jsonify(out), status
 
@@ -96,4 +99,12 @@ def create_app(service: Service, secret: bytes, admin_token: str = "") -> Flask:
     app = Flask("webhooks")
     app.config.update(SERVICE=service, WEBHOOK_SECRET=secret, ADMIN_TOKEN=admin_token)
     app.register_blueprint(bp)
+
+    @app.errorhandler(Exception)
+    def _bug(e: Exception) -> Any:
+        if isinstance(e, HTTPException):
+            return e
+        app.logger.error("%s %s failed", request.method, request.path, exc_info=e)
+        return jsonify({"error": "internal error (a bug): see the service's log"}), 500
+
     return app

@@ -18,7 +18,13 @@ from hostd.service import metrics
 from hostd.vm.engine import EngineError
 from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager
 from ttci import __version__
-from ttci.infra.http_server import install_auth, install_errors, json_body, ndjson
+from ttci.infra.http_server import (
+    install_auth,
+    install_errors,
+    json_body,
+    ndjson,
+    read_body,
+)
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
@@ -42,6 +48,8 @@ __all__ = [
 
 bp = Blueprint("hostd", __name__, url_prefix="/v1")
 log = logging.getLogger("hostd.service.api")
+MAX_PUSH_BYTES = 1 << 30  # a push's tar (waitress takes no larger body either)
+OPEN_ROUTES = (("GET", "/v1/health"), ("GET", "/metrics"), ("GET", "/v1/openapi.json"))
 
 
 def _mgr() -> VMManager:
@@ -177,13 +185,21 @@ def exec_vm(vm_id: str) -> Response:
     return ndjson(ev.to_dict() for ev in current_app.config["METRICS"].timed_exec(events))
 
 
+def _guest_path(key: str, hint: str) -> str:
+    """An absolute guest path from the query string (?dest=, ?path=)."""
+    path = request.args.get(key, "")
+    if not path.startswith("/") or "\0" in path or len(path) > 4096:
+        raise BadInput(f"{key} {path[:100]!r} is not an absolute guest path", hint=hint)
+    return path
+
+
 @bp.put("/vms/<vm_id>/files")
 def push(vm_id: str) -> Response:
-    """Body: a tar stream, unpacked into ?dest= in the guest (created if missing)."""
-    dest = request.args.get("dest", "")
-    if not dest.startswith("/"):
-        raise BadInput(f"dest {dest!r} is not an absolute guest path", hint="dest=/root/work")
-    data = request.get_data()
+    """Body: a tar stream, unpacked into ?dest= in the guest (created if missing). The VM and
+    the announced size are checked before the body is read."""
+    _mgr().get(vm_id)
+    dest = _guest_path("dest", "dest=/root/work")
+    data = read_body(current_app.config["MAX_PUSH_BYTES"])
     out: list[bytes] = []
     st = _mgr().exec(
         vm_id,
@@ -203,9 +219,7 @@ def push(vm_id: str) -> Response:
 @bp.get("/vms/<vm_id>/files")
 def get(vm_id: str) -> Response:
     """A tar stream of ?path= in the guest (a file or a directory)."""
-    path = request.args.get("path", "")
-    if not path.startswith("/"):
-        raise BadInput(f"path {path!r} is not an absolute guest path", hint="path=/etc/os-release")
+    path = _guest_path("path", "path=/etc/os-release")
     out: list[bytes] = []
     err: list[bytes] = []
     parent, name = os.path.split(path.rstrip("/")) if path != "/" else ("/", ".")
@@ -229,7 +243,8 @@ def create_app(mgr: VMManager, token: str) -> Flask:
     app = Flask("hostd")
     app.config["VMS"] = mgr
     app.config["METRICS"] = metrics.HostMetrics(lambda: metrics.hostd_snapshot(mgr))
-    install_auth(app, {token: "scheduler"}, open_paths=("/v1/health", "/metrics"))
+    app.config["MAX_PUSH_BYTES"] = MAX_PUSH_BYTES
+    install_auth(app, {token: "scheduler"}, open_routes=OPEN_ROUTES)
     install_errors(
         app,
         {

@@ -62,7 +62,7 @@ log = logging.getLogger("hostd.vm.manager")
 TCG_OVERHEAD_MIB = 384  # TCG's code cache etc.: an idle 512 MiB guest already charges ~280 MiB
 KVM_OVERHEAD_MIB = 128
 BOOT_TIMEOUT_S = 120.0
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")
 
 
 class NoCapacity(TTError):

@@ -1,13 +1,23 @@
-"""Shared pieces of our Flask services: bearer-token auth, errors as JSON, NDJSON streams.
+"""Shared pieces of our Flask services: bearer-token auth, errors as JSON, strict request bodies,
+NDJSON streams.
 
 Error answers are ttci.wire.api.ErrorBody; clients decode them with ttci.wire.api.api_error.
+
+Request bodies are read the strict way (`json_body`, `read_body`): the size is checked from
+Content-Length before a byte is read (and counted while reading a body without one), JSON is
+refused when it nests deeper than MAX_JSON_DEPTH (checked before the parser recurses), holds
+NaN or Infinity, a number that overflows a float (1e400) or runs past MAX_NUMBER_CHARS
+characters, or a lone surrogate. Every refusal is a 400 (413 for size), never a 500.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Iterator
+import logging
+import math
+import re
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -17,14 +27,32 @@ from ttci.model.errors import BadInput, TTError
 from ttci.wire.api import ApiVersionError, ErrorBody
 
 __all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_NUMBER_CHARS",
+    "BodyTooLarge",
     "bearer_ok",
     "bearer_token",
     "error_response",
     "install_auth",
     "install_errors",
     "json_body",
+    "json_too_deep",
     "ndjson",
+    "query_int",
+    "read_body",
+    "strict_loads",
 ]
+
+log = logging.getLogger("ttci.infra.http_server")
+MAX_JSON_BYTES = 8 << 20  # a JSON request (an exec request's stdin rides in it, base64)
+MAX_JSON_DEPTH = 32  # our documents nest 4 deep at most (a heartbeat's images)
+MAX_NUMBER_CHARS = 40  # one JSON number: digits, sign, point and exponent
+_CHUNK = 1 << 16
+
+
+class BodyTooLarge(BadInput):
+    """A request body over its route's limit (answered 413)."""
 
 
 def error_response(status: int, message: str, hint: str | None = None, kind: str = "") -> Response:
@@ -48,10 +76,16 @@ def bearer_ok(want: str) -> bool:
 def install_auth(
     app: Flask,
     tokens: dict[str, str] | Callable[[str], object | None],
-    open_paths: tuple[str, ...] = (),
+    open_routes: Collection[tuple[str, str]] = (),
 ) -> None:
     """Require `Authorization: Bearer TOKEN`. tokens maps token -> user, or is a function that
-    returns the token's user (None: refused); the user lands in request.environ["tt.user"]."""
+    returns the token's user (None: refused); the user lands in request.environ["tt.user"].
+
+    open_routes: (METHOD, URL rule) pairs that need no token, e.g. ("GET", "/v1/health"); a
+    route is open for exactly the methods named (HEAD counts as GET), so another method on an
+    open path, or a path no rule matches, still needs a token before any view is reached.
+    """
+    open_set = {(m.upper(), rule) for m, rule in open_routes}
 
     def lookup() -> object | None:
         if callable(tokens):
@@ -61,7 +95,9 @@ def install_auth(
 
     @app.before_request
     def _auth() -> Response | None:
-        if request.path in open_paths:
+        rule = request.url_rule
+        method = "GET" if request.method == "HEAD" else request.method
+        if rule is not None and (method, rule.rule) in open_set:
             return None
         user = lookup()
         if user is not None:
@@ -74,8 +110,9 @@ def install_auth(
 
 def install_errors(app: Flask, status_of: dict[type[TTError], int]) -> None:
     """Our errors become JSON answers: the status of the nearest class in status_of (another
-    API version: 403; other BadInput: 400; the rest: 500)."""
-    status_of = {ApiVersionError: 403, **status_of}
+    API version: 403; a body over its limit: 413; other BadInput: 400; the rest: 500). Any
+    other exception is a bug: logged with its traceback, answered 500 without details."""
+    status_of = {ApiVersionError: 403, BodyTooLarge: 413, **status_of}
 
     @app.errorhandler(TTError)
     def _tt_error(e: TTError) -> Response:
@@ -90,16 +127,132 @@ def install_errors(app: Flask, status_of: dict[type[TTError], int]) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException) -> Response:
-        return error_response(e.code or 500, e.description or e.name)
+        resp = error_response(e.code or 500, e.description or e.name)
+        for key, value in e.get_headers():  # a 405 says what is allowed, a redirect where
+            if key in ("Allow", "Location"):
+                resp.headers.add(key, value)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _bug(e: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.path, exc_info=e)
+        return error_response(
+            500, "internal error (a bug): the server's log has the details", kind="InternalError"
+        )
 
 
-def json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+def read_body(limit: int) -> bytes:
+    """The request body, at most limit bytes: BodyTooLarge from Content-Length before any
+    byte is read, or once limit is passed while reading a body sent without a length."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(
+            f"the request body is {length} bytes, more than this route's {limit}",
+            hint="send less",
+        )
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:
+        chunk = request.stream.read(min(_CHUNK, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > limit:
+        raise BodyTooLarge(f"the request body is over this route's {limit} bytes", hint="send less")
+    return b"".join(chunks)
+
+
+def json_body(limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The request's JSON object, read and parsed the strict way (see strict_loads)."""
+    if not request.is_json:
+        raise BadInput(
+            "request body must be a JSON object", hint="send Content-Type: application/json"
+        )
+    raw = read_body(limit)
+    body = strict_loads(raw) if raw.strip() else None
     if not isinstance(body, dict):
         raise BadInput(
             "request body must be a JSON object", hint="send Content-Type: application/json"
         )
     return body
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text nests arrays/objects deeper than limit (linear, before parsing;
+    brackets inside strings do not count)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", _ESCAPE.sub(b"", raw)).translate(None, _NOT_BRACKET)
+    depth = 0
+    for ch in brackets:
+        if ch in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BadInput(f"{name} is not a number JSON allows", hint="send a finite number")
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise BadInput(f"a number of {len(text)} digits is too long", hint="numbers here are small")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if len(text) > MAX_NUMBER_CHARS or not math.isfinite(value):
+        raise BadInput(f"the number {text[:50]} is out of range", hint="send a finite number")
+    return value
+
+
+def strict_loads(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON text -> Python, or BadInput: malformed, too deep, NaN/Infinity, a number that
+    overflows or is too long, a string with a lone surrogate."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if json_too_deep(data, max_depth):
+        raise BadInput(
+            f"the JSON nests deeper than {max_depth} levels", hint="send a flatter document"
+        )
+    try:
+        value = json.loads(
+            data,
+            parse_constant=_refuse_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+        if _SURROGATE_ESCAPE.search(data):  # \ud800 alone would break every later encode
+            json.dumps(value, ensure_ascii=False).encode()
+    except (ValueError, RecursionError) as e:  # UnicodeError is a ValueError
+        raise BadInput(f"the body is not valid JSON: {e}", hint="send UTF-8 JSON") from None
+    return value
+
+
+_INT_RE = re.compile(r"-?[0-9]{1,18}")
+
+
+def query_int(name: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter within lo..hi (absent: default), or BadInput."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not _INT_RE.fullmatch(raw) or not lo <= int(raw) <= hi:
+        raise BadInput(
+            f"{name}={raw[:40]!r} is not an integer in {lo}..{hi}", hint=f"e.g. ?{name}={default}"
+        )
+    return int(raw)
 
 
 def ndjson(events: Iterator[dict[str, Any]]) -> Response:

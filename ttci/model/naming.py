@@ -72,8 +72,8 @@ RELEASES: dict[str, Release] = {
 # The grammar's words, each defined once.
 _RELEASE = r"(?P<release>[a-z][a-z0-9]*-[0-9][0-9a-z.]*)"  # OS-VERSION: debian-12
 _PROFILE = r"(?:\+(?P<profile>[a-z0-9-]+))?"
-_OS_RE = re.compile(f"^{_RELEASE}{_PROFILE}$")
-_NAME_RE = re.compile(f"^(?P<engine>[a-z0-9]+):{_RELEASE}{_PROFILE}:(?P<arch>[a-z0-9_]+)$")
+_OS_RE = re.compile(f"\\A{_RELEASE}{_PROFILE}\\Z")
+_NAME_RE = re.compile(f"\\A(?P<engine>[a-z0-9]+):{_RELEASE}{_PROFILE}:(?P<arch>[a-z0-9_]+)\\Z")
 OS_HINT = "write OS-RELEASE, e.g. debian-12 (see `tt image list`)"
 
 

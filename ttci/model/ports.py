@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ttci.model.errors import BadInput
@@ -20,22 +21,28 @@ def parse_ports(spec: Any) -> list[tuple[int, str]]:
     else:
         raise BadInput(f"VM ports {spec!r} are not a list", hint="e.g. --vm-port 22,8080")
     out: list[tuple[int, str]] = []
+    seen: set[tuple[int, str]] = set()
     for item in items:
-        text = str(item).strip().lower()
+        text = str(item).strip().lower() if isinstance(item, str | int) else "?"
         if not text:
             continue
         port, _, proto = text.partition("/")
         proto = proto or "tcp"
-        if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp"):
+        if (
+            not re.fullmatch(r"[0-9]{1,5}", port)
+            or not 1 <= int(port) <= 65535
+            or proto not in ("tcp", "udp")
+        ):
             raise BadInput(
                 f"VM port {item!r} is not valid", hint="e.g. --vm-port 22,8080,53/udp (1-65535)"
             )
-        if (int(port), proto) in out:
+        if (int(port), proto) in seen:
             raise BadInput(
                 f"VM port {int(port)}/{proto} is asked for twice",
                 hint="name each port once in --vm-port",
             )
         out.append((int(port), proto))
+        seen.add((int(port), proto))
     return out
 
 

@@ -18,7 +18,7 @@ from ttci.model.errors import BadInput, TTError
 
 __all__ = ["USER_RE", "User", "UserExists", "UserNotFound", "Users", "digest"]
 
-USER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+USER_RE = re.compile(r"\A[a-z][a-z0-9_-]{0,31}\Z")
 
 
 @dataclass(frozen=True)

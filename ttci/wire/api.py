@@ -8,6 +8,7 @@ An error answer is `{"error": message, "hint": how to fix it, "kind": the error'
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ __all__ = [
     "ApiVersionError",
     "ErrorBody",
     "api_error",
+    "as_int",
+    "as_number",
+    "as_text",
     "check_api",
     "require_object",
 ]
@@ -34,6 +38,42 @@ def require_object(d: Any, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise BadInput(f"{what} must be a JSON object, not {type(d).__name__}", hint="send {...}")
     return d
+
+
+def as_number(v: Any, what: str) -> float:
+    """v as a float, if it is a finite JSON number (not a boolean, not a string).
+
+    Raises:
+        TypeError: not a number. ValueError: NaN or infinite. (from_dict turns both into
+        BadInput naming the document.)
+    """
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(f"{what} must be a number, not {_short(v)}")
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, not {v!r}")
+    return float(v)
+
+
+def as_int(v: Any, what: str) -> int:
+    """v as an int, if it is a JSON integer (2.0 counts; booleans and strings do not)."""
+    number = as_number(v, what)
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"{what} must be a whole number, not {v!r}")
+    return v if isinstance(v, int) else int(number)
+
+
+def as_text(v: Any, what: str, max_len: int = 1000) -> str:
+    """v, if it is a string of at most max_len characters."""
+    if not isinstance(v, str):
+        raise TypeError(f"{what} must be a string, not {_short(v)}")
+    if len(v) > max_len:
+        raise ValueError(f"{what} is longer than {max_len} characters")
+    return v
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_api(d: dict[str, Any], what: str, *, required: bool = False) -> int:

@@ -19,7 +19,9 @@ from ttci.model.errors import BadInput
 from ttci.wire.agent_protocol import ExitStatus, ProtocolError
 from ttci.wire.api import API_VERSION, check_api, require_object
 
-__all__ = ["EventKind", "ExecEvent", "ExecRequest", "ExitStatus"]
+__all__ = ["MAX_TIMEOUT_S", "EventKind", "ExecEvent", "ExecRequest", "ExitStatus"]
+
+MAX_TIMEOUT_S = 30 * 86400  # an ENV lives 30 days at most
 
 
 def _argv(d: dict[str, Any]) -> tuple[str, ...]:
@@ -56,17 +58,22 @@ def _cwd(d: dict[str, Any]) -> str | None:
 def _timeout(d: dict[str, Any]) -> float | None:
     timeout = d.get("timeout")
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT_S  # NaN fails this too
     ):
         raise BadInput(
-            f"timeout {timeout!r} is not a positive number of seconds", hint='{"timeout": 600}'
+            f"timeout {timeout!r:.60} is not a positive number of seconds (at most 30 days)",
+            hint='{"timeout": 600}',
         )
     return timeout
 
 
 def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise BadInput(f"{what} must be a base64 string", hint=f"encode {what} with base64")
     try:
-        return base64.b64decode(str(value), validate=True)
+        return base64.b64decode(value, validate=True)
     except binascii.Error as e:
         raise BadInput(f"{what} is not base64: {e}", hint=f"encode {what} with base64") from e
 

@@ -8,6 +8,7 @@ from_dict and, for each VM it places, POSTs a VMRequest to that host's hostd.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -17,7 +18,15 @@ from typing import Any
 from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports, ports_text
 from ttci.model.resources import validate_vm_size
-from ttci.wire.api import API_VERSION, ErrorBody, check_api, require_object
+from ttci.wire.api import (
+    API_VERSION,
+    ErrorBody,
+    as_int,
+    as_number,
+    as_text,
+    check_api,
+    require_object,
+)
 from ttci.wire.queue import QueueInfo
 
 __all__ = [
@@ -26,6 +35,7 @@ __all__ = [
     "MAX_VMS",
     "ORIGIN_KEYS",
     "ORIGIN_KINDS",
+    "VM_ID_RE",
     "EnvEvent",
     "EnvRequest",
     "Ports",
@@ -35,7 +45,8 @@ __all__ = [
     "parse_origin",
 ]
 
-ENV_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+ENV_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9-]{0,39}\Z")
+VM_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 DEFAULT_LIFE_S = 3600
 MAX_VMS = 100_000
 ORIGIN_KINDS = ("cli", "gitlab", "github", "jenkins", "admin")
@@ -62,26 +73,40 @@ def parse_origin(d: Any) -> dict[str, str]:
             raise BadInput(
                 f"origin has an unknown key {key!r}", hint=f"keys: {', '.join(ORIGIN_KEYS)}"
             )
-        if not isinstance(value, str | int) or len(str(value)) > ORIGIN_KEYS[key]:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, str | int)
+            or len(str(value)) > ORIGIN_KEYS[key]
+            or not str(value).isprintable()
+        ):
             raise BadInput(
-                f"origin.{key} must be a string of at most {ORIGIN_KEYS[key]} characters",
+                f"origin.{key} must be a string of at most {ORIGIN_KEYS[key]} printable characters",
                 hint="shorten it",
             )
         out[key] = str(value)
     out.setdefault("kind", "cli")
     if out["kind"] not in ORIGIN_KINDS:
         raise BadInput(f"origin.kind {out['kind']!r} is unknown", hint=f"one of {ORIGIN_KINDS}")
-    if out.get("url") and not re.match(r"^https?://", out["url"]):
+    if out.get("url") and not re.fullmatch(r"https?://\S+", out["url"]):
         raise BadInput(f"origin.url {out['url']!r} is not an http(s) link", hint="https://...")
     return out
 
 
+def _vm_id(v: Any) -> str:
+    """A VM id names hostd's files and domains: letters, digits, `_` and `-` only."""
+    if not isinstance(v, str) or not VM_ID_RE.fullmatch(v):
+        raise ValueError(f"VM id {v!r:.60} is not 1-64 letters, digits, _ or -")
+    return v
+
+
 def parse_duration(text: str | int | float) -> int:
     """`90`, `90s`, `30m`, `1h`, `2d` -> seconds (10 s .. 30 days)."""
+    if isinstance(text, bool) or (isinstance(text, float) and not math.isfinite(text)):
+        raise BadInput(f"lifetime {text!r} is not a duration", hint="write e.g. 90s, 30m, 1h, 2d")
     if isinstance(text, int | float):
         seconds = int(text)
     else:
-        m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(text).lower())
+        m = re.fullmatch(r"\s*([0-9]{1,12})\s*([smhd]?)\s*", str(text).lower())
         if not m:
             raise BadInput(f"lifetime {text!r} does not parse", hint="write e.g. 90s, 30m, 1h, 2d")
         seconds = int(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
@@ -134,12 +159,12 @@ class EnvRequest:
         check_api(d, "the ENV request")
         try:
             req = cls(
-                name=str(d["name"]).strip(),
-                os_prefix=str(d["os_prefix"]),
-                cpus=float(d.get("cpus", 1)),
-                memory_mib=int(d.get("memory_mib", 512)),
-                disk_gib=int(d.get("disk_gib", 0)),
-                dup_each=int(d.get("dup_each", 1)),
+                name=as_text(d["name"], "name", 100),
+                os_prefix=as_text(d["os_prefix"], "os_prefix"),
+                cpus=as_number(d.get("cpus", 1), "cpus"),
+                memory_mib=as_int(d.get("memory_mib", 512), "memory_mib"),
+                disk_gib=as_int(d.get("disk_gib", 0), "disk_gib"),
+                dup_each=as_int(d.get("dup_each", 1), "dup_each"),
                 life_s=parse_duration(d.get("life_time", DEFAULT_LIFE_S)),
                 origin=parse_origin(d.get("origin")),
                 deny_outgoing=_flag(d.get("deny_outgoing", False), "deny_outgoing"),
@@ -209,14 +234,14 @@ class VMRequest:
         check_api(d, "the VM request")
         try:
             return cls(
-                id=str(d.get("id") or uuid.uuid4().hex[:12]),
-                env=str(d["env"]),
-                name=str(d["name"]),
-                owner=str(d.get("owner", "")),
-                image=str(d["image"]),
-                cpus=float(d.get("cpus", 1)),
-                memory_mib=int(d.get("memory_mib", 512)),
-                disk_gib=int(d.get("disk_gib", 0)),
+                id=_vm_id(d.get("id") or uuid.uuid4().hex[:12]),
+                env=as_text(d["env"], "env", 100),
+                name=as_text(d["name"], "name", 100),
+                owner=as_text(d.get("owner", ""), "owner", 100),
+                image=as_text(d["image"], "image", 200),
+                cpus=as_number(d.get("cpus", 1), "cpus"),
+                memory_mib=as_int(d.get("memory_mib", 512), "memory_mib"),
+                disk_gib=as_int(d.get("disk_gib", 0), "disk_gib"),
                 deny_outgoing=_flag(d.get("deny_outgoing", False), "deny_outgoing"),
                 ports=tuple(parse_ports(d.get("ports"))),
             )

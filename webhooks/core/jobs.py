@@ -120,7 +120,7 @@ def result_of(conclusion: str) -> str:
 
 
 # -- names: a runner, its VM and its job can always be matched ---------------------------------
-_RUNNER_RE = re.compile(r"^tt-(?P<job>\d+)-(?P<attempt>\d+)$")
+_RUNNER_RE = re.compile(r"\Att-(?P<job>[0-9]{1,20})-(?P<attempt>[0-9]{1,9})\Z")
 
 
 def runner_name(job_id: int, attempt: int) -> str:
@@ -138,12 +138,12 @@ def parse_runner_name(name: str | None) -> tuple[int, int] | None:
 
 
 def parse_env_name(name: str) -> tuple[int, int] | None:
-    m = re.match(r"^gh-(\d+)-(\d+)$", name)
+    m = re.fullmatch(r"gh-([0-9]{1,20})-([0-9]{1,9})", name)
     return (int(m[1]), int(m[2])) if m else None
 
 
 # -- delivery checks ---------------------------------------------------------------------------
-_DELIVERY_RE = re.compile(r"^[0-9A-Za-z-]{8,64}$")
+_DELIVERY_RE = re.compile(r"\A[0-9A-Za-z-]{8,64}\Z")
 
 
 def check_delivery_id(value: str | None) -> str | None:
@@ -198,9 +198,24 @@ def parse_event(payload: Any) -> tuple[str, dict[str, Any]]:
     job = payload.get("workflow_job")
     if not isinstance(action, str) or not isinstance(job, dict):
         raise ValueError("a workflow_job delivery needs `action` and a `workflow_job` object")
-    if not isinstance(job.get("id"), int) or not isinstance(job.get("labels"), list):
+    labels = job.get("labels")
+    if not _is_id(job.get("id")) or not isinstance(labels, list):
         raise ValueError("workflow_job needs an integer `id` and a `labels` list")
+    if len(labels) > 100 or not all(isinstance(x, str) and len(x) <= 200 for x in labels):
+        raise ValueError("workflow_job `labels` must be at most 100 strings")
+    if job.get("run_id") is not None and not _is_id(job["run_id"]):
+        raise ValueError("workflow_job `run_id` must be an integer")
     repo = payload.get("repository")
     if not isinstance(repo, dict) or not isinstance(repo.get("full_name"), str):
         raise ValueError("the delivery needs `repository.full_name`")
+    inst = payload.get("installation")
+    if inst is not None and not (
+        isinstance(inst, dict) and (inst.get("id") is None or _is_id(inst["id"]))
+    ):
+        raise ValueError("`installation` must be an object with an integer `id`")
     return action, job
+
+
+def _is_id(value: Any) -> bool:
+    """A GitHub id: a positive JSON integer that fits SQLite (not a boolean, not a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63

@@ -13,7 +13,7 @@ from ttci.model.errors import TTError
 
 __all__ = ["SignatureError", "sign", "verify"]
 
-_HEADER_RE = re.compile(r"^sha256=(?P<hex>[0-9a-f]{64})$")
+_HEADER_RE = re.compile(r"\Asha256=(?P<hex>[0-9a-f]{64})\Z")
 
 
 class SignatureError(TTError):

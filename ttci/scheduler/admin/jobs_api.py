@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify
 
-from ttci.infra.http_server import error_response, json_body
-from ttci.model.errors import BadInput
+from ttci.infra.http_server import error_response, json_body, query_int
 from ttci.scheduler import history
 from ttci.wire.jobs import JobResult
 
@@ -38,10 +37,7 @@ def report_result(name: str) -> Response:
 @bp.get("/jobs")
 def jobs() -> Response:
     """The newest jobs first (yours; an admin sees everyone's). ?limit=N (default 50)."""
-    try:
-        limit = min(int(request.args.get("limit", 50)), 1000)
-    except ValueError:
-        raise BadInput("limit must be an integer", hint="?limit=50") from None
+    limit = min(query_int("limit", 50, 1, 1 << 31), 1000)
     user = _user()
     store = current_app.config["SCHEDULER"].store
     return jsonify(history.recent(store, limit, owner=None if user.admin else user.name))

@@ -31,8 +31,10 @@ from flask import (
     url_for,
 )
 from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped]
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WResponse
 
+from ttci.infra.http_server import read_body, strict_loads
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.admin.state import snapshot
@@ -62,6 +64,7 @@ __all__ = [
 log = logging.getLogger("ttci.scheduler.admin")
 SESSION_S = 8 * 3600
 MAX_LIFE_S = 30 * 86400  # parse_duration's limit
+MAX_BODY = 64 * 1024  # an action's JSON body
 Resolve = Callable[[str], Any]  # token -> user (with .name, .admin) or None
 
 bp = Blueprint("admin", __name__, template_folder="templates", static_folder="static")
@@ -162,6 +165,17 @@ def state() -> Response:
     return resp
 
 
+def _body() -> dict[str, Any]:
+    """The action's JSON object ({} without one), read the strict way (size, depth, numbers)."""
+    if not request.is_json:
+        return {}
+    raw = read_body(MAX_BODY)
+    body = strict_loads(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise BadInput("the body must be a JSON object", hint='e.g. {"life_time": "1h"}')
+    return body
+
+
 def _act(fn: Callable[[], Any]) -> tuple[Response, int]:
     """Run an action; errors become JSON with the scheduler's own words and hint."""
     try:
@@ -189,7 +203,7 @@ def delete_env(name: str) -> tuple[Response, int]:
 def extend_env(name: str) -> tuple[Response, int]:
     """{"add": "1h"}: one more hour on top of what is left; {"life_time": "2h"}: 2 h from now."""
     s = current_app.config["SCHEDULER"]
-    body = request.get_json(silent=True) or {}
+    body = _body()
 
     def do() -> Any:
         if "add" in body:
@@ -229,7 +243,7 @@ def set_quota() -> tuple[Response, int]:
     s = current_app.config["SCHEDULER"]
 
     def do() -> Any:
-        scope, name, quota = qs.parse_quota(request.get_json(silent=True))
+        scope, name, quota = qs.parse_quota(_body())
         qs.set_quota(s.store, scope, name, quota)
         s.wake_dispatch()
         log.info("admin %s sets the quota of %s %s: %s", g.user.name, scope, name, quota)
@@ -243,7 +257,7 @@ def set_quota() -> tuple[Response, int]:
 def delete_quota() -> tuple[Response, int]:
     """{"scope", "name"}: back to the defaults (no cap, the kind's priority)."""
     s = current_app.config["SCHEDULER"]
-    body = request.get_json(silent=True) or {}
+    body = _body()
     scope, name = str(body.get("scope", "")), str(body.get("name", ""))
     if not qs.remove_quota(s.store, scope, name):
         return _error(404, f"no quota for {scope} {name!r}", "it was removed already")
@@ -256,7 +270,7 @@ def delete_quota() -> tuple[Response, int]:
 @_login_required(api=True)
 def drain(host_id: str) -> tuple[Response, int]:
     s = current_app.config["SCHEDULER"]
-    body = request.get_json(silent=True) or {}
+    body = _body()
     drained = body.get("drained", True)
     if not isinstance(drained, bool):
         return _error(400, "drained must be true or false", '{"drained": false} undrains')
@@ -303,6 +317,17 @@ def create_admin_app(scheduler: Any, resolve: Resolve) -> Flask:
             f"refused: {e.description} (a forged request, or a page older than your session)",
             "reload the admin page and try again",
         )
+
+    @app.errorhandler(TTError)
+    def _tt_error(e: TTError) -> tuple[Response, int]:
+        return _error(400 if isinstance(e, BadInput) else 500, e.message, e.hint)
+
+    @app.errorhandler(Exception)
+    def _bug(e: Exception) -> Any:
+        if isinstance(e, HTTPException):
+            return e
+        log.error("admin %s %s failed", request.method, request.path, exc_info=e)
+        return _error(500, "internal error (a bug): the scheduler's log has the details")
 
     @app.errorhandler(404)
     def _nf(e: Exception) -> tuple[Response, int]:

@@ -17,6 +17,8 @@ from ttci.infra.http_server import (
     install_errors,
     json_body,
     ndjson,
+    query_int,
+    read_body,
 )
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admin
@@ -65,6 +67,15 @@ __all__ = [
 ]
 
 bp = Blueprint("scheduler", __name__, url_prefix="/v1")
+MAX_PUSH_BYTES = 1 << 30  # a push's tar (waitress takes no larger body either)
+MAX_OFFSET = 1 << 31  # paging: far past any list, and SQLite takes it
+# The only routes without a user's token (the host routes check the join token themselves).
+OPEN_ROUTES = (
+    ("GET", "/v1/health"),
+    ("GET", "/v1/openapi.json"),
+    ("POST", "/v1/hosts/register"),
+    ("POST", "/v1/hosts/heartbeat"),
+)
 
 
 def _s() -> Scheduler:
@@ -143,7 +154,12 @@ def list_users() -> Response:
 def add_user() -> tuple[Response, int]:
     _admin()
     body = json_body()
-    return jsonify(_s().users.add(str(body.get("name", "")), bool(body.get("admin", False)))), 201
+    name, admin_flag = body.get("name", ""), body.get("admin", False)
+    if not isinstance(name, str):
+        raise BadInput(f"user name {name!r} is not a string", hint='{"name": "alice"}')
+    if not isinstance(admin_flag, bool):
+        raise BadInput(f"admin {admin_flag!r} is not true or false", hint='{"admin": true}')
+    return jsonify(_s().users.add(name, admin_flag)), 201
 
 
 @bp.delete("/users/<name>")
@@ -261,14 +277,17 @@ def delete_quota(scope: str, name: str) -> Response:
 
 
 def _page() -> tuple[int, int]:
-    try:
-        offset = int(request.args.get("offset", 0))
-        limit = min(int(request.args.get("limit", 1000)), 10_000)
-    except ValueError:
-        raise BadInput("offset and limit must be integers", hint="?offset=0&limit=100") from None
-    if offset < 0 or limit < 1:
-        raise BadInput("offset must be >= 0 and limit >= 1", hint="?offset=0&limit=100")
-    return offset, limit
+    """?offset= (0..MAX_OFFSET) and ?limit= (1..; more than 10,000 reads as 10,000)."""
+    offset = query_int("offset", 0, 0, MAX_OFFSET)
+    return offset, min(query_int("limit", 1000, 1, MAX_OFFSET), 10_000)
+
+
+def _guest_path(key: str, hint: str) -> str:
+    """An absolute path in the guests from the query string (?dest=, ?path=)."""
+    path = request.args.get(key, "")
+    if not path.startswith("/") or "\0" in path or len(path) > 4096:
+        raise BadInput(f"{key} {path[:100]!r} is not an absolute path", hint=hint)
+    return path
 
 
 @bp.get("/envs/<name>/vms")
@@ -304,9 +323,9 @@ def extend_env(name: str) -> Response:
 @bp.post("/envs/<name>/run")
 def run_env(name: str) -> Response:
     """Body: an ExecRequest; the answer: its ExecEvents as NDJSON, each tagged with its VM."""
-    req = ExecRequest.from_dict(json_body())
     s, user = _s(), _user()
-    s.show_env(name, user, vms=False)  # 404 before the stream starts
+    s.show_env(name, user, vms=False)  # 404 before the body is read and the stream starts
+    req = ExecRequest.from_dict(json_body())
     events = s.exec(name, user, req)
     first = next(events, None)  # bad input (an unknown VM) is a 400, not a broken stream
     return ndjson(ev.to_dict() for ev in itertools.chain([first] if first else [], events))
@@ -314,28 +333,28 @@ def run_env(name: str) -> Response:
 
 @bp.put("/envs/<name>/files")
 def push(name: str) -> Response:
-    dest = request.args.get("dest", "")
-    if not dest.startswith("/"):
-        raise BadInput(f"destination {dest!r} is not absolute", hint="e.g. /root/src")
-    return jsonify(_s().push(name, _user(), dest, request.get_data()))
+    """Body: a tar stream (at most MAX_PUSH_BYTES), unpacked at ?dest= in each VM. Whose ENV it
+    is, and the size the request announces, are checked before a byte of the body is read."""
+    s, user = _s(), _user()
+    s.show_env(name, user, vms=False)
+    dest = _guest_path("dest", "e.g. /root/src")
+    return jsonify(s.push(name, user, dest, read_body(current_app.config["MAX_PUSH_BYTES"])))
 
 
 @bp.get("/envs/<name>/files")
 def get(name: str) -> Response:
-    path = request.args.get("path", "")
-    if not path.startswith("/"):
-        raise BadInput(f"path {path!r} is not absolute", hint="e.g. /etc/os-release")
-    return jsonify(_s().get(name, _user(), path))
+    return jsonify(_s().get(name, _user(), _guest_path("path", "e.g. /etc/os-release")))
 
 
 def create_app(scheduler: Scheduler) -> Flask:
     """Users authenticate with their bearer tokens (scheduler.users); hosts with the join token."""
     app = Flask("ttci.scheduler")
     app.config["SCHEDULER"] = scheduler
+    app.config["MAX_PUSH_BYTES"] = MAX_PUSH_BYTES
     install_auth(
         app,
         scheduler.users.resolve,
-        open_paths=("/v1/health", "/v1/hosts/register", "/v1/hosts/heartbeat"),
+        open_routes=OPEN_ROUTES,
     )
     install_errors(
         app,

@@ -248,8 +248,11 @@ class _Progress:
             self.last = (info.position, now)
 
     def on_granted(self, waited_s: float) -> None:
+        """Also sent when nothing waited, and again on a re-attached stream: a line only
+        for the end of a wait."""
+        if self.position is not None:
+            self.driver.say(f"capacity granted after {waited_s:.0f} s in the queue; booting the VM")
         self.granted, self.position = True, None
-        self.driver.say(f"capacity granted after {waited_s:.0f} s in the queue; booting the VM")
 
     def on_vm(self, vm: VmUp) -> None:
         emulated = " (TCG: emulated, slower than native)" if vm.accel == "tcg" else ""

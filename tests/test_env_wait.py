@@ -151,6 +151,7 @@ def test_env_add_shows_its_place_in_line_then_the_boot(
         c.on_queued(_info(3, 8))  # the same place: no new line (not a terminal: lines)
         c.on_queued(_info(2, 9))
         c.on_granted(12.0)
+        c.on_granted(12.0)  # a re-attached stream starts with granted again
         c.on_vm(VmUp("ci-1-0", "local", "qemu:debian-12:amd64", 4.2, "kvm"))
 
     fake(stream)
@@ -159,9 +160,23 @@ def test_env_add_shows_its_place_in_line_then_the_boot(
     assert "the cloud is busy: ENV ci-1 waits its turn" in out and "tt queue" in out
     assert out.count("queued: position 3, waiting for capacity (1 CPU free of 4") == 1
     assert "queued: position 2" in out
-    assert "granted after 12 s in the queue: booting" in out
+    assert out.count("granted after 12 s in the queue: booting") == 1
     assert "ci-1-0 up on local (kvm) in 4.2 s" in out and "ready in" in out
     assert out.index("position 3") < out.index("position 2") < out.index("granted")
+
+
+def test_env_add_on_a_cloud_with_room_says_nothing_of_a_queue(
+    fake: Callable[..., FakeClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    def stream(c: FakeClient) -> None:
+        assert c.on_granted
+        c.on_granted(0.0)  # granted at once: the scheduler still says so
+        c.on_vm(VmUp("ci-1-0", "local", "qemu:debian-12:amd64", 4.2, "kvm"))
+
+    fake(stream)
+    assert _add() == 0
+    out = capsys.readouterr().out
+    assert "queue" not in out and "granted" not in out and "ci-1-0 up on local" in out
 
 
 def test_ctrl_c_while_queued_takes_the_request_back(

@@ -106,6 +106,7 @@ def test_prepare_prints_its_place_in_the_queue_then_the_grant(tmp_path: Path) ->
         for pos in (3, 3, 3, 2, 2, 1):  # the scheduler's events, seconds apart at most
             c.on_queued(_info(pos))
         c.on_granted(14.0)
+        c.on_granted(14.0)  # a re-attached stream starts with granted again
         c.on_vm(VmUp("gl-7-0", "local", IMAGE, 3.5, "kvm"))
 
     c = FakeClient(stream)
@@ -116,13 +117,17 @@ def test_prepare_prints_its_place_in_the_queue_then_the_grant(tmp_path: Path) ->
     assert log.count("the cloud is busy: ENV gl-7 waits in TT CI's queue") == 1
     for pos in (3, 2, 1):  # one line per place, not one per event
         assert log.count(f"TT CI: queued: position {pos}, waiting for capacity (needs 1 CPU") == 1
-    assert "TT CI: capacity granted after 14 s in the queue; booting the VM" in log
+    assert log.count("TT CI: capacity granted after 14 s in the queue; booting the VM") == 1
     assert "VM gl-7-0 is up on host local with kvm" in log and "ready in" in log
     assert log.index("position 3") < log.index("position 1") < log.index("granted")
 
 
 def test_a_cloud_with_room_prints_no_queue_lines(tmp_path: Path) -> None:
-    c = FakeClient(lambda c: c.on_vm(VmUp("gl-7-0", "local", IMAGE, 3.5, "kvm")))
+    def stream(c: FakeClient) -> None:
+        c.on_granted(0.0)  # granted at once: the scheduler still says so
+        c.on_vm(VmUp("gl-7-0", "local", IMAGE, 3.5, "kvm"))
+
+    c = FakeClient(stream)
     d, err = _driver(c, tmp_path)
     assert d.prepare() == 0
     assert c.waits == [WaitOptions()]  # no TT_MAX_WAIT: as long as it takes

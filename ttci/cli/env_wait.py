@@ -73,6 +73,7 @@ class Live:
         self.out, self.name, self.t0 = console, name, t0
         self.last: tuple[int, float] | None = None  # the position last shown, and when
         self.st: Status | None = None
+        self.granted = False  # granted comes at once when nothing waits, again on a re-attach
 
     def create(self, c: Client, req: EnvRequest, wait: WaitOptions) -> dict[str, Any]:
         with self.out.status(f"creating ENV {self.name}: placing and booting fresh VMs ...") as st:
@@ -106,7 +107,10 @@ class Live:
             self.last = (info.position, now)
 
     def on_granted(self, waited_s: float) -> None:
-        self.out.print(f"  granted after {waited_s:.0f} s in the queue: booting", highlight=False)
+        if self.last is not None and not self.granted:  # it waited: say when that ended
+            line = f"  granted after {waited_s:.0f} s in the queue: booting"
+            self.out.print(line, highlight=False)
+        self.granted = True
         self._status(f"creating ENV {self.name}: booting fresh VMs ...")
 
     def on_vm(self, vm: VmUp) -> None:

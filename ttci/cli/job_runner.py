@@ -116,7 +116,8 @@ class Job:
         """The target's ENV, waiting in the admission queue for capacity (--max-wait bounds
         it); a line when its place in line changes. Raises TTError (queue_timeout: no VM)."""
         self.say(t, f"starting a fresh VM ({o.image}, ENV {o.env}) ...")
-        last: tuple[int, float] | None = None
+        last: tuple[int, float] | None = None  # the last queue line: (position, when)
+        granted = False
 
         def on_queued(info: QueueInfo) -> None:
             nonlocal last
@@ -129,9 +130,12 @@ class Job:
                 self.say(t, info.sentence())
                 last = (info.position, now)
 
-        def on_granted(waited_s: float) -> None:
-            o.queued_s = waited_s
-            self.say(t, f"granted after {waited_s:.0f} s in the queue: booting")
+        def on_granted(waited_s: float) -> None:  # also when nothing waited: then no line
+            nonlocal granted
+            if last is not None and not granted:
+                o.queued_s = waited_s
+                self.say(t, f"granted after {waited_s:.0f} s in the queue: booting")
+            granted = True
 
         req = env_request(self.spec, t, o.env, o.image, self.environ)
         try:

@@ -6,7 +6,8 @@ APT_PACKAGES := \
 	qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils \
 	qemu-user-static binfmt-support mmdebstrap arch-test e2fsprogs xz-utils zstd kmod cpio \
 	openssh-client openssh-server libvirt-daemon-system libvirt-dev pkg-config gcc \
-	nftables iproute2 python3-venv dpkg-dev openssl debian-archive-keyring ca-certificates
+	nftables iproute2 dnsmasq-base python3-venv dpkg-dev openssl debian-archive-keyring \
+	ca-certificates
 # Test-only: headless browser for the admin page tests, Java for npm-groovy-lint (Jenkinsfile).
 TEST_APT_PACKAGES := chromium openjdk-17-jre-headless
 

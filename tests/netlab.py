@@ -76,6 +76,32 @@ class Lab:
         in_ns(ns, "ip", "link", "set", inner, "up")
         return ns
 
+    def add_addr(self, name: str, n: int) -> str:
+        """One more lab address (.n) on a node (a second server address); returns it."""
+        in_ns(f"tl{self.tag}{name}", "ip", "addr", "add", f"{self.addr(n)}/{self.subnet.prefixlen}",
+              "dev", f"tli{self.tag}{name}")  # fmt: skip
+        return self.addr(n)
+
+    def fake_vm(self, host: str, name: str, bridge: str, ip: str, gateway: str | None) -> str:
+        """A namespace standing in for a VM: a veth whose other end is a port of bridge (an ENV
+        bridge in node host's namespace), with address ip (ADDR/LEN) and a default route to
+        gateway (if any). Its resolver is whatever the test queries explicitly: never run
+        getaddrinfo in it (it would read this machine's /etc/resolv.conf)."""
+        ns = f"tl{self.tag}v{name}"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        outer, inner = f"tlf{self.tag}{name}", f"tlg{self.tag}{name}"
+        host_ns = f"tl{self.tag}{host}"
+        sh("ip", "link", "add", outer, "netns", host_ns, "type", "veth", "peer", "name", inner,
+           "netns", ns)  # fmt: skip
+        in_ns(host_ns, "ip", "link", "set", outer, "master", bridge, "up")
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+        in_ns(ns, "ip", "addr", "add", ip, "dev", inner)
+        in_ns(ns, "ip", "link", "set", inner, "up")
+        if gateway:
+            in_ns(ns, "ip", "route", "add", "default", "via", gateway)
+        return ns
+
     def cut(self, name: str, down: bool = True) -> None:
         """Pull (or put back) a node's cable."""
         sh("ip", "link", "set", f"tlv{self.tag}{name}", "down" if down else "up")
@@ -105,3 +131,44 @@ def lab() -> Iterator[Lab]:
         problems = the_lab.down()
         FORWARD.write_text(before)
         assert not problems, problems
+
+
+def dns_server(ns: str, addr: str, records: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """An authoritative-only DNS server in namespace ns on addr:53 answering records (name ->
+    IPv4, TTL 60 s) and REFUSED for anything else: it never forwards a query anywhere. The
+    upstream a test gives hostd's forwarders, so no query can reach a real resolver."""
+    argv = [
+        "ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--conf-file", "--no-resolv",
+        "--no-hosts", "--no-poll", "--bind-interfaces", f"--listen-address={addr}", "--port=53",
+        "--pid-file", "--local-ttl=60", f"--log-facility={log}", "--log-queries",
+        *(f"--address=/{name}/{ip}" for name, ip in records.items()),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    wait_listening(ns, addr, 53, "udp")
+    return proc
+
+
+def lab_servers(ns: str, log: Path, *specs: str) -> subprocess.Popen[bytes]:
+    """tests.lab_servers in namespace ns (specs: `--http ADDR:PORT:NAME`, `--git ...`)."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.lab_servers", "--log", str(log)]
+    proc = subprocess.Popen([*argv, *specs], cwd=root, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert b"ready" in line, line
+    return proc
+
+
+def wait_listening(ns: str, addr: str, port: int, proto: str = "tcp", timeout: float = 10) -> None:
+    import time
+
+    flag = "-u" if proto == "udp" else "-t"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f"{addr}:{port} " in in_ns(ns, "ss", "-lnH", flag, check=False):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {addr}:{port}/{proto} in {ns}")

@@ -19,9 +19,12 @@ __all__ = [
     "allocate_subnet",
     "bridge_name",
     "check_ifname",
+    "guest_net_script",
+    "kernel_dns_arg",
     "kernel_ip_arg",
     "link_prefixes",
     "mac_address",
+    "resolv_conf",
     "tap_name",
 ]
 
@@ -102,6 +105,43 @@ def allocate_subnet(pool: str, prefix_len: int, taken: set[str]) -> ipaddress.IP
 def kernel_ip_arg(addr: ipaddress.IPv4Interface, gateway: ipaddress.IPv4Address | None) -> str:
     """`tt.ip=ADDR/LEN[,GW]` for the guest's init (no gateway: no route out at all)."""
     return f"tt.ip={addr.with_prefixlen}" + (f",{gateway}" if gateway else "")
+
+
+def kernel_dns_arg(servers: tuple[str, ...]) -> str:
+    """`tt.dns=ADDR[,ADDR]`: the guest's resolvers (its ENV's forwarder); "" for none, and
+    then the guest's init writes a resolv.conf without servers."""
+    return f"tt.dns={','.join(servers)}" if servers else ""
+
+
+def resolv_conf(servers: tuple[str, ...]) -> str:
+    """The guest's /etc/resolv.conf, as its init writes it from tt.dns= (never the build
+    machine's: images carry none)."""
+    if not servers:
+        return (
+            "# tt: the ENV of this VM resolves no names (no tt.dns= on the kernel command line)\n"
+        )
+    lines = ["# tt: the DNS forwarder of the ENV of this VM (tt.dns= on the kernel command line)"]
+    lines += [f"nameserver {s}" for s in servers[:3]]
+    return "\n".join([*lines, "options timeout:2 attempts:2"]) + "\n"
+
+
+def guest_net_script(
+    addr: ipaddress.IPv4Interface,
+    gateway: ipaddress.IPv4Address | None,
+    servers: tuple[str, ...],
+) -> str:
+    """A shell script that gives a running guest its network as the kernel command line would
+    (for a VM restored from a snapshot, whose command line was another VM's)."""
+    lines = [
+        "ip addr flush dev eth0",
+        f"ip addr add {addr.with_prefixlen} dev eth0",
+        "ip link set eth0 up",
+    ]
+    if gateway:
+        lines.append(f"ip route replace default via {gateway} dev eth0")
+    body = resolv_conf(servers)  # no quote in it: safe inside '...'
+    lines += ["rm -f /etc/resolv.conf", f"printf '%s' '{body}' > /etc/resolv.conf"]
+    return "\n".join(lines) + "\n"
 
 
 def check_ifname(name: str) -> str:

@@ -8,7 +8,9 @@ atomic and nothing stale survives). Policy:
 - port maps: host port -> VM address:port through one DNAT map, also for connections made on
   the host itself (loopback included: the ENV bridges get route_localnet); mapped connections are
   masqueraded to the gateway, so a VM without a route out still answers them;
-- nothing else opens a connection into an ENV.
+- nothing else opens a connection into an ENV;
+- an ENV with a DNS forwarder reaches its gateway's port 53 (tcp and udp), and nothing else of
+  the host. Egress allow-lists live in each ENV's own table (hostd.builders.egress_plan).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class EnvRules:
     bridge: str
     subnet: ipaddress.IPv4Network
     deny_outgoing: bool = False
+    dns: bool = False  # a DNS forwarder listens on the gateway for this ENV
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return next(self.subnet.hosts())
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,14 @@ def _filter_chains(rules: HostRules) -> list[str]:
         "  chain input {",
         "    type filter hook input priority 0; policy accept;",
         "    iifname @env_bridges ct state established,related accept",
+    ]
+    for e in rules.envs:
+        if e.dns:
+            lines.append(
+                f'    iifname "{e.bridge}" ip daddr {e.gateway} meta l4proto {{ tcp, udp }} '
+                "th dport 53 accept"
+            )
+    lines += [
         "    iifname @env_bridges drop",
         "  }",
         "  chain forward {",

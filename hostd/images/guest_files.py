@@ -14,6 +14,7 @@ from ttci.model.errors import BadInput
 __all__ = [
     "AGENT_MODULES",
     "GUEST_DIR",
+    "RESOLV_PLACEHOLDER",
     "digest_adds",
     "digest_files",
     "guest_files",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+RESOLV_PLACEHOLDER = b"# tt: written at boot from tt.dns= (the DNS forwarder of the VM's ENV)\n"
 TTCI_DIR = Path(ttci.__file__).resolve().parent
 AGENT_MODULES = (
     "__init__.py",
@@ -38,6 +40,9 @@ def guest_files(profile: str) -> dict[str, tuple[int, bytes]]:
     }
     files["/usr/lib/tt-agent/tt-agent.py"] = (0o755, (GUEST_DIR / "tt-agent.py").read_bytes())
     files["/sbin/tt-init"] = (0o755, (GUEST_DIR / "tt-init").read_bytes())
+    # Not the build machine's resolver (mmdebstrap copies it in): the guest's init writes the
+    # real one at boot from tt.dns= (hostd.builders.net_plan.resolv_conf).
+    files["/etc/resolv.conf"] = (0o644, RESOLV_PLACEHOLDER)
     if profile == "systemd":
         files["/etc/systemd/system/tt-agent.service"] = (
             0o644,
@@ -78,6 +83,7 @@ def install_files(root: Path, spec: BuildSpec, files: dict[str, tuple[int, bytes
     for dest, (mode, data) in files.items():
         target = root / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)  # a symlink (resolv.conf) must not lead out of root
         target.write_bytes(data)
         target.chmod(mode)
     if spec.profile == "systemd":

@@ -2,8 +2,11 @@
 
 Every bridge, tap, address and port is written to hostd's state before it is made; the whole
 nftables table is rebuilt from that state in one `nft -f` transaction after each change, so the
-kernel's rules are always exactly what the state says. `reconcile` (start-up, after a crash)
-removes links no row owns and re-applies the table; `teardown` removes everything.
+kernel's rules are always exactly what the state says. An ENV that may go out also gets a DNS
+forwarder on its gateway (hostd.net.dns) and, with an egress allow-list, a table of its own
+(hostd.net.egress), both recorded first and kept while the ENV lives. `reconcile` (start-up,
+after a crash) removes links, tables and forwarders no row owns and re-applies the table;
+`teardown` removes everything.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import fcntl
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -27,6 +31,7 @@ from hostd.builders.net_plan import (
     EnvNet,
     allocate_subnet,
     bridge_name,
+    kernel_dns_arg,
     kernel_ip_arg,
     link_prefixes,
     mac_address,
@@ -34,9 +39,13 @@ from hostd.builders.net_plan import (
 )
 from hostd.builders.nft_ruleset import EnvRules, HostRules, PortMap, delete_script, ruleset
 from hostd.net import links
+from hostd.net.dns import Forwarders
+from hostd.net.env_egress import EnvEgress
 from ttci.infra.db import Store, now
 from ttci.infra.proc import run
+from ttci.model.egress import EgressRule, egress_text
 from ttci.model.errors import BadInput, TTError
+from ttci.wire.envs import VMRequest
 
 __all__ = ["FORWARD", "RUN_DIR", "NetConfig", "NetError", "NetManager", "VmNet", "host_key"]
 
@@ -57,6 +66,9 @@ class NetConfig:
     port_range: tuple[int, int] = (20000, 29999)
     public_addr: str = "127.0.0.1"  # where port maps are reached (shown to users)
     protected: tuple[str, ...] = ()  # control-plane addresses VMs never reach (the scheduler)
+    dns: tuple[str, ...] = ()  # upstreams of the ENVs' forwarders (ADDR[#PORT]); (): no DNS
+    egress_default: tuple[EgressRule, ...] = ()  # allowed to every ENV; the list of those
+    # that ask for none (empty: they may reach anything, as without allow-lists)
 
 
 @dataclass(frozen=True)
@@ -66,11 +78,14 @@ class VmNet:
     ip: str  # ADDR/LEN
     gateway: str | None  # None: no route out
     ports: list[dict[str, Any]] = field(default_factory=list)
+    dns: tuple[str, ...] = ()  # the guest's resolvers (its ENV's forwarder); (): none
 
     @property
     def kernel_arg(self) -> str:
+        """`tt.ip=...` and `tt.dns=...` for the guest's init."""
         gw = ipaddress.IPv4Address(self.gateway) if self.gateway else None
-        return kernel_ip_arg(ipaddress.IPv4Interface(self.ip), gw)
+        args = [kernel_ip_arg(ipaddress.IPv4Interface(self.ip), gw), kernel_dns_arg(self.dns)]
+        return " ".join(a for a in args if a)
 
 
 def host_key(state_dir: Path) -> str:
@@ -84,6 +99,9 @@ class NetManager:
         self.cfg = cfg
         self.key = host_key(state_dir)
         self.table = f"ttci_{self.key}"
+        self.egress = EnvEgress(
+            self.key, Forwarders(store, state_dir / "dns"), cfg.dns, cfg.egress_default
+        )
         self.lock = threading.RLock()
         try:
             ipaddress.IPv4Network(cfg.pool)
@@ -111,7 +129,11 @@ class NetManager:
                 pk=("host_port", "proto"),
             )
 
-        return [("0003_net", net)]
+        def egress(db: sqlite_utils.Database) -> None:
+            db.table("nets").add_column("egress", str, not_null_default="[]")
+            db.table("nets").add_column("egress_audit", int, not_null_default=0)
+
+        return [("0003_net", net), ("0004_net_egress", egress), *Forwarders.migrations()]
 
     # -- names -------------------------------------------------------------------------------
     def bridge_for(self, env: str) -> str:
@@ -122,12 +144,20 @@ class NetManager:
 
     # -- attach / detach ---------------------------------------------------------------------
     def attach(
-        self, vm_id: str, env: str, deny_outgoing: bool, ports: list[tuple[int, str]]
+        self,
+        vm_id: str,
+        env: str,
+        deny_outgoing: bool,
+        ports: list[tuple[int, str]],
+        *,
+        allow_egress: tuple[EgressRule, ...] = (),
+        egress_audit: bool = False,
     ) -> VmNet:
-        """Record, then make, the VM's tap (and its ENV's bridge); apply the table."""
+        """Record, then make, the VM's tap (and its ENV's bridge, DNS forwarder and egress
+        table); apply the table. The ENV's first VM on this host fixes its egress."""
         deny = deny_outgoing or not self.cfg.outgoing
         with self.lock:
-            net = self._env_net(env, deny)
+            net = self._env_net(env, deny, allow_egress, egress_audit)
             taken = {r["ip"] for r in self._rows("vmnets", "env = ?", [env])}
             index = 0
             while str(net.vm_address(index)) in taken:
@@ -151,12 +181,29 @@ class NetManager:
                 )
                 self._localnet(net.bridge)
                 links.ensure_tap(vmnet["tap"], net.bridge)
+                resolvers = self.egress.ensure(self._rows("nets", "env = ?", [env])[0])
                 self.apply()
             except TTError:
                 self.detach(vm_id)
                 raise
         return VmNet(
-            vmnet["tap"], vmnet["mac"], vmnet["ip"], vmnet["gateway"] or None, self.ports_of(vm_id)
+            vmnet["tap"],
+            vmnet["mac"],
+            vmnet["ip"],
+            vmnet["gateway"] or None,
+            self.ports_of(vm_id),
+            resolvers,
+        )
+
+    def attach_request(self, req: VMRequest) -> VmNet:
+        """attach() for hostd's VM request (its ENV, ports and egress)."""
+        return self.attach(
+            req.id,
+            req.env,
+            req.deny_outgoing,
+            list(req.ports),
+            allow_egress=req.allow_egress,
+            egress_audit=req.egress_audit,
         )
 
     def ports_of(self, vm_id: str) -> list[dict[str, Any]]:
@@ -191,12 +238,14 @@ class NetManager:
             self.apply()
 
     def _drop_env(self, env: str) -> None:
+        for row in self._rows("nets", "env = ?", [env]):
+            self.egress.drop(row)
         with contextlib.suppress(TTError):
             links.remove_link(self.bridge_for(env))
         with self.store.lock:
             self.store.db.table("nets").delete_where("env = ?", [env])
 
-    def _env_net(self, env: str, deny: bool) -> EnvNet:
+    def _env_net(self, env: str, deny: bool, allow: tuple[EgressRule, ...], audit: bool) -> EnvNet:
         rows = self._rows("nets", "env = ?", [env])
         if rows:
             return EnvNet(env, rows[0]["bridge"], ipaddress.IPv4Network(rows[0]["subnet"]))
@@ -210,6 +259,8 @@ class NetManager:
                     "subnet": str(subnet),
                     "deny_outgoing": int(deny),
                     "created_at": now(),
+                    "egress": json.dumps(egress_text(allow)),
+                    "egress_audit": int(audit),
                 }
             )
         return EnvNet(env, self.bridge_for(env), subnet)
@@ -241,10 +292,25 @@ class NetManager:
             )
         return out
 
+    # -- DNS and egress ----------------------------------------------------------------------
+    def egress_info(self, env: str) -> dict[str, Any]:
+        """The ENV's egress on this host (EnvEgress.info); {} for an ENV it does not have."""
+        rows = self._rows("nets", "env = ?", [env])
+        return self.egress.info(rows[0]) if rows else {}
+
+    def egress_counts(self) -> dict[str, tuple[str, int]]:
+        """ENV -> (mode, connections denied or, in audit mode, that would have been)."""
+        return self.egress.counts(self._rows("nets"))
+
     # -- the table ---------------------------------------------------------------------------
     def rules(self) -> HostRules:
         envs = tuple(
-            EnvRules(r["bridge"], ipaddress.IPv4Network(r["subnet"]), bool(r["deny_outgoing"]))
+            EnvRules(
+                r["bridge"],
+                ipaddress.IPv4Network(r["subnet"]),
+                bool(r["deny_outgoing"]),
+                dns=not r["deny_outgoing"] and bool(self.cfg.dns),
+            )
             for r in self._rows("nets")
         )
         ports = tuple(
@@ -287,11 +353,16 @@ class NetManager:
             if not rec.exists():
                 return
             tables = run(["nft", "list", "tables"]).stdout.decode().split()
-            if any(t.startswith("ttci_") and t != self.table for t in tables):
+            others = [t for t in tables if t.startswith("ttci_") and not self._ours(t)]
+            if others:
                 return  # another hostd here still forwards; it will put it back
             FORWARD.write_text(rec.read_text().strip() or "0")
             rec.unlink()
             log.info("ip_forward put back to 0")
+
+    def _ours(self, table: str) -> bool:
+        """Our table, or one of our ENVs' own (ttci_KEY_ENVKEY)."""
+        return table == self.table or table.startswith(f"{self.table}_")
 
     @staticmethod
     def _localnet(bridge: str) -> None:
@@ -321,12 +392,14 @@ class NetManager:
                     net.bridge, ipaddress.IPv4Interface(f"{net.gateway}/{net.subnet.prefixlen}")
                 )
                 self._localnet(net.bridge)
+            counts.update(self.egress.reconcile(self._rows("nets")))
             self.apply()
         log.info("network reconciled: %s", counts)
         return counts
 
     def teardown(self) -> None:
         with self.lock:
+            self.egress.teardown()
             for r in self._rows("vmnets"):
                 with contextlib.suppress(TTError):
                     links.remove_link(r["tap"])

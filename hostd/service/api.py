@@ -35,6 +35,7 @@ __all__ = [
     "create_app",
     "create_vm",
     "delete_vm",
+    "env_egress",
     "exec_events",
     "exec_vm",
     "get",
@@ -111,6 +112,15 @@ def create_vm() -> tuple[Response, int]:
     req = VMRequest.from_dict(json_body())
     row = current_app.config["METRICS"].count_boot(lambda: _mgr().create(req))
     return jsonify(row), 201
+
+
+@bp.get("/envs/<env>/egress")
+def env_egress(env: str) -> Response:
+    """The ENV's egress on this host: mode, allow-list, resolver, denied count and where to."""
+    info = _mgr().net.egress_info(env)
+    if not info:
+        raise NotFound(f"no ENV {env} on host {_mgr().cfg.host_id}")
+    return jsonify(info)
 
 
 @bp.get("/vms/<vm_id>")
@@ -265,7 +275,8 @@ def create_app(mgr: VMManager, token: str) -> Flask:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        """Open like node_exporter's: counts and sizes only, never a token or a name."""
+        """Open like node_exporter's: counts and sizes only (ENV names label the egress
+        counts), never a token or a command line."""
         body = app.config["METRICS"].exposition()
         return Response(body, content_type=metrics.CONTENT_TYPE)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ttci.infra.metrics_common import CONTENT_TYPE, RESOURCES, VM_STATES, by_state
@@ -37,6 +37,14 @@ class _Snapshot(Collector):
             for key, label in RESOURCES:
                 g.add_metric([label], float(snap[what].get(key, 0)))
             yield g
+        denied = CounterMetricFamily(
+            "ttci_hostd_egress_denied_connections",
+            "Connections an ENV's egress allow-list denied (mode audit: would have denied)",
+            labels=["env", "mode"],
+        )
+        for env, (mode, n) in sorted(snap.get("egress", {}).items()):
+            denied.add_metric([env, mode], float(n))
+        yield denied
 
 
 class HostMetrics:
@@ -134,4 +142,9 @@ def hostd_snapshot(mgr: Any) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for row in mgr.all():
         counts[row["state"]] = counts.get(row["state"], 0) + 1
-    return {"vms": counts, "total": mgr.cfg.total.to_dict(), "used": mgr.used().to_dict()}
+    return {
+        "vms": counts,
+        "total": mgr.cfg.total.to_dict(),
+        "used": mgr.used().to_dict(),
+        "egress": mgr.net.egress_counts(),
+    }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import waitress
 
+from hostd.net.dns import upstreams
 from hostd.net.manager import NetConfig
 from hostd.service.api import create_app, host_info
 from hostd.service.joiner import Joiner
@@ -20,6 +21,7 @@ from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
 from ttci.infra.proc import need
 from ttci.infra.settings import add_settings, parse_hostport
+from ttci.model.egress import parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.resources import Resources
 
@@ -88,7 +90,16 @@ def _net_config(args: argparse.Namespace, listen_host: str) -> NetConfig:
                 f"--protect/--join address {addr!r} is not an IPv4 address",
                 hint="name control-plane hosts by address, e.g. --protect 10.0.0.5",
             ) from None
+    try:
+        dns = upstreams(args.dns)
+    except ValueError as e:
+        raise BadInput(
+            f"--dns {args.dns!r} is not host, none or a list of ADDR[:PORT]: {e}",
+            hint="e.g. --dns 10.0.0.53 (or TT_HOSTD_DNS)",
+        ) from None
     return NetConfig(
+        dns=dns,
+        egress_default=parse_egress(args.allow_egress),
         protected=tuple(dict.fromkeys(protected)),
         pool=args.vm_net_pool,
         outgoing=args.outgoing == "allow",
@@ -120,6 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     joiner_args = _join_args(args, host, port)
     net = _net_config(args, host)
     need("nft")  # VM networking: say which package is missing before anything starts
+    if net.dns and net.outgoing:
+        need("dnsmasq")  # the ENVs' DNS forwarders
     libvirtd = None
     uri = args.libvirt_uri
     become_subreaper()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ttci.model.egress import parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.naming import (
     DEFAULT_PROFILE,
@@ -309,10 +310,15 @@ def life_time(jv: Mapping[str, str], margin_s: int = 900) -> int:
 def env_request(
     jv: Mapping[str, str], image: str, sz: Size, runner: str | None = None
 ) -> EnvRequest:
-    """The scheduler's ENV request for this job: one VM of image."""
+    """The scheduler's ENV request for this job: one VM of image, reaching only what
+    TT_ALLOW_EGRESS lists when it is set (TT_EGRESS_AUDIT=true: block nothing, count it)."""
     o = origin(jv)
     if runner:
         o["runner"] = runner[:200]
+    try:
+        allow = parse_egress(jv.get("TT_ALLOW_EGRESS", ""))
+    except BadInput as e:
+        raise JobError(f"TT_ALLOW_EGRESS: {e.message}", hint=e.hint) from None
     return EnvRequest(
         name=env_name(jv),
         os_prefix=image,
@@ -322,6 +328,8 @@ def env_request(
         dup_each=1,
         life_s=life_time(jv),
         origin=o,
+        allow_egress=allow,
+        egress_audit=jv.get("TT_EGRESS_AUDIT", "").strip().lower() in ("1", "true", "yes"),
     )
 
 

@@ -18,9 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ttci.cli import env_wait
+from ttci.cli.egress_args import add_egress_args
 from ttci.cli.ssh_exec import ssh_events
 from ttci.client import config
 from ttci.client.scheduler import Client
+from ttci.model.egress import parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest, ExitStatus
@@ -114,6 +116,7 @@ def _register_add(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="the VMs may not open connections outside their ENV",
     )
+    add_egress_args(a)
     w = a.add_mutually_exclusive_group()
     w.add_argument(
         "--no-wait",
@@ -278,6 +281,21 @@ def _show_env(env: dict[str, Any]) -> None:
             for v in env.get("vms", [])
         ],
     )
+    if eg := env.get("egress"):
+        _show_egress(eg)
+
+
+def _show_egress(eg: dict[str, Any]) -> None:
+    """The ENV's allow-list and what it denied (audit: would have denied)."""
+    verb = "would have denied" if eg["mode"] == "audit" else "denied"
+    out.print(
+        f"egress: {eg['mode']}, allowed {', '.join(eg['allow']) or 'nothing'}; "
+        f"{verb} {eg['denied']} connection(s)",
+        highlight=False,
+    )
+    for b in eg.get("blocked", [])[:20]:
+        names = f"{'/'.join(b['names'])} " if b.get("names") else ""
+        out.print(f"  {verb}: {names}{b['addr']}:{b['port']}/{b['proto']}", highlight=False)
 
 
 def cmd_env_add(args: argparse.Namespace) -> int:
@@ -291,6 +309,8 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         life_s=parse_duration(args.life_time),
         deny_outgoing=args.deny_outgoing,
         vm_ports=tuple(parse_ports(args.vm_port or "")),
+        allow_egress=parse_egress(args.allow_egress),
+        egress_audit=args.egress_audit,
     )
     req.validate()
     opts = env_wait.wait_options(args.no_wait, args.max_wait)

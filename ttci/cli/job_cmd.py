@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ttci.cli.artifacts import empty_tar, git_archive, tar_dir
+from ttci.cli.egress_args import add_egress_args
 from ttci.cli.job_output import print_summary
 from ttci.cli.job_plan import (
     EXIT_QUEUE_TIMEOUT,
@@ -34,6 +35,7 @@ from ttci.cli.job_plan import (
 from ttci.cli.job_runner import Job
 from ttci.client import config
 from ttci.client.scheduler import Client
+from ttci.model.egress import parse_egress
 from ttci.model.errors import BadInput
 from ttci.wire.envs import parse_duration
 from ttci.wire.queue import parse_wait_seconds
@@ -93,6 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="leave out matching files when copying the working directory; repeatable",
     )
     r.add_argument("--script", type=Path, help="run this local script instead of a COMMAND")
+    add_egress_args(r, "the VM")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only output")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
     r.set_defaults(func=cmd_job_run)
@@ -141,6 +144,8 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         script=script,
         quiet=args.quiet,
         max_wait_s=max_wait,
+        allow_egress=parse_egress(args.allow_egress),
+        egress_audit=args.egress_audit,
     )
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ttci.model.egress import EgressRule
 from ttci.model.errors import BadInput
 from ttci.model.naming import (
     DEFAULT_PROFILE,
@@ -178,6 +179,8 @@ class JobSpec:
     script: tuple[str, bytes] | None  # (file name, content) pushed to SCRIPT_DIR
     quiet: bool
     max_wait_s: float | None = None  # longest wait in the admission queue (None: no limit)
+    allow_egress: tuple[EgressRule, ...] = ()  # what the VM may reach outside (): anything
+    egress_audit: bool = False  # block nothing, count what the list would block
 
 
 @dataclass
@@ -219,6 +222,8 @@ def env_request(
         disk_gib=spec.disk_gib,
         life_s=spec.timeout_s + LIFE_MARGIN_S,
         origin=origin_from_env(environ, target),
+        allow_egress=spec.allow_egress,
+        egress_audit=spec.egress_audit,
     )
 
 

@@ -51,6 +51,7 @@ TOOL_PACKAGES = {
     **{a.row.qemu_binary: a.row.qemu_package for a in Arch},
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "dnsmasq": "dnsmasq-base",
 }
 
 

@@ -197,6 +197,24 @@ _ROWS = (
         metavar="ADDR[,ADDR]",
     ),
     _hostd(
+        "dns",
+        TEXT,
+        "host",
+        "upstream DNS servers of the ENVs' forwarders (guests resolve through their ENV's "
+        "gateway): host (this host's /etc/resolv.conf), none (guests resolve nothing), or "
+        "ADDR[:PORT][,...]",
+        metavar="host|none|ADDR[,ADDR]",
+    ),
+    _hostd(
+        "allow-egress",
+        TEXT,
+        "",
+        "egress allow-list for every ENV, added to each ENV's own; an ENV that asks for none "
+        "may reach only these (empty: it may reach anything). Rules: NAME, *.NAME, "
+        "A.B.C.D[/LEN], each with an optional :PORT",
+        metavar="RULE[,RULE]",
+    ),
+    _hostd(
         "join",
         HOSTPORT,
         None,
@@ -318,6 +336,8 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "hostd-port-range",
         "hostd-public-addr",
         "hostd-protect",
+        "hostd-dns",
+        "hostd-allow-egress",
         "hostd-join",
         "join-token",
         "hostd-advertise",

@@ -154,6 +154,8 @@ class EnvCreation(EnvViews):
             disk_gib=v["disk_gib"],
             deny_outgoing=req.deny_outgoing,
             ports=req.vm_ports,
+            allow_egress=req.allow_egress,
+            egress_audit=req.egress_audit,
         )
         try:
             return self._client(v["host"]).create_vm(body)

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from ttci.model.errors import TTError
 from ttci.scheduler.core import SchedulerCore
 from ttci.scheduler.users import User
 
@@ -96,4 +97,30 @@ class EnvViews(SchedulerCore):
         return [self.env_json(r, vms=False) for r in rows]
 
     def show_env(self, name: str, user: User, vms: bool = True) -> dict[str, Any]:
-        return self.env_json(self._env_row(name, user), vms=vms)
+        row = self._env_row(name, user)
+        out = self.env_json(row, vms=vms)
+        if vms and row["state"] == "ready" and (egress := self._egress(name)):
+            out["egress"] = egress
+        return out
+
+    def _egress(self, env: str) -> dict[str, Any]:
+        """The ENV's egress allow-list as its hosts enforce it (theirs and the operator's
+        rules), with the connections denied summed over them and where to; {} when none of
+        its hosts filters its egress (or none answers)."""
+        hosts = sorted({v["host"] for v in self._vm_rows(env) if v["state"] == "running"})
+        parts = []
+        for h in hosts:
+            try:
+                parts.append(self._client(h).egress(env))
+            except TTError:
+                continue  # shown without that host's numbers
+        parts = [p for p in parts if p.get("mode") in ("enforce", "audit")]
+        if not parts:
+            return {}
+        blocked = {(b["addr"], b["proto"], b["port"]): b for p in parts for b in p["blocked"]}
+        return {
+            "mode": parts[0]["mode"],
+            "allow": sorted({r for p in parts for r in p["allow"]}),
+            "denied": sum(int(p["denied"]) for p in parts),
+            "blocked": [blocked[k] for k in sorted(blocked)],
+        }

@@ -69,6 +69,11 @@ class HostdClient:
         out: dict[str, Any] = self._call("POST", "/v1/vms", json=req.to_dict(), timeout=300).json()
         return out
 
+    def egress(self, env: str) -> dict[str, Any]:
+        """The ENV's egress on this host (mode, allow-list, denied connections and where to)."""
+        out: dict[str, Any] = self._call("GET", f"/v1/envs/{env}/egress", timeout=3).json()
+        return out
+
     def delete_vm(self, vm_id: str) -> None:
         try:
             self._call("DELETE", f"/v1/vms/{vm_id}", timeout=120)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ttci.model.egress import EgressRule, egress_text, parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports, ports_text
 from ttci.model.resources import validate_vm_size
@@ -122,8 +123,10 @@ def parse_duration(text: str | int | float) -> int:
 class EnvRequest:
     """A group of fresh VMs: one per image matching os_prefix, dup_each times.
 
-    On the wire the lifetime is `life_time` (seconds, or text like `1h`) and the ports are
-    `vm_ports` (text like `22,8080,53/udp`).
+    On the wire the lifetime is `life_time` (seconds, or text like `1h`), the ports are
+    `vm_ports` (text like `22,8080,53/udp`) and the egress allow-list `allow_egress` (a list of
+    rules like `git.example.com`, `*.pypi.org`, `10.1.0.0/16:443`, or one comma-separated text);
+    `egress_audit` lets everything through but counts and names what the list would block.
     """
 
     name: str
@@ -136,6 +139,8 @@ class EnvRequest:
     deny_outgoing: bool = False
     vm_ports: Ports = ()
     origin: Mapping[str, str] = field(default_factory=lambda: {"kind": "cli"}, hash=False)
+    allow_egress: tuple[EgressRule, ...] = ()
+    egress_audit: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +155,7 @@ class EnvRequest:
             "deny_outgoing": self.deny_outgoing,
             "vm_ports": ports_text(list(self.vm_ports)),
             "origin": dict(self.origin),
+            **_egress_dict(self.allow_egress, self.egress_audit),
         }
 
     @classmethod
@@ -169,6 +175,8 @@ class EnvRequest:
                 origin=parse_origin(d.get("origin")),
                 deny_outgoing=_flag(d.get("deny_outgoing", False), "deny_outgoing"),
                 vm_ports=tuple(parse_ports(d.get("vm_ports", ""))),
+                allow_egress=parse_egress(d.get("allow_egress")),
+                egress_audit=_flag(d.get("egress_audit", False), "egress_audit"),
             )
         except KeyError as e:
             raise BadInput(f"ENV request lacks {e}", hint="send name and os_prefix") from None
@@ -195,6 +203,7 @@ class EnvRequest:
             raise BadInput(
                 f"--dup-each {self.dup_each} is outside 1..{MAX_VMS}", hint="ask for fewer replicas"
             )
+        _check_egress(self.deny_outgoing, self.allow_egress, self.egress_audit)
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,8 @@ class VMRequest:
     disk_gib: int = 0  # 0: the image's own size
     deny_outgoing: bool = False
     ports: Ports = ()
+    allow_egress: tuple[EgressRule, ...] = ()
+    egress_audit: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,6 +236,7 @@ class VMRequest:
             "disk_gib": self.disk_gib,
             "deny_outgoing": self.deny_outgoing,
             "ports": ports_text(list(self.ports)),
+            **_egress_dict(self.allow_egress, self.egress_audit),
         }
 
     @classmethod
@@ -233,7 +245,7 @@ class VMRequest:
         d = require_object(d, "the VM request")
         check_api(d, "the VM request")
         try:
-            return cls(
+            req = cls(
                 id=_vm_id(d.get("id") or uuid.uuid4().hex[:12]),
                 env=as_text(d["env"], "env", 100),
                 name=as_text(d["name"], "name", 100),
@@ -244,12 +256,32 @@ class VMRequest:
                 disk_gib=as_int(d.get("disk_gib", 0), "disk_gib"),
                 deny_outgoing=_flag(d.get("deny_outgoing", False), "deny_outgoing"),
                 ports=tuple(parse_ports(d.get("ports"))),
+                allow_egress=parse_egress(d.get("allow_egress")),
+                egress_audit=_flag(d.get("egress_audit", False), "egress_audit"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BadInput(
                 f"VM request is malformed: {e!r}",
                 hint="send env, name, image and numeric cpus/memory_mib/disk_gib",
             ) from e
+        _check_egress(req.deny_outgoing, req.allow_egress, req.egress_audit)
+        return req
+
+
+def _egress_dict(rules: tuple[EgressRule, ...], audit: bool) -> dict[str, Any]:
+    """The egress fields of a request, only when used (older readers never see them)."""
+    return {
+        **({"allow_egress": egress_text(rules)} if rules else {}),
+        **({"egress_audit": True} if audit else {}),
+    }
+
+
+def _check_egress(deny: bool, rules: tuple[EgressRule, ...], audit: bool) -> None:
+    if deny and (rules or audit):
+        raise BadInput(
+            "--deny-outgoing and an egress allow-list (or audit) contradict each other",
+            hint="drop --deny-outgoing to allow the listed destinations",
+        )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = us.add_parser("add", help="create a user; prints their token once")
     a.add_argument("name", help="user name (lowercase letters, digits, _ or -)")
     a.add_argument("--admin", action="store_true", help="the user may see and act on everything")
+    a.add_argument(
+        "--service",
+        choices=("gitlab", "github"),
+        default="",
+        help="the account of that CI service: only it (and admins) may name ENVs gl-N / gh-N-N",
+    )
     a.add_argument("--json", action="store_true", help="print JSON")
     a.set_defaults(func=cmd_user_add)
     ls = us.add_parser("list", help="list users")
@@ -61,13 +67,17 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    out = _client().call_json("POST", "/v1/users", json={"name": args.name, "admin": args.admin})
+    body: dict[str, object] = {"name": args.name, "admin": args.admin}
+    if args.service:
+        body["service"] = args.service
+    out = _client().call_json("POST", "/v1/users", json=body)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"user {out['name']}{' (admin)' if out['admin'] else ''} created; their token:")
+        what = " (admin)" if out["admin"] else f" ({args.service} service)" if args.service else ""
+        print(f"user {out['name']}{what} created; their token:")
         print(out["token"])
-        print("(shown once; they run `tt config --server ADDR:PORT --token TOKEN`)")
+        print("(shown once; keep it in a file or TT_TOKEN, never on a command line)")
     return 0
 
 
@@ -77,7 +87,9 @@ def cmd_user_list(args: argparse.Namespace) -> int:
         print(json.dumps(users, indent=2))
     for u in users:
         if not args.json:
-            print(f"{u['name']}{' (admin)' if u['admin'] else ''}  since {u['created_at']}")
+            role = " (admin)" if u["admin"] else ""
+            role += f" ({u['service']} service)" if u.get("service") else ""
+            print(f"{u['name']}{role}  since {u['created_at']}")
     return 0
 
 

@@ -20,7 +20,7 @@ from ttci.scheduler.env_views import EnvViews
 from ttci.scheduler.hostd_client import HostUnreachable
 from ttci.scheduler.planning.envspec import vm_names
 from ttci.scheduler.planning.placement import Ask, NoPlacement, place
-from ttci.scheduler.users import User
+from ttci.scheduler.users import User, check_env_name
 from ttci.wire.envs import EnvRequest, VMRequest, VmUp
 
 __all__ = ["EnvCreation", "request_from_json", "request_json"]
@@ -86,7 +86,9 @@ class EnvCreation(EnvViews):
         return self.show_env(req.name, user)
 
     def _insert_env(self, req: EnvRequest, user: User, project: str) -> None:
-        """Write the ENV (state queued) before anything is made. The caller holds the lock."""
+        """Write the ENV (state queued) before anything is made. The caller holds the lock.
+        CI names (gl-N, gh-N-N) are only for their service's account (users.check_env_name)."""
+        check_env_name(user, req.name)
         if self.store.db.table("envs").count_where("name = ?", [req.name]):
             raise EnvExists(
                 f"an ENV named {req.name!r} exists",

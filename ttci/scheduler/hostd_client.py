@@ -1,8 +1,12 @@
-"""The scheduler's client for one hostd. HTTP errors become TTErrors with hostd's message."""
+"""The scheduler's client for one hostd. HTTP errors become TTErrors with hostd's message.
+
+A host that does not answer is HostUnreachable with the host's id and a short reason, never its
+address (users read these errors; `tt-scheduler -v` logs the address and the details)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +18,8 @@ from ttci.wire.commands import ExecEvent, ExecRequest
 from ttci.wire.envs import VMRequest
 
 __all__ = ["HostUnreachable", "HostdClient", "HostdError"]
+
+log = logging.getLogger("ttci.scheduler.hostd_client")
 
 
 class HostdError(TTError):
@@ -46,9 +52,10 @@ class HostdClient:
         try:
             r = self.session.request(method, self.url + path, timeout=timeout or self.timeout, **kw)
         except requests.RequestException as e:
+            log.debug("host %s (%s): %s %s: %s", self.host_id, self.url, method, path, e)
             raise HostUnreachable(
-                f"host {self.host_id} ({self.url}) is unreachable: {e}",
-                hint="check that tt-hostd runs there",
+                f"host {self.host_id} is unreachable ({_why(e)})",
+                hint="check that tt-hostd runs there (tt-scheduler -v logs the details)",
             ) from e
         if r.status_code >= 400:
             err = ErrorBody.decode(r.content, r.reason)
@@ -95,7 +102,8 @@ class HostdClient:
                 if line:
                     yield ExecEvent.from_dict(json.loads(line))
         except requests.RequestException as e:
-            raise HostUnreachable(f"host {self.host_id} went away mid-command: {e}") from e
+            log.warning("host %s (%s) went away mid-command: %s", self.host_id, self.url, e)
+            raise HostUnreachable(f"host {self.host_id} went away mid-command ({_why(e)})") from e
         finally:
             r.close()
 
@@ -106,3 +114,12 @@ class HostdClient:
         return self._call(
             "GET", f"/v1/vms/{vm_id}/files", params={"path": path}, timeout=600
         ).content
+
+
+def _why(e: requests.RequestException) -> str:
+    """A reason without addresses."""
+    if isinstance(e, requests.Timeout):
+        return "timed out"
+    if isinstance(e, requests.ConnectionError):
+        return "no connection"
+    return type(e).__name__

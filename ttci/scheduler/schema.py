@@ -103,6 +103,11 @@ def _job_wait(db: sqlite_utils.Database) -> None:
     db.table("jobs").add_column("wait_s", float, not_null_default=0.0)
 
 
+def _user_service(db: sqlite_utils.Database) -> None:
+    # The CI service a user account is (users.SERVICES): its ENV names are reserved to it.
+    db.table("users").add_column("service", str, not_null_default="")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_base", _base),
     ("0002_guest_boot_s", _guest_boot),
@@ -114,4 +119,5 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0007_vm_order", _vm_order),
     ("0008_admission", _admission),
     ("0009_job_wait", _job_wait),
+    ("0010_user_service", _user_service),
 ]

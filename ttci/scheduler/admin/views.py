@@ -3,7 +3,10 @@
 A separate Flask app (mounted at /admin by `ttci.scheduler.admin.mount`) so browser sessions
 and CSRF never mix with the bearer-token API. Sessions live on the server (a random id in a signed,
 HttpOnly, SameSite=Strict cookie): logging out really ends them, and no token is ever stored
-in the cookie or rendered on a page.
+in the cookie or rendered on a page. A session keeps only its token's digest, and every request
+checks it against the user store again: deleting the user (or its admin right) ends the session.
+Failed logins are counted per client address (users.LoginThrottle): past a few, the address is
+answered 429 with Retry-After until its wait is over; no worker thread ever sleeps.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import math
 import secrets
 import threading
 import time
@@ -24,6 +28,7 @@ from flask import (
     current_app,
     g,
     jsonify,
+    make_response,
     redirect,
     render_template,
     request,
@@ -39,11 +44,13 @@ from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.admin.state import snapshot
 from ttci.scheduler.core import EnvBusy
+from ttci.scheduler.users import LoginThrottle, digest
 from ttci.wire.envs import parse_duration
 
 __all__ = [
     "MAX_LIFE_S",
     "SESSION_S",
+    "Recheck",
     "Resolve",
     "Sessions",
     "bp",
@@ -66,29 +73,39 @@ SESSION_S = 8 * 3600
 MAX_LIFE_S = 30 * 86400  # parse_duration's limit
 MAX_BODY = 64 * 1024  # an action's JSON body
 Resolve = Callable[[str], Any]  # token -> user (with .name, .admin) or None
+Recheck = Callable[[str], Any]  # the token's SHA-256 digest (hex) -> the user now, or None
 
 bp = Blueprint("admin", __name__, template_folder="templates", static_folder="static")
 
 
 class Sessions:
-    """Server-side admin sessions: id -> (user, expiry)."""
+    """Server-side admin sessions: id -> (the token's digest, expiry); never the token."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_id: dict[str, tuple[Any, float]] = {}
+        self._by_id: dict[str, tuple[str, float]] = {}
 
-    def start(self, user: Any) -> str:
+    def start(self, token_sha256: str) -> str:
         sid = secrets.token_urlsafe(32)
         with self._lock:
             now = time.monotonic()
             self._by_id = {k: v for k, v in self._by_id.items() if v[1] > now}
-            self._by_id[sid] = (user, now + SESSION_S)
+            self._by_id[sid] = (token_sha256, now + SESSION_S)
         return sid
 
-    def user(self, sid: str | None) -> Any:
+    def user(self, sid: str | None, recheck: Recheck) -> Any:
+        """The session's user as the user store has it now; None (and the session ends) when
+        the session expired or its user is gone or no admin any more."""
         with self._lock:
             entry = self._by_id.get(sid or "")
-        return entry[0] if entry and entry[1] > time.monotonic() else None
+        if not entry or entry[1] <= time.monotonic():
+            return None
+        user = recheck(entry[0])
+        if user is None or not user.admin:
+            log.warning("admin session ended: its user is gone or no longer an admin")
+            self.end(sid)
+            return None
+        return user
 
     def end(self, sid: str | None) -> None:
         with self._lock:
@@ -108,7 +125,7 @@ def _login_required(api: bool) -> Callable[[Callable[..., Any]], Callable[..., A
     def deco(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
         def wrapper(*args: Any, **kw: Any) -> Any:
-            user = _sessions().user(session.get("sid"))
+            user = _sessions().user(session.get("sid"), current_app.config["ADMIN_RECHECK"])
             if user is None:
                 if api:
                     return _error(401, "not logged in", "log in at the admin page with your token")
@@ -126,19 +143,34 @@ def login() -> str:
     return render_template("admin/login.html", error=None)
 
 
+def _login_page(status: int, error: str, wait: float = 0) -> WResponse:
+    resp = make_response(render_template("admin/login.html", error=error), status)
+    if wait > 0:
+        resp.headers["Retry-After"] = str(math.ceil(wait))
+    return resp
+
+
 @bp.post("/login")
-def login_post() -> tuple[str, int] | WResponse:
+def login_post() -> WResponse:
+    throttle: LoginThrottle = current_app.config["ADMIN_THROTTLE"]
+    client = request.remote_addr or "unknown"
+    if wait := throttle.retry_after(client):  # refused unread: guessing gains nothing here
+        log.warning("admin login from %s refused unread: %.0f s to wait", client, wait)
+        return _login_page(429, f"too many failed logins: try again in {math.ceil(wait)} s", wait)
     token = request.form.get("token", "").strip()
     resolve: Resolve = current_app.config["ADMIN_RESOLVE"]
     user = resolve(token) if token else None
     if user is None or not user.admin:
-        log.warning("admin login refused from %s", request.remote_addr)
-        time.sleep(0.3)  # slows guessing; the token itself is never logged
+        wait = throttle.failed(client)  # the token itself is never logged
+        log.warning("admin login refused from %s", client)
         why = "that token is not an admin's" if user is not None else "wrong or missing token"
-        return render_template("admin/login.html", error=why), 401
+        if wait:
+            why += f"; too many failed logins: try again in {math.ceil(wait)} s"
+        return _login_page(429 if wait else 401, why, wait)
+    throttle.succeeded(client)
     session.clear()
-    session["sid"] = _sessions().start(user)
-    log.info("admin %s logged in from %s", user.name, request.remote_addr)
+    session["sid"] = _sessions().start(digest(token))
+    log.info("admin %s logged in from %s", user.name, client)
     return redirect(url_for("admin.index"))
 
 
@@ -291,8 +323,9 @@ def _security_headers(resp: Response) -> Response:
     return resp
 
 
-def create_admin_app(scheduler: Any, resolve: Resolve) -> Flask:
-    """The admin page's app; scheduler is a ttci.scheduler.service.Scheduler."""
+def create_admin_app(scheduler: Any, resolve: Resolve, recheck: Recheck | None = None) -> Flask:
+    """The admin page's app; scheduler is a ttci.scheduler.service.Scheduler. recheck: the
+    user of a token digest now (default: the scheduler's user store)."""
     app = Flask("ttci.scheduler.admin")
     app.config.update(
         SECRET_KEY=secrets.token_bytes(32),
@@ -303,7 +336,9 @@ def create_admin_app(scheduler: Any, resolve: Resolve) -> Flask:
         WTF_CSRF_SSL_STRICT=False,  # the Referer check needs HTTPS; SameSite + token suffice
         SCHEDULER=scheduler,
         ADMIN_RESOLVE=resolve,
+        ADMIN_RECHECK=recheck or scheduler.users.resolve_digest,
         ADMIN_SESSIONS=Sessions(),
+        ADMIN_THROTTLE=LoginThrottle(),
     )
     CSRFProtect(app)
     app.register_blueprint(bp)

@@ -28,7 +28,7 @@ from ttci.scheduler.hostd_client import HostdError, HostUnreachable
 from ttci.scheduler.hosts import HostClaimed, HostNotFound, HostRefused
 from ttci.scheduler.planning.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
-from ttci.scheduler.users import User, UserExists, UserNotFound
+from ttci.scheduler.users import NameReserved, User, UserExists, UserNotFound
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
 from ttci.wire.envs import EnvEvent, EnvRequest, parse_duration
@@ -159,7 +159,10 @@ def add_user() -> tuple[Response, int]:
         raise BadInput(f"user name {name!r} is not a string", hint='{"name": "alice"}')
     if not isinstance(admin_flag, bool):
         raise BadInput(f"admin {admin_flag!r} is not true or false", hint='{"admin": true}')
-    return jsonify(_s().users.add(name, admin_flag)), 201
+    service = body.get("service", "")
+    if not isinstance(service, str):
+        raise BadInput("service must be a string", hint='{"service": "gitlab"}')
+    return jsonify(_s().users.add(name, admin_flag, service)), 201
 
 
 @bp.delete("/users/<name>")
@@ -369,6 +372,7 @@ def create_app(scheduler: Scheduler) -> Flask:
             HostClaimed: 409,
             HostRefused: 403,
             Forbidden: 403,
+            NameReserved: 403,
             UserExists: 409,
             UserNotFound: 404,
             HostUnreachable: 503,

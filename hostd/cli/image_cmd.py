@@ -7,7 +7,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import requests
 from rich.console import Console
 from rich.table import Table
 
@@ -15,6 +17,8 @@ from hostd.builders.image_recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
 from hostd.images.build import Builder, prune_cache
 from hostd.images.catalogue import find, scan
 from hostd.vm.image_check import CheckResult, check_image
+from hostd.vm.schema import open_store
+from hostd.vm.templates import Templates
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.infra.settings import add_setting
@@ -28,7 +32,10 @@ __all__ = [
     "cmd_list",
     "cmd_list_pool",
     "cmd_prune",
+    "cmd_warm",
+    "local_templates",
     "parse_size",
+    "parse_vm_size",
     "register",
     "register_pool",
     "specs_from_args",
@@ -96,10 +103,7 @@ def register(
     add_setting(c, "image-path")
     c.set_defaults(func=cmd_check)
 
-    pr = isub.add_parser("prune", help="remove build-cache trees no image here was made from")
-    add_setting(pr, "image-path")
-    add_setting(pr, "cache-dir")
-    pr.set_defaults(func=cmd_prune)
+    _register_prune_and_warm(isub)
 
     if pool:
         ls = isub.add_parser("list", help="list the pool's images (--local: this host's)")
@@ -110,6 +114,35 @@ def register(
         ls.set_defaults(func=cmd_list)
     ls.add_argument("--json", action="store_true", help="print as JSON")
     add_setting(ls, "image-path")
+    add_setting(ls, "state-dir")
+
+
+def _register_prune_and_warm(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pr = isub.add_parser(
+        "prune",
+        help="remove build-cache trees no image here was made from, and the snapshot "
+        "templates of images that are gone or were rebuilt",
+    )
+    add_setting(pr, "image-path")
+    add_setting(pr, "cache-dir")
+    add_setting(pr, "state-dir")
+    pr.set_defaults(func=cmd_prune)
+
+    w = isub.add_parser(
+        "warm", help="make snapshot templates now (VMs of that image and size then start warm)"
+    )
+    w.add_argument("names", nargs="+", help="image names or unique prefixes")
+    w.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="CPUSxMIB[xGIB]",
+        help="VM size to warm, e.g. 1x512 or 2x1024x8 (repeatable; default 1x512)",
+    )
+    add_setting(w, "image-path")
+    add_setting(w, "hostd-listen")
+    add_setting(w, "hostd-token")
+    w.set_defaults(func=cmd_warm)
 
 
 def specs_from_args(args: argparse.Namespace) -> list[BuildSpec]:
@@ -213,10 +246,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     images, broken = scan(Path(args.image_path))
+    warm = local_templates(Path(args.state_dir)) if getattr(args, "state_dir", None) else None
     if args.json:
         print(
             json.dumps(
                 {
+                    **({"warm": warm} if warm is not None else {}),
                     "images": [
                         {
                             "name": i.name,
@@ -245,7 +280,75 @@ def cmd_list(args: argparse.Namespace) -> int:
     out.print(t)
     for b in broken:
         out.print(f"[red]broken[/red] {b.path}: {b.reason}", highlight=False)
+    if warm is not None:
+        out.print(_templates_table(warm))
+        for t in warm["selftests"]:
+            word = "[green]ok[/green]" if t["ok"] else "[red]FAILED: VMs boot cold[/red]"
+            out.print(f"restore self-test {t['target']}: {word} ({t['detail']})", highlight=False)
     return 0
+
+
+def _templates_table(warm: dict[str, Any]) -> Table:
+    t = Table(title="snapshot templates (warm start)")
+    for col in ("image", "size", "accel", "state", "disk", "hits", "made", "note"):
+        t.add_column(col, overflow="fold")
+    for r in warm["templates"]:
+        t.add_row(
+            r["image"],
+            f"{r['vcpus']}x{r['memory_mib']}x{r['disk_gib']}",
+            r["accel"],
+            r["state"],
+            f"{r['bytes'] >> 20} MiB",
+            str(r["hits"]),
+            r["created_at"],
+            r["error"],
+        )
+    return t
+
+
+def local_templates(state_dir: Path) -> dict[str, Any] | None:
+    """The templates in hostd's state at state_dir (None when there is no hostd state)."""
+    if not (state_dir / "hostd.db").exists():
+        return None
+    return Templates(open_store(state_dir), state_dir / "templates", "", None).report()
+
+
+def parse_vm_size(text: str) -> tuple[float, int, int]:
+    """CPUSxMIB[xGIB] (GiB 0: the image's size)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError(text)
+        return float(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+    except ValueError:
+        raise BadInput(
+            f"size {text!r} does not parse", hint="write CPUSxMIB[xGIB], e.g. 1x512"
+        ) from None
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    """Ask the local hostd to make templates (each request waits until its template is ready)."""
+    images = [find(args.image_path, n) for n in args.names]
+    sizes = [parse_vm_size(s) for s in args.size or ["1x512"]]
+    failed = 0
+    for img in images:
+        for cpus, mem, disk in sizes:
+            body: dict[str, Any] = {"image": img.name, "cpus": cpus, "memory_mib": mem}
+            body["disk_gib"] = disk
+            out.print(f"warming {img.name} {cpus:g}x{mem}x{disk or 'image'} ...", highlight=False)
+            r = requests.post(
+                f"http://{args.listen}/v1/templates",
+                json=body,
+                headers={"Authorization": f"Bearer {args.hostd_token}"},
+                timeout=600,
+            )
+            if r.status_code == 201:
+                row = r.json()
+                out.print(f"  ready: template {row['id']} ({row['bytes'] >> 20} MiB)")
+            else:
+                failed += 1
+                print(f"error: {img.name}: {r.status_code} {r.text.strip()[:500]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _list_pool_or_local(args: argparse.Namespace) -> int:
@@ -272,4 +375,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for tree in removed:
         print(f"removed {tree}")
     print(f"{len(removed)} cache tree(s) removed")
+    state_dir = Path(args.state_dir)
+    if (state_dir / "hostd.db").exists():
+        templates = Templates(open_store(state_dir), state_dir / "templates", "", None)
+        gone = templates.collect(scan(args.image_path)[0])
+        for row in gone:
+            print(f"removed template {row['id']} of {row['image']} ({row['bytes'] >> 20} MiB)")
+        print(f"{len(gone)} template(s) removed")
     return 0

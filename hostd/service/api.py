@@ -14,9 +14,12 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from hostd.images.catalogue import find
 from hostd.service import metrics
+from hostd.vm.accel import choose_accel
 from hostd.vm.engine import EngineError
 from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager
+from hostd.vm.warm import TemplateError, TemplateSpec, vcpus_for
 from ttci import __version__
 from ttci.infra.http_server import (
     install_auth,
@@ -26,6 +29,7 @@ from ttci.infra.http_server import (
     read_body,
 )
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
+from ttci.model.resources import validate_vm_size
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 from ttci.wire.envs import VMRequest
@@ -43,7 +47,9 @@ __all__ = [
     "host",
     "host_info",
     "images",
+    "list_templates",
     "list_vms",
+    "make_template",
     "push",
 ]
 
@@ -78,6 +84,7 @@ def host_info(mgr: VMManager) -> dict[str, Any]:
             "vms": sum(1 for r in mgr.all() if r["state"] == "running"),
             "images": [_image_json(i) for i in mgr.images()],
             "engine": mgr.engine.check(),
+            "warm": mgr.templates.report(),
             **dict(zip(("accel", "accel_why"), mgr.accel(), strict=True)),
         }
     )
@@ -100,6 +107,32 @@ def _image_json(i: Any) -> dict[str, Any]:
 @bp.get("/images")
 def images() -> Response:
     return jsonify([_image_json(i) for i in _mgr().images()])
+
+
+@bp.get("/templates")
+def list_templates() -> Response:
+    """Snapshot templates, restore self-tests, warm hits and misses (hostd.vm.templates)."""
+    return jsonify(_mgr().templates.report())
+
+
+@bp.post("/templates")
+def make_template() -> tuple[Response, int]:
+    """Make (or find) the template of {image, cpus, memory_mib, disk_gib}; waits until ready."""
+    mgr, body = _mgr(), json_body()
+    image = find(mgr.cfg.image_path, str(body.get("image") or ""))
+    try:
+        cpus = float(body.get("cpus", 1))
+        memory_mib = int(body.get("memory_mib", 512))
+        disk_gib = int(body.get("disk_gib") or 0) or max(1, image.manifest.disk_virtual_size >> 30)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"bad size: {e}", hint='{"cpus": 1, "memory_mib": 512}') from None
+    problems = validate_vm_size(cpus, memory_mib, disk_gib)
+    if problems:
+        raise BadInput("; ".join(problems), hint="pick sizes inside the ranges")
+    accel, _ = choose_accel(image)
+    spec = TemplateSpec(image, vcpus_for(cpus), memory_mib, disk_gib, accel)
+    row = mgr.templates.make(spec)
+    return jsonify({k: v for k, v in row.items() if k not in ("token", "dir", "key")}), 201
 
 
 @bp.get("/vms")
@@ -265,6 +298,7 @@ def create_app(mgr: VMManager, token: str) -> Flask:
             BootError: 502,
             EngineError: 503,
             AgentError: 502,
+            TemplateError: 502,
         },
     )
     app.register_blueprint(bp)

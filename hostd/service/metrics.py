@@ -45,6 +45,46 @@ class _Snapshot(Collector):
         for env, (mode, n) in sorted(snap.get("egress", {}).items()):
             denied.add_metric([env, mode], float(n))
         yield denied
+        if "warm" in snap:
+            yield from _warm(snap["warm"])
+
+
+TEMPLATE_STATES = ("building", "ready", "stale", "failed")
+
+
+def _warm(warm: dict[str, Any]) -> Iterator[Metric]:
+    """Snapshot templates: how many, their bytes, warm hits and misses by reason, self-tests."""
+    tpl = GaugeMetricFamily(
+        "ttci_hostd_templates", "Snapshot templates, by state", labels=["state"]
+    )
+    for state, n in by_state([(t["state"], 1) for t in warm["templates"]], TEMPLATE_STATES).items():
+        tpl.add_metric([state], n)
+    yield tpl
+    yield GaugeMetricFamily(
+        "ttci_hostd_template_bytes", "Disk the templates take", value=float(warm["bytes"])
+    )
+    starts = CounterMetricFamily(
+        "ttci_hostd_warm_starts",
+        "VM starts by kind (warm: restored from a template)",
+        labels=["kind"],
+    )
+    starts.add_metric(["warm"], warm["hits"])
+    starts.add_metric(["cold"], sum(warm["misses"].values()))
+    yield starts
+    misses = CounterMetricFamily(
+        "ttci_hostd_warm_misses", "Cold starts, by why no template was used", labels=["reason"]
+    )
+    for reason, n in warm["misses"].items():
+        misses.add_metric([reason], n)
+    yield misses
+    tests = GaugeMetricFamily(
+        "ttci_hostd_restore_selftest",
+        "Restore self-test per architecture, QEMU and accelerator (1 passed, 0 failed)",
+        labels=["arch", "qemu", "accel"],
+    )
+    for t in warm["selftests"]:
+        tests.add_metric([t["arch"], t["qemu"], t["accel"]], 1.0 if t["ok"] else 0.0)
+    yield tests
 
 
 class HostMetrics:
@@ -147,4 +187,5 @@ def hostd_snapshot(mgr: Any) -> dict[str, Any]:
         "total": mgr.cfg.total.to_dict(),
         "used": mgr.used().to_dict(),
         "egress": mgr.net.egress_counts(),
+        "warm": mgr.templates.report(),
     }

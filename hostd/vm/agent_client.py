@@ -75,6 +75,7 @@ class AgentClient:
             try:
                 return cls(sock, _handshake(sock, token, deadline))
             except TimeoutError:
+                last_err = "connected, but no answer to HELLO"
                 sock.close()
                 break
             except (OSError, ProtocolError) as e:

@@ -29,7 +29,7 @@ from hostd.vm.accel import choose_accel
 from hostd.vm.agent_client import AgentClient
 from hostd.vm.disk import create_overlay
 from hostd.vm.engine import Engine
-from hostd.vm.schema import migrations
+from hostd.vm.schema import open_store
 from hostd.vm.templates import WAKE_TIMEOUT_S, Templates
 from hostd.vm.warm import (
     CloneSpec,
@@ -40,7 +40,7 @@ from hostd.vm.warm import (
     vcpus_for,
     wake,
 )
-from ttci.infra.db import Store, now
+from ttci.infra.db import now
 from ttci.model.arch import Arch
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
 from ttci.model.resources import Resources, shortfall, validate_vm_size
@@ -103,7 +103,7 @@ class VMManager:
     def __init__(self, cfg: HostConfig, engine: Engine) -> None:
         self.cfg = cfg
         self.engine = engine
-        self.store = Store(cfg.state_dir / "hostd.db", migrations())
+        self.store = open_store(cfg.state_dir)
         self._agents: dict[str, AgentClient] = {}
         self._agent_lock = threading.Lock()
         self.net = NetManager(self.store, cfg.state_dir, cfg.net)
@@ -232,7 +232,8 @@ class VMManager:
         dns = dns_servers(spec.cmdline)
         net = {"mac": vmnet.mac, "ip": vmnet.ip, "gateway": vmnet.gateway, "dns": dns}
         identity = identity_for(row["name"], row["token"], net)
-        agent = wake(clone.agent_socket, tpl["token"], identity, WAKE_TIMEOUT_S)
+        alive = lambda: self.engine.is_running(row["domain"])  # noqa: E731
+        agent = wake(clone.agent_socket, tpl["token"], identity, WAKE_TIMEOUT_S, alive)
         with self._agent_lock:
             self._agents[row["id"]] = agent
         self._update(row["id"], guest_boot_s=round(time.monotonic() - started, 3))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import sqlite_utils
 
 from hostd.net.manager import NetManager
-from hostd.vm.templates import migrations as template_migrations
+from ttci.infra.db import Store
 
-__all__ = ["migrations"]
+__all__ = ["migrations", "open_store"]
 
 
 def migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
@@ -44,5 +45,60 @@ def migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
         ("0001_vms", vms),
         ("0002_guest_boot_s", guest_boot),
         *NetManager.migrations(),
-        *template_migrations(),
+        *_template_migrations(),
     ]
+
+
+def _template_migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
+    def templates(db: sqlite_utils.Database) -> None:
+        db.table("templates").create(
+            {
+                "id": str,
+                "key": str,
+                "image": str,
+                "image_digest": str,
+                "arch": str,
+                "vcpus": int,
+                "memory_mib": int,
+                "disk_gib": int,
+                "accel": str,
+                "qemu": int,
+                "state": str,  # building, ready, failed, stale
+                "dir": str,
+                "domain": str,
+                "token": str,
+                "bytes": int,
+                "boot_s": float,
+                "error": str,
+                "hits": int,
+                "created_at": str,
+            },
+            pk="id",
+        )
+        db.table("restore_tests").create(
+            {
+                "target": str,  # ARCH/qemu-VERSION/ACCEL
+                "arch": str,
+                "qemu": int,
+                "accel": str,
+                "ok": int,
+                "passed": int,
+                "tries": int,
+                "detail": str,
+                "restore_s": float,
+                "tested_at": str,
+            },
+            pk="target",
+        )
+        vms = db.table("vms")
+        vms.add_column("start", str, not_null_default="cold")
+        vms.add_column("template", str, not_null_default="")
+        vms.add_column("warm_why", str, not_null_default="")
+
+    return [("0004_templates", templates)]
+
+
+def open_store(state_dir: Path) -> Store:
+    """hostd's database in state_dir, migrated (the VM manager's, and the CLI's when it reads
+    or prunes hostd's templates on the host)."""
+    return Store(state_dir / "hostd.db", migrations())

@@ -23,7 +23,6 @@ import shutil
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,6 @@ __all__ = [
     "WAKE_TIMEOUT_S",
     "Templates",
     "image_digest",
-    "migrations",
     "template_key",
 ]
 
@@ -69,55 +67,6 @@ MISS_REASONS = (
     "no_room",
     "restore_failed",
 )
-
-
-def migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
-    def templates(db: sqlite_utils.Database) -> None:
-        db.table("templates").create(
-            {
-                "id": str,
-                "key": str,
-                "image": str,
-                "image_digest": str,
-                "arch": str,
-                "vcpus": int,
-                "memory_mib": int,
-                "disk_gib": int,
-                "accel": str,
-                "qemu": int,
-                "state": str,  # building, ready, failed, stale
-                "dir": str,
-                "domain": str,
-                "token": str,
-                "bytes": int,
-                "boot_s": float,
-                "error": str,
-                "hits": int,
-                "created_at": str,
-            },
-            pk="id",
-        )
-        db.table("restore_tests").create(
-            {
-                "target": str,  # ARCH/qemu-VERSION/ACCEL
-                "arch": str,
-                "qemu": int,
-                "accel": str,
-                "ok": int,
-                "passed": int,
-                "tries": int,
-                "detail": str,
-                "restore_s": float,
-                "tested_at": str,
-            },
-            pk="target",
-        )
-        vms = db.table("vms")
-        vms.add_column("start", str, not_null_default="cold")
-        vms.add_column("template", str, not_null_default="")
-        vms.add_column("warm_why", str, not_null_default="")
-
-    return [("0004_templates", templates)]
 
 
 def image_digest(image: Image) -> str:
@@ -156,8 +105,15 @@ class Templates:
     """hostd's templates (rows in its state, files under root). Thread-safe."""
 
     def __init__(
-        self, store: Store, root: Path, host_id: str, engine: Engine, *, enabled: bool = True
+        self,
+        store: Store,
+        root: Path,
+        host_id: str,
+        engine: Engine | None,
+        *,
+        enabled: bool = True,
     ) -> None:
+        """engine None: state and files only (the CLI on the host: list, prune)."""
         self.store = store
         self.root = root
         self.host_id = host_id
@@ -190,9 +146,14 @@ class Templates:
     def disk_bytes(self) -> int:
         return sum(int(r["bytes"] or 0) for r in self.rows() if r["state"] != "failed")
 
+    def _eng(self) -> Engine:
+        if self.engine is None:
+            raise TemplateError("templates are made and restored by hostd, not here")
+        return self.engine
+
     def qemu(self) -> int:
         if self._qemu is None:
-            self._qemu = self.engine.qemu_version()
+            self._qemu = self._eng().qemu_version()
         return self._qemu
 
     def key(self, spec: TemplateSpec) -> str:
@@ -303,7 +264,7 @@ class Templates:
                 if self._stop.is_set():
                     raise TemplateError("hostd is stopping")
                 boot_s = make_template(
-                    self.engine,
+                    self._eng(),
                     spec,
                     Path(row["dir"]),
                     name=row["domain"],
@@ -362,7 +323,7 @@ class Templates:
         with self.store.lock:
             if self.store.db.table("restore_tests").count_where("target = ?", [target]):
                 return
-        result = restore_selftest(self.engine, self.host_id, row, self.header(row), self._stop)
+        result = restore_selftest(self._eng(), self.host_id, row, self.header(row), self._stop)
         with self.store.lock:
             self.store.db.table("restore_tests").insert(
                 {
@@ -417,7 +378,8 @@ class Templates:
         if row["domain"]:  # the template's domain and its self-test clones' (selftest.py)
             for name in [row["domain"], *(f"{row['domain']}-t{n}" for n in range(SELFTEST_TRIES))]:
                 with contextlib.suppress(TTError):
-                    self.engine.destroy(name)
+                    if self.engine is not None:
+                        self.engine.destroy(name)
         directory = Path(row["dir"])
         if directory.is_relative_to(self.root):
             for d in directory.glob("selftest-*"):
@@ -462,7 +424,7 @@ class Templates:
         self._queue.put(None)
         for r in self.rows("state = 'building'"):
             with contextlib.suppress(TTError):
-                self.engine.destroy(r["domain"])
+                self._eng().destroy(r["domain"])
         worker = self._worker
         if worker is not None:
             worker.join(timeout=60)

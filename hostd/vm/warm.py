@@ -16,6 +16,7 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,16 +257,23 @@ def dns_servers(cmdline: str) -> list[str] | None:
     return None
 
 
-def wake(sock: Path, template_token: str, identity: dict[str, Any], timeout: float) -> AgentClient:
+def wake(
+    sock: Path,
+    template_token: str,
+    identity: dict[str, Any],
+    timeout: float,
+    alive: Callable[[], bool] | None = None,
+) -> AgentClient:
     """Reach a restored clone's agent with the template's token, give it its identity, and open
-    a session with its own token (the template's opens nothing after this).
+    a session with its own token (the template's opens nothing after this). alive: whether the
+    clone still runs (checked every few seconds, so a dead restore fails at once).
 
     Raises:
         TemplateError: no answer, or the identity was refused.
     """
     deadline = time.monotonic() + timeout
     try:
-        first = AgentClient.connect(sock, token=template_token, timeout=timeout)
+        first = _reach(sock, template_token, deadline, alive)
         try:
             t0 = time.monotonic()
             # The clock is set from the time sent: take it now, not when the payload was made.
@@ -279,3 +287,17 @@ def wake(sock: Path, template_token: str, identity: dict[str, Any], timeout: flo
         )
     except (BootError, AgentError) as e:
         raise TemplateError(f"the restored VM did not wake: {e}") from e
+
+
+def _reach(
+    sock: Path, token: str, deadline: float, alive: Callable[[], bool] | None
+) -> AgentClient:
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return AgentClient.connect(sock, token=token, timeout=max(0.1, min(3.0, left)))
+        except BootError:
+            if left <= 3.0:
+                raise
+            if alive is not None and not alive():
+                raise BootError("the restored VM stopped") from None

@@ -203,9 +203,8 @@ def _hexstr(d: dict[str, Any], key: str, size: int | None = None) -> str:
     value = d.get(key)
     ok = isinstance(value, str) and value != "" and all(c in "0123456789abcdef" for c in value)
     if not ok or (size is not None and len(str(value)) != size):
-        raise ProtocolError(
-            f"identity {key} {value!r} is not {size or 'some'} lowercase hex digits"
-        )
+        want = f"{size} lowercase hex digits" if size else "lowercase hex digits"
+        raise ProtocolError(f"identity {key} is not {want}")  # never echo a token
     return str(value)
 
 

@@ -97,7 +97,7 @@ def answer_times(gh: StandIn, n: int, concurrency: int) -> dict[str, Any]:
         service(
             Path(d),
             gh,
-            ["--max-vms", "0", "--reconcile-interval", "3600"],
+            ["--max-waiting", "0", "--reconcile-interval", "3600"],
             {"TT_SERVER": "127.0.0.1:9", "TT_TOKEN": "unused"},
         ) as url,
     ):

@@ -9,7 +9,7 @@ import datetime as dt
 import pytest
 
 from ttci.model.arch import Arch
-from webhooks.core import reconcile
+from webhooks.core import queueing, reconcile
 from webhooks.core.jobs import (
     Event,
     State,
@@ -269,3 +269,69 @@ def test_launch_request_keeps_the_jit_config_off_every_command_line() -> None:
     assert req["argv"][-1] == "unpack"
     with pytest.raises(ValueError, match="env or argv"):
         launch_request("/opt/actions-runner", "file", secret)
+
+
+# -- waiting in TT CI's admission queue (webhooks/core/queueing.py) -----------------------------
+def _cands(*spec: tuple[int, str, float]) -> list[queueing.Candidate]:
+    return [queueing.Candidate(i, repo, t) for i, repo, t in spec]
+
+
+def test_free_places_are_shared_out_between_repositories() -> None:
+    big = [(i, "o/big", float(i)) for i in range(1, 41)]  # 40 jobs, all older
+    small = [(100, "o/small", 50.0), (101, "o/small", 51.0)]
+    picks = queueing.pick_to_submit(_cands(*big, *small), {}, 4)
+    assert picks == [1, 100, 2, 101]  # round robin, oldest first within a repository
+    # the big one already holds 3 places in TT CI's queue: the small one goes first
+    assert queueing.pick_to_submit(_cands(*big, *small), {"o/big": 3}, 3) == [100, 101, 1]
+    # ties between repositories: the older next job wins
+    assert queueing.pick_to_submit(_cands((5, "b", 2.0), (6, "a", 3.0)), {}, 1) == [5]
+
+
+@pytest.mark.parametrize("slots", [0, -2])
+def test_no_free_place_picks_nothing(slots: int) -> None:
+    assert queueing.pick_to_submit(_cands((1, "o/r", 1.0)), {}, slots) == []
+
+
+def test_fewer_jobs_than_places_picks_them_all_in_age_order() -> None:
+    cands = _cands((3, "o/a", 3.0), (1, "o/a", 1.0), (2, "o/b", 2.0))
+    assert queueing.pick_to_submit(cands, {}, 10) == [1, 2, 3]
+
+
+def test_the_job_list_says_where_a_job_waits() -> None:
+    from ttci.model.resources import Resources
+    from ttci.wire.queue import QueueInfo
+
+    info = QueueInfo(3, "no_host", "hosts with the image are down", Resources(1, 1024, 0), 1, 4.0)
+    assert queueing.queue_reason(info) == (
+        "queued in TT CI at position 3 (no host: hosts with the image are down)"
+    )
+    assert queueing.queue_reason(QueueInfo(1, "quota", "", Resources(), 1, 0.0)) == (
+        "queued in TT CI at position 1 (quota)"
+    )
+    assert "--max-waiting" in queueing.waiting_reason(8)
+    assert "is 0" in queueing.waiting_reason(0)
+
+
+@pytest.mark.parametrize(
+    ("state", "verdict"),
+    [
+        (State.PROVISIONING, "retry"),  # the scheduler refused or failed it: try again later
+        (State.COMPLETED, "cancelled"),  # GitHub's completed took it out of the queue
+        (State.DONE, "cancelled"),
+        (State.IN_PROGRESS, "cancelled"),  # another runner took the job
+        (None, "cancelled"),
+    ],
+)
+def test_an_env_request_ending_without_a_vm(state: State | None, verdict: str) -> None:
+    assert queueing.after_stream_end(state) == verdict
+
+
+def test_which_old_deliveries_are_looked_at_again_and_served() -> None:
+    assert queueing.redeliverable(queueing.STALE)
+    for outcome in (queueing.STALE_FINAL, "queued", "known", "", None):
+        assert not queueing.redeliverable(outcome)
+    assert queueing.stale_verdict("queued") == (True, "GitHub still shows the job queued")
+    assert queueing.stale_verdict("waiting")[0]  # a deployment gate: not started either
+    assert queueing.stale_verdict("completed") == (False, "GitHub shows the job completed")
+    assert queueing.stale_verdict("in_progress")[0] is False
+    assert queueing.stale_verdict(None) == (False, "GitHub does not know the job")

@@ -60,7 +60,7 @@ def hook(tmp_path: Path) -> Iterator[Hook]:
     api = GitHubAPI(GitHubConfig(base_url=gh.url, app_id="31337", private_key=app_keys()[0]))
     # No scheduler listens here: provisioning fails the way it does when the cloud is down.
     tt = Client(ClientConfig("127.0.0.1:9", "tt-token"))
-    settings = Settings(max_total=4, max_per_owner=2, reconcile_interval_s=3600)
+    settings = Settings(max_waiting=4, reconcile_interval_s=3600)
     svc = Service(settings, JobStore(tmp_path / "github.db"), api, tt)
     with serving(create_app(svc, SECRET)) as url:
         yield Hook(url, svc, gh, tmp_path)
@@ -212,29 +212,26 @@ def test_vm_failure_leaves_the_job_queued_and_no_runner_behind(
     assert row["state"] == "pending" and row["attempt"] == 1
     assert "cannot reach the scheduler" in row["reason"]  # type: ignore[operator]
     assert row["not_before"] > time.time()  # type: ignore[operator]
-    # the JIT runner it asked for was removed again: no stale runner on GitHub
-    assert hook.gh.issued.get("tt-7008-1") and not hook.gh.runners.get("octo-org/hello")
+    # no capacity was ever granted, so no JIT runner was asked for: none to leave behind
+    assert hook.gh.calls("actions/generate-runner-jitconfig-for-repo") == []
+    assert not hook.gh.runners.get("octo-org/hello")
     # secrets never reach the log
     text = caplog.text
-    assert hook.gh.issued["tt-7008-1"] not in text and SECRET.decode() not in text
+    assert SECRET.decode() not in text
     assert not any(tok in text for tok in hook.gh.tokens)
 
 
-def test_owner_and_pool_limits_hold_jobs_back(hook: Hook) -> None:
-    store = hook.svc.store
-    for jid in (7101, 7102):  # two VMs octo-org already holds (max_per_owner=2)
+def test_at_most_max_waiting_jobs_are_handed_to_tt_ci(hook: Hook) -> None:
+    """--max-waiting 4: the fifth pending job stays here and says why (the old --max-vms and
+    --max-per-owner limits are TT CI's quotas now)."""
+    for jid in (7101, 7102, 7103, 7104):  # four already wait in TT CI's queue
         hook.send(job_event("queued", jid, OURS))
-        store.update(jid, state="in_progress", env=f"gh-{jid}-1")
-    hook.send(job_event("queued", 7103, OURS))
+        hook.svc._in_queue[jid] = "octo-org/hello"
+    hook.send(job_event("queued", 7105, OURS, repo="other-org/app"))
     assert hook.svc.dispatch_once() == 0
-    assert "octo-org has its limit of 2 VMs" in hook.job(7103)["reason"]  # type: ignore[operator]
-    for jid in (7201, 7202):  # another owner fills the pool (max_total=4)
-        hook.send(job_event("queued", jid, OURS, repo="other-org/app"))
-        store.update(jid, state="started", env=f"gh-{jid}-1")
-    hook.send(job_event("queued", 7203, OURS, repo="third/app"))
-    assert hook.svc.dispatch_once() == 0
-    assert "pool's limit of 4 VMs" in hook.job(7203)["reason"]  # type: ignore[operator]
-    assert hook.job(7203)["state"] == "pending"
+    assert hook.job(7105)["state"] == "pending"
+    assert "--max-waiting" in hook.job(7105)["reason"]  # type: ignore[operator]
+    hook.svc._in_queue.clear()
 
 
 @pytest.mark.parametrize("mode", ["env", "argv"])

@@ -167,7 +167,9 @@ def test_the_defaults_are_the_old_ones() -> None:
         None,
         "env",
     )
-    assert (w.max_vms, w.max_per_owner, w.reconcile_interval, w.runner_timeout) == (10, 5, 60, 300)
+    # --max-vms/--max-per-owner: accepted, deprecated (TT CI's quotas); unset unless given
+    assert (w.max_vms, w.max_per_owner, w.max_waiting) == (None, None, 8)
+    assert (w.reconcile_interval, w.runner_timeout) == (60, 300)
     assert (w.repo, w.threads, w.gh_webhook_secret, w.gh_token) == ([], 16, "", "")
 
 

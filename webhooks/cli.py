@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -11,13 +12,13 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-import waitress
-
 from ttci import __version__
 from ttci.client import config as client_config
 from ttci.client.scheduler import Client
 from ttci.infra.log import setup_logging
 from ttci.infra.settings import SETTINGS, add_settings, parse_hostport, resolve
+from ttci.infra.tls import check_ca, tls_files
+from ttci.infra.web_server import make_server
 from ttci.model.errors import TTError
 from webhooks.app import create_app
 from webhooks.github_api import GitHubAPI, GitHubConfig
@@ -39,7 +40,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tt-github-webhooks {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="run the webhook service (waitress)")
+    s = sub.add_parser("serve", help="run the webhook service (HTTPS with --tls-cert/--tls-key)")
     add_settings(s, "tt-github-webhooks serve")  # main resolves them
     j = sub.add_parser("jobs", help="list the jobs the service knows, newest first")
     add_settings(j, "tt-github-webhooks jobs")
@@ -78,8 +79,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         runner_dir=a.runner_dir,
         runner_push_dir=a.push_runner,
         jit_via=a.jit_via,
-        max_total=a.max_vms,
-        max_per_owner=a.max_per_owner,
+        max_waiting=a.max_waiting,
         reconcile_interval_s=a.reconcile_interval,
         runner_timeout_s=a.runner_timeout,
         repos=tuple(a.repo),
@@ -96,10 +96,14 @@ def serve(a: argparse.Namespace) -> int:
             "use the same secret in GitHub's webhook settings",
         )
     gh = _github(a)
+    settings = _settings(a)
     store = JobStore(Path(a.state_dir) / "github.db")
-    svc = Service(_settings(a), store, gh, Client(client_config.load()))
+    tls = tls_files(a.tls_cert, a.tls_key)
+    tt = Client(_scheduler_config(a))
+    _warn_deprecated(a, tt)
+    svc = Service(settings, store, gh, tt)
     app = create_app(svc, a.gh_webhook_secret.encode(), a.gh_admin_token)
-    server = waitress.create_server(app, host=host, port=port, threads=a.threads)
+    server = make_server(app, host, port, name="tt-github-webhooks", tls=tls, threads=a.threads)
     svc.start()
     stop = threading.Event()
 
@@ -110,9 +114,8 @@ def serve(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "listening on http://%s:%d/webhook (GitHub: %s, runners per %s)",
-        host,
-        port,
+        "listening on %s/webhook (GitHub: %s, runners per %s)",
+        server.url,
         a.api_url,
         a.scope,
     )
@@ -124,6 +127,40 @@ def serve(a: argparse.Namespace) -> int:
     finally:
         svc.stop()
     return 0
+
+
+def _warn_deprecated(a: argparse.Namespace, tt: Client) -> None:
+    """--max-vms and --max-per-owner are accepted and ignored: TT CI's admission queue and its
+    quotas (one mechanism for every CI) cap GitHub's VMs now; say which command does it."""
+    if a.max_vms is None and a.max_per_owner is None:
+        return
+    try:
+        user = str(tt.status().get("user") or "USER")
+    except TTError:
+        user = "USER"  # the scheduler is not up yet: the name is the service's token's user
+    if a.max_vms is not None:
+        log.warning(
+            "--max-vms %d is deprecated and ignored: GitHub jobs wait in TT CI's admission "
+            "queue; to cap this service's VMs, an admin runs `tt user quota %s --vms %d`",
+            a.max_vms,
+            user,
+            a.max_vms,
+        )
+    if a.max_per_owner is not None:
+        log.warning(
+            "--max-per-owner %d is deprecated and ignored: TT CI shares capacity fairly "
+            "between repositories; to cap one, an admin runs `tt user quota --project "
+            "github:OWNER/REPO --vms %d`",
+            a.max_per_owner,
+            a.max_per_owner,
+        )
+
+
+def _scheduler_config(a: argparse.Namespace) -> client_config.ClientConfig:
+    """The scheduler: TT_SERVER/TT_TOKEN/TT_CA_FILE or the client config; --ca (or `ca` in
+    the service's config file) verifies an https scheduler."""
+    cfg = client_config.load()
+    return dataclasses.replace(cfg, ca=check_ca(a.ca_file, "--ca")) if a.ca_file else cfg
 
 
 def list_jobs(a: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from webhooks.core.jobs import (
     staleness,
 )
 from webhooks.core.labels import parse_labels
+from webhooks.core.queueing import STALE, STALE_FINAL, stale_verdict
+from webhooks.github_api import GitHubError
 from webhooks.service_base import ServiceBase, utcnow
 
 __all__ = ["Deliveries"]
@@ -41,32 +43,96 @@ class Deliveries(ServiceBase):
                 "hint": "send GitHub's workflow_job payload unchanged",
             }
         with self.store.batch():  # one commit per delivery
-            return self._record(event, delivery, action, job, payload)
+            status, body, stale = self._record(event, delivery, action, job, payload)
+        if stale is None:
+            return status, body
+        return self._serve_if_still_queued(
+            event, delivery, action, job, payload=payload, stale=stale
+        )
 
     def _record(
         self, event: str, delivery: str, action: str, job: dict[str, Any], payload: Any
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any], str | None]:
+        """(status, body, None), or (0, {}, why stale) when GitHub is to be asked first."""
         first = self.store.first_delivery(delivery, event, action, job["id"])
         if first is not None:
             self.metrics.deliveries.labels(event, "replay").inc()
             log.warning("delivery %s was already received at %.0f: refused", delivery, first)
-            return 409, {
-                "error": f"delivery {delivery} was already received",
-                "hint": "each X-GitHub-Delivery is handled once",
-            }
+            return (
+                409,
+                {
+                    "error": f"delivery {delivery} was already received",
+                    "hint": "each X-GitHub-Delivery is handled once",
+                },
+                None,
+            )
         stale = staleness(action, job, utcnow(), self.s.max_age_s)
         if stale:
-            self.metrics.deliveries.labels(event, "stale").inc()
-            self.store.set_outcome(delivery, "stale")
-            log.warning("delivery %s for job %s is stale: %s", delivery, job["id"], stale)
-            return 409, {
-                "error": f"stale delivery: {stale}",
-                "hint": "the reconciler picks up jobs GitHub still has queued",
-            }
+            if self._worth_asking(action, job):
+                return 0, {}, stale
+            return (*self._refuse_stale(event, delivery, job, stale, STALE), None)
         outcome, body = self._on_job_event(action, job, payload)
         self.store.set_outcome(delivery, outcome)
         self.metrics.deliveries.labels(event, outcome).inc()
-        return 202, {"status": outcome, **body}
+        return 202, {"status": outcome, **body}, None
+
+    # -- old deliveries: served when GitHub still has the job queued ----------------------------
+    def _worth_asking(self, action: str, job: dict[str, Any]) -> bool:
+        """A stale `queued` for one of our jobs that we never recorded: GitHub is asked."""
+        return (
+            action == "queued"
+            and parse_labels(job["labels"], self.s.marker).ours
+            and self.store.get(int(job["id"])) is None
+        )
+
+    def _refuse_stale(
+        self, event: str, delivery: str, job: dict[str, Any], why: str, outcome: str
+    ) -> tuple[int, dict[str, Any]]:
+        self.metrics.deliveries.labels(event, "stale").inc()
+        self.store.set_outcome(delivery, outcome)
+        log.warning("delivery %s for job %s is stale: %s", delivery, job["id"], why)
+        hint = (
+            "redeliver it: GitHub is asked again"
+            if outcome == STALE
+            else "the reconciler picks up jobs GitHub still has queued"
+        )
+        return 409, {"error": f"stale delivery: {why}", "hint": hint}
+
+    def _serve_if_still_queued(
+        self,
+        event: str,
+        delivery: str,
+        action: str,
+        job: dict[str, Any],
+        *,
+        payload: dict[str, Any],
+        stale: str,
+    ) -> tuple[int, dict[str, Any]]:
+        """Ask GitHub (outside the store's lock) whether the job of a stale delivery is still
+        queued: then it is served, else refused for good (a redelivery is a replay)."""
+        repo = payload["repository"]["full_name"]
+        inst = (payload.get("installation") or {}).get("id")
+        if not self._stale_checks.acquire(blocking=False):
+            with self.store.batch():
+                why = f"{stale}; GitHub is being asked about other old deliveries"
+                return self._refuse_stale(event, delivery, job, why, STALE)
+        try:
+            gh_status = self.gh.job_status(repo, inst if isinstance(inst, int) else None, job["id"])
+        except GitHubError as e:
+            with self.store.batch():
+                why = f"{stale}; GitHub could not be asked: {e.message}"
+                return self._refuse_stale(event, delivery, job, why, STALE)
+        finally:
+            self._stale_checks.release()
+        serve, why = stale_verdict(gh_status)
+        with self.store.batch():
+            if not serve:
+                return self._refuse_stale(event, delivery, job, f"{stale}; {why}", STALE_FINAL)
+            outcome, body = self._on_job_event(action, job, payload)
+            self.store.set_outcome(delivery, outcome)
+        self.metrics.deliveries.labels(event, outcome).inc()
+        log.info("delivery %s is old (%s) but served: %s", delivery, stale, why)
+        return 202, {"status": outcome, **body, "note": f"old delivery served: {why}"}
 
     def _on_job_event(
         self, action: str, job: dict[str, Any], payload: dict[str, Any]
@@ -83,7 +149,14 @@ class Deliveries(ServiceBase):
             took = str(job.get("runner_name") or "")
             if self.store.get(jid) is None:
                 self._insert(job, payload, "", State.IN_PROGRESS)
-            self.store.apply(jid, Event.IN_PROGRESS, took_runner=took, gh_status="in_progress")
+            old, _ = self.store.apply(
+                jid, Event.IN_PROGRESS, took_runner=took, gh_status="in_progress"
+            )
+            with self._live_lock:
+                waits = jid in self._in_queue
+            if old is State.PROVISIONING and waits:
+                # another runner took it while its ENV request waits in TT CI: withdraw that
+                self._submit_cleanup(jid)
             owner = parse_runner_name(took)
             if owner and owner[0] != jid:
                 log.info(
@@ -167,5 +240,3 @@ class Deliveries(ServiceBase):
             )
             self._submit_cleanup(jid)
         log.info("job %s completed (%s)", jid, conclusion or "?", extra={"job": jid})
-
-    # -- dispatch: pending jobs get VMs within the limits -------------------------------------

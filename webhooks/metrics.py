@@ -22,6 +22,11 @@ class Metrics:
         self.active = Gauge(
             "ttci_github_active_vms", "VMs held for GitHub jobs", registry=self.registry
         )
+        self.in_queue = Gauge(
+            "ttci_github_jobs_in_tt_queue",
+            "Jobs of this service waiting in TT CI's admission queue (at most --max-waiting)",
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "ttci_github_webhook_seconds",
             "Time to answer a delivery",

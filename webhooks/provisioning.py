@@ -1,15 +1,19 @@
-"""Provisioning a job: the dispatcher, a VM and a JIT runner at once, run.sh started and watched."""
+"""Provisioning a job: the dispatcher hands jobs to TT CI's admission queue; when the scheduler
+grants the capacity, the JIT runner is asked for while the VM boots; run.sh started and watched."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ttci.model.errors import BadInput, TTError
 from ttci.wire.commands import EventKind
 from ttci.wire.envs import EnvRequest, parse_duration
+from ttci.wire.queue import QueueInfo, WaitOptions
 from webhooks.core.jobs import (
     Event,
     State,
@@ -18,6 +22,13 @@ from webhooks.core.jobs import (
     runner_name,
 )
 from webhooks.core.labels import jit_labels
+from webhooks.core.queueing import (
+    Candidate,
+    after_stream_end,
+    pick_to_submit,
+    queue_reason,
+    waiting_reason,
+)
 from webhooks.github_api import GitHubError, JitRunner, RateLimited
 from webhooks.runner import STARTED_MARK, launch_request, tar_dir
 from webhooks.service_base import ServiceBase
@@ -25,6 +36,37 @@ from webhooks.service_base import ServiceBase
 __all__ = ["Provisioning"]
 
 log = logging.getLogger("webhooks")
+WAIT = WaitOptions(wait=True)  # as long as it takes: GitHub's `completed` ends a wait
+
+
+class _Jit:
+    """The attempt's one JIT runner: asked for when the capacity is granted, in a thread of its
+    own so that it overlaps the VM's boot; never asked for a job that only waited."""
+
+    def __init__(self, ask: Callable[[], JitRunner]) -> None:
+        self._ask = ask
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.runner: JitRunner | None = None
+        self.error: Exception | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gh-jit", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.runner = self._ask()
+        except Exception as e:
+            self.error = e
+
+    def join(self) -> None:
+        with self._lock:
+            t = self._thread
+        if t is not None:
+            t.join()
 
 
 class Provisioning(ServiceBase):
@@ -41,50 +83,51 @@ class Provisioning(ServiceBase):
             self._stop.wait(0.05)
 
     def dispatch_once(self) -> int:
-        """Start provisioning pending jobs, oldest first, within the pool and owner limits."""
-        started = 0
-        now = time.time()
-        total, per = self.store.active_counts()
-        self.metrics.active.set(total)
-        if total >= self.s.max_total:  # nothing can start: say so on every waiting job at once
-            why = f"waiting: the pool's limit of {self.s.max_total} VMs is reached"
-            if self.store.mark_waiting(now, why):
-                log.info("jobs %s", why)
+        """Hand pending jobs to TT CI's admission queue: at most --max-waiting of ours wait
+        there at once, the free places shared out between repositories (core/queueing.py).
+        Returns how many were handed over."""
+        pending = self.store.claim_pending(time.time())
+        with self._live_lock:
+            waiting = dict(self._in_queue)
+        self.metrics.active.set(self.store.active_counts()[0])
+        self.metrics.in_queue.set(len(waiting))
+        if not pending:
             return 0
-        for job in self.store.claim_pending(now):
-            owner = job["owner"]
-            if total >= self.s.max_total or per.get(owner, 0) >= self.s.max_per_owner:
-                why = (
-                    f"waiting: the pool's limit of {self.s.max_total} VMs is reached"
-                    if total >= self.s.max_total
-                    else f"waiting: {owner} has its limit of {self.s.max_per_owner} VMs"
-                )
-                if job["reason"] != why:
+        chosen = pick_to_submit(
+            [Candidate(j["id"], j["repo"], float(j["queued_at"] or 0)) for j in pending],
+            Counter(waiting.values()),
+            self.s.max_waiting - len(waiting),
+        )
+        why = waiting_reason(self.s.max_waiting)
+        with self.store.batch():
+            for job in pending:
+                if job["id"] not in chosen and job["reason"] != why:
                     self.store.update(job["id"], reason=why)
-                    log.info("job %s %s", job["id"], why, extra={"job": job["id"]})
-                continue
-            attempt = int(job["attempt"]) + 1
-            _, new = self.store.apply(
-                job["id"],
-                Event.PROVISION,
-                attempt=attempt,
-                reason="",
-                runner_name=runner_name(job["id"], attempt),
-                env=env_name(job["id"], attempt),
-                vm_ready_at=None,
-                runner_started_at=None,
-                runner_id=None,
-            )
-            if new is None:
-                continue
-            total += 1
-            per[owner] = per.get(owner, 0) + 1
-            with self._live_lock:
-                self._live.add(job["id"])
-            self._spawn(self._provision_guarded, job["id"])
-            started += 1
-        self.metrics.active.set(total)
-        return started
+        rows = {j["id"]: j for j in pending}
+        return sum(self._submit(rows[jid]) for jid in chosen)
+
+    def _submit(self, job: dict[str, Any]) -> bool:
+        """Start the job's attempt: a thread that waits in TT CI's queue for its VM."""
+        jid = int(job["id"])
+        attempt = int(job["attempt"]) + 1
+        _, new = self.store.apply(
+            jid,
+            Event.PROVISION,
+            attempt=attempt,
+            reason="handed to TT CI's admission queue",
+            runner_name=runner_name(jid, attempt),
+            env=env_name(jid, attempt),
+            vm_ready_at=None,
+            runner_started_at=None,
+            runner_id=None,
+        )
+        if new is None:
+            return False
+        with self._live_lock:
+            self._live.add(jid)
+            self._in_queue[jid] = str(job["repo"])
+        self._spawn(self._provision_guarded, jid)
+        return True
 
     def _provision_guarded(self, jid: int) -> None:
         try:
@@ -95,26 +138,19 @@ class Provisioning(ServiceBase):
         finally:
             with self._live_lock:
                 self._live.discard(jid)
+                self._in_queue.pop(jid, None)
             self._wake.set()
 
     def provision(self, jid: int) -> None:
-        """Ask GitHub for a JIT runner while the VM boots, start the runner, wait for it."""
+        """Wait in TT CI's queue for the job's VM; once granted, ask GitHub for the JIT runner
+        while the VM boots; start the runner and wait for it."""
         job = self.store.get(jid)
         if job is None or job["state"] != State.PROVISIONING.value:
             return
-        env, rname = job["env"], job["runner_name"]
+        env = job["env"]
         t0 = time.time()
-        jit_box: dict[str, Any] = {}
-
-        def get_jit() -> None:
-            try:
-                jit_box["jit"] = self._jit(job, rname)
-            except Exception as e:
-                jit_box["error"] = e
-
-        jit_thread = threading.Thread(target=get_jit, daemon=True)
-        jit_thread.start()
-        vm_env = self._create_vm(jid, job, env, jit_thread, jit_box)
+        jit = _Jit(lambda: self._jit(job, job["runner_name"]))
+        vm_env = self._create_vm(jid, job, jit)
         if vm_env is None:
             return
         vms = vm_env.get("vms") or [{}]
@@ -122,9 +158,16 @@ class Provisioning(ServiceBase):
             jid, vm_ready_at=time.time(), guest_boot_s=float(vms[0].get("guest_boot_s") or 0.0)
         )
         log.info("job %s: VM %s up in %.1f s", jid, env, time.time() - t0, extra={"job": jid})
-        jit_thread.join()
-        if "error" in jit_box:
-            err = jit_box["error"]
+        if self._still_provisioning(jid):
+            jit.start()  # asked at the grant already, unless a broken stream missed that event
+        jit.join()
+        if jit.runner is not None:
+            self.store.update(jid, runner_id=jit.runner.runner_id)
+        if not self._still_provisioning(jid):  # completed, cancelled or taken while we booted
+            self._cleanup(jid)
+            return
+        if jit.runner is None:
+            err = jit.error or TTError("no JIT runner")
             self._delete_env(env)
             delay = (
                 err.retry_after
@@ -133,47 +176,72 @@ class Provisioning(ServiceBase):
             )
             self._fail(jid, f"JIT runner: {err}", delay)
             return
-        jit: JitRunner = jit_box["jit"]
-        self.store.update(jid, runner_id=jit.runner_id)
-        now_row = self.store.get(jid)
-        if now_row is None or now_row["state"] != State.PROVISIONING.value:
-            # completed (or cancelled) while we booted
-            self._cleanup(jid)
-            return
         try:
-            self._run_runner(jid, env, jit)
+            self._run_runner(jid, env, jit.runner)
         except TTError as e:
             self._cleanup(jid)
             self._fail(jid, f"runner in {env}: {e}", retry_delay(int(job["attempt"])))
             return
         self._cleanup(jid)
 
-    def _create_vm(
-        self,
-        jid: int,
-        job: dict[str, Any],
-        env: str,
-        jit_thread: threading.Thread,
-        jit_box: dict[str, Any],
-    ) -> dict[str, Any] | None:
-        """The job's ENV, or None when it could not be made (the job is then failed or marked
-        unservable, and a JIT runner obtained meanwhile is removed again)."""
+    def _still_provisioning(self, jid: int) -> bool:
+        row = self.store.get(jid)
+        return row is not None and row["state"] == State.PROVISIONING.value
+
+    def _create_vm(self, jid: int, job: dict[str, Any], jit: _Jit) -> dict[str, Any] | None:
+        """The job's ENV, after its wait in TT CI's queue; None when it could not be made (the
+        job is then failed, cancelled or unservable, and a JIT runner got meanwhile is removed)."""
+        env = job["env"]
+        shown = [str(job["reason"])]
+
+        def on_queued(info: QueueInfo) -> None:
+            why = queue_reason(info)
+            if why != shown[0] and self._still_provisioning(jid):
+                shown[0] = why
+                self.store.update(jid, reason=why)
+
+        def on_granted(waited_s: float) -> None:
+            with self._live_lock:
+                self._in_queue.pop(jid, None)
+            self._wake.set()  # a place in TT CI's queue is free for the next job
+            if self._still_provisioning(jid):
+                jit.start()  # once per attempt, and only now: a busy cloud costs no runner
+                self.store.update(jid, reason=f"granted after {waited_s:.0f} s; VM booting")
+            log.info("job %s: granted after %.1f s", jid, waited_s, extra={"job": jid})
+
         try:
-            return self.tt.create_env(self._env_request(job, env, job["runner_name"]))
+            return self.tt.create_env_progress(
+                self._env_request(job, env, job["runner_name"]),
+                lambda vm: None,
+                on_queued=on_queued,
+                on_granted=on_granted,
+                wait=WAIT,
+            )
         except BadInput as e:
-            jit_thread.join()
-            self._drop_jit(job, jit_box)
+            jit.join()
+            self._drop_jit(job, jit)
             self.store.update(jid, state=State.UNSERVABLE.value, reason=str(e), env="")
             self.metrics.jobs.labels("unservable").inc()
             log.warning("job %s cannot be served: %s", jid, e, extra={"job": jid})
         except TTError as e:
-            jit_thread.join()
-            self._drop_jit(job, jit_box)
-            self._delete_env(env)
-            self._fail(
-                jid, f"VM for {job['os_prefix']} failed: {e}", retry_delay(int(job["attempt"]))
-            )
+            jit.join()
+            self._drop_jit(job, jit)
+            self._env_failed(jid, job, e)
+        finally:
+            with self._live_lock:
+                self._in_queue.pop(jid, None)
         return None
+
+    def _env_failed(self, jid: int, job: dict[str, Any], e: TTError) -> None:
+        row = self.store.get(jid)
+        if after_stream_end(State(row["state"]) if row else None) == "cancelled":
+            # a `completed` webhook (or the reconciler) withdrew the request: nothing to retry
+            self.metrics.jobs.labels("cancelled").inc()
+            log.info("job %s: its ENV request ended: %s", jid, e, extra={"job": jid})
+            self._cleanup(jid)
+            return
+        self._delete_env(job["env"])
+        self._fail(jid, f"VM for {job['os_prefix']} failed: {e}", retry_delay(int(job["attempt"])))
 
     def _jit(self, job: dict[str, Any], rname: str) -> JitRunner:
         repo, inst = job["repo"], job["installation_id"]
@@ -189,10 +257,9 @@ class Provisioning(ServiceBase):
             self.gh.delete_runner(repo, inst, old)
         return self.gh.create_jit_runner(repo, inst, rname, labels)
 
-    def _drop_jit(self, job: dict[str, Any], box: dict[str, Any]) -> None:
-        jit = box.get("jit")
-        if isinstance(jit, JitRunner):
-            self._remove_runner({**job, "runner_id": jit.runner_id})
+    def _drop_jit(self, job: dict[str, Any], jit: _Jit) -> None:
+        if jit.runner is not None:
+            self._remove_runner({**job, "runner_id": jit.runner.runner_id})
 
     def _env_request(self, job: dict[str, Any], env: str, rname: str) -> EnvRequest:
         return EnvRequest(

@@ -32,8 +32,7 @@ class Settings:
     runner_dir: str = "/opt/actions-runner"
     runner_push_dir: Path | None = None  # pushed into each VM at runner_dir before start
     jit_via: str = "env"  # env | argv
-    max_total: int = 10  # VMs at once, all repositories
-    max_per_owner: int = 5  # VMs at once per organisation/user
+    max_waiting: int = 8  # jobs waiting in TT CI's admission queue at once (webhooks/core/queueing)
     reconcile_interval_s: float = 60.0
     runner_timeout_s: float = 300.0  # a started runner must take a job within this
     repos: tuple[str, ...] = field(default=())  # also reconciled when no webhook came yet
@@ -49,6 +48,8 @@ class ServiceBase:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._live: set[int] = set()
+        self._in_queue: dict[int, str] = {}  # job -> repository: waiting in TT CI's queue
+        self._stale_checks = threading.BoundedSemaphore(4)  # GitHub look-ups for old deliveries
         self._live_lock = threading.Lock()
         self._cleanup_locks: dict[int, threading.Lock] = {}
         self._threads: list[threading.Thread] = []
@@ -71,7 +72,8 @@ class ServiceBase:
     def _spawn(self, fn: Callable[[int], None], jid: int) -> None:
         """A daemon thread per job task: a provisioning thread lives as long as its runner (it
         holds the agent stream that tells when run.sh exits), so a stopping service must not
-        wait for them; the dispatcher's limits bound how many there are."""
+        wait for them. The dispatcher bounds how many wait in TT CI's queue (--max-waiting);
+        the others run a VM each, so the cloud's capacity bounds them."""
         if not self._stop.is_set():
             threading.Thread(
                 target=fn, args=(jid,), name=f"gh-{fn.__name__}-{jid}", daemon=True

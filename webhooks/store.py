@@ -13,6 +13,7 @@ import sqlite_utils
 
 from ttci.infra.db import Migration, Store
 from webhooks.core.jobs import ACTIVE, OPEN, Event, State, transition
+from webhooks.core.queueing import redeliverable
 
 __all__ = ["JOB_COLUMNS", "MIGRATIONS", "JobStore"]
 
@@ -134,11 +135,18 @@ class JobStore:
 
     # -- deliveries ------------------------------------------------------------------------
     def first_delivery(self, delivery: str, event: str, action: str, job_id: int) -> float | None:
-        """Record a delivery; None if it is new, else when it was first received (a replay)."""
+        """Record a delivery; None if it is new (or a redelivery of one refused as stale
+        without GitHub's word: looked at afresh), else when it was first received (a replay)."""
         with self._tx():
             row = self.db.execute(
-                "select received_at from deliveries where id = ?", [delivery]
+                "select received_at, outcome from deliveries where id = ?", [delivery]
             ).fetchone()
+            if row and redeliverable(row[1]):
+                self.db.execute(
+                    "update deliveries set outcome = '', received_at = ? where id = ?",
+                    [time.time(), delivery],
+                )
+                return None
             if row:
                 return float(row[0])
             # plain SQL on the request path: sqlite-utils' helpers cost several queries each
@@ -235,15 +243,6 @@ class JobStore:
                 limit=limit,
             )
             return [_decode(r) for r in rows]
-
-    def mark_waiting(self, now: float, why: str) -> int:
-        """Give every pending job that is due the reason why it waits (one statement)."""
-        with self._tx():
-            cur = self.db.execute(
-                "update jobs set reason = ? where state = ? and not_before <= ? and reason != ?",
-                [why, State.PENDING.value, now, why],
-            )
-            return cur.rowcount
 
     def active_counts(self) -> tuple[int, dict[str, int]]:
         """(VMs in use overall, per owner): jobs with an ENV not yet deleted."""

@@ -290,8 +290,27 @@ _ROWS = (
         "never in a process list) or as `--jitconfig` (argv)",
         choices=("env", "argv"),
     ),
-    _gh("max-vms", INT, "10", "VMs at once for all GitHub jobs"),
-    _gh("max-per-owner", INT, "5", "VMs at once per organisation or user"),
+    _gh(
+        "max-waiting",
+        INT,
+        "8",
+        "jobs kept waiting in TT CI's admission queue at once (each holds a stream to the "
+        "scheduler); the rest wait here, shared out between repositories (0: hand none over)",
+    ),
+    _gh(
+        "max-vms",
+        INT,
+        None,
+        "deprecated, ignored: TT CI's quotas cap GitHub's VMs (`tt user quota USER --vms N` "
+        "for the service's scheduler user)",
+    ),
+    _gh(
+        "max-per-owner",
+        INT,
+        None,
+        "deprecated, ignored: cap a repository with `tt user quota --project "
+        "github:OWNER/REPO --vms N`",
+    ),
     _gh("reconcile-interval", FLOAT, "60", "seconds between reconciliations with GitHub"),
     _gh("runner-timeout", FLOAT, "300", "seconds a started runner may take to pick up its job"),
     _gh("repo", LIST, "", "OWNER/NAME also reconciled before any webhook came (repeatable)"),
@@ -363,6 +382,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "gh-runner-dir",
         "gh-push-runner",
         "gh-jit-via",
+        "gh-max-waiting",
         "gh-max-vms",
         "gh-max-per-owner",
         "gh-reconcile-interval",

@@ -6,6 +6,8 @@ the join token), so nobody else can beat for this host. Heartbeats carry what `/
 polling. A scheduler that forgot the host (404) gets a new registration; one that is away is
 retried quietly; a refusal (wrong token, other version, the id bound to another host's token)
 is fatal for the first registration and logged afterwards, as is a report the scheduler refused.
+An https scheduler is verified against `ca` (tt-hostd --ca; else the system's trust store); a
+certificate that does not verify is fatal at the first registration too.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import requests
 
+from ttci.infra.tls import tls_error
 from ttci.model.errors import TTError
 from ttci.wire.api import ErrorBody
 from ttci.wire.hosts import Heartbeat, HostRegistration, JoinAnswer
@@ -40,13 +44,17 @@ class Joiner:
         advertise_url: str,
         host_token: str,
         info: Callable[[], dict[str, Any]],
+        ca: Path | None = None,
     ) -> None:
         self.url = scheduler.rstrip("/")
+        self.ca = ca
         self.host_id = host_id
         self.advertise_url = advertise_url
         self.host_token = host_token
         self.info = info
         self.session = requests.Session()
+        # Passed on each request: a session's verify loses to REQUESTS_CA_BUNDLE.
+        self._verify: str | bool = str(ca) if ca else True
         self._join_auth = f"Bearer {join_token}"
         self._host_auth = f"Bearer {host_token}"
         self.interval = 5.0
@@ -54,7 +62,11 @@ class Joiner:
 
     def _post(self, path: str, body: dict[str, Any], auth: str) -> JoinAnswer:
         r = self.session.post(
-            self.url + path, json=body, timeout=10, headers={"Authorization": auth}
+            self.url + path,
+            json=body,
+            timeout=10,
+            headers={"Authorization": auth},
+            verify=self._verify,
         )
         if r.status_code in (400, 403, 409):
             err = ErrorBody.decode(r.content, r.reason)
@@ -92,6 +104,13 @@ class Joiner:
         try:
             self.register()
             registered = True
+        except requests.exceptions.SSLError as e:  # not "away": fix the CA or the certificate
+            tls = tls_error(e, f"the scheduler at {self.url}", self.ca)
+            raise JoinRefused(
+                tls.message if tls else f"TLS with the scheduler at {self.url} failed: {e}",
+                hint="give tt-hostd --ca (TT_CA_FILE) the CA that signed the scheduler's "
+                "certificate",
+            ) from e
         except requests.RequestException as e:
             log.warning("scheduler %s not reachable yet (%s); retrying", self.url, e)
 

@@ -1,4 +1,7 @@
-"""`tt-hostd serve`: the host daemon (successor of TT's ttserver)."""
+"""`tt-hostd serve`: the host daemon (successor of TT's ttserver).
+
+HTTPS with --tls-cert/--tls-key (ttci/infra/web_server.py; the joiner then advertises an https
+URL); --ca verifies an https --join scheduler."""
 
 from __future__ import annotations
 
@@ -10,8 +13,6 @@ import shutil
 import socket
 from pathlib import Path
 
-import waitress
-
 from hostd.net.dns import upstreams
 from hostd.net.manager import NetConfig
 from hostd.service.api import create_app, host_info
@@ -19,8 +20,11 @@ from hostd.service.joiner import Joiner
 from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
+from ttci.infra.db import private_dir
 from ttci.infra.proc import need
 from ttci.infra.settings import add_settings, parse_hostport
+from ttci.infra.tls import TLSFiles, base_url, check_ca, tls_files
+from ttci.infra.web_server import make_server
 from ttci.model.egress import parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.resources import Resources
@@ -49,9 +53,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _join_args(
-    args: argparse.Namespace, host: str, port: int
+    args: argparse.Namespace, host: str, port: int, tls: TLSFiles | None
 ) -> tuple[str, str, str, str, str] | None:
-    """(scheduler url, join token, host id, advertised url, host token), checked up front."""
+    """(scheduler url, join token, host id, advertised url, host token), checked up front.
+    The scheduler's scheme: as --join says, else https when --ca is given; ours: https with
+    our own certificate."""
     if not args.join:
         return None
     if not args.join_token:
@@ -63,11 +69,12 @@ def _join_args(
             f"cannot advertise {ahost}:{aport} to the scheduler",
             hint="pass --advertise ADDR:PORT with an address the scheduler can reach",
         )
+    scheme = base_url(args.join, args.ca_file).partition("://")[0]
     return (
-        f"http://{shost}:{sport}",
+        f"{scheme}://{shost}:{sport}",
         args.join_token,
         args.host_id,
-        f"http://{ahost}:{aport}",
+        f"{'https' if tls else 'http'}://{ahost}:{aport}",
         args.token,
     )
 
@@ -126,9 +133,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.host_id = args.host_id or socket.gethostname().split(".")[0].lower()
     host, port = parse_hostport(args.listen, "--listen")
     state_dir: Path = args.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)  # 0700: the database holds the VMs' agent tokens
     total = _totals(args, state_dir)
-    joiner_args = _join_args(args, host, port)
+    tls = tls_files(args.tls_cert, args.tls_key)
+    ca = check_ca(args.ca_file, "--ca") if args.ca_file else None
+    joiner_args = _join_args(args, host, port, tls)
     net = _net_config(args, host)
     need("nft")  # VM networking: say which package is missing before anything starts
     if net.dns and net.outgoing:
@@ -147,8 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mgr = VMManager(HostConfig(args.host_id, args.image_path, state_dir, total, net), engine)
         mgr.reconcile()
         app = create_app(mgr, args.token)
-        server = waitress.create_server(
-            app, host=host, port=port, threads=32, channel_timeout=3600, ident="tt-hostd"
+        server = make_server(
+            app, host, port, name="tt-hostd", tls=tls, threads=32, idle_timeout=3600
         )
         if joiner_args:
             manager = mgr
@@ -160,10 +169,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 advertise_url=adv,
                 host_token=htoken,
                 info=lambda: host_info(manager),
+                ca=ca,
             )
             joiner.start()
         log.info("tt-hostd %s serving on %s:%d (%s)", args.host_id, host, port, total.text())
-        print(f"tt-hostd ready on {host}:{server.effective_port}", flush=True)
+        print(f"tt-hostd ready on {host}:{server.port}", flush=True)
         server.run()
     except KeyboardInterrupt:
         log.info("stopping%s", " (keeping VMs)" if args.keep_vms else "")

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = sub.add_parser("config", help="set which scheduler to use (and the token)")
     c.add_argument("--server", help="scheduler ADDR:PORT")
     c.add_argument("--token", help="your API token")
+    c.add_argument(
+        "--ca", metavar="PATH", help='CA (PEM) that verifies an https scheduler ("" removes it)'
+    )
     c.set_defaults(func=cmd_config)
 
     s = sub.add_parser("status", help="the scheduler's state (--server: every host)")
@@ -169,11 +172,12 @@ def _register_files(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.server is None and args.token is None:
+    if args.server is None and args.token is None and args.ca is None:
         cfg = config.load()
         print(f"server: {cfg.server}\ntoken: {'set' if cfg.token else 'not set'}")
+        print(f"url: {cfg.url}" + (f" (CA {cfg.ca})" if cfg.ca else ""))
         return 0
-    path = config.save(args.server, args.token)
+    path = config.save(args.server, args.token, args.ca)
     print(f"saved {path}")
     return 0
 

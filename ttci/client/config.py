@@ -1,4 +1,8 @@
-"""The CLI's client configuration: which scheduler, which token (`tt config`)."""
+"""The CLI's client configuration: which scheduler, which token, which CA (`tt config`).
+
+The CA (`TT_CA_FILE`, or the config's `ca`) verifies an https scheduler; with one, a bare
+ADDR:PORT means https (ttci/infra/tls.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttci.infra.settings import env_text, parse_hostport
+from ttci.infra.tls import base_url, check_ca
 from ttci.model.errors import BadInput
 
 __all__ = ["ClientConfig", "config_path", "load", "save"]
@@ -21,10 +26,11 @@ def config_path() -> Path:
 class ClientConfig:
     server: str
     token: str
+    ca: Path | None = None  # verifies an https scheduler (None: the system's trust store)
 
     @property
     def url(self) -> str:
-        return self.server if self.server.startswith("http") else f"http://{self.server}"
+        return base_url(self.server, self.ca)
 
 
 def load() -> ClientConfig:
@@ -45,10 +51,14 @@ def load() -> ClientConfig:
             "no scheduler configured",
             hint="run `tt up` (all-in-one) or `tt config --server ADDR:PORT --token T`",
         )
-    return ClientConfig(server, token)
+    ca_env = env_text("ca-file")
+    ca_text = ca_env or data.get("ca", "")
+    ca = check_ca(Path(ca_text), "TT_CA_FILE" if ca_env else f"ca in {path}") if ca_text else None
+    return ClientConfig(server, token, ca)
 
 
-def save(server: str | None, token: str | None) -> Path:
+def save(server: str | None, token: str | None, ca: str | None = None) -> Path:
+    """Update the config file (0600); None leaves a value as it is, ca "" removes the CA."""
     path = config_path()
     data: dict[str, str] = {}
     if path.exists():
@@ -61,6 +71,8 @@ def save(server: str | None, token: str | None) -> Path:
         data["server"] = server
     if token is not None:
         data["token"] = token
+    if ca is not None:
+        data["ca"] = str(check_ca(Path(ca).resolve(), "--ca")) if ca else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the token: never 0644
     os.fchmod(fd, 0o600)

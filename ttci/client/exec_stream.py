@@ -13,6 +13,7 @@ import urllib.parse
 from collections.abc import Iterator
 
 from ttci.client.config import ClientConfig
+from ttci.infra.tls import client_context, tls_error
 from ttci.model.errors import TTError
 from ttci.wire.api import api_error
 from ttci.wire.commands import ExecEvent, ExecRequest
@@ -31,9 +32,13 @@ def exec_events(
         TTError: the scheduler could not be reached, or its stream broke off.
     """
     url = urllib.parse.urlsplit(cfg.url)
-    conn = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
-        url.hostname or "", url.port, timeout=connect_timeout
-    )
+    conn: http.client.HTTPConnection
+    if url.scheme == "https":  # verified against the configured CA (else the system's store)
+        conn = http.client.HTTPSConnection(
+            url.hostname or "", url.port, timeout=connect_timeout, context=client_context(cfg.ca)
+        )
+    else:
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=connect_timeout)
     try:
         try:
             conn.request(
@@ -49,6 +54,8 @@ def exec_events(
                 conn.sock.settimeout(None)  # a command may be silent for as long as it likes
             r = conn.getresponse()
         except OSError as e:
+            if tls := tls_error(e, f"the scheduler at {cfg.url}", cfg.ca):
+                raise tls from e
             raise TTError(
                 f"cannot reach the scheduler at {cfg.server}: {e}",
                 hint="is `tt up` (or tt-scheduler) running? see `tt config`",

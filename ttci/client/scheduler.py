@@ -12,6 +12,7 @@ import requests
 
 from ttci.client.config import ClientConfig
 from ttci.client.exec_stream import exec_events
+from ttci.infra.tls import tls_error
 from ttci.model.errors import ApiError, TTError
 from ttci.wire.api import api_error
 from ttci.wire.commands import ExecEvent, ExecRequest
@@ -30,10 +31,18 @@ class Client:
         self.cfg = cfg
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {cfg.token}"
+        # https: the CA, else the system's store. Passed on each request: a session's verify
+        # loses to REQUESTS_CA_BUNDLE in the environment, an explicit one does not.
+        self._verify: str | bool = str(cfg.ca) if cfg.ca else True
 
     def _call(self, method: str, path: str, *, timeout: Any = 60, **kw: Any) -> requests.Response:
         try:
-            r = self.session.request(method, self.cfg.url + path, timeout=timeout, **kw)
+            r = self.session.request(
+                method, self.cfg.url + path, timeout=timeout, verify=self._verify, **kw
+            )
+        except requests.exceptions.SSLError as e:
+            tls = tls_error(e, f"the scheduler at {self.cfg.url}", self.cfg.ca)
+            raise tls or TTError(f"TLS with the scheduler at {self.cfg.url} failed: {e}") from e
         except requests.ConnectionError as e:
             raise TTError(
                 f"cannot reach the scheduler at {self.cfg.server}",

@@ -32,8 +32,10 @@ __all__ = [
 
 
 def split_hostport(text: str) -> tuple[str, int] | None:
-    """`ADDR:PORT` (an `http://` prefix is allowed) -> (host, port); None when it does not parse."""
-    host, sep, port = text.strip().removeprefix("http://").rstrip("/").rpartition(":")
+    """`ADDR:PORT` (an `http://` or `https://` prefix is allowed) -> (host, port); None when it
+    does not parse."""
+    bare = text.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
+    host, sep, port = bare.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         return None
     return host, int(port)
@@ -146,6 +148,16 @@ _ROWS = (
     ),
     Setting("server", TEXT, None, "the scheduler's ADDR:PORT (beats the config)", flag=None),
     Setting("token", TEXT, None, "the client's token (beats the config)", flag=None, secret=True),
+    # TLS: the CA clients verify servers with (tt, CI plugins, scheduler -> hostd, hostd -> its
+    # --join scheduler); a daemon's own certificate is its --tls-cert/--tls-key rows below.
+    Setting(
+        "ca-file",
+        PATH,
+        None,
+        "CA certificate(s), PEM, that verify the HTTPS servers this program calls "
+        "(unset: the system's trust store); a bare ADDR:PORT then means https",
+        flag="--ca",
+    ),
     # tt-scheduler
     _scheduler("listen", HOSTPORT, "127.0.0.1:7400", "ADDR:PORT of the API"),
     _scheduler(
@@ -157,8 +169,14 @@ _ROWS = (
     _scheduler(
         "host-timeout", FLOAT, "15", "seconds without a heartbeat before a host is marked down"
     ),
+    _scheduler("tls-cert", PATH, None, "serve HTTPS with this certificate, PEM (with --tls-key)"),
+    _scheduler(
+        "tls-key", PATH, None, "the certificate's private key, PEM (no other user may read it)"
+    ),
     # tt-hostd serve
     _hostd("listen", HOSTPORT, "127.0.0.1:7420", "ADDR:PORT to serve on"),
+    _hostd("tls-cert", PATH, None, "serve HTTPS with this certificate, PEM (with --tls-key)"),
+    _hostd("tls-key", PATH, None, "the certificate's private key, PEM (no other user may read it)"),
     _hostd("host-id", TEXT, None, "this host's name in the pool (default: the hostname)"),
     _hostd("cpu-total", FLOAT, None, "vCPUs to hand out (default 2 per core)"),
     _hostd("mem-total", INT, None, "MiB of memory to hand out (default 80 %)"),
@@ -250,6 +268,8 @@ _ROWS = (
         file="gh-admin-token-file",
     ),
     _gh("listen", HOSTPORT, "127.0.0.1:7430", "ADDR:PORT to serve on"),
+    _gh("tls-cert", PATH, None, "serve HTTPS with this certificate, PEM (with --tls-key)"),
+    _gh("tls-key", PATH, None, "the certificate's private key, PEM (no other user may read it)"),
     _gh("state-dir", PATH, "/var/lib/ttci/github", "where the SQLite state lives"),
     _gh("secret-file", PATH, None, "file holding the webhook secret"),
     _gh("api-url", TEXT, "https://api.github.com", "GitHub's REST API (GHES: https://HOST/api/v3)"),
@@ -337,6 +357,9 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "hostd-token",
         "admin-token",
         "state-dir",
+        "scheduler-tls-cert",
+        "scheduler-tls-key",
+        "ca-file",
     ),
     "tt-hostd serve": (
         "hostd-listen",
@@ -360,6 +383,9 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "hostd-join",
         "join-token",
         "hostd-advertise",
+        "hostd-tls-cert",
+        "hostd-tls-key",
+        "ca-file",
     ),
     "tt-github-webhooks serve": (
         "gh-listen",
@@ -391,6 +417,9 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "gh-threads",
         "gh-admin-token-file",
         "gh-admin-token",
+        "gh-tls-cert",
+        "gh-tls-key",
+        "ca-file",
     ),
     "tt-github-webhooks jobs": ("gh-state-dir",),
     "tt-gitlab-executor": (

@@ -1,17 +1,23 @@
 """The scheduler's client for one hostd. HTTP errors become TTErrors with hostd's message.
 
 A host that does not answer is HostUnreachable with the host's id and a short reason, never its
-address (users read these errors; `tt-scheduler -v` logs the address and the details)."""
+address (users read these errors; `tt-scheduler -v` logs the address and the details).
+
+A host registered with an https URL is verified against the scheduler's CA (`tt-scheduler
+--ca`, set once with HostdClient.trust), else against the system's trust store; a certificate
+that does not verify is logged as a warning (it is the operator's to fix)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import requests
 
+from ttci.infra.tls import tls_error
 from ttci.model.errors import BadInput, TTError
 from ttci.wire.api import ErrorBody
 from ttci.wire.commands import ExecEvent, ExecRequest
@@ -38,6 +44,8 @@ class HostUnreachable(HostdError):
 
 
 class HostdClient:
+    ca: ClassVar[Path | None] = None  # the process's CA for https hosts (see trust)
+
     def __init__(self, host_id: str, url: str, token: str, timeout: float = 10) -> None:
         self.host_id = host_id
         self.url = url.rstrip("/")
@@ -45,12 +53,28 @@ class HostdClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        # Passed on each request: a session's verify loses to REQUESTS_CA_BUNDLE.
+        self._verify: str | bool = str(self.ca) if self.ca else True
+
+    @classmethod
+    def trust(cls, ca: Path | None) -> None:
+        """The CA every client made from now on verifies https hosts with (None: the system's)."""
+        cls.ca = ca
 
     def _call(
         self, method: str, path: str, *, timeout: float | None = None, **kw: Any
     ) -> requests.Response:
         try:
-            r = self.session.request(method, self.url + path, timeout=timeout or self.timeout, **kw)
+            r = self.session.request(
+                method, self.url + path, timeout=timeout or self.timeout, verify=self._verify, **kw
+            )
+        except requests.exceptions.SSLError as e:
+            tls = tls_error(e, f"host {self.host_id} ({self.url})", self.ca)
+            log.warning("%s", tls.message if tls else f"TLS with {self.url} failed: {e}")
+            raise HostUnreachable(
+                f"host {self.host_id} is unreachable (TLS failed)",
+                hint="the scheduler's log says why (its --ca must verify the host's certificate)",
+            ) from e
         except requests.RequestException as e:
             log.debug("host %s (%s): %s %s: %s", self.host_id, self.url, method, path, e)
             raise HostUnreachable(

@@ -1,4 +1,6 @@
-"""`tt-scheduler`: the scheduler service (successor of TT's ttproxy)."""
+"""`tt-scheduler`: the scheduler service (successor of TT's ttproxy).
+
+HTTPS with --tls-cert/--tls-key (ttci/infra/web_server.py); --ca verifies https hosts."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import logging
 import sys
 from pathlib import Path
 
-import waitress
-
 from ttci import __version__
 from ttci.infra.entry import run_cli
 from ttci.infra.settings import add_settings, parse_hostport
+from ttci.infra.tls import TLSFiles, check_ca, tls_files
+from ttci.infra.web_server import make_server
 from ttci.model.errors import BadInput
+from ttci.scheduler.hostd_client import HostdClient
 from ttci.scheduler.service import Scheduler
 from ttci.scheduler.web.api import create_app
 
@@ -22,8 +25,9 @@ __all__ = ["main", "make_parser", "parse_server_set", "serve"]
 log = logging.getLogger("ttci.scheduler.web.serve")
 
 
-def parse_server_set(text: str, token: str) -> dict[str, tuple[str, str]]:
-    """`ADDR:PORT,ADDR:PORT` or `id=ADDR:PORT,...` -> host id -> (url, token)."""
+def parse_server_set(text: str, token: str, https: bool = False) -> dict[str, tuple[str, str]]:
+    """`ADDR:PORT,ADDR:PORT` or `id=ADDR:PORT,...` -> host id -> (url, token). An entry may
+    say `http://` or `https://`; a bare one is https when `https` (a CA is configured)."""
     out: dict[str, tuple[str, str]] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         hid, sep, addr = item.rpartition("=")
@@ -33,31 +37,35 @@ def parse_server_set(text: str, token: str) -> dict[str, tuple[str, str]]:
                 f"--server-set entry {item!r} names no address",
                 hint="write ADDR:PORT or ID=ADDR:PORT, comma separated",
             )
-        out[hid if sep else f"{host}:{port}"] = (f"http://{host}:{port}", token)
+        given = addr.strip()
+        tls = given.startswith("https://") or (https and not given.startswith("http://"))
+        scheme = "https" if tls else "http"
+        out[hid if sep else f"{host}:{port}"] = (f"{scheme}://{host}:{port}", token)
     if not out:
         raise BadInput("--server-set names no host", hint="e.g. --server-set 10.0.0.2:7420")
     return out
 
 
-def serve(scheduler: Scheduler, listen: str) -> None:
+def serve(scheduler: Scheduler, listen: str, tls: TLSFiles | None = None) -> None:
     host, port = parse_hostport(listen, "--listen")
     app = create_app(scheduler)
-    server = waitress.create_server(
+    server = make_server(
         app,
-        host=host,
-        port=port,
+        host,
+        port,
+        name="tt-scheduler",
+        tls=tls,
         threads=32,
         connection_limit=1000,  # CI plugins, the admin page and streams hold connections
-        channel_timeout=3600,
-        ident="tt-scheduler",
+        idle_timeout=3600,
     )
     scheduler.recover()
     scheduler.refresh_hosts()
     scheduler.start_reaper()
     scheduler.start_monitor()
     scheduler.start_dispatcher()
-    log.info("tt-scheduler %s on %s:%s", __version__, host, server.effective_port)
-    print(f"tt-scheduler ready on {host}:{server.effective_port}", flush=True)
+    log.info("tt-scheduler %s on %s", __version__, server.url)
+    print(f"tt-scheduler ready on {host}:{server.port}", flush=True)
     try:
         server.run()
     finally:
@@ -87,7 +95,10 @@ def _main(args: argparse.Namespace) -> int:
     if not 1 <= args.host_timeout <= 3600:
         raise BadInput(f"--host-timeout {args.host_timeout:g} is outside 1..3600 s", hint="e.g. 15")
     state: Path = args.state_dir
-    static = parse_server_set(args.server_set, args.hostd_token) if args.server_set else {}
+    tls = tls_files(args.tls_cert, args.tls_key)
+    HostdClient.trust(check_ca(args.ca_file, "--ca") if args.ca_file else None)
+    https = args.ca_file is not None
+    static = parse_server_set(args.server_set, args.hostd_token, https) if args.server_set else {}
     sched = Scheduler(
         state / "scheduler",
         static,
@@ -96,7 +107,7 @@ def _main(args: argparse.Namespace) -> int:
         host_timeout=args.host_timeout,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        serve(sched, args.listen)
+        serve(sched, args.listen, tls)
     return 0
 
 

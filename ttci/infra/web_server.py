@@ -1,0 +1,218 @@
+"""Where the daemons' HTTP servers start (tt-scheduler, tt-hostd, tt-github-webhooks): one place
+that chooses the server.
+
+- Plain HTTP (loopback, the all-in-one cloud): waitress, as always.
+- HTTPS (`--tls-cert`/`--tls-key`): waitress cannot do TLS, so cheroot (CherryPy's WSGI server)
+  with the standard library's ssl module. It writes each chunk of a streamed response as the
+  app yields it (chunked transfer encoding), which the NDJSON streams (ENV progress, command
+  output) need. The TLS handshake runs in a worker thread with its own short timeout, never in
+  the accept loop, so a client that connects and stays silent delays nobody else; a plain HTTP
+  request to the TLS port gets a JSON 400 saying to use https. Its threads are daemon threads
+  like waitress's: a stream still open never keeps a stopping daemon alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import waitress
+from cheroot import server as cheroot_server
+from cheroot import wsgi as cheroot_wsgi
+from cheroot.ssl import Adapter
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+from ttci.infra.tls import TLSFiles, server_context
+
+__all__ = ["HANDSHAKE_TIMEOUT_S", "TLS_IO_TIMEOUT_S", "WebServer", "make_server"]
+
+log = logging.getLogger("ttci.infra.web_server")
+
+HANDSHAKE_TIMEOUT_S = 10  # a TLS client must finish its handshake within this
+TLS_IO_TIMEOUT_S = 60  # one blocked read/write on a TLS connection; idle keep-alive lifetime
+_STOP_WAIT_S = 5  # how long stopping waits for requests in flight (streams are not waited for)
+_PLAIN_ANSWER = json.dumps(
+    {
+        "error": "this port serves HTTPS; the request came as plain HTTP",
+        "hint": "use https://ADDR:PORT, or configure the CA (TT_CA_FILE) for a bare ADDR:PORT",
+    }
+).encode()
+
+
+class _LazyTLS(BuiltinSSLAdapter):
+    """Wraps accepted sockets without a handshake (the worker does it, see _TLSConnection)."""
+
+    def __init__(self, files: TLSFiles) -> None:
+        # Not BuiltinSSLAdapter's own: no second context, no loopback handshake at start.
+        Adapter.__init__(self, str(files.cert), str(files.key))
+        self.context = server_context(files)
+
+    def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, Any]]:
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), {}
+
+
+class _TLSConnection(cheroot_server.HTTPConnection):
+    """A connection whose first request first completes the handshake, in the worker thread."""
+
+    _handshaken = False
+
+    def communicate(self) -> bool:
+        if not self._handshaken:
+            if not _handshake(self.socket, self.remote_addr):
+                return False
+            self._handshaken = True
+        out: bool = super().communicate()  # type: ignore[no-untyped-call]
+        return out
+
+
+def _handshake(sock: ssl.SSLSocket, peer: object) -> bool:
+    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        sock.do_handshake()
+    except ssl.SSLError as e:
+        if "HTTP_REQUEST" in str(e.reason).upper():  # plain HTTP sent to the TLS port
+            _answer_plain(sock)
+        else:
+            log.debug("TLS handshake with %s failed: %s", peer, e.reason)
+        return False
+    except OSError as e:  # timed out, reset
+        log.debug("TLS handshake with %s failed: %s", peer, e)
+        return False
+    finally:
+        sock.settimeout(TLS_IO_TIMEOUT_S)
+    return True
+
+
+def _answer_plain(sock: ssl.SSLSocket) -> None:
+    head = (
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(_PLAIN_ANSWER)}\r\nConnection: close\r\n\r\n"
+    )
+    with contextlib.suppress(OSError):  # below TLS: the handshake never finished
+        socket.socket.sendall(sock, head.encode() + _PLAIN_ANSWER)
+
+
+class WebServer:
+    """A bound server: `port` (the real one for port 0), `url`, `run()` until `close()`."""
+
+    def __init__(
+        self, run: Callable[[], None], close: Callable[[], None], host: str, port: int, tls: bool
+    ) -> None:
+        self._run, self._close = run, close
+        self.host, self.port, self.tls = host, port, tls
+
+    @property
+    def effective_port(self) -> int:  # waitress's name, kept for the callers
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def run(self) -> None:
+        self._run()
+
+    def close(self) -> None:
+        self._close()
+
+
+def make_server(
+    app: Callable[..., Any],
+    host: str,
+    port: int,
+    *,
+    name: str,
+    tls: TLSFiles | None = None,
+    threads: int = 32,
+    connection_limit: int = 100,
+    idle_timeout: float = 120,
+) -> WebServer:
+    """Bind (the port is taken on return) and return the server; `run()` serves.
+
+    connection_limit and idle_timeout are waitress's (connections at once; seconds an idle
+    connection stays). Over TLS a connection is served by a worker while it has a request, an
+    idle keep-alive connection waits without one and closes after TLS_IO_TIMEOUT_S."""
+    if tls is None:
+        if not _loopback(host):
+            log.warning(
+                "%s serves plain HTTP on %s: tokens cross the network unencrypted "
+                "(give it --tls-cert and --tls-key)",
+                name,
+                host,
+            )
+        srv = waitress.create_server(
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            connection_limit=connection_limit,
+            channel_timeout=idle_timeout,
+            ident=name,
+        )
+        return WebServer(srv.run, srv.close, host, int(srv.effective_port), tls=False)
+    return _cheroot(app, host, port, name=name, tls=tls, threads=threads)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cheroot(
+    app: Callable[..., Any], host: str, port: int, *, name: str, tls: TLSFiles, threads: int
+) -> WebServer:
+    srv = cheroot_wsgi.Server(
+        (host, port),
+        app,
+        numthreads=threads,
+        max=threads,
+        server_name=name,
+        timeout=TLS_IO_TIMEOUT_S,
+        shutdown_timeout=_STOP_WAIT_S,
+        request_queue_size=128,
+    )
+    srv.ssl_adapter = _LazyTLS(tls)
+    srv.ConnectionClass = _TLSConnection
+    # Threads inherit daemon-ness from the thread that starts them: prepare (the workers) and
+    # serve (the accept loop) run in daemon threads, so cheroot's threads are daemons too.
+    failed: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            srv.prepare()
+        except BaseException as e:  # handed to the caller below
+            failed.append(e)
+
+    t = threading.Thread(target=prepare, name=f"{name}-prepare", daemon=True)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+    closed = threading.Event()
+
+    def stop() -> None:
+        stopper = threading.Thread(target=srv.stop, name=f"{name}-stop", daemon=True)
+        stopper.start()
+        stopper.join(_STOP_WAIT_S + 1)  # a worker stuck in a stream is left to exit with us
+
+    def run() -> None:
+        loop = threading.Thread(target=srv.serve, name=f"{name}-accept", daemon=True)
+        loop.start()
+        try:  # an Event wait: SIGTERM/SIGINT (KeyboardInterrupt) reach this thread
+            while loop.is_alive() and not closed.wait(1.0):
+                pass
+        finally:
+            stop()
+
+    bound_port = int(srv.bind_addr[1])
+    log.info("%s serves HTTPS on %s:%d (certificate %s)", name, host, bound_port, tls.cert)
+    return WebServer(run, closed.set, host, bound_port, tls=True)

@@ -33,6 +33,7 @@ from ttci.model.resources import validate_vm_size
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 from ttci.wire.envs import VMRequest
+from ttci.wire.openapi_hostd import hostd_openapi
 
 __all__ = [
     "bp",
@@ -306,6 +307,13 @@ def create_app(mgr: VMManager, token: str) -> Flask:
     @app.get("/v1/health")
     def health() -> Response:
         return jsonify({"ok": True, "host_id": mgr.cfg.host_id})
+
+    description = hostd_openapi()
+
+    @app.get("/v1/openapi.json")
+    def openapi() -> Response:
+        """This API as an OpenAPI 3.1 description (open, like /v1/health)."""
+        return jsonify(description)
 
     @app.get("/metrics")
     def prometheus() -> Response:

@@ -83,7 +83,7 @@ def check_api(d: dict[str, Any], what: str, *, required: bool = False) -> int:
         ApiVersionError: another version (or none, when required).
     """
     version = d.get("api", None if required else API_VERSION)
-    if version != API_VERSION:
+    if isinstance(version, bool) or version != API_VERSION:  # True == 1 in Python
         raise ApiVersionError(
             f"{what} speaks API version {version!r}; this side speaks {API_VERSION}",
             hint="run the same TT CI version on both sides",

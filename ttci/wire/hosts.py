@@ -34,7 +34,7 @@ __all__ = [
 
 # \A...\Z: a whole-string match even through .match (a trailing newline never passes).
 HOST_ID_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,62}\Z")
-URL_RE = re.compile(r"\Ahttps?://[A-Za-z0-9.\-\[\]:]{1,255}:(\d{1,5})\Z")
+URL_RE = re.compile(r"\Ahttps?://[A-Za-z0-9.\-\[\]:]{1,255}:([0-9]{1,5})\Z")
 MAX_TOKEN = 4096  # a host token longer than this is no token
 
 

@@ -33,6 +33,7 @@ from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
 from ttci.wire.envs import EnvEvent, EnvRequest, parse_duration
 from ttci.wire.hosts import Heartbeat, HostRegistration
+from ttci.wire.openapi_scheduler import scheduler_openapi
 from ttci.wire.queue import WaitOptions
 
 __all__ = [
@@ -386,5 +387,12 @@ def create_app(scheduler: Scheduler) -> Flask:
     @app.get("/v1/health")
     def health() -> Response:
         return jsonify({"ok": True, "version": __version__})
+
+    description = scheduler_openapi()
+
+    @app.get("/v1/openapi.json")
+    def openapi() -> Response:
+        """This API as an OpenAPI 3.1 description (open, like /v1/health)."""
+        return jsonify(description)
 
     return app

@@ -160,7 +160,7 @@ def _scheduler_config(a: argparse.Namespace) -> client_config.ClientConfig:
     """The scheduler: TT_SERVER/TT_TOKEN/TT_CA_FILE or the client config; --ca (or `ca` in
     the service's config file) verifies an https scheduler."""
     cfg = client_config.load()
-    return dataclasses.replace(cfg, ca=check_ca(a.ca_file, "--ca")) if a.ca_file else cfg
+    return dataclasses.replace(cfg, ca=check_ca(a.ca, "--ca")) if a.ca else cfg
 
 
 def list_jobs(a: argparse.Namespace) -> int:

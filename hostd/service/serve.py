@@ -68,7 +68,7 @@ def _join_args(
             f"cannot advertise {ahost}:{aport} to the scheduler",
             hint="pass --advertise ADDR:PORT with an address the scheduler can reach",
         )
-    scheme = base_url(args.join, args.ca_file).partition("://")[0]
+    scheme = base_url(args.join, args.ca).partition("://")[0]
     return (
         f"{scheme}://{shost}:{sport}",
         args.join_token,
@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     total = _totals(args, state_dir)
     tls = tls_files(args.tls_cert, args.tls_key)
-    ca = check_ca(args.ca_file, "--ca") if args.ca_file else None
+    ca = check_ca(args.ca, "--ca") if args.ca else None
     joiner_args = _join_args(args, host, port, tls)
     net = _net_config(args, host)
     need("nft")  # VM networking: say which package is missing before anything starts

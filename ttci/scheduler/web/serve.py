@@ -96,8 +96,8 @@ def _main(args: argparse.Namespace) -> int:
         raise BadInput(f"--host-timeout {args.host_timeout:g} is outside 1..3600 s", hint="e.g. 15")
     state: Path = args.state_dir
     tls = tls_files(args.tls_cert, args.tls_key)
-    HostdClient.trust(check_ca(args.ca_file, "--ca") if args.ca_file else None)
-    https = args.ca_file is not None
+    HostdClient.trust(check_ca(args.ca, "--ca") if args.ca else None)
+    https = args.ca is not None
     static = parse_server_set(args.server_set, args.hostd_token, https) if args.server_set else {}
     sched = Scheduler(
         state / "scheduler",

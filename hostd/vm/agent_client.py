@@ -78,6 +78,9 @@ class AgentClient:
                 last_err = "connected, but no answer to HELLO"
                 sock.close()
                 break
+            except AgentError:
+                sock.close()  # refused (wrong token): say so, and leak no socket
+                raise
             except (OSError, ProtocolError) as e:
                 last_err = str(e)
                 sock.close()

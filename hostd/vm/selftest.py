@@ -60,7 +60,7 @@ def restore_selftest(
         if stop.is_set():
             raise TemplateError("hostd is stopping")
         try:
-            times.append(_restore_once(engine, host_id, row, header, n))
+            times.append(_restore_once(engine, host_id, row, header, n, stop))
             passed += 1
         except TTError as e:
             detail = f"{passed}/{n + 1} restores woke; then: {e.message[:300]}"
@@ -72,11 +72,16 @@ def restore_selftest(
     )
 
 
-def _restore_once(
-    engine: Engine, host_id: str, row: dict[str, Any], header: SaveHeader, n: int
+def _restore_once(  # noqa: PLR0917 - the steps' inputs, passed along once
+    engine: Engine,
+    host_id: str,
+    row: dict[str, Any],
+    header: SaveHeader,
+    n: int,
+    stop: threading.Event,
 ) -> float:
     """Restore one throw-away clone, give it an identity, run a command; its seconds."""
-    directory = Path(row["dir"]) / f"selftest-{n}"
+    directory = Path(row["dir"]) / f"st{n}"  # short: unix socket paths end at 108 bytes
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
     mac = f"52:54:00:7e:{n:02x}:{secrets.randbelow(256):02x}"
@@ -88,7 +93,7 @@ def _restore_once(
     try:
         restore_clone(engine, Path(row["dir"]), header, clone, row["disk_gib"])
         identity = identity_for(name, secrets.token_hex(16), net)
-        alive = lambda: engine.is_running(clone.name)  # noqa: E731
+        alive = lambda: not stop.is_set() and engine.is_running(clone.name)  # noqa: E731
         with wake(clone.agent_socket, row["token"], identity, SELFTEST_WAKE_S, alive) as agent:
             st, out, _ = agent.output(["hostname"], timeout=SELFTEST_WAKE_S)
         if not st.ok or out.decode(errors="replace").strip() != name:

@@ -260,6 +260,7 @@ class Templates:
             for r in self.rows("key = ? and state = 'failed'", [key]):
                 self._remove(r)
             row = self._record(spec, key)
+            domain = row["domain"]
             try:
                 if self._stop.is_set():
                     raise TemplateError("hostd is stopping")
@@ -270,11 +271,15 @@ class Templates:
                     name=row["domain"],
                     token=row["token"],
                     meta=self._meta(row),
+                    alive=lambda: not self._stop.is_set() and self._eng().is_running(domain),
                 )
                 self._update(row["id"], boot_s=round(boot_s, 3), bytes=_du(Path(row["dir"])))
                 self._self_test_once(self.rows("id = ?", [row["id"]])[0])
             except TTError as e:
-                self._fail(row, e)
+                if self._stop.is_set():
+                    self._remove(row)  # not the template's fault: made again next time
+                else:
+                    self._fail(row, e)
                 raise
             self._update(row["id"], state="ready")
             log.info("template %s of %s ready", row["id"], spec.image.name)
@@ -382,7 +387,7 @@ class Templates:
                         self.engine.destroy(name)
         directory = Path(row["dir"])
         if directory.is_relative_to(self.root):
-            for d in directory.glob("selftest-*"):
+            for d in directory.glob("st[0-9]*"):
                 shutil.rmtree(d, ignore_errors=True)
             if directory.exists():
                 for f in directory.iterdir():

@@ -128,6 +128,7 @@ def make_template(
     name: str,
     token: str,
     meta: dict[str, str],
+    alive: Callable[[], bool] | None = None,
 ) -> float:
     """Boot, wait for the agent, let it settle, save, freeze. Returns the boot seconds.
 
@@ -144,7 +145,7 @@ def make_template(
     t0 = time.monotonic()
     engine.start(dom)
     try:
-        agent = AgentClient.connect(dom.agent_socket, token=token, timeout=120)
+        agent = _reach(dom.agent_socket, token, time.monotonic() + 120, alive)
     except (BootError, AgentError) as e:
         raise TemplateError(f"template of {spec.image.name} did not boot: {e}") from e
     boot_s = time.monotonic() - t0
@@ -300,4 +301,4 @@ def _reach(
             if left <= 3.0:
                 raise
             if alive is not None and not alive():
-                raise BootError("the restored VM stopped") from None
+                raise BootError("the VM stopped, or hostd is stopping") from None

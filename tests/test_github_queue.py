@@ -225,3 +225,33 @@ def test_old_deliveries_of_other_kinds_are_still_refused_without_asking(q: Q) ->
     foreign = job_event("queued", 8605, ["ubuntu-latest"], age_s=7200)
     assert q.send(foreign).status_code == 409
     assert q.gh.calls("actions/get-job-for-workflow-run") == []
+
+
+def test_reconciler_never_deletes_the_env_of_a_job_just_handed_over(
+    q: Q, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler's snapshot of our jobs may predate a job handed to TT CI's queue: its
+    ENV must not be taken for an orphan (it was, once: the job retried twice, a runner each)."""
+    q.svc.start(reconcile_loop=False)
+    for jid in (8701, 8702, 8703):
+        q.gh.add_job("octo-org/hello", jid, OURS, "queued")
+        q.send(job_event("queued", jid, OURS))
+    q.wait("one waiting in TT CI", lambda: len(q.tt.queue) == 1)
+    [queued] = q.tt.queue
+    jid = int(queued.split("-")[1])
+    real = q.svc.store.open_jobs
+
+    def stale_snapshot(include_done_since: float = 0.0) -> list[dict[str, Any]]:
+        rows = real(include_done_since)
+        return [{**r, "state": "pending", "env": ""} if r["id"] == jid else r for r in rows]
+
+    monkeypatch.setattr(q.svc.store, "open_jobs", stale_snapshot)
+    repairs = q.svc.reconcile_once()
+    assert [r.env for r in repairs if r.kind == "delete_env"] == [queued]  # planned ...
+    assert q.tt.envs[queued].state == "queued" and q.job(jid)["attempt"] == 1  # ... not done
+    monkeypatch.undo()
+    for other in (8701, 8702, 8703):
+        q.wait("started", lambda o=other: q.job(o)["state"] == "started")  # type: ignore[misc]
+        _finish(q, other, "octo-org/hello")
+    q.wait("all done", lambda: all(q.job(j)["state"] == "done" for j in (8701, 8702, 8703)))
+    assert q.jit_calls() == {f"tt-{j}-1": 1 for j in (8701, 8702, 8703)}

@@ -11,8 +11,10 @@ from ttci.model.errors import TTError
 from ttci.wire.jobs import JobResult
 from webhooks.core import reconcile
 from webhooks.core.jobs import (
+    ACTIVE,
     Event,
     State,
+    parse_env_name,
     parse_runner_name,
     result_of,
     retry_delay,
@@ -24,6 +26,7 @@ from webhooks.service_base import ServiceBase
 __all__ = ["Cleanup"]
 
 log = logging.getLogger("webhooks")
+OWNS_VM = ACTIVE | {State.COMPLETED}  # as core/reconcile.py counts owners
 
 
 class Cleanup(ServiceBase):
@@ -92,6 +95,9 @@ class Cleanup(ServiceBase):
     def reconcile_once(self) -> list[reconcile.Repair]:
         """One round: ask GitHub and the scheduler, diff, repair. Returns what it did."""
         now = time.time()
+        # ENVs first, then our rows: a job's row names its ENV before the ENV is asked for, so
+        # every ENV listed has its owner in the rows read after
+        envs = self._our_envs()
         rows = self.store.open_jobs(include_done_since=now - 3600)
         with self._live_lock:
             live = set(self._live)
@@ -106,14 +112,6 @@ class Cleanup(ServiceBase):
             for q in self.gh.queued_jobs(repo, inst):
                 if parse_labels(q["labels"], self.s.marker).ours:
                     queued.append({**q, "repo": repo, "installation_id": inst})
-        # only ENVs this service made: named gh-JOB-ATTEMPT and with a GitHub origin whose
-        # runner is ours (a user's own `gh-1-1` made by hand is left alone)
-        envs = [
-            e["name"]
-            for e in self.tt.get("/v1/envs")
-            if (e.get("origin") or {}).get("kind") == "github"
-            and parse_runner_name((e.get("origin") or {}).get("runner"))
-        ]
         ours = [
             reconcile.OurJob(
                 r["id"],
@@ -145,6 +143,16 @@ class Cleanup(ServiceBase):
         self._wake.set()
         return repairs
 
+    def _our_envs(self) -> list[str]:
+        """ENVs this service made: named gh-JOB-ATTEMPT and with a GitHub origin whose runner
+        is ours (a user's own `gh-1-1` made by hand is left alone)."""
+        return [
+            e["name"]
+            for e in self.tt.get("/v1/envs")
+            if (e.get("origin") or {}).get("kind") == "github"
+            and parse_runner_name((e.get("origin") or {}).get("runner"))
+        ]
+
     def _repair(self, rep: reconcile.Repair, status: dict[int, str | None]) -> None:
         if rep.kind == "adopt":
             q = rep.data
@@ -167,5 +175,12 @@ class Cleanup(ServiceBase):
             if row and (not row["env"] or self._delete_env(row["env"])):
                 self._remove_runner(row)
                 self._fail(rep.job_id, rep.reason, retry_delay(int(row["attempt"])))
-        elif rep.kind == "delete_env":
+        elif rep.kind == "delete_env" and not self._owned_now(rep.env):
             self._delete_env(rep.env)
+
+    def _owned_now(self, env: str) -> bool:
+        """Whether a job owns env now: the plan's snapshot may predate a job handed to TT CI's
+        queue (its row names the ENV before the ENV is asked for)."""
+        ids = parse_env_name(env)
+        row = self.store.get(ids[0]) if ids else None
+        return row is not None and row["env"] == env and State(row["state"]) in OWNS_VM

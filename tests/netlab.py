@@ -72,6 +72,8 @@ class Lab:
         sh("ip", "link", "set", inner, "netns", ns)
         sh("ip", "link", "set", outer, "master", self.bridge, "up")
         in_ns(ns, "ip", "link", "set", "lo", "up")
+        # A new namespace copies the root's ip_forward: start from 0, as hostds must leave it.
+        in_ns(ns, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
         in_ns(ns, "ip", "addr", "add", f"{self.addr(n)}/{self.subnet.prefixlen}", "dev", inner)
         in_ns(ns, "ip", "link", "set", inner, "up")
         return ns

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ class World:
     def host_ns(self) -> str:
         return f"tl{self.lab.tag}h"
 
-    def net(self, op: str, *args: str, default: str = "", **flags: str | bool) -> dict:
+    def net(self, op: str, *args: str, default: str = "", **flags: str | bool) -> dict[str, Any]:
         """One NetManager operation in the host namespace (tests.lab_hostnet)."""
         argv = [
             "nsenter", f"--net=/run/netns/{self.host_ns}", sys.executable, "-m",
@@ -61,10 +62,10 @@ class World:
         out["result"]["_seconds"] = out["seconds"]
         return dict(out["result"])
 
-    def vm(self, name: str, vmnet: dict) -> str:
+    def vm(self, name: str, vmnet: dict[str, Any]) -> str:
         return self.lab.fake_vm("h", name, vmnet["bridge"], vmnet["ip"], vmnet["gateway"])
 
-    def probe(self, ns: str, *args: str) -> dict:
+    def probe(self, ns: str, *args: str) -> dict[str, Any]:
         r = subprocess.run(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.lab_probe", *args],
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
@@ -84,8 +85,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with lab() as the_lab:
         the_lab.up()
         host = the_lab.node("h", 11)
-        # A new namespace copies the root's ip_forward: start from 0, as hostd must put it back.
-        in_ns(host, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
         out = the_lab.node("o", 100)
         w = World(
             the_lab, tmp / "state", the_lab.addr(100),

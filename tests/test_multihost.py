@@ -129,6 +129,8 @@ class Cloud:
             "2048",
             "--outgoing",
             "allow",
+            "--dns",
+            "none",  # no forwarder: the only DNS a test may use is one it runs itself
             "--join",
             self.sched_addr,
         ]

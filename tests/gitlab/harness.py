@@ -95,6 +95,18 @@ class Job:
     timeout_s: int = 3600
     file_variables: dict[str, str] = field(default_factory=dict)
     steps: dict[str, list[str]] = field(default_factory=dict)  # name -> script, after build
+    # GIT_STRATEGY fetch from a real server (repo_url without credentials; the runner puts
+    # gitlab-ci-token and the job token into it); "": GIT_STRATEGY none, nothing fetched
+    repo_url: str = ""
+    sha: str = ""
+    ref: str = "main"
+    depth: int = 20
+    token: str = "glcbt-not-a-real-token"
+
+    def remote_url(self) -> str:
+        """The URL get_sources fetches from, with the job token in it (CI_REPOSITORY_URL)."""
+        scheme, _, rest = self.repo_url.partition("://")
+        return f"{scheme}://gitlab-ci-token:{self.token}@{rest}"
 
     def predefined(self, builds_dir: str) -> dict[str, str]:
         ns, _, name = self.project_path.rpartition("/")
@@ -117,6 +129,15 @@ class Job:
             "CI_RUNNER_DESCRIPTION": "tt-ci test runner",
             "CI_SERVER_URL": "https://gitlab.example.test",
             "CI_JOB_SERVICES": "[]",
+            **(
+                {
+                    "CI_REPOSITORY_URL": self.remote_url(),
+                    "CI_COMMIT_SHA": self.sha,
+                    "CI_COMMIT_REF_NAME": self.ref,
+                }
+                if self.repo_url
+                else {}
+            ),
         }
 
     def all_variables(self, builds_dir: str) -> dict[str, str]:
@@ -130,7 +151,7 @@ class Job:
         ]
         return {
             "id": self.job_id,
-            "token": "glcbt-not-a-real-token",
+            "token": self.token,
             "allow_git_fetch": True,
             "job_info": {"name": f"job-{self.job_id}", "stage": "test", "project_id": 42},
             "git_info": {"repo_url": "https://gitlab.example.test/group/project.git"},
@@ -459,16 +480,7 @@ class Runner:
                 for k, v in job.file_variables.items()
             ],
         ]
-        c = stage(
-            "get_sources",
-            [
-                *file_lines,
-                "echo 'Skipping Git repository setup'",
-                f"mkdir -p {ansi_c_quote(project_dir)}",
-                f"cd {ansi_c_quote(project_dir)}",
-                "git --version",
-            ],
-        )
+        c = stage("get_sources", [*file_lines, *self._sources_lines(job, project_dir)])
         if over(c):
             return self._cleanup(tmp, job_env, job, calls, self._end(c, timed_out, config))
         user_failed = failed(c)
@@ -526,6 +538,38 @@ class Runner:
         elif user_failed and status == "success":
             status = "failed"
         return self._cleanup(tmp, job_env, job, calls, (status, code, config))
+
+    @staticmethod
+    def _sources_lines(job: Job, project_dir: str) -> list[str]:
+        """get_sources as the runner's shell writer makes it: GIT_STRATEGY none, or fetch
+        (abstract.go's writeRefspecFetchCmd and writeCheckoutCmd, no submodules, no LFS)."""
+        q = ansi_c_quote
+        if not job.repo_url:
+            return [
+                "echo 'Skipping Git repository setup'",
+                f"mkdir -p {q(project_dir)}",
+                f"cd {q(project_dir)}",
+                "git --version",
+            ]
+        template = f"{project_dir}.tmp/git-template"
+        url = job.remote_url()
+        return [
+            f"echo 'Fetching changes with git depth set to {job.depth}...'",
+            f"mkdir -p {q(template)}",
+            f"git config -f {q(template + '/config')} init.defaultBranch none",
+            f"git config -f {q(template + '/config')} fetch.recurseSubmodules false",
+            f"git init {q(project_dir)} --template {q(template)}",
+            f"cd {q(project_dir)}",
+            f"if git remote add origin {q(url)} >/dev/null 2>/dev/null; then "
+            "echo 'Created fresh repository.'; "
+            f"else git remote set-url origin {q(url)}; fi",
+            "git -c 'http.userAgent=gitlab-runner 19.4.0 linux/amd64' fetch origin --prune "
+            f"'+refs/heads/*:refs/remotes/origin/*' '+refs/tags/*:refs/tags/*' --depth {job.depth}",
+            f"echo 'Checking out {job.sha[:8]} as detached HEAD (ref is {job.ref})...'",
+            f"git checkout -f -q {job.sha}",
+            "git clean -ffdx",
+            "echo 'Skipping Git submodules setup'",
+        ]
 
     @staticmethod
     def _helper_lines(cmd: str) -> list[str]:

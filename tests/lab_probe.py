@@ -3,6 +3,7 @@ would read this machine's /etc/resolv.conf):
 
   python -m tests.lab_probe dns SERVER NAME     one A query to SERVER:53 -> rcode, answers, ms
   python -m tests.lab_probe get ADDR PORT [S]   an HTTP GET / -> the body, or the error
+  python -m tests.lab_probe dns-many SERVER TEMPLATE N   N queries (TEMPLATE's {i} -> 0..N-1)
 
 Each prints one JSON line.
 """
@@ -83,6 +84,9 @@ def main() -> None:
         print(json.dumps(dns_query(args[0], args[1], timeout=timeout)))
     elif op == "get":
         print(json.dumps(http_get(args[0], int(args[1]), timeout)))
+    elif op == "dns-many":
+        runs = [dns_query(args[0], args[1].format(i=i)) for i in range(int(args[2]))]
+        print(json.dumps(runs))
     else:
         raise SystemExit(f"unknown probe {op}")
 

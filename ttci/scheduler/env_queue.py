@@ -301,9 +301,7 @@ class EnvQueue(EnvCreation):
                 continue
             state = self._state_of(name, user)
             if state is None:
-                yield _error_event(
-                    EnvNotFound(f"ENV {name} is gone", hint="it was deleted or failed")
-                )
+                yield from _last_words(name, q)
                 return
             if state == "ready":
                 yield EnvEvent("ready", env=self.show_env(name, user))
@@ -386,6 +384,21 @@ class EnvQueue(EnvCreation):
             )
             log.info("ENV %s cancelled while queued", name)
         return gone
+
+
+def _last_words(name: str, q: queue.Queue[EnvEvent]) -> Iterator[EnvEvent]:
+    """An ENV whose rows are gone: its final event if one comes within a second (a cancel or
+    a max_wait removes the rows first, then publishes why), else that it is gone."""
+    deadline = time.monotonic() + 1.0
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            ev = q.get(timeout=left)
+        except queue.Empty:
+            break
+        yield ev
+        if ev.final:
+            return
+    yield _error_event(EnvNotFound(f"ENV {name} is gone", hint="it was deleted or failed"))
 
 
 def _changed(old: Waiting | None, new: Waiting) -> bool:

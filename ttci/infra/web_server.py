@@ -37,7 +37,7 @@ log = logging.getLogger("ttci.infra.web_server")
 
 HANDSHAKE_TIMEOUT_S = 10  # a TLS client must finish its handshake within this
 TLS_IO_TIMEOUT_S = 60  # one blocked read/write on a TLS connection; idle keep-alive lifetime
-_STOP_WAIT_S = 5  # how long stopping waits for requests in flight (streams are not waited for)
+_STOP_WAIT_S = 1  # stopping waits this long for requests in flight (waitress: not at all)
 _PLAIN_ANSWER = json.dumps(
     {
         "error": "this port serves HTTPS; the request came as plain HTTP",
@@ -202,7 +202,7 @@ def _cheroot(
     def stop() -> None:
         stopper = threading.Thread(target=srv.stop, name=f"{name}-stop", daemon=True)
         stopper.start()
-        stopper.join(_STOP_WAIT_S + 1)  # a worker stuck in a stream is left to exit with us
+        stopper.join(_STOP_WAIT_S + 2)  # a worker stuck in a stream is left to exit with us
 
     def run() -> None:
         loop = threading.Thread(target=srv.serve, name=f"{name}-accept", daemon=True)

@@ -269,3 +269,30 @@ def test_tt_job_run_and_tt_env_add_take_the_flags() -> None:
     args = parser.parse_args([*run, "--allow-egress", "10.0.0.0/8", "--", "true"])
     assert args.allow_egress == "10.0.0.0/8" and not args.egress_audit
     assert json.dumps(egress_text(parse_egress(args.allow_egress))) == '["10.0.0.0/8"]'
+
+
+def test_github_jobs_get_the_services_list_and_their_repositorys() -> None:
+    import tomllib
+
+    from webhooks.core.egress import job_egress, parse_egress_file
+
+    repos = parse_egress_file(
+        tomllib.loads(
+            '[repos."Octo/App"]\nallow = ["registry.npmjs.org", "10.1.0.0/16:443"]\naudit = true\n'
+        )
+    )
+    service = parse_egress("github.com,*.actions.githubusercontent.com")
+    allow, audit = job_egress("octo/app", service, repos)
+    assert egress_text(allow) == [
+        "*.actions.githubusercontent.com",
+        "github.com",
+        "registry.npmjs.org",
+        "10.1.0.0/16:443",
+    ]
+    assert audit
+    assert job_egress("octo/other", service, repos) == (service, False)
+    assert job_egress("octo/other", (), {}) == ((), False)  # no list: reaches anything
+    for bad in ('[repos."noslash"]\nallow = []', '[repos."a/b"]\naudit = "yes"', "x = 1",
+                '[repos."a/b"]\nallow = ["not a host"]'):  # fmt: skip
+        with pytest.raises(BadInput):
+            parse_egress_file(tomllib.loads(bad))

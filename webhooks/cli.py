@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import tomllib
 from pathlib import Path
 from types import FrameType
 
@@ -19,8 +20,10 @@ from ttci.infra.log import setup_logging
 from ttci.infra.settings import SETTINGS, add_settings, parse_hostport, resolve
 from ttci.infra.tls import check_ca, tls_files
 from ttci.infra.web_server import make_server
+from ttci.model.egress import parse_egress
 from ttci.model.errors import TTError
 from webhooks.app import create_app
+from webhooks.core.egress import RepoEgress, parse_egress_file
 from webhooks.github_api import GitHubAPI, GitHubConfig
 from webhooks.service import Service, Settings
 from webhooks.store import JobStore
@@ -83,7 +86,18 @@ def _settings(a: argparse.Namespace) -> Settings:
         reconcile_interval_s=a.reconcile_interval,
         runner_timeout_s=a.runner_timeout,
         repos=tuple(a.repo),
+        allow_egress=parse_egress(a.allow_egress),
+        repo_egress=_egress_file(a.egress_file),
     )
+
+
+def _egress_file(path: Path | None) -> dict[str, RepoEgress]:
+    if path is None:
+        return {}
+    try:
+        return parse_egress_file(tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TTError(f"cannot read --egress-file {path}: {e}", hint="a TOML file") from None
 
 
 def serve(a: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from ttci.model.errors import BadInput, TTError
 from ttci.wire.commands import EventKind
 from ttci.wire.envs import EnvRequest, parse_duration
 from ttci.wire.queue import QueueInfo, WaitOptions
+from webhooks.core.egress import job_egress
 from webhooks.core.jobs import (
     Event,
     State,
@@ -262,6 +263,7 @@ class Provisioning(ServiceBase):
             self._remove_runner({**job, "runner_id": jit.runner.runner_id})
 
     def _env_request(self, job: dict[str, Any], env: str, rname: str) -> EnvRequest:
+        allow, audit = job_egress(job["repo"], self.s.allow_egress, self.s.repo_egress)
         return EnvRequest(
             name=env,
             os_prefix=job["os_prefix"],
@@ -276,6 +278,8 @@ class Provisioning(ServiceBase):
                 "project": job["repo"],
                 "runner": rname,
             },
+            allow_egress=allow,
+            egress_audit=audit,
         )
 
     def _run_runner(self, jid: int, env: str, jit: JitRunner) -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ttci.client.scheduler import Client
+from ttci.model.egress import EgressRule
+from webhooks.core.egress import RepoEgress
 from webhooks.github_api import GitHubAPI
 from webhooks.metrics import Metrics
 from webhooks.store import JobStore
@@ -36,6 +38,8 @@ class Settings:
     reconcile_interval_s: float = 60.0
     runner_timeout_s: float = 300.0  # a started runner must take a job within this
     repos: tuple[str, ...] = field(default=())  # also reconciled when no webhook came yet
+    allow_egress: tuple[EgressRule, ...] = ()  # every job's VM (webhooks/core/egress.py)
+    repo_egress: Mapping[str, RepoEgress] = field(default_factory=dict, hash=False)
 
 
 class ServiceBase:

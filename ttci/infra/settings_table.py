@@ -334,6 +334,20 @@ _ROWS = (
     _gh("reconcile-interval", FLOAT, "60", "seconds between reconciliations with GitHub"),
     _gh("runner-timeout", FLOAT, "300", "seconds a started runner may take to pick up its job"),
     _gh("repo", LIST, "", "OWNER/NAME also reconciled before any webhook came (repeatable)"),
+    _gh(
+        "allow-egress",
+        TEXT,
+        "",
+        "egress allow-list of every job's VM (include the runner's own GitHub endpoints); "
+        "empty: no list unless --egress-file gives the repository one",
+        metavar="RULE[,RULE]",
+    ),
+    _gh(
+        "egress-file",
+        PATH,
+        None,
+        'per-repository allow-lists: TOML [repos."OWNER/NAME"] allow = [...], audit = bool',
+    ),
     _gh("threads", INT, "16", "waitress worker threads"),
     _gh("admin-token-file", PATH, None, "file with a bearer token that guards /jobs"),
     # tt-gitlab-executor (its flags come from the runner's config.toml; job.Limits' defaults)
@@ -414,6 +428,8 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "gh-reconcile-interval",
         "gh-runner-timeout",
         "gh-repo",
+        "gh-allow-egress",
+        "gh-egress-file",
         "gh-threads",
         "gh-admin-token-file",
         "gh-admin-token",

@@ -20,6 +20,7 @@ from hostd.service.joiner import Joiner
 from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
+from ttci.infra.db import private_dir
 from ttci.infra.proc import need
 from ttci.infra.settings import add_settings, parse_hostport
 from ttci.infra.tls import TLSFiles, base_url, check_ca, tls_files
@@ -132,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.host_id = args.host_id or socket.gethostname().split(".")[0].lower()
     host, port = parse_hostport(args.listen, "--listen")
     state_dir: Path = args.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)  # 0700: the database holds the VMs' agent tokens
     total = _totals(args, state_dir)
     tls = tls_files(args.tls_cert, args.tls_key)
     ca = check_ca(args.ca, "--ca") if args.ca else None

@@ -61,7 +61,10 @@ def _table(title: str, cols: list[str], rows: list[list[Any]]) -> None:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = sub.add_parser("config", help="set which scheduler to use (and the token)")
     c.add_argument("--server", help="scheduler ADDR:PORT")
-    c.add_argument("--token", help="your API token")
+    c.add_argument(
+        "--token",
+        help="your API token; - reads it from stdin (keeps it out of the process list)",
+    )
     c.add_argument(
         "--ca", metavar="PATH", help='CA (PEM) that verifies an https scheduler ("" removes it)'
     )
@@ -177,7 +180,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(f"server: {cfg.server}\ntoken: {'set' if cfg.token else 'not set'}")
         print(f"url: {cfg.url}" + (f" (CA {cfg.ca})" if cfg.ca else ""))
         return 0
-    path = config.save(args.server, args.token, args.ca)
+    from_stdin = args.token == "-"  # noqa: S105 (the stdin marker, no password)
+    token = sys.stdin.readline().strip() if from_stdin else args.token
+    path = config.save(args.server, token, args.ca)
     print(f"saved {path}")
     return 0
 

@@ -49,7 +49,8 @@ def load() -> ClientConfig:
     if not server:
         raise BadInput(
             "no scheduler configured",
-            hint="run `tt up` (all-in-one) or `tt config --server ADDR:PORT --token T`",
+            hint="run `tt up` (all-in-one), or `tt config --server ADDR:PORT --token -` (the "
+            "token on stdin)",
         )
     ca_env = env_text("ca-file")
     ca_text = ca_env or data.get("ca", "")

@@ -264,6 +264,13 @@ def resolve(
             out[i] = replace(r, value=text, source=f"file {holder.value}")
     for r in out:
         setattr(args, r.dest, r.value)
+        if r.setting.secret and r.value and r.source.startswith("flag"):
+            file = SETTINGS[r.setting.file].env if r.setting.file else ""
+            log.warning(
+                "%s is on the command line, where every local user can read it; use %s instead",
+                r.source.removeprefix("flag "),
+                r.setting.env + (f" or a file named by {file}" if file else ""),
+            )
     if out:
         log.debug("settings: %s", "; ".join(describe(out)))
     return out

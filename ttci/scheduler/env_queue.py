@@ -37,7 +37,7 @@ from ttci.scheduler.planning.admission import (
     project_key,
 )
 from ttci.scheduler.planning.placement import NoPlacement, place
-from ttci.scheduler.users import User
+from ttci.scheduler.users import User, check_env_name
 from ttci.wire.api import ErrorBody
 from ttci.wire.envs import EnvEvent, EnvRequest
 from ttci.wire.queue import QueueInfo, WaitOptions
@@ -65,8 +65,10 @@ class EnvQueue(EnvCreation):
 
         Raises:
             BadInput: no image matches. NoPlacement: too big for the pool, or (wait false)
-            not placeable right now. EnvExists: the name is taken.
+            not placeable right now. EnvExists: the name is taken. NameReserved: a CI
+            service's name (gl-N, gh-N-N) asked for by another user.
         """
+        check_env_name(user, req.name)  # before anything else: a squatter learns nothing
         asks = self._asks(req)
         project = project_key(req.origin, user.name)
         kind = req.origin.get("kind", "cli")

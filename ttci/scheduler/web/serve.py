@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ttci import __version__
+from ttci.infra.db import private_dir
 from ttci.infra.entry import run_cli
 from ttci.infra.settings import add_settings, parse_hostport
 from ttci.infra.tls import TLSFiles, check_ca, tls_files
@@ -94,7 +95,7 @@ def _main(args: argparse.Namespace) -> int:
         raise BadInput("static hosts need --hostd-token", hint="or set TT_HOSTD_TOKEN")
     if not 1 <= args.host_timeout <= 3600:
         raise BadInput(f"--host-timeout {args.host_timeout:g} is outside 1..3600 s", hint="e.g. 15")
-    state: Path = args.state_dir
+    state: Path = private_dir(args.state_dir)  # 0700: hostd and user tokens live below
     tls = tls_files(args.tls_cert, args.tls_key)
     HostdClient.trust(check_ca(args.ca, "--ca") if args.ca else None)
     https = args.ca is not None

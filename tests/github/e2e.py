@@ -7,10 +7,8 @@ Used by tests/test_github_queue_e2e.py; a mixed test (GitLab, GitHub and `tt job
 small cloud) can use it too:
 
     with github_service(tmp, stack.scheduler, stack.token, "--max-waiting", "2") as side:
-        for jid in ids:
-            side.queue(jid, REPO)
-        rows = side.drive([(jid, REPO) for jid in ids], timeout=600)
-        assert side.jit_calls() == {f"tt-{jid}-1": 1 for jid in ids}
+        # in a thread beside the GitLab stages and `tt job run`s:
+        side.run_burst([(84000 + i, "octo-org/big") for i in range(4)], timeout=900)
 """
 
 from __future__ import annotations
@@ -141,6 +139,25 @@ class GitHubSide:
                     f"log tail: {self.log.read_text()[-3000:]}"
                 )
             time.sleep(0.3)
+
+    def run_burst(
+        self, jobs: list[tuple[int, str]], timeout: float = 900
+    ) -> dict[int, dict[str, Any]]:
+        """GitHub queues every job at once; each runs when TT CI grants it a VM and completes.
+        Asserts what the admission queue promises GitHub: every job done, none failed or
+        retried, exactly one generate-jitconfig call per job, no runner left registered."""
+        for jid, repo in jobs:
+            self.queue(jid, repo)
+        rows = self.drive(jobs, timeout)
+        for jid, _ in jobs:
+            assert rows[jid]["attempt"] == 1 and rows[jid]["conclusion"] == "success", rows[jid]
+        calls = self.jit_calls()
+        assert {f"tt-{jid}-1": calls.get(f"tt-{jid}-1") for jid, _ in jobs} == {
+            f"tt-{jid}-1": 1 for jid, _ in jobs
+        }
+        for _, repo in jobs:
+            assert self.gh.runners.get(repo, {}) == {}, f"runners left on {repo}"
+        return rows
 
 
 def _up(url: str) -> bool:

@@ -227,6 +227,12 @@ def test_plain_http_to_the_tls_port_is_told_to_use_https(tiny: WebServer) -> Non
     assert "serves HTTPS" in e.value.message
 
 
+def test_the_tls_server_keeps_waitresss_limits(pki: PKI, tiny: WebServer) -> None:
+    big = {"X-Big": "x" * 300_000}  # waitress refuses headers over 256 KiB; so does the TLS server
+    r = requests.get(f"{tiny.url}/v1/status", headers=big, verify=str(pki.ca), timeout=10)
+    assert r.status_code in (413, 431), r.status_code
+
+
 def test_a_silent_connection_delays_nobody(pki: PKI, tiny: WebServer) -> None:
     silent = [socket.create_connection(("127.0.0.1", tiny.port)) for _ in range(3)]
     try:

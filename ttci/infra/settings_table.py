@@ -383,7 +383,7 @@ _ROWS = (
         None,
         'per-repository allow-lists: TOML [repos."OWNER/NAME"] allow = [...], audit = bool',
     ),
-    _gh("threads", INT, "16", "waitress worker threads"),
+    _gh("threads", INT, "16", "HTTP worker threads"),
     _gh("admin-token-file", PATH, None, "file with a bearer token that guards /jobs"),
     # tt-gitlab-executor (its flags come from the runner's config.toml; job.Limits' defaults)
     _gitlab("runner-name", TEXT, None, "shown to operators as the ENV's origin runner"),

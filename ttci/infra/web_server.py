@@ -180,6 +180,8 @@ def _cheroot(
         shutdown_timeout=_STOP_WAIT_S,
         request_queue_size=128,
     )
+    srv.max_request_header_size = 262144  # waitress's limits (cheroot's default: none)
+    srv.max_request_body_size = 1 << 30
     srv.ssl_adapter = _LazyTLS(tls)
     srv.ConnectionClass = _TLSConnection
     # Threads inherit daemon-ness from the thread that starts them: prepare (the workers) and

@@ -81,3 +81,31 @@ def test_serve_bad_input_is_named(tmp_path: Path, args: list[str], words: str) -
 def test_jobs_without_state_points_at_the_flag(tmp_path: Path) -> None:
     r = _run("jobs", "--state-dir", str(tmp_path / "none"))
     assert r.returncode == 1 and "--state-dir" in r.stderr
+
+
+def test_old_limit_flags_are_accepted_and_say_what_replaces_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--max-vms/--max-per-owner still parse (old unit files keep working); the service warns
+    that TT CI's quotas replaced them, naming the command for its own scheduler user."""
+    from ttci.infra.settings import resolve
+    from webhooks.cli import _warn_deprecated
+
+    class Sched:
+        def status(self) -> dict[str, object]:
+            return {"user": "github"}
+
+    a = make_parser().parse_args(["serve", "--max-vms", "20", "--max-per-owner", "10"])
+    resolve(a)
+    assert (a.max_vms, a.max_per_owner) == (20, 10)
+    with caplog.at_level("WARNING", logger="webhooks"):
+        _warn_deprecated(a, Sched())  # type: ignore[arg-type]
+    text = caplog.text
+    assert "--max-vms 20 is deprecated and ignored" in text
+    assert "tt user quota github --vms 20" in text
+    assert "tt user quota --project github:OWNER/REPO --vms 10" in text
+    caplog.clear()
+    plain = make_parser().parse_args(["serve"])
+    resolve(plain)
+    _warn_deprecated(plain, Sched())  # type: ignore[arg-type]
+    assert caplog.text == ""

@@ -7,10 +7,12 @@ server; no namespace has a route anywhere else (DESIGN.md: network safety).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -232,6 +234,15 @@ def test_a_restart_keeps_forwarders_and_counts_and_reaps_what_no_row_owns(world:
     assert counts["dns_reaped"] == 1 and counts["egress_tables_reaped"] == 1, counts
     stray.wait(timeout=10)
     assert f"ttci_{key}_zzzzz" not in world.tables()
+    # A crash after the forwarder started but before its pid was written: it is reaped (it
+    # holds the gateway's port 53) and started again.
+    (pid,) = world.forwarders()
+    with contextlib.closing(sqlite3.connect(world.state / "hostd.db")) as db, db:
+        db.execute("update dns_forwarders set pid = 0")
+    counts = world.net("reconcile", "v7")
+    assert (counts["dns_reaped"], counts["dns_started"]) == (1, 1), counts
+    assert pid not in world.forwarders() and len(world.forwarders()) == 1
+    assert world.probe(vm, "dns", gw, "git.test.lan")["answers"][0][0] == world.git
     # The VM is gone after a restart: its ENV's forwarder and table go with it.
     assert world.net("reconcile")["vm_nets_dropped"] == 1
     assert world.forwarders() == {} and world.tables() == []

@@ -195,18 +195,18 @@ class Forwarders:
         """Keep or restart the forwarders of wanted ENVs; stop every other one, also those
         no row knows (started just before a crash)."""
         counts = {"dns_kept": 0, "dns_started": 0, "dns_reaped": 0}
+        known = {Path(r["conf"]): r["pid"] for r in self.rows()}
+        for pid, conf in find_processes(self.dir).items():  # first: they may hold port 53
+            if known.get(conf) != pid:
+                log.warning("reaping a DNS forwarder no state row owns: pid %d (%s)", pid, conf)
+                _kill(pid, conf)
+                counts["dns_reaped"] += 1
         for row in self.rows():
             if row["env"] not in wanted:
                 self.stop(row["env"])
                 counts["dns_reaped"] += 1
         for plan in wanted.values():
             counts["dns_started" if self.ensure(plan) else "dns_kept"] += 1
-        known = {Path(r["conf"]): r["pid"] for r in self.rows()}
-        for pid, conf in find_processes(self.dir).items():
-            if known.get(conf) != pid:
-                log.warning("reaping a DNS forwarder no state row owns: pid %d (%s)", pid, conf)
-                _kill(pid, conf)
-                counts["dns_reaped"] += 1
         return counts
 
     def stop_all(self) -> None:

@@ -10,6 +10,7 @@ deleted images; an architecture whose restore fails (ppc64el on QEMU 7.2) boots 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from hostd.vm.agent_client import AgentClient
 from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
-from hostd.vm.warm import SAVE_FILE, TemplateSpec
+from hostd.vm.warm import SAVE_FILE, TemplateError, TemplateSpec
 from tests.cloudutil import BIN, cgroup_dir, leftovers, qemu_pids
 from tests.conftest import IMAGE_PATH, built_image
 from ttci.model.errors import AgentError
@@ -173,6 +174,9 @@ def test_a_broken_template_boots_that_vm_cold(host: VMManager, amd64: Image) -> 
     assert _sh(mgr, "br1", "uname -m") == "x86_64\n"
     mgr.delete("br1")
     assert mgr.templates.misses["restore_failed"] >= 1
+    # the template is at fault, not the architecture: it goes, and a new one is made
+    assert mgr.templates.rows("id = ?", [tpl["id"]]) == []
+    assert [t["ok"] for t in mgr.templates.selftests() if t["arch"] == "amd64"] == [1]
     assert not [p for p in qemu_pids("tt-warmt-br1")]
 
 
@@ -232,17 +236,20 @@ def test_rebuild_and_prune(tmp_path: Path, amd64: Image) -> None:
 
 
 def test_an_arch_whose_restore_fails_boots_cold_and_says_why(host: VMManager) -> None:
+    """ppc64el guests hang after a restore on QEMU 7.2 (nearly always: the self-test, or at
+    worst the first VM's restore, finds out); its VMs then boot cold and say why."""
     mgr = host
     ppc = built_image("debian-12", "ppc64el")
-    spec = _spec(mgr, ppc)
-    with pytest.raises(Exception, match="restore self-test failed"):
-        mgr.templates.make(spec)
+    with contextlib.suppress(TemplateError):
+        mgr.templates.make(_spec(mgr, ppc))  # raises when the self-test fails
+    rows = []
+    for n in range(3):
+        row = _vm(mgr, f"p{n}", "wp", ppc)
+        assert _sh(mgr, f"p{n}", "uname -m") == "ppc64le\n"
+        mgr.delete(f"p{n}")
+        rows.append(row)
     [test] = [t for t in mgr.templates.report()["selftests"] if t["arch"] == "ppc64el"]
-    assert not test["ok"] and "restores woke" in test["detail"]
-    row = _vm(mgr, "p1", "wp", ppc)
-    assert row["start"] == "cold"
-    assert "restore self-test failed for ppc64el" in str(row["warm_why"])
-    assert _sh(mgr, "p1", "uname -m") == "ppc64le\n"
-    mgr.delete("p1")
+    assert not test["ok"], test
+    assert rows[-1]["start"] == "cold"
+    assert "restore self-test failed for ppc64el on QEMU 7.2" in str(rows[-1]["warm_why"])
     assert mgr.templates.misses["selftest_failed"] >= 1
-    assert not [t for t in mgr.templates.rows() if t["arch"] == "ppc64el" and t["bytes"]]

@@ -204,7 +204,7 @@ class VMManager:
                 self._update(row["id"], start="warm", template=pick.row["id"], warm_why="")
                 return
             except TTError as e:
-                why = f"restore failed, booted cold: {e.message}"[:500]
+                why = self.templates.restore_failed(pick.row, e)
                 log.warning("VM %s: %s", row["name"], why, extra={"vm": row["id"]})
                 self._stop_vm(row)
         self.templates.count(pick, warm=False, why=why if pick.row is not None else "")
@@ -391,8 +391,7 @@ class VMManager:
                 self.store.db.table("vms").update(vm_id, {"state": "lost"})
             else:
                 self.store.db.table("vms").delete(vm_id)
-        if row.get("template"):
-            self.templates.collect()  # a stale template may have lost its last clone
+        self.templates.collect()  # a stale template may have lost its last clone
 
     def delete(self, vm_id: str) -> bool:
         """Destroy a VM and forget it; False when it did not exist (delete is idempotent)."""

@@ -37,6 +37,7 @@ from hostd.vm.warm import (
     SAVE_FILE,
     TemplateError,
     TemplateSpec,
+    WakeError,
     make_template,
     read_header,
 )
@@ -202,6 +203,33 @@ class Templates:
                     )
             else:
                 self.misses[pick.reason if not why else "restore_failed"] += 1
+
+    def restore_failed(self, row: dict[str, Any], e: TTError) -> str:
+        """A VM's restore from row failed (it boots cold); returns the words for its row.
+
+        A guest that never woke is its architecture's failure (the self-test passed by luck:
+        QEMU 7.2's ppc64 and riscv64 restores hang most of the time), so that architecture's
+        VMs boot cold from now on. Anything else is this template's: it is made anew."""
+        if isinstance(e, WakeError):
+            target = _target(row["arch"], row["qemu"], row["accel"])
+            with self.store.lock:
+                self.store.db.table("restore_tests").upsert(
+                    {
+                        "target": target,
+                        "arch": row["arch"],
+                        "qemu": row["qemu"],
+                        "accel": row["accel"],
+                        "ok": 0,
+                        "detail": f"a VM's restore failed after the self-test: {e.message[:300]}",
+                        "tested_at": now(),
+                    },
+                    pk="target",
+                )
+        else:
+            with contextlib.suppress(sqlite_utils.db.NotFoundError):
+                self._update(row["id"], state="stale")  # deleted once no clone uses it
+            self.collect()
+        return f"restore failed, booted cold: {e.message}"[:500]
 
     def header(self, row: dict[str, Any]) -> SaveHeader:
         with self._lock:

@@ -40,6 +40,7 @@ __all__ = [
     "CloneSpec",
     "TemplateError",
     "TemplateSpec",
+    "WakeError",
     "copy_save",
     "dns_servers",
     "identity_for",
@@ -59,6 +60,10 @@ _HEAD_READ = 1 << 20
 
 class TemplateError(TTError):
     """A template could not be made, or a clone could not be restored from it."""
+
+
+class WakeError(TemplateError):
+    """A restored clone never answered: QEMU restored it, but the guest does not run on."""
 
 
 @dataclass(frozen=True)
@@ -287,18 +292,21 @@ def wake(
             sock, token=identity["token"], timeout=max(2.0, deadline - time.monotonic())
         )
     except (BootError, AgentError) as e:
-        raise TemplateError(f"the restored VM did not wake: {e}") from e
+        raise WakeError(f"the restored VM did not wake: {e}") from e
 
 
 def _reach(
     sock: Path, token: str, deadline: float, alive: Callable[[], bool] | None
 ) -> AgentClient:
+    """Connect and HELLO in slices of 3 s, giving up early when alive() says the VM is gone."""
+    started = time.monotonic()
     while True:
         left = deadline - time.monotonic()
         try:
             return AgentClient.connect(sock, token=token, timeout=max(0.1, min(3.0, left)))
-        except BootError:
+        except BootError as e:
             if left <= 3.0:
-                raise
+                waited = time.monotonic() - started
+                raise BootError(f"no answer in {waited:.0f} s ({e.message})") from None
             if alive is not None and not alive():
                 raise BootError("the VM stopped, or hostd is stopping") from None

@@ -9,7 +9,6 @@ is one JSON event per line: `start` (hostd only), `stdout`/`stderr` with base64 
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -74,7 +73,7 @@ def _b64(value: Any, what: str) -> bytes:
         raise BadInput(f"{what} must be a base64 string", hint=f"encode {what} with base64")
     try:
         return base64.b64decode(value, validate=True)
-    except binascii.Error as e:
+    except ValueError as e:  # binascii.Error, or a character that is not ASCII
         raise BadInput(f"{what} is not base64: {e}", hint=f"encode {what} with base64") from e
 
 

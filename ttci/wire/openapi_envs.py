@@ -238,7 +238,7 @@ def _env_io_paths() -> dict[str, Spec]:
                 "Unpack a tar into ?dest= in each VM (owner and size checked before reading).",
                 {200: results},
                 (400, 401, 404, 413),
-                body={"required": True, "content": {"application/x-tar": {"schema": tar}}},
+                body={"required": False, "content": {"application/x-tar": {"schema": tar}}},
                 params=(_guest_path("dest"),),
             ),
             "get": operation(

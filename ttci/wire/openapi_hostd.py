@@ -166,7 +166,7 @@ def _vm_paths() -> dict[str, Spec]:
                 "Unpack a tar at ?dest= in the guest (created if missing).",
                 {200: obj(("bytes", "dest"), bytes=NUM, dest=STR)},
                 (400, 401, 404, 410, 413, 502),
-                body={"required": True, "content": {"application/x-tar": {"schema": tar}}},
+                body={"required": False, "content": {"application/x-tar": {"schema": tar}}},
                 params=(query_param("dest", "a guest path", guest_path, required=True),),
             ),
             "get": operation(

@@ -31,7 +31,7 @@ from ttci.wire.queue import BLOCKERS
 
 __all__ = ["scheduler_openapi"]
 
-_USER = [{"userToken": []}]
+_USER: list[dict[str, list[str]]] = [{"userToken": []}]
 _ADMIN = "Admins only."
 
 

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 MAX_EGRESS_RULES = 200
-_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_LABEL = re.compile(r"\A[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _HINT = "e.g. --allow-egress 'gitlab.example.com,*.pypi.org,10.1.0.0/16:443'"
 
 
@@ -67,7 +67,7 @@ def _bad(text: str, why: str) -> BadInput:
 
 
 def _port(text: str, raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", raw) or not 1 <= int(raw) <= 65535:
         raise _bad(text, "has a port outside 1-65535")
     return int(raw)
 
@@ -114,6 +114,8 @@ def parse_egress(spec: Any) -> tuple[EgressRule, ...]:
         items = [x for item in spec for x in str(item).split(",")]
     else:
         raise BadInput(f"allow_egress {spec!r} is not a list of rules", hint=_HINT)
+    if len(items) > 10 * MAX_EGRESS_RULES:  # refused before parsing each
+        raise BadInput(f"the egress allow-list has {len(items)} entries", hint=_HINT)
     rules = {parse_rule(x) for x in items if str(x).strip()}
     if len(rules) > MAX_EGRESS_RULES:
         raise BadInput(

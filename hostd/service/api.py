@@ -279,7 +279,12 @@ def get(vm_id: str) -> Response:
             hint="check the path exists in the VM",
         )
     data = b"".join(out)
-    tarfile.open(fileobj=io.BytesIO(data)).close()  # a valid archive, or TarError -> 500
+    try:
+        tarfile.open(fileobj=io.BytesIO(data)).close()  # the guest's answer is an archive
+    except tarfile.TarError as e:
+        raise AgentError(
+            f"the guest's tar of {path} is not an archive: {e}", hint="the guest is broken"
+        ) from None
     return Response(data, mimetype="application/x-tar")
 
 

@@ -50,6 +50,10 @@ class Stack:
     scheduler_proc: subprocess.Popen[bytes]
 
 
+def _tls_var(name: str) -> bool:
+    return name == "TT_CA_FILE" or "_TLS_" in name
+
+
 def python_main(module: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
@@ -139,7 +143,8 @@ def running(
     hostd_token = secrets.token_urlsafe(24)
     env = {
         **BASE_ENV,
-        **{k: v for k, v in os.environ.items() if k.startswith("TT_")},
+        # Plain HTTP on loopback: an operator's TLS settings (TT_CA_FILE, TT_*_TLS_*) stay out.
+        **{k: v for k, v in os.environ.items() if k.startswith("TT_") and not _tls_var(k)},
         "TT_HOSTD_TOKEN": hostd_token,
         "TT_ADMIN_TOKEN": admin_token,
     }
@@ -206,7 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         allow_outgoing=args.allow_outgoing,
     ) as stack:
         if not args.no_config:
-            path = config.save(stack.scheduler, stack.token)
+            path = config.save(f"http://{stack.scheduler}", stack.token)  # even with TT_CA_FILE
             print(f"client configured in {path}")
         print(
             f"TT CI is up: scheduler {stack.scheduler}, hostd {stack.hostd}; logs in "

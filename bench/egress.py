@@ -6,7 +6,7 @@ ENV's allow-list takes to apply.
 No VMs: hostd's network manager runs in a lab namespace (tests.lab_hostnet, one process per
 operation, as a restarted hostd would) and a namespace on the ENV's bridge stands in for a VM.
 The only DNS server is the lab's own (authoritative for test.lan, it forwards nothing), and no
-namespace has a route out of the lab (DESIGN.md: network safety).
+namespace has a route out of the lab (docs/facts/networking.md: network safety).
 
 Lookups: direct to that server (through the ENV's NAT) against through the ENV's forwarder, the
 first lookup of a name (every name new: the forwarder asks upstream) and a repeated one (from

@@ -3,8 +3,9 @@ and a git smart-HTTP server (`git http-backend` as CGI) that wants GitLab's job-
 
 Run inside the namespace: `python -m tests.lab_servers --log FILE --http ADDR:PORT:NAME ...
 --git ADDR:PORT:ROOT:TOKEN`. Raw sockets, no http.server: nothing here ever does a DNS lookup
-(DESIGN.md: http.server's reverse lookups stall in an isolated namespace, and no test may query
-a resolver it did not start). Every request is appended to the log as one JSON line.
+(docs/facts/networking.md: http.server's reverse lookups stall in an isolated namespace, and no
+test may query a resolver it did not start). Every request is appended to the log as one JSON
+line.
 """
 
 from __future__ import annotations

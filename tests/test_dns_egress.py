@@ -4,7 +4,7 @@ forwards nothing), a git smart-HTTP server that wants the GitLab job token and t
 servers. VMs resolve through their ENV's forwarder, which forwards only to that server; nothing
 in the lab has a route anywhere else, and a witness table in h1 counts any packet the host
 namespace sends or forwards to an address outside the lab (link-local multicast such as IGMP
-reports of new bridges aside; DESIGN.md: network safety).
+reports of new bridges aside; docs/facts/networking.md: network safety).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 lab namespace ("h"), a namespace on an ENV's bridge stands in for a VM, and an "outside"
 namespace ("o") holds the only DNS server (authoritative, it forwards nothing) and the HTTP
 servers there are. Names resolve only through the ENV's forwarder, which forwards only to that
-server; no namespace has a route anywhere else (DESIGN.md: network safety).
+server; no namespace has a route anywhere else (docs/facts/networking.md: network safety).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def test_profile_and_alias() -> None:
         ("debian-12", "does not parse"),
         ("qemu:debian-12:sparc", "unknown architecture"),
         ("docker:debian-12:amd64", "unknown engine"),
-        ("qemu:debian-12+gui:amd64", "unknown profile"),
+        ("qemu:debian-12+9gui:amd64", "neither a profile nor a recipe name"),
     ],
 )
 def test_bad_names_say_why(text: str, why: str) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
-from ttci.model.naming import DEFAULT_PROFILE, ImageName, Release, parse_profile
+from ttci.model.naming import DEFAULT_PROFILE, ImageName, Release, parse_profile, parse_variant
 from ttci.wire.agent_protocol import PROTOCOL_VERSION
 
 __all__ = [
@@ -66,6 +66,7 @@ class AddedFile:
 
     src: Path
     dest: str
+    mode: int | None = None  # a recipe's `mode:` (None: the source's own)
 
     @classmethod
     def parse(cls, text: str) -> AddedFile:
@@ -89,9 +90,17 @@ class BuildSpec:
     adds: tuple[AddedFile, ...] = ()
     disk_size: int = DEFAULT_DISK_SIZE
     mirror: str = DEFAULT_MIRROR
+    # From a recipe file (hostd/builders/recipe.py): the image's +NAME, commands run in the
+    # image at build time, the recipe's text and hash (both part of the image's identity).
+    variant: str = ""
+    commands: tuple[str, ...] = ()
+    recipe: str = field(default="", compare=False, repr=False)
+    recipe_sha256: str = ""
 
     def __post_init__(self) -> None:
         parse_profile(self.profile)
+        if self.variant:
+            parse_variant(self.variant)
         for pkg in self.packages:
             if not pkg or not all(c.isalnum() or c in "+-.:=~" for c in pkg):
                 raise BadInput(f"package name {pkg!r} is not valid", hint="use Debian names")
@@ -102,7 +111,7 @@ class BuildSpec:
 
     @property
     def name(self) -> ImageName:
-        return ImageName("qemu", self.release.name, self.arch, self.profile)
+        return ImageName("qemu", self.release.name, self.arch, self.variant or self.profile)
 
     def all_packages(self) -> tuple[str, ...]:
         return tuple(sorted({*BASE_PACKAGES, *PROFILE_PACKAGES[self.profile], *self.packages}))
@@ -132,18 +141,23 @@ class BuildSpec:
         )
 
     def inputs_key(self, guest_files_digest: str, added_digest: str) -> str:
-        """Key of the whole image: rootfs, kernel, agent code, added files and disk size."""
-        return _key(
-            {
-                "rootfs": self.rootfs_key(),
-                "kernel": self.kernel_key(),
-                "guest": guest_files_digest,
-                "added": added_digest,
-                "size": self.disk_size,
-                "profile": self.profile,
-                "protocol": PROTOCOL_VERSION,
-            }
-        )
+        """Key of the whole image: rootfs, kernel, agent code, added files and disk size, and
+        a recipe's hash and commands (only when there is one: other keys stay as they were)."""
+        inputs: dict[str, object] = {
+            "rootfs": self.rootfs_key(),
+            "kernel": self.kernel_key(),
+            "guest": guest_files_digest,
+            "added": added_digest,
+            "size": self.disk_size,
+            "profile": self.profile,
+            "protocol": PROTOCOL_VERSION,
+        }
+        if self.recipe_sha256:
+            inputs["recipe"] = self.recipe_sha256
+        if self.commands or self.variant:
+            inputs["commands"] = self.commands
+            inputs["variant"] = self.variant
+        return _key(inputs)
 
     def apt_options(self) -> list[str]:
         return ['Acquire::Check-Valid-Until "false"'] if self.release.testing else []

@@ -16,6 +16,7 @@ from rich.table import Table
 from hostd.builders.image_recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
 from hostd.images.build import Builder, prune_cache
 from hostd.images.catalogue import find, scan
+from hostd.images.recipes import load_recipe
 from hostd.vm.image_check import CheckResult, check_image
 from hostd.vm.schema import open_store
 from hostd.vm.templates import Templates
@@ -65,35 +66,7 @@ def register(
     """The image verbs; with pool, `list` asks the scheduler unless --local is given."""
     image = sub.add_parser("image", help="build, check and list guest images on this host")
     isub = image.add_subparsers(dest="image_cmd", required=True, metavar="VERB")
-
-    b = isub.add_parser("build", help="build a guest image from Debian packages with mmdebstrap")
-    b.add_argument("release", nargs="?", help="OS-RELEASE, e.g. debian-12 (omit with --default)")
-    b.add_argument("--arch", action="append", default=[], help="Debian architecture (repeatable)")
-    b.add_argument("--default", action="store_true", help="build the nine default images")
-    b.add_argument(
-        "--profile", default="agent", help="agent (boot straight to the agent) or systemd"
-    )
-    b.add_argument("--package", action="append", default=[], help="extra Debian package")
-    b.add_argument(
-        "--add",
-        action="append",
-        default=[],
-        metavar="SRC:DEST",
-        help="copy a host file or directory into the image",
-    )
-    b.add_argument("--size", default="4G", help="disk size of the image (default 4G)")
-    b.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
-    b.add_argument(
-        "--jobs",
-        "-j",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="images built at once (default: one per core)",
-    )
-    b.add_argument("--json", action="store_true", help="print manifests as JSON")
-    for s in ("image-path", "cache-dir", "mirror"):
-        add_setting(b, s)
-    b.set_defaults(func=cmd_build)
+    _register_build(isub)
 
     c = isub.add_parser("check", help="boot an image and run `uname -m` through its agent")
     c.add_argument("names", nargs="*", help="image names or unique prefixes")
@@ -115,6 +88,45 @@ def register(
     ls.add_argument("--json", action="store_true", help="print as JSON")
     add_setting(ls, "image-path")
     add_setting(ls, "state-dir")
+
+
+def _register_build(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    b = isub.add_parser("build", help="build a guest image from Debian packages with mmdebstrap")
+    b.add_argument("release", nargs="?", help="OS-RELEASE, e.g. debian-12 (omit with --default)")
+    b.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        metavar="RECIPE",
+        help="build what a YAML recipe declares (ci-templates/recipes/); --arch picks some of "
+        "its architectures",
+    )
+    b.add_argument("--arch", action="append", default=[], help="Debian architecture (repeatable)")
+    b.add_argument("--default", action="store_true", help="build the nine default images")
+    b.add_argument(
+        "--profile", default="agent", help="agent (boot straight to the agent) or systemd"
+    )
+    b.add_argument("--package", action="append", default=[], help="extra Debian package")
+    b.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="SRC:DEST",
+        help="copy a host file or directory into the image",
+    )
+    b.add_argument("--size", help="disk size of the image (default 4G)")
+    b.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
+    b.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="images built at once (default: one per core)",
+    )
+    b.add_argument("--json", action="store_true", help="print manifests as JSON")
+    for s in ("image-path", "cache-dir", "mirror"):
+        add_setting(b, s)
+    b.set_defaults(func=cmd_build)
 
 
 def _register_prune_and_warm(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -145,8 +157,33 @@ def _register_prune_and_warm(isub: argparse._SubParsersAction[argparse.ArgumentP
     w.set_defaults(func=cmd_warm)
 
 
+def _recipe_specs(args: argparse.Namespace) -> list[BuildSpec]:
+    given = [
+        flag
+        for flag, value in (
+            ("RELEASE", args.release),
+            ("--default", args.default),
+            ("--package", args.package),
+            ("--add", args.add),
+            ("--size", args.size),
+            ("--profile", args.profile != "agent"),
+        )
+        if value
+    ]
+    if given:
+        raise BadInput(
+            f"-f builds what the recipe says; {', '.join(given)} cannot be added to it",
+            hint="write them into the recipe (base, packages, files, size)",
+        )
+    recipe = load_recipe(args.file)
+    arches = tuple(parse_arch(a) for a in args.arch)
+    return recipe.specs(args.mirror, arches)
+
+
 def specs_from_args(args: argparse.Namespace) -> list[BuildSpec]:
-    size = parse_size(args.size)
+    if getattr(args, "file", None):
+        return _recipe_specs(args)
+    size = parse_size(args.size or "4G")
     adds = tuple(AddedFile.parse(a) for a in args.add)
     profile = parse_profile(args.profile)
     if args.default:

@@ -34,7 +34,7 @@ from hostd.images.guest_files import (
 )
 from ttci.infra.log import step
 from ttci.infra.proc import need, run, run_streaming
-from ttci.model.errors import ImageError
+from ttci.model.errors import CommandFailed, ImageError
 from ttci.model.manifest import MANIFEST_FILE, FileEntry, Manifest, parse_dpkg_status
 from ttci.wire.agent_protocol import PROTOCOL_VERSION
 
@@ -333,6 +333,7 @@ def _assemble(
     run(["cp", "-a", "--reflink=auto", str(rtree), str(root)])
     (root / ".tt-complete").unlink(missing_ok=True)
     install_files(root, spec, files)
+    _run_commands(spec, root)
     # Byte-compile the agent with the guest's own python: saves ~0.3 s per boot.
     run(
         [
@@ -347,6 +348,38 @@ def _assemble(
         raise ImageError(f"{busybox} missing", hint="busybox-static must be installed")
     (work / "initrd.img").write_bytes(build_initrd(ktree, kver, busybox, spec))
     return kver
+
+
+# A recipe's commands see a Debian system: /proc mounted (in a mount namespace of their own,
+# so the mount goes when they end), a fixed environment, no terminal.
+_RUN_IN_ROOT = 'mount -t proc proc "$1/proc" && exec chroot "$1" /bin/sh -ec "$2"'
+_RUN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LC_ALL": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+
+
+def _run_commands(spec: BuildSpec, root: Path) -> None:
+    """A recipe's `run:` commands, in order, in the image's root (under qemu-user for a
+    foreign arch: the caller holds binfmt_misc). The first that fails fails the build."""
+    for n, cmd in enumerate(spec.commands, 1):
+        with step(log, f"{spec.name}: run {n}/{len(spec.commands)}"):
+            try:
+                run_streaming(
+                    [
+                        *(need("unshare"), "--mount", "--propagation", "private", "--"),
+                        *("sh", "-c", _RUN_IN_ROOT, "tt-run", str(root), cmd),
+                    ],
+                    on_line=_progress(f"[run {n}]"),
+                    env=_RUN_ENV,
+                )
+            except CommandFailed as e:
+                raise ImageError(
+                    f"{spec.name}: recipe command {n} failed: {cmd[:200]}",
+                    hint=f"its output is in the log above ([run {n}]); {e.message[:300]}",
+                ) from e
 
 
 def _make_disk(spec: BuildSpec, root: Path, work: Path) -> tuple[str, ...]:
@@ -395,6 +428,9 @@ def _manifest(
         packages=packages,
         extra_packages=spec.packages,
         added_files=tuple(f"{a.src}:{a.dest}" for a in spec.adds),
+        recipe=spec.recipe,
+        recipe_sha256=spec.recipe_sha256,
+        run_commands=spec.commands,
     )
 
 

@@ -71,6 +71,8 @@ def digest_adds(spec: BuildSpec) -> str:
         if not add.src.exists():
             raise BadInput(f"--add source {add.src} does not exist", hint="check the path")
         h.update(f"{add.dest}\0".encode())
+        if add.mode is not None:
+            h.update(f"mode {add.mode:o}\0".encode())
         paths = [add.src] if add.src.is_file() else sorted(p for p in add.src.rglob("*"))
         for p in paths:
             h.update(f"{p.relative_to(add.src.parent)}\0{p.stat().st_mode}\0".encode())
@@ -102,3 +104,5 @@ def install_files(root: Path, spec: BuildSpec, files: dict[str, tuple[int, bytes
             shutil.copytree(add.src, target, symlinks=True, dirs_exist_ok=True)
         else:
             shutil.copy2(add.src, target)
+        if add.mode is not None:
+            target.chmod(add.mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +52,21 @@ class Manifest:
     version: int = MANIFEST_VERSION
     notes: tuple[str, ...] = field(default=())
     cache_keys: tuple[str, ...] = ()  # the build-cache trees it was made from (for pruning)
+    # The recipe file it was built from (hostd/builders/recipe.py): its text and hash; a
+    # pulled image carries both.
+    recipe: str = ""
+    recipe_sha256: str = ""
+    run_commands: tuple[str, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        """The image's content address: its files' paths, sizes and sha256s, hashed. Equal
+        digests mean byte-identical files (hostd.images.transfer checks every file against
+        them before an image is offered)."""
+        h = hashlib.sha256()
+        for f in sorted(self.files(), key=lambda f: f.path):
+            h.update(f"{f.path}\0{f.size}\0{f.sha256}\n".encode())
+        return h.hexdigest()
 
     @property
     def image_name(self) -> ImageName:
@@ -61,7 +77,14 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("packages", "extra_packages", "added_files", "notes", "cache_keys"):
+        for key in (
+            "packages",
+            "extra_packages",
+            "added_files",
+            "notes",
+            "cache_keys",
+            "run_commands",
+        ):
             d[key] = list(d[key])
         return d
 
@@ -94,6 +117,9 @@ class Manifest:
                 added_files=tuple(str(p) for p in d.get("added_files", ())),
                 notes=tuple(str(p) for p in d.get("notes", ())),
                 cache_keys=tuple(str(p) for p in d.get("cache_keys", ())),
+                recipe=str(d.get("recipe", "")),
+                recipe_sha256=str(d.get("recipe_sha256", "")),
+                run_commands=tuple(str(p) for p in d.get("run_commands", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ImageError(f"manifest is malformed: {e!r}", hint="rebuild the image") from e

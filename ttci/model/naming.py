@@ -6,10 +6,11 @@ One grammar names what a job runs on, wherever it is written:
                                                    qemu:debian-12+systemd:amd64
 
 `OS-VERSION` is a release (the version starts with a digit), `+PROFILE` an image profile
-(`agent` when left out), `ARCH` any name of the arch table (Debian's, uname's, GitHub's X64 or
-ARM64, ...). GitLab's TT_OS/TT_ARCH and `image:`, GitHub's runs-on labels (one OS label, one
-architecture label), `tt job run --os/--arch` and image names (`ENGINE:OS[+PROFILE]:ARCH`, every
-part required) all parse with it into a `Target`.
+(`agent` when left out) or the name of the image recipe an image was built from (`+gitlab`),
+`ARCH` any name of the arch table (Debian's, uname's, GitHub's X64 or ARM64, ...). GitLab's
+TT_OS/TT_ARCH and `image:`, GitHub's runs-on labels (one OS label, one architecture label),
+`tt job run --os/--arch` and image names (`ENGINE:OS[+PROFILE]:ARCH`, every part required) all
+parse with it into a `Target`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "parse_profile",
     "parse_release",
     "parse_target",
+    "parse_variant",
     "select_by_prefix",
 ]
 
@@ -111,6 +113,21 @@ def parse_os(text: str, what: str = "OS") -> tuple[str, str | None]:
     return found
 
 
+_VARIANT_RE = re.compile(r"\A[a-z][a-z0-9-]{0,31}\Z")
+
+
+def parse_variant(value: str) -> str:
+    """An image name's `+WORD`: a profile, or the name of the image recipe it was built from
+    (`qemu:debian-12+gitlab:amd64`, hostd/builders/recipe.py)."""
+    if value in PROFILES or _VARIANT_RE.match(value):
+        return value
+    raise BadInput(
+        f"image variant {value!r} is neither a profile nor a recipe name",
+        hint=f"profiles: {', '.join(PROFILES)}; a recipe's name is a letter, then up to 31 "
+        "lowercase letters, digits or dashes",
+    )
+
+
 def parse_profile(value: str) -> str:
     if value not in PROFILES:
         raise BadInput(f"unknown profile {value!r}", hint=f"use one of: {', '.join(PROFILES)}")
@@ -122,7 +139,7 @@ class ImageName:
     engine: str
     release: str  # e.g. debian-12
     arch: Arch
-    profile: str = DEFAULT_PROFILE
+    profile: str = DEFAULT_PROFILE  # a profile, or the name of the recipe it was built from
 
     def __str__(self) -> str:
         suffix = "" if self.profile == DEFAULT_PROFILE else f"+{self.profile}"
@@ -147,7 +164,7 @@ class ImageName:
             )
         if m["engine"] not in ENGINES:
             raise BadInput(f"unknown engine {m['engine']!r} in {text!r}", hint="use qemu")
-        profile = parse_profile(m["profile"] or DEFAULT_PROFILE)
+        profile = parse_variant(m["profile"] or DEFAULT_PROFILE)
         return cls(
             engine=m["engine"], release=m["release"], arch=parse_arch(m["arch"]), profile=profile
         )

@@ -134,7 +134,7 @@ def test_completed_while_queued_leaves_the_queue_and_costs_no_runner(q: Q) -> No
     q.svc.start(reconcile_loop=False)
     for jid in (8301, 8302, 8303):
         q.send(job_event("queued", jid, OURS))
-    q.wait("two running", lambda: len(q.tt.running()) == 2)
+    q.wait("two running, one queued", lambda: len(q.tt.running()) == 2 and len(q.tt.queue) == 1)
     [queued] = q.tt.queue
     jid = int(queued.split("-")[1])
     q.wait("its place", lambda: "queued in TT CI at position 1" in q.job(jid)["reason"])
@@ -159,7 +159,7 @@ def test_taken_by_another_runner_while_queued_withdraws_the_request(q: Q) -> Non
     q.svc.start(reconcile_loop=False)
     for jid in (8401, 8402, 8403):
         q.send(job_event("queued", jid, OURS))
-    q.wait("two running", lambda: len(q.tt.running()) == 2)
+    q.wait("two running, one queued", lambda: len(q.tt.running()) == 2 and len(q.tt.queue) == 1)
     [queued] = q.tt.queue
     jid = int(queued.split("-")[1])
     q.send(job_event("in_progress", jid, OURS, runner_name="someone-elses-runner"))

@@ -179,6 +179,8 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
                 stop(p, grace=2)
                 if p.stdout:
                     p.stdout.close()
+            starts = re.findall(r"VM (\S+) up in \S+ s \((\w+)", (state / "h1.log").read_text())
+            print("VM starts (name, cold or warm):", starts)
             escaped = _escaped(h1)
             tables = [t for t in in_ns(h1, "nft", "list", "tables").split() if "ttci_" in t]
             links = [x for x in in_ns(h1, "ip", "-o", "link").split() if x.startswith("ttb")]
@@ -271,7 +273,9 @@ def test_a_vm_resolves_through_its_forwarder_and_reaches_only_the_allowed_name(
 def test_audit_mode_lets_everything_through_and_names_what_the_list_would_block(
     cloud: Cloud,
 ) -> None:
-    cloud.add("eb", "--allow-egress", "git.test.lan", "--egress-audit")
+    (vm,) = cloud.add("eb", "--allow-egress", "git.test.lan", "--egress-audit")["vms"]
+    rc, text = cloud.on("eb", "cat /etc/resolv.conf")  # also after a warm start (IDENTITY)
+    assert rc == 0 and f"nameserver {vm['ip'].rsplit('.', 1)[0]}.1\n" in text, text
     url = "http://other.test.lan/"
     get = f"python3 -c \"import urllib.request as u; print(u.urlopen('{url}').read().decode())\""
     rc, text = cloud.on("eb", get)

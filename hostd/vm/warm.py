@@ -104,7 +104,7 @@ class TemplateSpec:
         self, name: str, directory: Path, token: str, metadata: dict[str, str]
     ) -> DomainSpec:
         m = self.image.manifest
-        cmdline = f"{m.kernel_cmdline} tt.token={token} tt.hostname=tt-template"
+        cmdline = f"{m.kernel_cmdline} tt.token={token} tt.hostname=tt-template tt.template=1"
         if self.disk_gib << 30 > m.disk_virtual_size:
             cmdline += " tt.resize=1"
         return DomainSpec(
@@ -284,8 +284,8 @@ def wake(
             t0 = time.monotonic()
             # The clock is set from the time sent: take it now, not when the payload was made.
             identity = {**identity, "time": time.time()}
-            first.identity(identity, timeout=max(1.0, deadline - time.monotonic()))
-            log.debug("identity applied in %.3f s", time.monotonic() - t0)
+            done = first.identity(identity, timeout=max(1.0, deadline - time.monotonic()))
+            log.debug("identity applied in %.3f s: %s", time.monotonic() - t0, done)
         finally:
             first.close()
         return AgentClient.connect(

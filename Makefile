@@ -39,7 +39,7 @@ $(PY):
 venv: $(PY)
 
 install: deps venv
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[host,scheduler,github,gitlab,dev]'
 
 # The main job on the embedded default: build images, boot fresh VMs, run a small os x arch matrix.
 demo: install

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runner_executor.core import runner_toml
+from ttci.infra.extras import require
 from ttci.model.errors import BadInput, TTError
 
 __all__ = [
@@ -102,6 +103,7 @@ def create_runner(url: str, token: str, attrs: dict[str, Any]) -> tuple[int, str
     Raises:
         RegisterError: GitLab refused (with its message) or was unreachable.
     """
+    require("gitlab", "tt gitlab register")  # the base install has no python-gitlab
     import gitlab  # noqa: PLC0415 - only this verb needs python-gitlab
     import requests  # noqa: PLC0415
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttci.client import config
+from ttci.infra.extras import require
 from ttci.infra.proc import BASE_ENV, spawn, stop
 from ttci.infra.settings import add_setting
 from ttci.model.errors import TTError
@@ -138,6 +139,8 @@ def running(
     allow_outgoing: bool = False,
 ) -> Iterator[Stack]:
     """Start hostd and the scheduler; stop both (destroying VMs) on exit."""
+    for extra in ("host", "scheduler"):  # the daemons run from this install
+        require(extra, "the all-in-one cloud (tt up, tt demo)")
     state_dir.mkdir(parents=True, exist_ok=True)
     admin_token = secrets.token_urlsafe(24)
     hostd_token = secrets.token_urlsafe(24)

@@ -56,7 +56,10 @@ def serve(scheduler: Scheduler, listen: str, tls: TLSFiles | None = None) -> Non
         port,
         name="tt-scheduler",
         tls=tls,
-        threads=32,
+        # Every waiting ENV request's progress stream and every running exec stream holds a
+        # worker for its whole life: enough that a busy cloud never starves the short calls
+        # (a DELETE that frees capacity must not queue behind the streams waiting for it).
+        threads=256,
         connection_limit=1000,  # CI plugins, the admin page and streams hold connections
         idle_timeout=3600,
     )

@@ -90,8 +90,9 @@ class EnvQueue(EnvCreation):
             qs.enqueue(self.store, qr, deadline)
         log.info("ENV %s queued (%d VMs, project %s)", req.name, qr.vm_count, project)
         granted = self.dispatch()
-        if not opts.wait and req.name not in granted:
-            self._unqueue(req.name)
+        # Another thread's dispatch may have granted it meanwhile: then it is not unqueued
+        # here and goes on like any granted request (refusing it would orphan a booting ENV).
+        if not opts.wait and req.name not in granted and self._unqueue(req.name):
             raise self._not_now(req)
 
     def _not_now(self, req: EnvRequest) -> NoPlacement:

@@ -63,8 +63,7 @@ def _open(doc: dict[str, Any], user_scheme: str) -> set[tuple[str, str]]:
         (method.upper(), path)
         for path, item in doc["paths"].items()
         for method, op in item.items()
-        if method in METHODS
-        and op.get("security", doc["security"]) != [{user_scheme: []}]
+        if method in METHODS and op.get("security", doc["security"]) != [{user_scheme: []}]
     }
 
 

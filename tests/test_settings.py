@@ -14,6 +14,7 @@ from runner_executor.core import job
 from ttci.infra.settings import (
     DAEMONS,
     SETTINGS,
+    Setting,
     add_setting,
     add_settings,
     describe,
@@ -318,3 +319,62 @@ def test_one_setting_for_a_plain_command() -> None:
     p = argparse.ArgumentParser()
     add_settings(p, "tt-github-webhooks jobs")
     assert p.epilog and "tt-github-webhooks.toml" in p.epilog
+
+
+@pytest.mark.parametrize(
+    ("parser", "argv", "name"),
+    [
+        (scheduler_parser, [], "tt-scheduler"),
+        (hostd_parser, ["serve"], "tt-hostd"),
+        (webhooks_parser, ["serve"], "tt-github-webhooks"),
+    ],
+    ids=["tt-scheduler", "tt-hostd", "tt-github-webhooks"],
+)
+def test_print_config_shows_the_effective_values_secrets_masked(
+    parser: object, argv: list[str], name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    p = parser()  # type: ignore[operator]
+    file = tmp_path / "mine.toml"
+    file.write_text('listen = "127.0.0.1:7999"\n')
+    env = {"TT_ADMIN_TOKEN": "s3cret-a", "TT_HOSTD_TOKEN": "s3cret-h", "TT_GH_TOKEN": "s3cret-g"}
+    with pytest.raises(SystemExit) as e:
+        _args(p, [*argv, "--config-file", str(file), "--print-config"], env)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and str(file) in out
+    assert f'listen = "127.0.0.1:7999"  # file {file}' in out
+    assert 'state-dir = "/var/lib/ttci' in out  # a default
+    values = tomllib.loads(out)  # it is a config file: the non-secret keys, read back
+    assert values["listen"] == "127.0.0.1:7999"
+    for key in values:
+        assert not _setting_of(name, key).secret
+    with pytest.raises(BadInput, match="does not exist"):
+        _args(p, [*argv, "--config-file", str(tmp_path / "missing.toml")])
+
+
+def _setting_of(program: str, key: str) -> Setting:
+    for daemon, entries in DAEMONS.items():
+        if daemon.split()[0] != program:
+            continue
+        for entry in entries:
+            sname, flag = (entry, None) if isinstance(entry, str) else entry
+            if (flag or SETTINGS[sname].flag or "").removeprefix("--") == key:
+                return SETTINGS[sname]
+    raise KeyError(key)
+
+
+def test_the_client_config_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ttci.client.config import config_path
+
+    monkeypatch.delenv("TT_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    assert config_path() == tmp_path / "home/.config/tt/config.json"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert config_path() == tmp_path / "xdg/tt/config.json"
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/dir")  # not absolute: ignored (XDG spec)
+    assert config_path() == tmp_path / "home/.config/tt/config.json"
+    monkeypatch.setenv("TT_CONFIG", str(tmp_path / "named.json"))
+    assert config_path() == tmp_path / "named.json"

@@ -19,7 +19,14 @@ __all__ = ["ClientConfig", "config_path", "load", "save"]
 
 
 def config_path() -> Path:
-    return Path(env_text("config") or Path.home() / ".config" / "tt" / "config.json")
+    """TT_CONFIG, else $XDG_CONFIG_HOME/tt/config.json (the XDG base directories; a relative
+    XDG_CONFIG_HOME is ignored, as the specification says), else ~/.config/tt/config.json."""
+    named = env_text("config")
+    if named:
+        return Path(named)
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "tt" / "config.json"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ secret; `DAEMONS` lists which settings each daemon takes. `add_settings` puts
 them on an argparse parser, with help naming the environment variable and the default; `resolve`
 (run by `run_cli`, or by a daemon's own main) then fills each value in, first source that has one
 wins: flag > environment > config file (`/etc/ttci/<program>.toml`, keys are the flag names) >
-default. Bad text is a BadInput naming where it came from and how to fix it.
+default. Bad text is a BadInput naming where it came from and how to fix it. Every daemon also
+takes `--config-file PATH` (another file than /etc/ttci/<program>.toml) and `--print-config`
+(the effective values as TOML, each with its source, secrets masked; then exit).
 
 Secrets come from the environment, or from the file a `*-file` setting names; never from a config
 file, and their values are never shown (help says "secret", `describe` masks them).
@@ -15,6 +17,7 @@ file, and their values are never shown (help says "secret", `describe` masks the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import textwrap
@@ -56,6 +59,7 @@ __all__ = [
     "Setting",
     "add_setting",
     "add_settings",
+    "config_toml",
     "describe",
     "env_text",
     "parse_hostport",
@@ -88,6 +92,7 @@ class Resolved:
     dest: str  # the argparse attribute
     value: Any
     source: str  # "flag --x", "env TT_X", "file /etc/ttci/p.toml", "default"
+    key: str | None = None  # its key in the config file (the flag's name); None: no flag
 
 
 def _used(daemon: str) -> list[tuple[Setting, str | None]]:
@@ -147,11 +152,23 @@ def add_settings(parser: argparse.ArgumentParser, daemon: str) -> None:
         parser.formatter_class = _Formatter
     for s, flag in used:
         _add(parser, s, flag, program)
+    parser.add_argument(
+        "--config-file",
+        type=Path,
+        metavar="PATH",
+        help=f"read the settings from this TOML file (default {ETC}/{program}.toml)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings as TOML (each with its source, secrets masked) and exit",
+    )
     env_only = [_env_only_help(s) for s, flag in used if not flag]
     parser.epilog = (
         (f"From the environment only, never a flag: {'; '.join(env_only)}. " if env_only else "")
         + f"Each flag may also come from its environment variable or from {ETC}/{program}.toml "
-        "(keys: the flag names); a flag beats the environment, which beats the file."
+        "(keys: the flag names; --config-file names another); a flag beats the environment, "
+        "which beats the file."
     )
 
 
@@ -187,8 +204,11 @@ def _file_keys(program: str) -> dict[str, Setting]:
     return keys
 
 
-def _read_file(program: str, etc: Path) -> tuple[Path, dict[str, str]]:
-    path = etc / f"{program}.toml"
+def _read_file(program: str, path: Path, named: bool = False) -> tuple[Path, dict[str, str]]:
+    """The program's config file as flag name -> text; a missing file is empty unless it was
+    `named` (--config-file)."""
+    if named and not path.is_file():
+        raise BadInput(f"--config-file {path} does not exist", hint="check the path")
     if not program or not path.is_file():
         return path, {}
     try:
@@ -247,15 +267,17 @@ def resolve(
     environ = os.environ if environ is None else environ
     files: dict[str, tuple[Path, dict[str, str]]] = {}
     out: list[Resolved] = []
+    named: Path | None = getattr(args, "config_file", None)
     for key in [k for k in vars(args) if k.startswith(_MARK)]:
         name, flag, program = getattr(args, key)
         delattr(args, key)
         dest = key.removeprefix(_MARK)
         if program not in files:
-            files[program] = _read_file(program, ETC if etc is None else etc)
+            path = named or (ETC if etc is None else etc) / f"{program}.toml"
+            files[program] = _read_file(program, path, named is not None)
         s = SETTINGS[name]
         value, source = _pick(s, getattr(args, dest, None), flag, environ, files[program])
-        out.append(Resolved(s, dest, value, source))
+        out.append(Resolved(s, dest, value, source, flag.removeprefix("--") if flag else None))
     by_name = {r.setting.name: r for r in out}
     for i, r in enumerate(out):
         holder = by_name.get(r.setting.file or "")
@@ -273,7 +295,39 @@ def resolve(
             )
     if out:
         log.debug("settings: %s", "; ".join(describe(out)))
+    if out and getattr(args, "print_config", False):
+        print(config_toml(out, next(iter(files.values()))[0]), end="")
+        raise SystemExit(0)
     return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def config_toml(resolved: Sequence[Resolved], path: Path) -> str:
+    """`--print-config`: the effective settings as a config file would hold them, each with
+    its source; secrets (never read from a file) and unset values are comments."""
+    lines = [f"# effective settings: flag > environment > {path} > default; secrets masked"]
+    for r in resolved:
+        name = r.key or r.setting.env
+        unset = r.value is None or r.value in ("", [])
+        if r.setting.secret:
+            state = "unset" if unset else "set, ***"
+            lines.append(f"# {name}: secret, {state} ({r.source})")
+        elif unset:
+            lines.append(f"# {name}: unset ({r.source})")
+        elif r.key is None:
+            lines.append(f"# {name} = {_toml_value(r.value)}  # {r.source}, not a file key")
+        else:
+            lines.append(f"{name} = {_toml_value(r.value)}  # {r.source}")
+    return "\n".join(lines) + "\n"
 
 
 def describe(resolved: Sequence[Resolved]) -> list[str]:

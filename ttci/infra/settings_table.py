@@ -170,7 +170,12 @@ _ROWS = (
     Setting("admin-token-file", PATH, None, "file holding the admin token"),
     # The client (`tt`, and the CI plugins talking to the scheduler).
     Setting(
-        "config", PATH, None, "the client config (default ~/.config/tt/config.json)", flag=None
+        "config",
+        PATH,
+        None,
+        "the client config (default $XDG_CONFIG_HOME/tt/config.json, else "
+        "~/.config/tt/config.json)",
+        flag=None,
     ),
     Setting("server", TEXT, None, "the scheduler's ADDR:PORT (beats the config)", flag=None),
     Setting("token", TEXT, None, "the client's token (beats the config)", flag=None, secret=True),

@@ -14,9 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from hostd.builders.image_recipe import DEFAULT_TARGETS, AddedFile, BuildSpec
+from hostd.cli.image_transfer_cmd import register_transfer
 from hostd.images.build import Builder, prune_cache
 from hostd.images.catalogue import find, scan
 from hostd.images.recipes import load_recipe
+from hostd.images.transfer import remove_partial
 from hostd.vm.image_check import CheckResult, check_image
 from hostd.vm.schema import open_store
 from hostd.vm.templates import Templates
@@ -77,6 +79,7 @@ def register(
     c.set_defaults(func=cmd_check)
 
     _register_prune_and_warm(isub)
+    register_transfer(isub)
 
     if pool:
         ls = isub.add_parser("list", help="list the pool's images (--local: this host's)")
@@ -412,6 +415,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for tree in removed:
         print(f"removed {tree}")
     print(f"{len(removed)} cache tree(s) removed")
+    for staged in remove_partial(Path(args.image_path)):
+        print(f"removed the partial pull {staged}")
     state_dir = Path(args.state_dir)
     if (state_dir / "hostd.db").exists():
         templates = Templates(open_store(state_dir), state_dir / "templates", "", None)

@@ -11,7 +11,7 @@ from ttci.model.errors import BadInput, ImageError
 from ttci.model.manifest import MANIFEST_FILE, Manifest
 from ttci.model.naming import ImageName, select_by_prefix
 
-__all__ = ["Broken", "Image", "find", "scan"]
+__all__ = ["Broken", "Image", "check_dir", "find", "scan"]
 
 log = logging.getLogger("hostd.catalogue")
 
@@ -35,7 +35,9 @@ class Broken:
     reason: str
 
 
-def _check(path: Path) -> Image:
+def check_dir(path: Path) -> Image:
+    """The image in directory path if it is whole (manifest readable, named for it, every file
+    there with its size); ImageError says what is wrong."""
     try:
         data = json.loads((path / MANIFEST_FILE).read_text())
     except FileNotFoundError:
@@ -65,7 +67,7 @@ def scan(image_path: Path) -> tuple[list[Image], list[Broken]]:
         if child.name.startswith(".") or not child.is_dir():
             continue  # .build-*: a build in progress, never offered
         try:
-            images.append(_check(child))
+            images.append(check_dir(child))
         except ImageError as e:
             broken.append(Broken(child, e.message))
     return images, broken

@@ -15,12 +15,14 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from hostd.images.catalogue import find
-from hostd.service import metrics
+from hostd.service import images_api, metrics
+from hostd.service.health import hostd_checks
 from hostd.vm.accel import choose_accel
 from hostd.vm.engine import EngineError
 from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager
 from hostd.vm.warm import TemplateError, TemplateSpec, vcpus_for
 from ttci import __version__
+from ttci.infra.health import HEALTH_ROUTES, install_health
 from ttci.infra.http_server import (
     install_auth,
     install_errors,
@@ -57,7 +59,12 @@ __all__ = [
 bp = Blueprint("hostd", __name__, url_prefix="/v1")
 log = logging.getLogger("hostd.service.api")
 MAX_PUSH_BYTES = 1 << 30  # a push's tar (waitress takes no larger body either)
-OPEN_ROUTES = (("GET", "/v1/health"), ("GET", "/metrics"), ("GET", "/v1/openapi.json"))
+OPEN_ROUTES = (
+    ("GET", "/v1/health"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/openapi.json"),
+    *HEALTH_ROUTES,
+)
 
 
 def _mgr() -> VMManager:
@@ -102,6 +109,10 @@ def _image_json(i: Any) -> dict[str, Any]:
         "kernel": m.kernel_version,
         "built_at": m.built_at,
         "disk_gib": m.disk_virtual_size >> 30,
+        # What a host lacking it fetches (hostd.images.transfer): content address and size.
+        "digest": m.digest,
+        "bytes": sum(f.size for f in m.files()),
+        **({"recipe_sha256": m.recipe_sha256} if m.recipe_sha256 else {}),
     }
 
 
@@ -308,6 +319,10 @@ def create_app(mgr: VMManager, token: str) -> Flask:
         },
     )
     app.register_blueprint(bp)
+    app.register_blueprint(images_api.bp)
+    app.config["FETCHER"] = None  # serve.py sets it when the host joined a scheduler
+
+    install_health(app, "tt-hostd", hostd_checks(app, mgr))  # /healthz, /readyz
 
     @app.get("/v1/health")
     def health() -> Response:

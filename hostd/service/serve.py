@@ -13,6 +13,7 @@ import shutil
 import socket
 from pathlib import Path
 
+from hostd.images.fetcher import Fetcher, PoolSource
 from hostd.net.dns import upstreams
 from hostd.net.manager import NetConfig
 from hostd.service.api import create_app, host_info
@@ -127,6 +128,23 @@ def _totals(args: argparse.Namespace, state_dir: Path) -> Resources:
     return total
 
 
+def _start_fetcher(args: argparse.Namespace, joiner: Joiner, ca: Path | None) -> Fetcher:
+    """Pull the pool's images this host lacks (--fetch-images; an admin's push even with
+    `none`), through the scheduler, as this host; each new one is reported at once."""
+    if args.fetch_rate < 0:
+        raise BadInput(f"--fetch-rate {args.fetch_rate} is negative", hint="0 means no cap")
+    source = PoolSource(joiner.url, joiner.host_id, joiner.host_token, str(ca) if ca else True)
+    fetcher = Fetcher(
+        args.image_path,
+        source,
+        want=args.fetch_images.strip().lower(),
+        rate=args.fetch_rate * (1 << 20),
+        on_added=joiner.beat,
+    )
+    fetcher.start()
+    return fetcher
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if not args.token:
         raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
@@ -172,6 +190,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 ca=ca,
             )
             joiner.start()
+            app.config["JOINER"] = joiner  # /readyz: has the scheduler answered lately?
+            app.config["FETCHER"] = _start_fetcher(args, joiner, ca)
         log.info("tt-hostd %s serving on %s:%d (%s)", args.host_id, host, port, total.text())
         print(f"tt-hostd ready on {host}:{server.port}", flush=True)
         server.run()

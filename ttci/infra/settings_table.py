@@ -277,6 +277,8 @@ _ROWS = (
         "where the scheduler reaches this hostd (default: --listen)",
         metavar="ADDR:PORT",
     ),
+    _hostd("fetch-images", TEXT, "all", "pool images to fetch after --join: all, none, prefixes"),
+    _hostd("fetch-rate", FLOAT, "0", "MiB/s that image fetches may use (0: no cap)"),
     # tt-github-webhooks: secrets from the environment or the file a flag names
     Setting(
         "gh-webhook-secret",
@@ -442,6 +444,8 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "join-token",
         "join-token-file",
         "hostd-advertise",
+        "hostd-fetch-images",
+        "hostd-fetch-rate",
         "hostd-tls-cert",
         "hostd-tls-key",
         "ca-file",

@@ -131,6 +131,30 @@ class HostdClient:
         finally:
             r.close()
 
+    def image_manifest(self, name: str, digest: str) -> bytes:
+        """The image's manifest.json as the host stores it (409: it has another build)."""
+        params = {"digest": digest} if digest else {}
+        return self._call("GET", f"/v1/images/{name}/manifest", params=params).content
+
+    def image_file(self, name: str, rel: str, digest: str, byte_range: str) -> requests.Response:
+        """One of the image's files as a stream from the host (byte_range: a Range header);
+        the caller closes the response."""
+        return self._call(
+            "GET",
+            f"/v1/images/{name}/files/{rel}",
+            params={"digest": digest} if digest else {},
+            headers={"Range": byte_range} if byte_range else {},
+            stream=True,
+            timeout=(10, 60),  # type: ignore[arg-type]
+        )
+
+    def fetch_image(self, name: str, digest: str) -> dict[str, Any]:
+        """Ask the host to fetch the image from the pool now (202; 409: it has not joined)."""
+        out: dict[str, Any] = self._call(
+            "POST", "/v1/images/fetch", json={"name": name, "digest": digest}
+        ).json()
+        return out
+
     def push(self, vm_id: str, dest: str, tar: bytes) -> None:
         self._call("PUT", f"/v1/vms/{vm_id}/files", params={"dest": dest}, data=tar, timeout=600)
 

@@ -168,7 +168,7 @@ OWNED_KEYS = frozenset(
 )
 _RESOURCE_LIMITS = {"cpus": 1e6, "memory_mib": 2**42, "disk_gib": 2**32}
 _TEXT_FIELDS = {"version": 64, "machine": 64, "engine": 200, "accel": 16, "accel_why": MAX_TEXT}
-_IMAGE_TEXT = ("os", "release", "arch", "profile", "kernel", "built_at")
+_IMAGE_TEXT = ("os", "release", "arch", "profile", "kernel", "built_at", "digest", "recipe_sha256")
 
 
 class _Bad(ValueError):
@@ -218,6 +218,8 @@ def _image(v: Any, where: str) -> dict[str, Any]:
             out[key] = _text(v[key], f"{where}.{key}", 200)
     if "disk_gib" in v:
         out["disk_gib"] = _number(v["disk_gib"], f"{where}.disk_gib", 65536, whole=True)
+    if "bytes" in v:  # the image's files (what a host lacking it fetches)
+        out["bytes"] = _number(v["bytes"], f"{where}.bytes", 2**50, whole=True)
     return out
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from ttci import __version__
+from ttci.infra.health import HEALTH_ROUTES, install_health
 from ttci.infra.http_server import (
     bearer_ok,
     bearer_token,
@@ -29,6 +30,8 @@ from ttci.scheduler.hosts import HostClaimed, HostNotFound, HostRefused
 from ttci.scheduler.planning.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
 from ttci.scheduler.users import NameReserved, User, UserExists, UserNotFound
+from ttci.scheduler.web import images_api
+from ttci.scheduler.web.health import scheduler_checks
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
 from ttci.wire.envs import EnvEvent, EnvRequest, parse_duration
@@ -76,6 +79,7 @@ OPEN_ROUTES = (
     ("GET", "/v1/openapi.json"),
     ("POST", "/v1/hosts/register"),
     ("POST", "/v1/hosts/heartbeat"),
+    *HEALTH_ROUTES,
 )
 
 
@@ -358,7 +362,7 @@ def create_app(scheduler: Scheduler) -> Flask:
     install_auth(
         app,
         scheduler.users.resolve,
-        open_routes=OPEN_ROUTES,
+        open_routes=OPEN_ROUTES + images_api.OPEN_ROUTES,
     )
     install_errors(
         app,
@@ -382,7 +386,10 @@ def create_app(scheduler: Scheduler) -> Flask:
         },
     )
     app.register_blueprint(bp)
+    app.register_blueprint(images_api.bp)
     admin.mount(app, scheduler, current_user=_user, resolve=scheduler.users.resolve)
+
+    install_health(app, "tt-scheduler", scheduler_checks(scheduler))  # /healthz, /readyz
 
     @app.get("/v1/health")
     def health() -> Response:

@@ -4,7 +4,7 @@ A libvirt save file is a 92-byte header, `data_len` bytes of data (the domain XM
 cookie, NUL, zero padding: libvirt leaves ~64 KiB so the XML can be edited in place) and then
 QEMU's migration stream. libvirt restores a domain under the name and UUID in that XML and
 refuses to change them through restoreFlags' dxml, so each clone gets a copy of the template's
-file whose header carries the clone's own XML (DESIGN.md, "Snapshot clones through libvirt").
+file whose header carries the clone's own XML (docs/facts/warm-start.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The restore self-test: can this host's QEMU restore a template of this architecture?
 
-QEMU 7.2 restores ppc64 guests never and riscv64 ones only sometimes (DESIGN.md): before VMs of
-an (architecture, QEMU, accelerator) start from templates, a few throw-away clones of the first
-template are restored, given an identity and asked a command. One failure fails the test.
+QEMU 7.2 restores ppc64 guests nearly never and riscv64 ones not always
+(docs/facts/warm-start.md): before VMs of an (architecture, QEMU, accelerator) start from
+templates, a few throw-away clones of the first template are restored, given an identity and
+asked a command. One failure fails the test.
 """
 
 from __future__ import annotations

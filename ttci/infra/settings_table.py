@@ -246,23 +246,9 @@ _ROWS = (
         metavar="ADDR[,ADDR]",
     ),
     _hostd(
-        "dns",
-        TEXT,
-        "host",
-        "upstream DNS servers of the ENVs' forwarders (guests resolve through their ENV's "
-        "gateway): host (this host's /etc/resolv.conf), none (guests resolve nothing), or "
-        "ADDR[:PORT][,...]",
-        metavar="host|none|ADDR[,ADDR]",
+        "dns", TEXT, "host", "upstreams of the ENVs' DNS forwarders: host, none or ADDR[:PORT],..."
     ),
-    _hostd(
-        "allow-egress",
-        TEXT,
-        "",
-        "egress allow-list for every ENV, added to each ENV's own; an ENV that asks for none "
-        "may reach only these (empty: it may reach anything). Rules: NAME, *.NAME, "
-        "A.B.C.D[/LEN], each with an optional :PORT",
-        metavar="RULE[,RULE]",
-    ),
+    _hostd("allow-egress", TEXT, "", "egress rules every ENV gets (all it gets if it asks none)"),
     _hostd(
         "join",
         HOSTPORT,
@@ -376,20 +362,8 @@ _ROWS = (
     _gh("reconcile-interval", FLOAT, "60", "seconds between reconciliations with GitHub"),
     _gh("runner-timeout", FLOAT, "300", "seconds a started runner may take to pick up its job"),
     _gh("repo", LIST, "", "OWNER/NAME also reconciled before any webhook came (repeatable)"),
-    _gh(
-        "allow-egress",
-        TEXT,
-        "",
-        "egress allow-list of every job's VM (include the runner's own GitHub endpoints); "
-        "empty: no list unless --egress-file gives the repository one",
-        metavar="RULE[,RULE]",
-    ),
-    _gh(
-        "egress-file",
-        PATH,
-        None,
-        'per-repository allow-lists: TOML [repos."OWNER/NAME"] allow = [...], audit = bool',
-    ),
+    _gh("allow-egress", TEXT, "", "egress allow-list of every job's VM (list GitHub's own hosts)"),
+    _gh("egress-file", PATH, None, "per-repository egress allow-lists (TOML, see the README)"),
     _gh("threads", INT, "16", "HTTP worker threads"),
     _gh("admin-token-file", PATH, None, "file with a bearer token that guards /jobs"),
     # tt-gitlab-executor (its flags come from the runner's config.toml; job.Limits' defaults)

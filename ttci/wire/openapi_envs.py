@@ -6,6 +6,7 @@ The ENV and exec request schemas come from the wire shapes' own names and limits
 
 from __future__ import annotations
 
+from ttci.model.egress import MAX_EGRESS_RULES
 from ttci.wire.commands import MAX_TIMEOUT_S
 from ttci.wire.envs import ENV_NAME_RE, MAX_VMS, ORIGIN_KEYS, ORIGIN_KINDS
 from ttci.wire.jobs import RESULTS
@@ -25,11 +26,23 @@ from ttci.wire.openapi import (
 )
 from ttci.wire.queue import MAX_WAIT_S
 
-__all__ = ["MAX_LIFE_S", "env_paths", "env_request_schema", "exec_request_schema"]
+__all__ = [
+    "EGRESS_RULES",
+    "MAX_LIFE_S",
+    "env_paths",
+    "env_request_schema",
+    "exec_request_schema",
+]
 
 MAX_LIFE_S = 30 * 86400  # parse_duration's limit
 _DURATION_TEXT: Spec = {"type": "string", "pattern": r"^\s*[0-9]{1,12}\s*[smhdSMHD]?\s*$"}
 _LIFE: Spec = {"anyOf": [{"type": "number", "minimum": 10, "maximum": MAX_LIFE_S}, _DURATION_TEXT]}
+_RULE: Spec = {"type": "string", "minLength": 1, "maxLength": 300}
+# ttci.model.egress: NAME, *.NAME or A.B.C.D[/LEN], each with an optional :PORT
+EGRESS_RULES: Spec = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": _RULE, "maxItems": MAX_EGRESS_RULES}],
+    "description": "egress allow-list: a list of rules, or one comma-separated text",
+}
 
 
 def _origin() -> Spec:
@@ -57,6 +70,8 @@ def env_request_schema() -> Spec:
             "anyOf": [{"type": "number", "minimum": 10, "maximum": MAX_LIFE_S}, _DURATION_TEXT]
         },
         deny_outgoing={"type": "boolean"},
+        allow_egress=EGRESS_RULES,
+        egress_audit={"type": "boolean"},
         vm_ports={
             "anyOf": [
                 STR,

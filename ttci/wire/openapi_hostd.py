@@ -26,7 +26,7 @@ from ttci.wire.openapi import (
     path_param,
     query_param,
 )
-from ttci.wire.openapi_envs import exec_request_schema
+from ttci.wire.openapi_envs import EGRESS_RULES, exec_request_schema
 
 __all__ = ["hostd_openapi"]
 
@@ -47,6 +47,8 @@ def _vm_request() -> Spec:
         disk_gib={"type": "integer", "minimum": 0, "maximum": 4096},
         deny_outgoing={"type": "boolean"},
         ports={"type": "string"},
+        allow_egress=EGRESS_RULES,
+        egress_audit={"type": "boolean"},
     )
 
 

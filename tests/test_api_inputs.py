@@ -764,3 +764,44 @@ def test_report(cloud: Cloud) -> None:
     """Runs last in this module: what every service was sent and answered."""
     print("\n" + TALLY.report())
     assert TALLY.server_errors == []
+
+
+# -- the strict body reader itself (ttci/infra/http_server.py) -------------------------------------
+def test_body_limits_are_checked_before_reading_and_while_reading() -> None:
+    from ttci.infra.http_server import install_errors, json_body, read_body
+    from ttci.model.errors import BadInput
+
+    app = Flask("limits")
+    install_errors(app, {BadInput: 400})
+    app.add_url_rule("/raw", "raw", lambda: jsonify(len(read_body(100))), methods=["PUT"])
+    app.add_url_rule("/json", "json", lambda: jsonify(json_body(100)), methods=["POST"])
+
+    @app.get("/bug")
+    def bug() -> Response:
+        raise KeyError("a bug")
+
+    c = app.test_client()
+
+    class Untouchable(io.RawIOBase):
+        def readinto(self, b: Any) -> int:
+            raise AssertionError("the body was read")
+
+    big = {"wsgi.input": Untouchable(), "CONTENT_LENGTH": str(300 << 20)}
+    assert c.put("/raw", environ_overrides=big).status_code == 413
+    # Without a length (chunked): counted while reading, refused past the limit.
+    for size, status in ((101, 413), (100, 200), (10_000_000, 413)):
+        chunked = {
+            "wsgi.input": io.BytesIO(b"x" * size),
+            "wsgi.input_terminated": True,  # as waitress says of a chunked body
+            "CONTENT_LENGTH": "",
+            "HTTP_TRANSFER_ENCODING": "chunked",
+        }
+        assert c.put("/raw", environ_overrides=chunked).status_code == status, size
+    assert c.post("/json", json={"a": "x" * 200}).status_code == 413
+    assert c.post("/json", data=b'{"a": 1}', content_type="text/plain").status_code == 400
+    assert c.post("/json", json={"a": 1}).json == {"a": 1}
+    r = c.get("/json")
+    assert r.status_code == 405 and r.headers["Allow"] and r.json["error"]
+
+    r = c.get("/bug")
+    assert r.status_code == 500 and "bug" in r.json["error"] and "KeyError" not in r.text

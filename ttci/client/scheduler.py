@@ -24,6 +24,7 @@ __all__ = ["DELETE_WAIT_S", "ApiError", "Client"]
 
 DELETE_WAIT_S = 300.0  # how long delete_env_wait waits for an ENV still being created
 REATTACH_TRIES = 5  # a broken progress stream is followed again this often
+REATTACH_WAIT_S = 60.0  # how long one re-attach waits for the scheduler to answer again
 
 
 class Client:
@@ -114,21 +115,36 @@ class Client:
                         f"the scheduler's stream for ENV {name} kept breaking off: {e}",
                         hint="`tt env show` tells what exists; delete and retry",
                     ) from e
-                time.sleep(min(2.0 * (attempt + 1), 10.0))
-                r = self._reattach(name)
+                r = self._reattach(name, attempt)
                 continue
             finally:
                 r.close()
             if env is not None:
                 return env
-            r = self._reattach(name)  # the stream ended without a result: follow it again
+            r = self._reattach(name, attempt)  # ended without a result: follow it again
         raise TTError(
             f"the scheduler ended the stream of ENV {name} without an answer",
             hint="`tt env show` tells what exists",
         )
 
-    def _reattach(self, name: str) -> requests.Response:
-        return self._call("GET", f"/v1/envs/{name}/progress", stream=True, timeout=(10, 900))
+    def _reattach(self, name: str, attempt: int) -> requests.Response:
+        """Follow the ENV's progress again, waiting for a restarting scheduler (about a
+        minute in all) before giving up with its last error."""
+        deadline = time.monotonic() + REATTACH_WAIT_S
+        delay = min(2.0 * (attempt + 1), 10.0)
+        while True:
+            time.sleep(delay)
+            try:
+                return self._call(
+                    "GET", f"/v1/envs/{name}/progress", stream=True, timeout=(10, 900)
+                )
+            except ApiError as e:
+                if e.status not in (502, 503, 504) or time.monotonic() > deadline:
+                    raise  # the scheduler answered: the ENV is gone, or not ours
+            except TTError:  # cannot reach it (yet)
+                if time.monotonic() > deadline:
+                    raise
+            delay = min(delay * 1.5, 10.0)
 
     def extend_env(self, name: str, life_time: str) -> dict[str, Any]:
         out: dict[str, Any] = self._call(

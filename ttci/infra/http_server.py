@@ -86,6 +86,7 @@ def install_auth(
     open path, or a path no rule matches, still needs a token before any view is reached.
     """
     open_set = {(m.upper(), rule) for m, rule in open_routes}
+    app.config["OPEN_ROUTES"] = frozenset(open_set)  # what the OpenAPI tests compare
 
     def lookup() -> object | None:
         if callable(tokens):

@@ -27,6 +27,7 @@ from ttci.wire.openapi import (
     query_param,
 )
 from ttci.wire.openapi_envs import EGRESS_RULES, exec_request_schema
+from ttci.wire.openapi_images import hostd_image_paths
 
 __all__ = ["hostd_openapi"]
 
@@ -194,7 +195,7 @@ def hostd_openapi() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"hostdToken": []}],
-        "paths": {**_host_paths(), **_template_paths(), **_vm_paths()},
+        "paths": {**_host_paths(), **_template_paths(), **_vm_paths(), **hostd_image_paths()},
         "components": {
             "schemas": {"Error": ERROR},
             "securitySchemes": {

@@ -27,6 +27,7 @@ from ttci.wire.openapi import (
     ref,
 )
 from ttci.wire.openapi_envs import env_paths, env_request_schema, exec_request_schema
+from ttci.wire.openapi_images import scheduler_image_paths
 from ttci.wire.queue import BLOCKERS
 
 __all__ = ["scheduler_openapi"]
@@ -309,6 +310,7 @@ def scheduler_openapi() -> dict[str, Any]:
         **_user_paths(),
         **_quota_paths(),
         **env_paths(),
+        **scheduler_image_paths(),
     }
     bearer = {"type": "http", "scheme": "bearer"}
     return {

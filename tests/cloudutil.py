@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,22 +57,154 @@ def cgroup_dir(pid: int, controller: str) -> Path:
     raise AssertionError(f"no {controller} cgroup for {pid}")
 
 
-def leftovers(state_dir: Path) -> list[str]:
-    """What a stopped cloud must not leave: QEMU processes, VM work dirs, sockets."""
-    found = [f"qemu pid {p}" for p in qemu_pids(str(state_dir))]
-    vms = state_dir / "hostd" / "vms"
+TEMPLATE_SETTLE_S = 45.0  # how long leftovers() waits for a running hostd's template build
+
+
+def hostd_state(state_dir: Path) -> Path:
+    """hostd's state dir: state_dir/hostd for `tt up`'s layout, else state_dir itself."""
+    sub = state_dir / "hostd"
+    return sub if sub.is_dir() else state_dir
+
+
+def leftovers(
+    state_dir: Path, host_id: str | None = None, settle_s: float = TEMPLATE_SETTLE_S
+) -> list[str]:
+    """What the stack at state_dir (`tt up`'s layout, or a hostd's own state dir) must not leave:
+    QEMU processes, VM work dirs, sockets, VM cgroups, hostd state rows, its nft table and links.
+
+    Scoped to that stack, so it holds while other tests' clouds run: QEMU processes are those
+    whose command line names a path in hostd's state dir, cgroups those of domains its libvirtd
+    ran (a private libvirtd keeps every domain's log under state/libvirt/log/qemu; with a shared
+    libvirt, pass host_id: domains are named tt-HOST-...).
+
+    Warm start: hostd makes snapshot templates in the background (tt-HOST-tpl-ID, files under
+    state/templates/ID). A finished template is hostd's cache, not a leftover. While hostd runs
+    and a template is still being made, this waits up to settle_s for it; one still being made
+    after that is hostd's own work in progress and is not counted (hostd removes it when it
+    stops). Once hostd has stopped, a template VM still running, or a template row still marked
+    building, IS a leftover."""
+    hostd = hostd_state(state_dir)
+    building = _settle_templates(hostd, settle_s)
+
+    def mine(text: str) -> bool:  # part of a template hostd is still making
+        return any(f"-tpl-{t}" in text or f"/templates/{t}/" in text for t in building)
+
+    found = [f"qemu pid {p}" for p, cmd in _qemu_cmdlines(f"{hostd}/") if not mine(cmd)]
+    vms = hostd / "vms"
     if vms.exists():
         found += [f"workdir {d}" for d in vms.iterdir()]
-    found += [f"socket {s}" for s in state_dir.rglob("*.sock")]
-    found += [f"cgroup {d}" for d in vm_cgroups()]
-    db = state_dir / "hostd" / "hostd.db"
-    if db.exists():
-        import sqlite3
+    found += [f"socket {s}" for s in state_dir.rglob("*.sock") if not mine(f"{s}")]
+    found += [f"cgroup {d}" for d in vm_cgroups(our_domains(hostd, host_id)) if not mine(d.name)]
+    rows = _rows(hostd, "select id, state from vms")
+    found += [f"hostd state row {r}" for r in rows]
+    if not hostd_running(hostd):
+        tpl = _rows(hostd, "select id, state from templates where state = 'building'")
+        found += [f"template row {r} (hostd stopped)" for r in tpl]
+    return found + net_leftovers(hostd)
 
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            rows = conn.execute("select id, state from vms").fetchall()
-        found += [f"hostd state row {r}" for r in rows]
-    return found + net_leftovers(state_dir / "hostd")
+
+def _rows(hostd: Path, sql: str) -> list[tuple[object, ...]]:
+    db = hostd / "hostd.db"
+    if not db.exists():
+        return []
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        try:
+            return list(conn.execute(sql).fetchall())
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise
+
+
+def _settle_templates(hostd: Path, settle_s: float) -> list[str]:
+    """Wait (up to settle_s) while a running hostd makes a template; the ids of those it is
+    still making after that ([] when hostd is not running: nothing of its is in progress)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        if not hostd_running(hostd):
+            return []
+        ids = [str(r[0]) for r in _rows(hostd, "select id from templates where state='building'")]
+        if not ids or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.5)
+
+
+def _cmdlines() -> Iterator[tuple[int, list[str]]]:
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        yield int(d.name), raw.decode(errors="replace").split("\0")
+
+
+def hostd_running(hostd: Path) -> bool:
+    """Whether a tt-hostd serves the state dir hostd (found by its --state-dir argument)."""
+    want = str(hostd)
+    for _, argv in _cmdlines():
+        daemon = any("hostd.cli.main" in a or a.endswith("tt-hostd") for a in argv[:6])
+        if daemon and any(p == ("--state-dir", want) for p in itertools.pairwise(argv)):
+            return True
+    return False
+
+
+def _qemu_cmdlines(marker: str) -> list[tuple[int, str]]:
+    out = []
+    for pid, argv in _cmdlines():
+        cmd = " ".join(argv)
+        if "qemu-system" in cmd and marker in cmd:
+            out.append((pid, cmd))
+    return out
+
+
+def our_domains(hostd: Path, host_id: str | None = None) -> Callable[[str], bool]:
+    """Whether a libvirt domain name is one of the stack's with hostd state dir hostd: one its
+    private libvirtd ran (a log file each, kept after the domain is gone), one of its templates
+    (and their self-test clones), or, given host_id, any tt-HOST-... (a shared libvirt)."""
+    logs = hostd / "libvirt" / "log" / "qemu"
+    names = {f.name.removesuffix(".log") for f in logs.glob("*.log")} if logs.is_dir() else set()
+    tpl = [str(r[0]) for r in _rows(hostd, "select domain from templates")]
+    prefix = f"tt-{host_id}-" if host_id and not logs.is_dir() else None
+
+    def ours(name: str) -> bool:
+        if name in names or any(name == t or name.startswith(f"{t}-t") for t in tpl):
+            return True
+        return prefix is not None and name.startswith(prefix)
+
+    return ours
+
+
+_CGROUP_NAME = re.compile(r"(?:machine-)?qemu-\d+-(?P<name>.+?)(?:\.libvirt-qemu|\.scope)")
+
+
+def cgroup_domain(dirname: str) -> str | None:
+    """The domain a libvirt machine cgroup belongs to, from its directory's name
+    (qemu-ID-NAME.libvirt-qemu; machined's machine-qemu\\x2dID\\x2dNAME.scope)."""
+    m = _CGROUP_NAME.fullmatch(dirname.replace("\\x2d", "-"))
+    return m["name"] if m else None
+
+
+def vm_cgroups(ours: Callable[[str], bool] | None = None) -> list[Path]:
+    """cgroups libvirt made for our domains (named after them: tt-HOST-VMID); ours: which domain
+    names count (None: every tt- domain on the machine)."""
+    out: list[Path] = []
+    for ctrl in ("memory", "cpu", "blkio", "pids"):
+        base = Path("/sys/fs/cgroup") / ctrl / "machine"
+        if not base.is_dir():
+            continue
+        for d in base.iterdir():
+            name = cgroup_domain(d.name) if d.is_dir() else None
+            if name is None:
+                if d.is_dir() and "-tt-" in d.name and ours is None:
+                    out.append(d)
+                continue
+            if name.startswith("tt-") and (ours is None or ours(name)):
+                out.append(d)
+    return out
 
 
 def net_leftovers(hostd_state: Path) -> list[str]:
@@ -82,16 +217,6 @@ def net_leftovers(hostd_state: Path) -> list[str]:
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     found = [f"nft table {t}" for t in tables.split() if t == f"ttci_{key}"]
     return found + [f"link {n}" for n in our_links(link_prefixes(key))]
-
-
-def vm_cgroups() -> list[Path]:
-    """cgroups libvirt made for our domains (named after them: tt-HOST-VMID)."""
-    out: list[Path] = []
-    for ctrl in ("memory", "cpu", "blkio", "pids"):
-        base = Path("/sys/fs/cgroup") / ctrl / "machine"
-        if base.is_dir():
-            out += [d for d in base.iterdir() if d.is_dir() and "-tt-" in d.name]
-    return out
 
 
 def configure_client(scheduler: str, token: str, cfg: Path) -> None:

@@ -27,7 +27,8 @@ _FILE = {"application/octet-stream": _BYTES}
 _DIGEST = query_param("digest", "the build's digest (another build: 409)", STR)
 _NAME = path_param("name", "an image name, e.g. qemu:debian-12:amd64")
 _REL = path_param("rel", "one of the files its manifest lists")
-_HOST_OR_ADMIN = [{"hostToken": []}, {"userToken": []}]  # a host's own token, or an admin's
+# A host's own token, or an admin's.
+_HOST_OR_ADMIN: list[dict[str, list[str]]] = [{"hostToken": []}, {"userToken": []}]
 
 
 def scheduler_image_paths() -> dict[str, Spec]:

@@ -5,6 +5,7 @@ token) with python-gitlab and write or print its config.toml section wired to tt
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 from runner_executor.core import runner_toml
 from ttci.infra.extras import require
 from ttci.model.errors import BadInput, TTError
+from ttci.model.units import parse_cpus, parse_duration_s, parse_memory_mib
 
 __all__ = [
     "DEFAULT_TAGS",
@@ -58,7 +60,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--run-untagged", action="store_true", help="also take jobs without tags")
     r.add_argument("--description", default="tt-ci", help="the runner's name in GitLab")
     r.add_argument(
-        "--maximum-timeout", type=int, help="longest job, in seconds, GitLab lets this runner run"
+        "--maximum-timeout",
+        metavar="DURATION",
+        help="longest job GitLab lets this runner run, e.g. 3h (a bare number: seconds)",
     )
     r.add_argument(
         "--config",
@@ -73,9 +77,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--tt-config",
         help="tt client config (scheduler, token) the executor uses (default: its own lookup)",
     )
-    r.add_argument("--max-cpus", type=float, help="most vCPUs a job may ask (TT_CPUS)")
-    r.add_argument("--max-memory", type=int, help="most MiB a job may ask (TT_MEMORY)")
+    r.add_argument("--max-cpus", metavar="N", help="most vCPUs a job may ask (TT_CPUS)")
+    r.add_argument(
+        "--max-memory", metavar="SIZE", help="most memory a job may ask (TT_MEMORY): MiB or 2G"
+    )
     r.add_argument("--limit", type=int, default=0, help="jobs at once on this runner (0: any)")
+    r.add_argument(
+        "--json",
+        action="store_true",
+        help="print the runner (id, type, tags, and its config.toml section unless --config "
+        "wrote it) as JSON",
+    )
     r.set_defaults(func=cmd_register)
 
 
@@ -93,7 +105,7 @@ def runner_attrs(args: argparse.Namespace) -> dict[str, Any]:
     else:
         attrs["runner_type"] = "instance_type"
     if args.maximum_timeout:
-        attrs["maximum_timeout"] = args.maximum_timeout
+        attrs["maximum_timeout"] = int(parse_duration_s(args.maximum_timeout, "--maximum-timeout"))
     return attrs
 
 
@@ -151,9 +163,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     if args.tt_config:
         driver_args += ["--tt-config", args.tt_config]
     if args.max_cpus is not None:
-        driver_args += ["--max-cpus", f"{args.max_cpus:g}"]
+        driver_args += ["--max-cpus", f"{parse_cpus(args.max_cpus, '--max-cpus'):g}"]
     if args.max_memory is not None:
-        driver_args += ["--max-memory", str(args.max_memory)]
+        driver_args += ["--max-memory", str(parse_memory_mib(args.max_memory, "--max-memory"))]
     attrs = runner_attrs(args)
     runner_id, rtoken = create_runner(args.url.rstrip("/"), token, attrs)
     log.info(
@@ -167,6 +179,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         driver_args=tuple(driver_args),
         limit=args.limit,
     ).render()
+    made = {"runner_id": runner_id, "runner_type": attrs["runner_type"], "tags": attrs["tag_list"]}
+    if args.config is None and args.json:
+        print(json.dumps({**made, "config": None, "section": section}, indent=2))
+        return 0
     if args.config is None:
         sys.stdout.write(section)
         print(
@@ -181,5 +197,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     os.fchmod(fd, 0o600)  # it holds the runner's token
     with os.fdopen(fd, "w") as f:
         f.write(runner_toml.merge(old, section, concurrent=4))
-    print(f"runner {runner_id} created; wrote its section to {args.config}")
+    if args.json:
+        print(json.dumps({**made, "config": str(args.config)}, indent=2))
+    else:
+        print(f"runner {runner_id} created; wrote its section to {args.config}")
     return 0

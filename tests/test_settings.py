@@ -154,7 +154,7 @@ def test_the_defaults_are_the_old_ones() -> None:
         None,
         "repo",
     )
-    assert (w.runner_group_id, w.label, w.max_age, w.cpus, w.mem, w.disk) == (
+    assert (w.runner_group_id, w.label, w.max_age, w.cpus, w.memory, w.disk) == (
         1,
         "tt",
         3600.0,
@@ -163,7 +163,7 @@ def test_the_defaults_are_the_old_ones() -> None:
         0,
     )
     assert (w.life_time, w.runner_dir, w.push_runner, w.jit_via) == (
-        "6h",
+        21600.0,  # 6h
         "/opt/actions-runner",
         None,
         "env",

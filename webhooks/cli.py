@@ -22,6 +22,7 @@ from ttci.infra.tls import check_ca, tls_files
 from ttci.infra.web_server import make_server
 from ttci.model.egress import parse_egress
 from ttci.model.errors import TTError
+from ttci.wire.envs import parse_duration
 from webhooks.app import create_app
 from webhooks.core.egress import RepoEgress, parse_egress_file
 from webhooks.github_api import GitHubAPI, GitHubConfig
@@ -76,9 +77,9 @@ def _settings(a: argparse.Namespace) -> Settings:
         marker=a.label,
         max_age_s=a.max_age,
         vm_cpus=a.cpus,
-        vm_memory_mib=a.mem,
+        vm_memory_mib=a.memory,
         vm_disk_gib=a.disk,
-        life_time=a.life_time,
+        life_time=f"{parse_duration(a.life_time)}s",  # 10 s .. 30 days, refused at start
         runner_dir=a.runner_dir,
         runner_push_dir=a.push_runner,
         jit_via=a.jit_via,

@@ -28,6 +28,7 @@ from ttci.infra.settings import add_setting
 from ttci.model.errors import BadInput, TTError
 from ttci.model.manifest import Manifest
 from ttci.model.naming import parse_arch, parse_profile, parse_release
+from ttci.model.units import parse_duration_s
 
 __all__ = [
     "cmd_build",
@@ -74,7 +75,12 @@ def register(
     c.add_argument("names", nargs="*", help="image names or unique prefixes")
     c.add_argument("--all", action="store_true", help="check every image on this host")
     c.add_argument("--json", action="store_true", help="print results as JSON")
-    c.add_argument("--timeout", type=float, default=90, help="seconds to wait for the agent")
+    c.add_argument(
+        "--timeout",
+        default="90",
+        metavar="DURATION",
+        help="how long to wait for the agent, e.g. 90s, 5m (default 90 s)",
+    )
     add_setting(c, "image-path")
     c.set_defaults(func=cmd_check)
 
@@ -126,7 +132,11 @@ def _register_build(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=os.cpu_count() or 1,
         help="images built at once (default: one per core)",
     )
-    b.add_argument("--json", action="store_true", help="print manifests as JSON")
+    b.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the manifests as JSON on stdout (progress goes to stderr)",
+    )
     for s in ("image-path", "cache-dir", "mirror"):
         add_setting(b, s)
     b.set_defaults(func=cmd_build)
@@ -138,6 +148,7 @@ def _register_prune_and_warm(isub: argparse._SubParsersAction[argparse.ArgumentP
         help="remove build-cache trees no image here was made from, and the snapshot "
         "templates of images that are gone or were rebuilt",
     )
+    pr.add_argument("--json", action="store_true", help="print what was removed as JSON")
     add_setting(pr, "image-path")
     add_setting(pr, "cache-dir")
     add_setting(pr, "state-dir")
@@ -154,6 +165,7 @@ def _register_prune_and_warm(isub: argparse._SubParsersAction[argparse.ArgumentP
         metavar="CPUSxMIB[xGIB]",
         help="VM size to warm, e.g. 1x512 or 2x1024x8 (repeatable; default 1x512)",
     )
+    w.add_argument("--json", action="store_true", help="print the templates made as JSON")
     add_setting(w, "image-path")
     add_setting(w, "hostd-listen")
     add_setting(w, "hostd-token")
@@ -218,7 +230,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise BadInput(f"--jobs {args.jobs} is below 1", hint="pass --jobs 1 or more")
     names = ", ".join(str(s.name) for s in specs)
-    out.print(
+    con = Console(stderr=True) if args.json else out  # --json: stdout holds the JSON alone
+    con.print(
         f"[bold]building {len(specs)} image(s), {args.jobs} at a time:[/bold] {names}",
         highlight=False,
     )
@@ -228,7 +241,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         nonlocal done
         done += 1
         word = "built" if built else "up to date"
-        out.print(
+        con.print(
             f"({done}/{len(specs)}) {manifest.name}: {word}, disk "
             f"{manifest.disk.size >> 20} MiB, kernel {manifest.kernel_version}",
             highlight=False,
@@ -266,13 +279,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         images = [find(args.image_path, n) for n in args.names]
     else:
         raise BadInput("which image?", hint="tt image check qemu:debian-12:arm64, or --all")
+    timeout = parse_duration_s(args.timeout, "--timeout")
     results: list[CheckResult] = []
     failures: list[str] = []
     for img in images:
         if not args.json:
             out.print(f"booting {img.name} ...", highlight=False)
         try:
-            results.append(check_image(img, timeout=args.timeout))
+            results.append(check_image(img, timeout=timeout))
         except TTError as e:
             failures.append(f"{img.name}: {e}")
     if args.json:
@@ -371,11 +385,13 @@ def cmd_warm(args: argparse.Namespace) -> int:
     images = [find(args.image_path, n) for n in args.names]
     sizes = [parse_vm_size(s) for s in args.size or ["1x512"]]
     failed = 0
+    con = Console(stderr=True) if args.json else out  # --json: stdout holds the JSON alone
+    made: list[dict[str, Any]] = []
     for img in images:
         for cpus, mem, disk in sizes:
             body: dict[str, Any] = {"image": img.name, "cpus": cpus, "memory_mib": mem}
             body["disk_gib"] = disk
-            out.print(f"warming {img.name} {cpus:g}x{mem}x{disk or 'image'} ...", highlight=False)
+            con.print(f"warming {img.name} {cpus:g}x{mem}x{disk or 'image'} ...", highlight=False)
             r = requests.post(
                 f"http://{args.listen}/v1/templates",
                 json=body,
@@ -384,10 +400,13 @@ def cmd_warm(args: argparse.Namespace) -> int:
             )
             if r.status_code == 201:
                 row = r.json()
-                out.print(f"  ready: template {row['id']} ({row['bytes'] >> 20} MiB)")
+                made.append(row)
+                con.print(f"  ready: template {row['id']} ({row['bytes'] >> 20} MiB)")
             else:
                 failed += 1
                 print(f"error: {img.name}: {r.status_code} {r.text.strip()[:500]}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"templates": made, "failed": failed}, indent=2))
     return 1 if failed else 0
 
 
@@ -411,17 +430,23 @@ def cmd_list_pool(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    say = (lambda _: None) if args.json else print  # --json: one document at the end
     removed = prune_cache(args.image_path, args.cache_dir)
     for tree in removed:
-        print(f"removed {tree}")
-    print(f"{len(removed)} cache tree(s) removed")
-    for staged in remove_partial(Path(args.image_path)):
-        print(f"removed the partial pull {staged}")
+        say(f"removed {tree}")
+    say(f"{len(removed)} cache tree(s) removed")
+    partial = remove_partial(Path(args.image_path))
+    for staged in partial:
+        say(f"removed the partial pull {staged}")
     state_dir = Path(args.state_dir)
+    gone: list[dict[str, Any]] = []
     if (state_dir / "hostd.db").exists():
         templates = Templates(open_store(state_dir), state_dir / "templates", "", None)
         gone = templates.collect(scan(args.image_path)[0])
         for row in gone:
-            print(f"removed template {row['id']} of {row['image']} ({row['bytes'] >> 20} MiB)")
-        print(f"{len(gone)} template(s) removed")
+            say(f"removed template {row['id']} of {row['image']} ({row['bytes'] >> 20} MiB)")
+        say(f"{len(gone)} template(s) removed")
+    if args.json:
+        shown = {"cache_trees": removed, "partial_pulls": partial, "templates": gone}
+        print(json.dumps(shown, indent=2, default=str))
     return 0

@@ -24,6 +24,7 @@ from ttci.model.naming import (
     parse_os,
     parse_target,
 )
+from ttci.model.units import parse_cpus, parse_disk_gib, parse_memory_mib
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest
 from ttci.wire.envs import EnvRequest
 from ttci.wire.queue import WaitOptions, parse_wait_seconds
@@ -261,28 +262,19 @@ class Size:
     disk_gib: int
 
 
-def _memory_mib(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*(m|mb|mib|g|gb|gib)?\s*", text.lower())
-    if not m:
-        raise JobError(f"TT_MEMORY {text!r} does not parse", hint="write MiB, e.g. 2048 or 2G")
-    return int(m[1]) * (1024 if (m[2] or "m").startswith("g") else 1)
-
-
 def size(jv: Mapping[str, str], limits: Limits) -> Size:
-    """The VM's size from TT_CPUS, TT_MEMORY (MiB, or `2G`) and TT_DISK (GiB), within limits."""
+    """The VM's size from TT_CPUS, TT_MEMORY (MiB, or `2G`) and TT_DISK (GiB, or `20G`), within
+    limits; the spelling is ttci/model/units.py's, as for `tt job run --cpus/--memory/--disk`."""
     cpus, mem, disk = limits.cpus, limits.memory_mib, limits.disk_gib
-    if jv.get("TT_CPUS", "").strip():
-        try:
-            cpus = float(jv["TT_CPUS"])
-        except ValueError:
-            raise JobError(f"TT_CPUS {jv['TT_CPUS']!r} is not a number", hint="e.g. 2") from None
-    if jv.get("TT_MEMORY", "").strip():
-        mem = _memory_mib(jv["TT_MEMORY"])
-    if jv.get("TT_DISK", "").strip():
-        try:
-            disk = int(jv["TT_DISK"].strip().lower().removesuffix("g"))
-        except ValueError:
-            raise JobError(f"TT_DISK {jv['TT_DISK']!r} is not GiB", hint="e.g. 20") from None
+    try:
+        if jv.get("TT_CPUS", "").strip():
+            cpus = parse_cpus(jv["TT_CPUS"], "TT_CPUS")
+        if jv.get("TT_MEMORY", "").strip():
+            mem = parse_memory_mib(jv["TT_MEMORY"], "TT_MEMORY")
+        if jv.get("TT_DISK", "").strip():
+            disk = parse_disk_gib(jv["TT_DISK"], "TT_DISK")
+    except BadInput as e:
+        raise JobError(e.message, hint=e.hint) from None
     problems = []
     if not 0.1 <= cpus <= limits.max_cpus:
         problems.append(f"TT_CPUS {cpus:g} is outside 0.1..{limits.max_cpus:g}")

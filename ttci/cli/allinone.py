@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -197,6 +198,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="let VMs reach outside through NAT (default: they reach nothing but port maps)",
     )
+    u.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line when the cloud is up (addresses, logs, config), nothing else "
+        "on stdout",
+    )
     add_setting(u, "state-dir")
     add_setting(u, "image-path")
     u.set_defaults(func=cmd_up)
@@ -213,17 +220,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         mem_total=args.mem_total,
         allow_outgoing=args.allow_outgoing,
     ) as stack:
+        path = None
         if not args.no_config:
             path = config.save(f"http://{stack.scheduler}", stack.token)  # even with TT_CA_FILE
-            print(f"client configured in {path}")
-        print(
-            f"TT CI is up: scheduler {stack.scheduler}, hostd {stack.hostd}; logs in "
-            f"{stack.state_dir}. Ctrl-C stops it and deletes every VM.",
-            flush=True,
-        )
+            if not args.json:
+                print(f"client configured in {path}")
+        if args.json:
+            up = {"scheduler": stack.scheduler, "hostd": stack.hostd, "logs": str(stack.state_dir)}
+            print(json.dumps({**up, "config": str(path) if path else None}), flush=True)
+        else:
+            print(
+                f"TT CI is up: scheduler {stack.scheduler}, hostd {stack.hostd}; logs in "
+                f"{stack.state_dir}. Ctrl-C stops it and deletes every VM.",
+                flush=True,
+            )
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("stopping ...", flush=True)
+            print("stopping ...", file=sys.stderr if args.json else sys.stdout, flush=True)
     return 0

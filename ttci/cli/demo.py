@@ -5,6 +5,7 @@ matrix cell, runs the job on all of them at once, prints the results and tears e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -45,27 +46,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--arch", action="append", help=f"matrix arch (default {', '.join(MATRIX_ARCH)})"
     )
     d.add_argument("--cmd", default=JOB, help="the job's shell command")
+    d.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the results as JSON on stdout (the progress goes to stderr)",
+    )
     for s in ("image-path", "cache-dir", "mirror"):
         add_setting(d, s)
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    con = Console(stderr=True) if args.json else out  # --json: stdout holds the JSON alone
     cells = [
         (parse_release(o), parse_arch(a))
         for o in (args.os or MATRIX_OS)
         for a in (args.arch or MATRIX_ARCH)
     ]
     names = [f"qemu:{r.name}:{a.value}" for r, a in cells]
-    out.print(
+    con.print(
         f"[bold]matrix[/bold]: {len(cells)} jobs: "
         + ", ".join(f"{r.name}/{a.value}" for r, a in cells),
         highlight=False,
     )
-    out.print("[bold]1. images[/bold] (built once, then cached)", highlight=False)
-    _build_images(args, cells)
+    con.print("[bold]1. images[/bold] (built once, then cached)", highlight=False)
+    _build_images(args, cells, con)
     with tempfile.TemporaryDirectory(prefix="tt-demo-") as tmp:
-        out.print(
+        con.print(
             "[bold]2. starting the all-in-one cloud[/bold] (scheduler, hostd, libvirtd)",
             highlight=False,
         )
@@ -76,7 +83,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             hostd_listen=f"127.0.0.1:{_free_port()}",
         ) as stack:
             client = Client(config.ClientConfig(stack.scheduler, stack.token))
-            shown, results = _run_job(client, ",".join(names), args.cmd)
+            shown, results = _run_job(client, ",".join(names), args.cmd, con)
+        if args.json:
+            print(json.dumps(_results_json(shown, results), indent=2))
         t = Table(title="matrix results (every VM is gone again)")
         for col in ("VM", "image", "accel", "boot", "job"):
             t.add_column(col)
@@ -88,12 +97,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"{vm['boot_s']:.1f} s",
                 results.get(vm["name"], "no result"),
             )
-        out.print(t)
+        con.print(t)
     failed = [r for r in results.values() if r != "ok"]
     return 1 if failed or len(results) != len(cells) else 0
 
 
-def _build_images(args: argparse.Namespace, cells: list[tuple[Release, Arch]]) -> None:
+def _results_json(shown: dict[str, Any], results: dict[str, str]) -> dict[str, Any]:
+    vms = [
+        {
+            "name": vm["name"],
+            "image": vm["image"],
+            "accel": vm["accel"],
+            "boot_s": vm["boot_s"],
+            "result": results.get(vm["name"], "no result"),
+        }
+        for vm in shown["vms"]
+    ]
+    return {"ok": all(v["result"] == "ok" for v in vms), "vms": vms}
+
+
+def _build_images(
+    args: argparse.Namespace, cells: list[tuple[Release, Arch]], con: Console
+) -> None:
     for release in dict.fromkeys(r for r, _ in cells):
         arches = [a.value for r, a in cells if r == release]
         # The image builder is hostd's: run it as hostd's own command, whose progress shows live.
@@ -111,37 +136,39 @@ def _build_images(args: argparse.Namespace, cells: list[tuple[Release, Arch]]) -
                 "--mirror",
                 args.mirror,
             ],
-            on_line=lambda line: out.print(f"   {line}", highlight=False, markup=False),
+            on_line=lambda line: con.print(f"   {line}", highlight=False, markup=False),
             env={k: v for k, v in os.environ.items() if k.startswith("TT_")},
         )
 
 
-def _run_job(client: Client, prefix: str, cmd: str) -> tuple[dict[str, Any], dict[str, str]]:
+def _run_job(
+    client: Client, prefix: str, cmd: str, con: Console
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Steps 3-5: the ENV, the job on all its VMs, the ENV deleted. Returns the ENV as it was
     shown and each VM's result."""
-    out.print(f"[bold]3. tt env add demo --os-prefix {prefix}[/bold]", highlight=False)
+    con.print(f"[bold]3. tt env add demo --os-prefix {prefix}[/bold]", highlight=False)
     t0 = time.monotonic()
     env = client.create_env(
         EnvRequest("demo", prefix, memory_mib=512, life_s=parse_duration("15m"))
     )
-    out.print(
+    con.print(
         f"   {env['vm_count']} fresh VMs up in {time.monotonic() - t0:.1f} s", highlight=False
     )
-    out.print("[bold]4. tt env run demo --cmd ...[/bold]", highlight=False)
+    con.print("[bold]4. tt env run demo --cmd ...[/bold]", highlight=False)
     results: dict[str, str] = {}
     for ev in client.exec("demo", ExecRequest.shell(cmd)):
         if ev.kind in (EventKind.STDOUT, EventKind.STDERR):
             for line in ev.data.decode(errors="replace").splitlines():
-                out.print(f"   [{ev.vm}] {line}", highlight=False, markup=False)
+                con.print(f"   [{ev.vm}] {line}", highlight=False, markup=False)
         elif ev.status is not None:
             results[ev.vm] = "ok" if ev.status.ok else f"exit {ev.status.code}"
         elif ev.kind is EventKind.ERROR:
             results[ev.vm] = f"error: {ev.message}"
     shown = client.show_env("demo")
-    out.print("[bold]5. tt env del demo[/bold]", highlight=False)
+    con.print("[bold]5. tt env del demo[/bold]", highlight=False)
     t1 = time.monotonic()
     client.delete_env("demo")
-    out.print(f"   deleted in {time.monotonic() - t1:.1f} s", highlight=False)
+    con.print(f"   deleted in {time.monotonic() - t1:.1f} s", highlight=False)
     return shown, results
 
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Iterable
@@ -19,12 +16,15 @@ from rich.table import Table
 
 from ttci.cli import env_wait
 from ttci.cli.egress_args import add_egress_args
+from ttci.cli.env_files import cmd_env_get, cmd_env_push, register_files
+from ttci.cli.size_args import add_size_args, vm_size
 from ttci.cli.ssh_exec import ssh_events
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.model.egress import parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports
+from ttci.model.units import parse_duration_s
 from ttci.wire.commands import EventKind, ExecEvent, ExecRequest, ExitStatus
 from ttci.wire.envs import EnvRequest, parse_duration
 
@@ -32,6 +32,7 @@ __all__ = [
     "cmd_config",
     "cmd_env_add",
     "cmd_env_del",
+    "cmd_env_extend",
     "cmd_env_get",
     "cmd_env_list",
     "cmd_env_push",
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument(
         "--ca", metavar="PATH", help='CA (PEM) that verifies an https scheduler ("" removes it)'
     )
+    c.add_argument("--json", action="store_true", help="print JSON (the token never shown)")
     c.set_defaults(func=cmd_config)
 
     s = sub.add_parser("status", help="the scheduler's state (--server: every host)")
@@ -75,7 +77,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_status)
 
-    env = sub.add_parser("env", help="ENVs: groups of fresh VMs (add/list/show/run/push/get/del)")
+    env = sub.add_parser(
+        "env", help="ENVs: groups of fresh VMs (add/list/show/run/push/get/extend/del)"
+    )
     es = env.add_subparsers(dest="env_cmd", required=True, metavar="VERB")
     _register_add(es)
     ls = es.add_parser("list", help="list your ENVs")
@@ -87,10 +91,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sh.add_argument("--json", action="store_true", help="print JSON")
     sh.set_defaults(func=cmd_env_show)
     _register_run(es)
-    _register_files(es)
+    register_files(es)
+
+    x = es.add_parser("extend", help="let an ENV live longer: LIFE-TIME from now")
+    x.add_argument("name", help="ENV name")
+    x.add_argument(
+        "--life-time",
+        required=True,
+        metavar="DURATION",
+        help="it is deleted this long from now (never sooner than before), e.g. 1h, 90m",
+    )
+    x.add_argument("--json", action="store_true", help="print the ENV as JSON")
+    x.set_defaults(func=cmd_env_extend)
 
     d = es.add_parser("del", help="delete an ENV and all its VMs")
     d.add_argument("name", help="ENV name")
+    d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(func=cmd_env_del)
 
 
@@ -102,11 +118,14 @@ def _register_add(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         required=True,
         help="comma separated image prefixes, e.g. debian-12,qemu:debian-13:arm64",
     )
-    a.add_argument("--cpu", type=float, default=1, help="vCPUs per VM (default 1)")
-    a.add_argument("--mem", type=int, default=512, help="MiB of memory per VM (default 512)")
-    a.add_argument("--disk", type=int, default=0, help="GiB of disk per VM (default: image size)")
+    add_size_args(a, "per VM", memory_default=512)
     a.add_argument("--dup-each", type=int, default=1, help="VMs per matching image (default 1)")
-    a.add_argument("--life-time", default="1h", help="deleted after this long (default 1h)")
+    a.add_argument(
+        "--life-time",
+        default="1h",
+        metavar="DURATION",
+        help="deleted after this long, e.g. 90m, 2h (default 1h)",
+    )
     a.add_argument(
         "--vm-port",
         help="VM ports to reach from outside, e.g. 22,8080,53/udp (host ports are chosen and "
@@ -144,8 +163,14 @@ def _register_run(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r = es.add_parser("run", help="run a command on every VM of an ENV at once")
     r.add_argument("name", help="ENV name")
     r.add_argument("--cmd", required=True, help="shell command to run (/bin/sh -c)")
-    r.add_argument("--timeout", type=float, help="seconds before the command is killed")
-    r.add_argument("--json", action="store_true", help="print one JSON event per line")
+    r.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        help="kill the command after this long, e.g. 90s, 10m (a bare number: seconds)",
+    )
+    r.add_argument(
+        "--json", action="store_true", help="print one JSON event per line (NDJSON), only that"
+    )
     r.add_argument(
         "--vm", action="append", help="run only on this VM (repeatable; default: every VM)"
     )
@@ -160,30 +185,20 @@ def _register_run(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.set_defaults(func=cmd_env_run)
 
 
-def _register_files(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = es.add_parser("push", help="copy a local file or directory into every VM")
-    p.add_argument("name", help="ENV name")
-    p.add_argument("src", type=Path, help="local file or directory")
-    p.add_argument("dest", help="absolute directory in the VMs (created if missing)")
-    p.set_defaults(func=cmd_env_push)
-
-    g = es.add_parser("get", help="copy a file or directory out of every VM")
-    g.add_argument("name", help="ENV name")
-    g.add_argument("src", help="absolute path in the VMs")
-    g.add_argument("dest", type=Path, help="local directory; each VM's copy goes into DEST/VM/")
-    g.set_defaults(func=cmd_env_get)
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     if args.server is None and args.token is None and args.ca is None:
         cfg = config.load()
+        if args.json:
+            shown = {"server": cfg.server, "url": cfg.url, "token": bool(cfg.token)}
+            print(json.dumps({**shown, "ca": str(cfg.ca) if cfg.ca else None}, indent=2))
+            return 0
         print(f"server: {cfg.server}\ntoken: {'set' if cfg.token else 'not set'}")
         print(f"url: {cfg.url}" + (f" (CA {cfg.ca})" if cfg.ca else ""))
         return 0
     from_stdin = args.token == "-"  # noqa: S105 (the stdin marker, no password)
     token = sys.stdin.readline().strip() if from_stdin else args.token
     path = config.save(args.server, token, args.ca)
-    print(f"saved {path}")
+    print(json.dumps({"saved": str(path)}) if args.json else f"saved {path}")
     return 0
 
 
@@ -308,12 +323,13 @@ def _show_egress(eg: dict[str, Any]) -> None:
 
 
 def cmd_env_add(args: argparse.Namespace) -> int:
+    cpus, memory_mib, disk_gib = vm_size(args)
     req = EnvRequest(
         name=args.name,
         os_prefix=args.os_prefix,
-        cpus=args.cpu,
-        memory_mib=args.mem,
-        disk_gib=args.disk,
+        cpus=cpus,
+        memory_mib=memory_mib,
+        disk_gib=disk_gib,
         dup_each=args.dup_each,
         life_s=parse_duration(args.life_time),
         deny_outgoing=args.deny_outgoing,
@@ -384,17 +400,24 @@ def cmd_env_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timeout(text: str | None) -> float | None:
+    """`tt env run --timeout DURATION` (a bare number: seconds, as before); None: no limit."""
+    if text is None:
+        return None
+    seconds = parse_duration_s(text, "--timeout")
+    if not 0 < seconds <= 30 * 86400:
+        raise BadInput(f"--timeout {text!r} is outside 0 .. 30 days", hint="e.g. 90s or 10m")
+    return seconds
+
+
 def cmd_env_run(args: argparse.Namespace) -> int:
-    req = ExecRequest.shell(
-        args.cmd, timeout=args.timeout or None, vms=tuple(args.vm) if args.vm else None
-    )
+    timeout = _timeout(args.timeout)
+    req = ExecRequest.shell(args.cmd, timeout=timeout, vms=tuple(args.vm) if args.vm else None)
     client = _client()
     env_vms = client.get(f"/v1/envs/{args.name}")["vms"]
     vms = [v["name"] for v in env_vms if not args.vm or v["name"] in args.vm]
     events = (
-        ssh_events(
-            env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=args.timeout
-        )
+        ssh_events(env_vms, vms, args.cmd, user=args.ssh_user, key=args.ssh_key, timeout=timeout)
         if args.use_ssh
         else client.exec(args.name, req)
     )
@@ -444,44 +467,22 @@ def _exit_word(st: ExitStatus) -> str:
     return "ok" if st.code == 0 else f"exit {st.code}"
 
 
-def cmd_env_push(args: argparse.Namespace) -> int:
-    if not args.src.exists():
-        raise BadInput(f"{args.src} does not exist", hint="give a local file or directory")
-    if not args.dest.startswith("/"):
-        raise BadInput(f"destination {args.dest!r} is not absolute", hint="e.g. /root/src")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(args.src, arcname=args.src.resolve().name)
-    res = _client().push(args.name, args.dest, buf.getvalue())
-    bad = [r for r in res if not r["ok"]]
-    for r in res:
-        print(f"[{r['vm']}] " + ("ok" if r["ok"] else f"failed: {r['error']}"))
-    return 1 if bad else 0
-
-
-def cmd_env_get(args: argparse.Namespace) -> int:
-    res = _client().get_files(args.name, args.src)
-    bad = 0
-    for r in res:
-        if not r["ok"]:
-            bad += 1
-            print(f"[{r['vm']}] failed: {r['error']}")
-            continue
-        target = args.dest / r["vm"]
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(r["data"]))) as tar:
-                tar.extractall(target, filter="data")
-        except tarfile.TarError as e:
-            bad += 1
-            print(f"[{r['vm']}] refused to unpack: {e}")
-            continue
-        print(f"[{r['vm']}] -> {target}")
-    return 1 if bad else 0
+def cmd_env_extend(args: argparse.Namespace) -> int:
+    life_s = parse_duration(args.life_time)  # refused here, before the scheduler is asked
+    env = _client().extend_env(args.name, f"{life_s}s")
+    if args.json:
+        print(json.dumps(env, indent=2))
+    else:
+        print(f"ENV {env['name']} now expires at {env['expires_at']}")
+    return 0
 
 
 def cmd_env_del(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     _client().delete_env(args.name)
-    print(f"ENV {args.name} deleted in {time.monotonic() - t0:.1f} s")
+    took = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({"name": args.name, "deleted": True, "seconds": round(took, 3)}))
+    else:
+        print(f"ENV {args.name} deleted in {took:.1f} s")
     return 0

@@ -16,13 +16,14 @@ job_output and the tar helpers artifacts.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ttci.cli.artifacts import empty_tar, git_archive, tar_dir
 from ttci.cli.egress_args import add_egress_args
-from ttci.cli.job_output import print_summary
+from ttci.cli.job_output import outcomes_json, print_summary
 from ttci.cli.job_plan import (
     EXIT_QUEUE_TIMEOUT,
     EXIT_TIMEOUT,
@@ -33,6 +34,7 @@ from ttci.cli.job_plan import (
     parse_targets,
 )
 from ttci.cli.job_runner import Job
+from ttci.cli.size_args import add_size_args, vm_size
 from ttci.client import config
 from ttci.client.scheduler import Client
 from ttci.model.egress import parse_egress
@@ -59,18 +61,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "within --max-wait (nothing ran; retry later); 130 when interrupted; 2 for bad input; "
         "1 for other errors.",
     )
-    r.add_argument("--os", required=True, help="OS release(s), comma separated, e.g. debian-12")
-    r.add_argument("--arch", required=True, help="architecture(s), comma separated, e.g. arm64")
-    r.add_argument("--cpu", type=float, default=1, help="vCPUs of the VM (default 1)")
-    r.add_argument("--mem", type=int, default=1024, help="MiB of memory of the VM (default 1024)")
-    r.add_argument("--disk", type=int, default=0, help="GiB of disk (default: the image's)")
-    r.add_argument("--timeout", default="1h", help="kill the command after this long (1h)")
+    r.add_argument(
+        "--os",
+        required=True,
+        metavar="TARGET",
+        help="OS release(s), comma separated, e.g. debian-12; a word may name its "
+        "architecture too (the target grammar: debian-12:arm64, debian-12+systemd:amd64)",
+    )
+    r.add_argument(
+        "--arch",
+        help="architecture(s), comma separated, e.g. arm64 (for --os words without one)",
+    )
+    add_size_args(r, "of the VM", memory_default=1024)
+    r.add_argument(
+        "--timeout",
+        default="1h",
+        metavar="DURATION",
+        help="kill the command after this long, e.g. 30m, 2h (default 1h)",
+    )
     r.add_argument(
         "--max-wait",
         metavar="DURATION",
         help="wait at most this long in the queue for a VM, e.g. 90s, 10m, 2h (default: as "
         f"long as it takes); past it the target fails with exit code {EXIT_QUEUE_TIMEOUT}",
     )
+    _add_copy_args(r)
+    r.add_argument("--script", type=Path, help="run this local script instead of a COMMAND")
+    add_egress_args(r, "the VM")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only output")
+    r.add_argument(
+        "--json",
+        action="store_true",
+        help="print only a JSON summary on stdout (each target's result, exit code, times, "
+        "artifacts); the commands' output goes to stderr",
+    )
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    r.set_defaults(func=cmd_job_run)
+
+
+def _add_copy_args(r: argparse.ArgumentParser) -> None:
+    """What goes into the VM and what comes back."""
     r.add_argument(
         "--artifact",
         action="append",
@@ -94,11 +124,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PATTERN",
         help="leave out matching files when copying the working directory; repeatable",
     )
-    r.add_argument("--script", type=Path, help="run this local script instead of a COMMAND")
-    add_egress_args(r, "the VM")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only output")
-    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
-    r.set_defaults(func=cmd_job_run)
 
 
 def _spec(args: argparse.Namespace) -> JobSpec:
@@ -131,12 +156,13 @@ def _spec(args: argparse.Namespace) -> JobSpec:
     else:
         upload = lambda: tar_dir(here, args.exclude)  # noqa: E731
     default_dir = Path("tt-artifacts") if len(targets) > 1 else Path()
+    cpus, memory_mib, disk_gib = vm_size(args)
     return JobSpec(
         targets=targets,
         argv=argv,
-        cpus=args.cpu,
-        memory_mib=args.mem,
-        disk_gib=args.disk,
+        cpus=cpus,
+        memory_mib=memory_mib,
+        disk_gib=disk_gib,
         timeout_s=parse_duration(args.timeout),
         artifacts=args.artifact,
         artifact_dir=args.artifact_dir or default_dir,
@@ -146,6 +172,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         max_wait_s=max_wait,
         allow_egress=parse_egress(args.allow_egress),
         egress_audit=args.egress_audit,
+        json_out=args.json,
     )
 
 
@@ -155,6 +182,9 @@ def cmd_job_run(args: argparse.Namespace) -> int:
         local_parent(a, spec.artifact_dir)  # refuse bad paths before any VM exists
     job = Job(spec, Client(config.load()), dict(os.environ))
     outcomes = job.run_all()
-    if len(outcomes) > 1 or not spec.quiet:
+    code = job_exit(outcomes)
+    if spec.json_out:
+        print(json.dumps(outcomes_json(outcomes, code), indent=2), flush=True)
+    elif len(outcomes) > 1 or not spec.quiet:
         print_summary(outcomes)
-    return job_exit(outcomes)
+    return code

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from rich.console import Console
 from rich.table import Table
 
 from ttci.cli.job_plan import Outcome
 
-__all__ = ["Output", "err", "print_summary"]
+__all__ = ["Output", "err", "outcomes_json", "print_summary"]
 
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
@@ -20,13 +20,15 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 class Output:
     """Writes a target's output: raw for one target, line-prefixed for a matrix."""
 
-    def __init__(self, prefix: bool) -> None:
+    def __init__(self, prefix: bool, all_to_stderr: bool = False) -> None:
         self.prefix = prefix
+        self.all_to_stderr = all_to_stderr  # --json: stdout is the summary's alone
         self.lock = threading.Lock()
         self.partial: dict[tuple[str, str], bytes] = {}
 
     def _stream(self, kind: str) -> BinaryIO:
-        return sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
+        to_stdout = kind == "stdout" and not self.all_to_stderr
+        return sys.stdout.buffer if to_stdout else sys.stderr.buffer
 
     def write(self, label: str, kind: str, data: bytes) -> None:
         with self.lock:
@@ -71,3 +73,30 @@ def print_summary(outcomes: list[Outcome]) -> None:
             str(len(o.artifacts)),
         )
     err.print(t)
+
+
+def outcomes_json(outcomes: list[Outcome], code: int) -> dict[str, Any]:
+    """`tt job run --json`: the job's exit code and each target's outcome."""
+    return {
+        "exit_code": code,
+        "targets": [
+            {
+                "target": o.target.os_prefix,
+                "os": o.target.os,
+                "arch": o.target.arch.value,
+                "env": o.env,
+                "image": o.image,
+                "host": o.host,
+                "accel": o.accel,
+                "queued_s": round(o.queued_s, 3),
+                "boot_s": round(o.boot_s, 3),
+                "run_s": round(o.run_s, 3),
+                "exit_code": o.code,
+                "result": o.summary,
+                "error": o.error,
+                "queue_timeout": o.queue_timeout,
+                "artifacts": o.artifacts,
+            }
+            for o in outcomes
+        ],
+    }

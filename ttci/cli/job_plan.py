@@ -3,7 +3,6 @@ to operators, the requests sent to the scheduler, artifact paths and exit codes.
 
 from __future__ import annotations
 
-import itertools
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +12,13 @@ from ttci.model.egress import EgressRule
 from ttci.model.errors import BadInput
 from ttci.model.naming import (
     DEFAULT_PROFILE,
+    ENGINES,
     Target,
     image_targets,
     images_serving,
     parse_arch,
     parse_os,
+    parse_target,
 )
 from ttci.wire.commands import ExecEvent, ExecRequest
 from ttci.wire.envs import EnvRequest
@@ -61,16 +62,28 @@ EXIT_QUEUE_TIMEOUT = 75  # EX_TEMPFAIL (sysexits.h): no VM within --max-wait, no
 QUEUE_LINE_EVERY_S = 30.0  # a waiting target's line: when its place changes, else this often
 
 
-def parse_targets(oses: str, arches: str) -> list[Target]:
-    """`--os a,b --arch x,y` -> every combination, in order (the one target grammar)."""
-    os_list = [parse_os(o, "--os") for o in oses.split(",") if o.strip()]
-    arch_list = [parse_arch(a) for a in arches.split(",") if a.strip()]
-    if not os_list or not arch_list:
-        raise BadInput("--os and --arch must name at least one value", hint="--os debian-12")
-    out = [
-        Target(release, arch, profile or DEFAULT_PROFILE, "--os/--arch")
-        for (release, profile), arch in itertools.product(os_list, arch_list)
-    ]
+def parse_targets(oses: str, arches: str | None) -> list[Target]:
+    """`--os a,b --arch x,y` -> every combination, in order. An --os word is the one target
+    grammar (ttci/model/naming.py): one that names its architecture (`debian-12:arm64`) is
+    that target alone; the others pair with every --arch."""
+    words = [o.strip() for o in oses.split(",") if o.strip()]
+    arch_list = [parse_arch(a) for a in (arches or "").split(",") if a.strip()]
+    if not words:
+        raise BadInput("--os must name at least one value", hint="--os debian-12 --arch amd64")
+    out: list[Target] = []
+    for word in words:
+        if ":" in word.removeprefix(f"{ENGINES[0]}:"):  # the word names its architecture
+            out.append(parse_target(word, what="--os", source="--os"))
+            continue
+        release, profile = parse_os(word.removeprefix(f"{ENGINES[0]}:"), "--os")
+        if not arch_list:
+            raise BadInput(
+                f"--os {word} names no architecture and --arch is missing",
+                hint=f"--os {word} --arch amd64, or --os {word}:amd64",
+            )
+        out += [
+            Target(release, arch, profile or DEFAULT_PROFILE, "--os/--arch") for arch in arch_list
+        ]
     return list(dict.fromkeys(out))
 
 
@@ -181,6 +194,7 @@ class JobSpec:
     max_wait_s: float | None = None  # longest wait in the admission queue (None: no limit)
     allow_egress: tuple[EgressRule, ...] = ()  # what the VM may reach outside (): anything
     egress_audit: bool = False  # block nothing, count what the list would block
+    json_out: bool = False  # stdout holds only the JSON summary; the commands' output: stderr
 
 
 @dataclass

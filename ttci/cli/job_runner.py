@@ -49,7 +49,7 @@ class Job:
         self.client = client
         self.environ = environ
         self.tag = secrets.token_hex(3)
-        self.out = Output(prefix=len(spec.targets) > 1)
+        self.out = Output(prefix=len(spec.targets) > 1, all_to_stderr=spec.json_out)
         self.interrupted = threading.Event()
         self._deleted: set[str] = set()
         self._lock = threading.Lock()

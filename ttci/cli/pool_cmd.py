@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls.set_defaults(func=cmd_user_list)
     d = us.add_parser("del", help="delete a user (their token stops working)")
     d.add_argument("name", help="user name")
+    d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(func=cmd_user_del)
     queue_cmd.register_quota(us)
 
@@ -94,6 +95,6 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 
 def cmd_user_del(args: argparse.Namespace) -> int:
-    _client().call_json("DELETE", f"/v1/users/{args.name}")
-    print(f"user {args.name} deleted")
+    out = _client().call_json("DELETE", f"/v1/users/{args.name}")
+    print(json.dumps(out, indent=2) if args.json else f"user {args.name} deleted")
     return 0

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ttci.infra.deprecated import DeprecatedFlag
 from ttci.infra.settings_table import (
     BOOL,
     DAEMONS,
@@ -42,6 +43,7 @@ from ttci.infra.settings_table import (
     split_hostport,
 )
 from ttci.model.errors import BadInput, TTError
+from ttci.model.units import deprecation
 
 __all__ = [
     "BOOL",
@@ -129,6 +131,9 @@ def _add(parser: argparse.ArgumentParser, s: Setting, flag: str | None, program:
     if s.metavar or (s.kind.metavar and not s.choices):
         kw["metavar"] = s.metavar or s.kind.metavar
     parser.add_argument(flag, **kw)
+    if s.old:  # the renamed row's old flag: still works, hidden, noted on stderr
+        kw |= {"action": DeprecatedFlag, "new": flag, "help": argparse.SUPPRESS}
+        parser.add_argument(s.old[0], **kw)
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -201,6 +206,7 @@ def _file_keys(program: str) -> dict[str, Setting]:
     for daemon in DAEMONS:
         if daemon.split()[0] == program:
             keys |= {f.removeprefix("--"): s for s, f in _used(daemon) if f}
+            keys |= {s.old[0].removeprefix("--"): s for s, f in _used(daemon) if f and s.old}
     return keys
 
 
@@ -227,6 +233,9 @@ def _read_file(program: str, path: Path, named: bool = False) -> tuple[Path, dic
                 f"{path}: {raw} is a secret, and secrets are not read from config files",
                 hint=f"set {s.env} in the daemon's environment",
             )
+        if s.old and key == s.old[0].removeprefix("--"):
+            key = (s.flag or "").removeprefix("--")
+            log.warning("%s: %s", path, deprecation(raw, key))
         out[key] = _toml_text(value, f"{raw} in {path}")
     return path, out
 
@@ -242,6 +251,9 @@ def _pick(
         return (s.parse(given, flag) if isinstance(given, str) else given), f"flag {flag}"
     if environ.get(s.env):
         return s.parse(environ[s.env], s.env), f"env {s.env}"
+    if s.old and environ.get(s.old[1]):
+        log.warning("%s", deprecation(s.old[1], s.env))
+        return s.parse(environ[s.old[1]], s.old[1]), f"env {s.old[1]}"
     key = (flag or "").removeprefix("--")
     if key in file[1]:
         return s.parse(file[1][key], f"{key} in {file[0]}"), f"file {file[0]}"

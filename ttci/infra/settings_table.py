@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ttci.model.errors import BadInput
+from ttci.model.units import parse_disk_gib, parse_duration_s, parse_memory_mib
 
 __all__ = [
     "BOOL",
     "DAEMONS",
+    "DISK",
+    "DURATION",
     "FLOAT",
     "HOSTPORT",
     "INT",
     "LIST",
+    "MEMORY",
     "PATH",
     "SETTINGS",
     "TEXT",
@@ -79,6 +83,24 @@ HOSTPORT = Kind("ADDR:PORT", "127.0.0.1:7400", _hostport, "ADDR:PORT")
 LIST = Kind("a comma-separated list", "a,b", _list)  # a flag: repeated; a file: an array
 
 
+def _units(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A ttci/model/units.py parser as a Kind's (ValueError on bad text)."""
+
+    def run(text: str) -> Any:
+        try:
+            return parse(text)
+        except BadInput:
+            raise ValueError(text) from None
+
+    return run
+
+
+# VM sizes and durations, spelled as everywhere (ttci/model/units.py).
+MEMORY = Kind("MiB or a size such as 2G", "1024", _units(parse_memory_mib), "SIZE")
+DISK = Kind("GiB or a size such as 20G", "20", _units(parse_disk_gib), "SIZE")
+DURATION = Kind("a duration such as 90s, 10m, 2h", "10m", _units(parse_duration_s), "DURATION")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -91,6 +113,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     metavar: str | None = None
     file: str | None = None  # a secret's setting naming a file that holds it (beats `env`)
+    old: tuple[str, str] | None = None  # a renamed row's old (flag, variable): deprecated
 
     def __post_init__(self) -> None:
         if self.flag == "":
@@ -317,11 +340,11 @@ _ROWS = (
     ),
     _gh("runner-group-id", INT, "1", "runner group of the JIT runners (1: Default)"),
     _gh("label", TEXT, "tt", "the marker label jobs carry (runs-on)"),
-    _gh("max-age", FLOAT, "3600", "refuse deliveries whose event is older than this many seconds"),
-    _gh("cpus", FLOAT, "1", "CPUs per VM"),
-    _gh("mem", INT, "1024", "MiB of memory per VM"),
-    _gh("disk", INT, "0", "GiB of disk per VM (0: image default)"),
-    _gh("life-time", TEXT, "6h", "longest life of a job's VM"),
+    _gh("max-age", DURATION, "3600", "refuse deliveries whose event is older than this"),
+    _gh("cpus", FLOAT, "1", "vCPUs per VM"),
+    _gh("memory", MEMORY, "1024", "memory per VM", old=("--mem", "TT_GH_MEM")),
+    _gh("disk", DISK, "0", "disk per VM (0: image default)"),
+    _gh("life-time", DURATION, "6h", "longest life of a job's VM"),
     _gh("runner-dir", TEXT, "/opt/actions-runner", "where run.sh lives in the image"),
     _gh(
         "push-runner",
@@ -359,8 +382,8 @@ _ROWS = (
         "deprecated, ignored: cap a repository with `tt user quota --project "
         "github:OWNER/REPO --vms N`",
     ),
-    _gh("reconcile-interval", FLOAT, "60", "seconds between reconciliations with GitHub"),
-    _gh("runner-timeout", FLOAT, "300", "seconds a started runner may take to pick up its job"),
+    _gh("reconcile-interval", DURATION, "60", "time between reconciliations with GitHub"),
+    _gh("runner-timeout", DURATION, "300", "how long a started runner may take to pick up its job"),
     _gh("repo", LIST, "", "OWNER/NAME also reconciled before any webhook came (repeatable)"),
     _gh("allow-egress", TEXT, "", "egress allow-list of every job's VM (list GitHub's own hosts)"),
     _gh("egress-file", PATH, None, "per-repository egress allow-lists (TOML, see the README)"),
@@ -369,11 +392,11 @@ _ROWS = (
     # tt-gitlab-executor (its flags come from the runner's config.toml; job.Limits' defaults)
     _gitlab("runner-name", TEXT, None, "shown to operators as the ENV's origin runner"),
     _gitlab("cpus", FLOAT, "1", "default vCPUs"),
-    _gitlab("memory", INT, "1024", "default MiB"),
-    _gitlab("disk", INT, "0", "default GiB (0: image size)"),
+    _gitlab("memory", MEMORY, "1024", "default memory"),
+    _gitlab("disk", DISK, "0", "default disk (0: image size)"),
     _gitlab("max-cpus", FLOAT, "4", "most vCPUs a job may ask"),
-    _gitlab("max-memory", INT, "8192", "most MiB a job may ask"),
-    _gitlab("max-disk", INT, "64", "most GiB a job may ask"),
+    _gitlab("max-memory", MEMORY, "8192", "most memory a job may ask"),
+    _gitlab("max-disk", DISK, "64", "most disk a job may ask"),
 )
 SETTINGS: dict[str, Setting] = {s.name: s for s in _ROWS}
 
@@ -440,7 +463,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "gh-label",
         "gh-max-age",
         "gh-cpus",
-        "gh-mem",
+        "gh-memory",
         "gh-disk",
         "gh-life-time",
         "gh-runner-dir",

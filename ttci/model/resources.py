@@ -55,9 +55,9 @@ def validate_vm_size(cpus: float, memory_mib: int, disk_gib: int) -> list[str]:
     """Problems with a per-VM size, each saying the allowed range."""
     problems = []
     if not 0.1 <= cpus <= 64:
-        problems.append(f"--cpu {cpus:g} is outside 0.1..64")
+        problems.append(f"--cpus {cpus:g} is outside 0.1..64")
     if not 128 <= memory_mib <= 262144:
-        problems.append(f"--mem {memory_mib} MiB is outside 128..262144 MiB")
+        problems.append(f"--memory {memory_mib} MiB is outside 128..262144 MiB")
     if not 1 <= disk_gib <= 4096:
         problems.append(f"--disk {disk_gib} GiB is outside 1..4096 GiB")
     return problems

@@ -8,7 +8,6 @@ from_dict and, for each VM it places, POSTs a VMRequest to that host's hostd.
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from ttci.model.egress import EgressRule, egress_text, parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports, ports_text
 from ttci.model.resources import validate_vm_size
+from ttci.model.units import DURATION_HINT, parse_duration_s
 from ttci.wire.api import (
     API_VERSION,
     ErrorBody,
@@ -101,16 +101,12 @@ def _vm_id(v: Any) -> str:
 
 
 def parse_duration(text: str | int | float) -> int:
-    """`90`, `90s`, `30m`, `1h`, `2d` -> seconds (10 s .. 30 days)."""
-    if isinstance(text, bool) or (isinstance(text, float) and not math.isfinite(text)):
-        raise BadInput(f"lifetime {text!r} is not a duration", hint="write e.g. 90s, 30m, 1h, 2d")
-    if isinstance(text, int | float):
-        seconds = int(text)
-    else:
-        m = re.fullmatch(r"\s*([0-9]{1,12})\s*([smhd]?)\s*", str(text).lower())
-        if not m:
-            raise BadInput(f"lifetime {text!r} does not parse", hint="write e.g. 90s, 30m, 1h, 2d")
-        seconds = int(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    """`90`, `90s`, `30m`, `1h`, `2d`, `1h30m` -> seconds (10 s .. 30 days); the grammar is
+    ttci/model/units.py's."""
+    try:
+        seconds = int(parse_duration_s(text, "lifetime"))
+    except BadInput:
+        raise BadInput(f"lifetime {text!r} does not parse", hint=DURATION_HINT) from None
     if not 10 <= seconds <= 30 * 86400:
         raise BadInput(
             f"lifetime {seconds} s is outside 10 s .. 30 days",

@@ -9,36 +9,27 @@ ENV shows `state: "queued"` and a `queue` object (QueueInfo); the progress strea
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from ttci.model.errors import BadInput
 from ttci.model.resources import Resources
+from ttci.model.units import parse_duration_s
 from ttci.wire.api import require_object
 
 __all__ = ["BLOCKERS", "MAX_WAIT_S", "QueueInfo", "WaitOptions", "parse_wait_seconds"]
 
 BLOCKERS = ("capacity", "quota", "no_host", "impossible")
 MAX_WAIT_S = 30 * 86400
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_wait_seconds(v: Any, what: str = "max_wait") -> float:
-    """Seconds (a finite number) or text like `90s`, `30m`, `2h`, within 0 .. 30 days."""
-    if isinstance(v, bool):
-        raise BadInput(f"{what} {v!r} is not a duration", hint="e.g. 600 or 10m")
-    if isinstance(v, str):
-        t = v.strip().lower()
-        unit = _UNITS.get(t[-1:], 0) if t else 0
-        num = t[:-1] if unit else t
-        try:
-            v = float(num) * (unit or 1)
-        except ValueError:
-            raise BadInput(f"{what} {v!r} is not a duration", hint="e.g. 600, 90s or 10m") from None
-    if not isinstance(v, int | float) or not math.isfinite(v) or not 0 <= v <= MAX_WAIT_S:
+    """Seconds (a finite number) or text like `90s`, `30m`, `2h`, within 0 .. 30 days (the
+    grammar is ttci/model/units.py's)."""
+    seconds = parse_duration_s(v, what)
+    if seconds > MAX_WAIT_S:
         raise BadInput(f"{what} {v!r} is outside 0 .. 30 days", hint="e.g. 600 or 10m")
-    return float(v)
+    return seconds
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,18 @@
 """The admin page in a real headless Chromium (Debian's), against `tt up`'s stack with a real
 host and real VMs; and the scheduler's and hostd's /metrics moving as VMs start and stop.
 
-Screenshots go to test-artifacts/admin/ (gitignored) for people to look at.
+Screenshots go to test-artifacts/admin/ (gitignored) for people to look at. The README's picture
+of the page, docs/admin.png, is taken by test_the_readme_screenshot from a busy pool (fake hosts
+and rows in a real scheduler state, no VM booted: tests/admin_fake.py); it is written there only
+when TT_DOCS_SCREENSHOT=1 is set, so a test run never changes a committed file by itself:
+
+    TT_DOCS_SCREENSHOT=1 .venv/bin/pytest tests/test_admin_browser.py -k readme_screenshot
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,19 +20,23 @@ from typing import Any
 
 import pytest
 import requests
+import waitress
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cloudutil import leftovers, small_cloud
+from tests.admin_fake import fake_scheduler, queue_requests
+from tests.cloudutil import free_port, leftovers, small_cloud
 from tests.conftest import built_image
 from ttci.cli.allinone import Stack
 from ttci.client import config
 from ttci.client.scheduler import Client
+from ttci.scheduler.web.api import create_app
 from ttci.wire.commands import ExecRequest, ExitStatus
 from ttci.wire.envs import EnvRequest
 from ttci.wire.jobs import JobResult
 
-pytestmark = [pytest.mark.vm, pytest.mark.e2e]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "admin"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "admin"
+DOCS_SHOT = ROOT / "docs" / "admin.png"  # the README's picture (TT_DOCS_SCREENSHOT=1 writes it)
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -67,6 +77,8 @@ def _shot(page: Any, name: str, tmp_path: Path) -> None:
 
 
 # One operator session from login to logout, step by step as a person goes.
+@pytest.mark.vm
+@pytest.mark.e2e
 def test_operator_logs_in_sees_the_cloud_and_deletes_an_env(  # noqa: PLR0915
     cloud: tuple[Stack, Client], browser: Any, tmp_path: Path
 ) -> None:
@@ -167,6 +179,8 @@ def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+@pytest.mark.vm
+@pytest.mark.e2e
 def test_metrics_parse_and_move_when_vms_start_and_stop(cloud: tuple[Stack, Client]) -> None:
     stack, client = cloud
     sched_url, hostd_url = f"http://{stack.scheduler}/metrics", f"http://{stack.hostd}/metrics"
@@ -214,3 +228,35 @@ def test_metrics_parse_and_move_when_vms_start_and_stop(cloud: tuple[Stack, Clie
         v(m0, "ttci_job_results_total", kind="cli", result="failed") + 1
     )
     assert v(m1, "ttci_host_up", host="local") == 1
+
+
+@pytest.mark.e2e
+def test_the_readme_screenshot(browser: Any, tmp_path: Path) -> None:
+    """The page of a busy pool as an operator sees it: hosts, ENVs from every CI, the queue,
+    recent jobs and the plots (3 fake hosts, 8 ENVs of 3 VMs, 3 waiting requests, 120 jobs)."""
+    admin = "readme-admin-token-" + "r" * 20
+    sched = fake_scheduler(tmp_path / "state", admin, 24, per_env=3, hosts=3, jobs=120)
+    queue_requests(sched)
+    port = free_port()
+    server = waitress.create_server(create_app(sched), host="127.0.0.1", port=port, threads=4)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://127.0.0.1:{port}/admin/login")
+        page.fill("#token", admin)
+        page.click("#login")
+        page.wait_for_selector('#hosts tr[data-host="fake-2"]')
+        page.wait_for_selector('#envs .env[data-env="ci-00007"]')
+        page.wait_for_selector("#jobs tr[data-job]")
+        page.wait_for_selector("svg")
+        assert errors == []
+        _shot(page, "readme", tmp_path)
+        if os.environ.get("TT_DOCS_SCREENSHOT") == "1":
+            page.screenshot(path=str(DOCS_SHOT), full_page=False)  # the first screen only
+        page.close()
+    finally:
+        server.close()
+        sched.stop()
+    assert DOCS_SHOT.is_file(), "run once with TT_DOCS_SCREENSHOT=1 to make docs/admin.png"

@@ -87,7 +87,10 @@ def leftovers(
     building = _settle_templates(hostd, settle_s)
 
     def mine(text: str) -> bool:  # part of a template hostd is still making
-        return any(f"-tpl-{t}" in text or f"/templates/{t}/" in text for t in building)
+        return any(
+            f"-tpl-{t}" in text or f"/templates/{t}/" in text or f"-{dom[:20]}/" in text
+            for t, dom in building  # libvirt's own dirs of a domain: domain-N-NAME[:20]/
+        )
 
     found = [f"qemu pid {p}" for p, cmd in _qemu_cmdlines(f"{hostd}/") if not mine(cmd)]
     vms = hostd / "vms"
@@ -118,16 +121,17 @@ def _rows(hostd: Path, sql: str) -> list[tuple[object, ...]]:
             raise
 
 
-def _settle_templates(hostd: Path, settle_s: float) -> list[str]:
-    """Wait (up to settle_s) while a running hostd makes a template; the ids of those it is
+def _settle_templates(hostd: Path, settle_s: float) -> list[tuple[str, str]]:
+    """Wait (up to settle_s) while a running hostd makes a template; (id, domain) of those it is
     still making after that ([] when hostd is not running: nothing of its is in progress)."""
     deadline = time.monotonic() + settle_s
+    sql = "select id, domain from templates where state = 'building'"
     while True:
         if not hostd_running(hostd):
             return []
-        ids = [str(r[0]) for r in _rows(hostd, "select id from templates where state='building'")]
-        if not ids or time.monotonic() > deadline:
-            return ids
+        rows = [(str(r[0]), str(r[1])) for r in _rows(hostd, sql)]
+        if not rows or time.monotonic() > deadline:
+            return rows
         time.sleep(0.5)
 
 

@@ -4,32 +4,42 @@ scheduler, verified before it is offered, resumable, paced.
 Fast tests: pulls from a directory and through a real scheduler and a real hostd API (waitress on
 loopback, small fake images): verification, a corrupted source refused and never offered, a
 pull cut mid-file resumed with a Range request, the rate cap, local reuse by sha256, the trust
-rules (a host bears its own token; no user but an admin), the pool's missing list. The e2e
-test (tests/test_image_travel_e2e.py) does it with real daemons, a second host in a network
-namespace and a real VM.
+rules (a host bears its own token; no user but an admin), the pool's missing list. The vm/e2e
+tests do it with real daemons: a second host in a network namespace joins an all-in-one cloud,
+fetches its image and runs a job in a real VM; a damaged image is refused and never offered; an
+operator's pull resumes after its cable was pulled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 import requests
+from werkzeug.serving import make_server
 
-from hostd.images.catalogue import scan
+from hostd.images.catalogue import find, scan
 from hostd.images.fetcher import PoolSource, order_wanted
 from hostd.images.sources import DirSource, HttpSource, TransferCorrupt, TransferError
 from hostd.images.transfer import pull, remove_partial
 from hostd.service.api import create_app as hostd_app
-from ttci.infra.web_server import make_server
+from tests.cloudutil import BIN, configure_client, free_port, qemu_pids, tt
+from tests.conftest import IMAGE_PATH
+from tests.netlab import Lab, lab
+from ttci.cli.allinone import STOP_GRACE_S, Stack, _spawn, python_main, running
+from ttci.infra.proc import BASE_ENV, stop
 from ttci.model.errors import BadInput
 from ttci.model.manifest import MANIFEST_FILE, FileEntry, Manifest
 from ttci.model.naming import ImageName
@@ -161,7 +171,8 @@ def test_a_cut_connection_resumes_where_it_broke(tmp_path: Path) -> None:
     source = _Cut(src, cut=(2 << 20) + 12345)
     result = pull(dst, NAME, source, digest=m.digest)
     assert source.offsets == [0, (2 << 20) + 12345]
-    assert result.resumed == (2 << 20) + 12345
+    assert result.reconnects == ((2 << 20) + 12345,) and result.resumed == 0
+    assert result.fetched == sum(f.size for f in m.files())  # no byte fetched twice
     assert [i.manifest.digest for i in scan(dst)[0]] == [m.digest]
 
 
@@ -262,15 +273,20 @@ class Pool:
         mgr = SimpleNamespace(  # what the image routes use of the VM manager (and /v1/vms)
             cfg=SimpleNamespace(image_path=self.h1_images, host_id="h1"), all=lambda: []
         )
-        self.hostd = make_server(
-            hostd_app(cast(Any, mgr), H1_TOKEN), "127.0.0.1", 0, name="hostd-h1", threads=8
-        )
+        # werkzeug's threaded server (it stops cleanly from the test's thread); the real
+        # daemons' waitress serves the vm/e2e tests below.
+        self.hostd = make_server("127.0.0.1", 0, hostd_app(cast(Any, mgr), H1_TOKEN), threaded=True)
         self.sched = Scheduler(tmp / "sched", {}, admin_token=ADMIN, join_token=JOIN)
-        self.api = make_server(sched_app(self.sched), "127.0.0.1", 0, name="sched", threads=8)
-        for server in (self.hostd, self.api):
-            threading.Thread(target=server.run, daemon=True).start()
-        self.url = self.api.url
-        self._register("h1", self.hostd.url, H1_TOKEN, [self._image_report()])
+        self.api = make_server("127.0.0.1", 0, sched_app(self.sched), threaded=True)
+        self.threads = [
+            threading.Thread(target=server.serve_forever, daemon=True)
+            for server in (self.hostd, self.api)
+        ]
+        for t in self.threads:
+            t.start()
+        self.url = f"http://127.0.0.1:{self.api.server_port}"
+        self.hostd_url = f"http://127.0.0.1:{self.hostd.server_port}"
+        self._register("h1", self.hostd_url, H1_TOKEN, [self._image_report()])
         self._register("h2", "http://127.0.0.1:9", H2_TOKEN, [])
 
     def _image_report(self) -> dict[str, Any]:
@@ -285,8 +301,11 @@ class Pool:
         return PoolSource(self.url, "h2", token, True)
 
     def close(self) -> None:
-        self.api.close()
-        self.hostd.close()
+        for server in (self.api, self.hostd):
+            server.shutdown()
+            server.server_close()
+        for t in self.threads:
+            t.join(10)
         self.sched.stop()
 
 
@@ -315,7 +334,7 @@ def test_a_host_fetches_what_it_lacks_through_the_scheduler(pool: Pool, tmp_path
         timeout=10,
     )
     assert r.status_code == 200 and r.headers["X-TT-Source-Host"] == "h1"
-    assert pool.hostd.url.split("//")[1] not in json.dumps(dict(r.headers))
+    assert pool.hostd_url.split("//")[1] not in json.dumps(dict(r.headers))
     assert H1_TOKEN not in json.dumps(dict(r.headers))
 
 
@@ -380,7 +399,7 @@ def test_only_hosts_bearing_their_own_token_and_admins_fetch(pool: Pool, tmp_pat
 
 def test_hostd_serves_only_the_files_an_image_lists(pool: Pool) -> None:
     h = {"Authorization": f"Bearer {H1_TOKEN}"}
-    base = f"{pool.hostd.url}/v1/images"
+    base = f"{pool.hostd_url}/v1/images"
     assert (
         requests.get(f"{base}/{NAME}/files/manifest.json", headers=h, timeout=5).status_code == 404
     )
@@ -406,3 +425,240 @@ def test_free_space_is_checked_before_a_pull(
     monkeypatch.setattr(transfer, "free_bytes", lambda p: 512 << 20)
     with pytest.raises(BadInput, match=r"needs .* MiB more"):
         pull(tmp_path / "dst", NAME, DirSource(src), digest=m.digest)
+
+
+# -- for real: a second host joins an all-in-one cloud -----------------------------------------
+# `tt up`'s stack (scheduler + hostd "local" on loopback, with the image) with the scheduler on a
+# lab bridge and a join token; a second hostd in a network namespace joins with an empty image
+# path, fetches the image through the scheduler and runs a job in a real VM. No namespace has a
+# default route: nothing leaves for an address this test did not make.
+TRAVEL_JOIN = "join-" + secrets.token_urlsafe(16)
+H2 = "h2"
+H2_PORT = 7420
+
+
+@dataclass
+class Travel:
+    lab: Lab
+    state: Path
+    stack: Stack
+    cfg: Path
+    local_images: Path
+    h2_images: Path
+    h2_token: str
+    h2: subprocess.Popen[bytes] | None = None
+    h2_started: float = 0.0
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def h2_addr(self) -> str:
+        return self.lab.addr(11)
+
+    def tt(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return tt(*args, config=self.cfg, timeout=timeout)
+
+    def start_h2(self) -> None:
+        argv = [
+            "nsenter", f"--net=/run/netns/{self.lab.namespaces[0]}",
+            *python_main("hostd.cli.main"), "serve",
+            "--listen", f"{self.h2_addr}:{H2_PORT}", "--state-dir", str(self.state / H2),
+            "--image-path", str(self.h2_images), "--host-id", H2, "--private-libvirtd",
+            "--cpu-total", "2", "--mem-total", "2048", "--outgoing", "deny", "--dns", "none",
+            "--join", self.stack.scheduler,
+        ]  # fmt: skip
+        env = {**BASE_ENV, "TT_HOSTD_TOKEN": self.h2_token, "TT_JOIN_TOKEN": TRAVEL_JOIN}
+        self.h2_started = time.monotonic()
+        self.h2 = _spawn(argv, env, self.state / "h2.log", "tt-hostd h2")
+
+    def h2_api(self, path: str) -> Any:
+        r = requests.get(
+            f"http://{self.h2_addr}:{H2_PORT}{path}",
+            headers={"Authorization": f"Bearer {self.h2_token}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def pool_images(self) -> dict[str, list[str]]:
+        r = self.tt("image", "list", "--json")
+        assert r.returncode == 0, r.stderr
+        return {i["name"]: i["hosts"] for i in json.loads(r.stdout)}
+
+
+def _wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _link_image(src: Path, dst_root: Path) -> None:
+    """The test image beside the original by hard links (nobody writes image files)."""
+    dst = dst_root / src.name
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        os.link(f, dst / f.name)
+
+
+@pytest.fixture(scope="module")
+def travel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Travel]:
+    try:
+        image = find(IMAGE_PATH, NAME)
+    except BadInput:
+        pytest.skip(f"no {NAME} under {IMAGE_PATH} (tests/test_images_vm.py builds it)")
+    state = tmp_path_factory.mktemp("travel")
+    local_images, h2_images = state / "local-images", state / "h2-images"
+    _link_image(image.path, local_images)
+    old_join = os.environ.get("TT_JOIN_TOKEN")
+    os.environ["TT_JOIN_TOKEN"] = TRAVEL_JOIN  # running() hands TT_* to the scheduler
+    with lab() as the_lab:
+        bridge = the_lab.up()
+        the_lab.node(H2, 11)
+        try:
+            with running(
+                state,
+                local_images,
+                scheduler_listen=f"{bridge}:{free_port()}",
+                hostd_listen=f"127.0.0.1:{free_port()}",
+                cpu_total=2,
+                mem_total=2048,
+            ) as stack:
+                cfg = state / "client.json"
+                configure_client(stack.scheduler, stack.token, cfg)
+                t = Travel(the_lab, state, stack, cfg, local_images, h2_images,
+                           secrets.token_urlsafe(24))  # fmt: skip
+                try:
+                    yield t
+                finally:
+                    if t.h2 is not None:
+                        stop(t.h2, grace=STOP_GRACE_S)
+                        assert qemu_pids(str(state / H2)) == [], "QEMU left on h2"
+                    print("\nimage travel measurements:", json.dumps(t.measured, indent=2))
+        finally:
+            if old_join is None:
+                os.environ.pop("TT_JOIN_TOKEN", None)
+            else:
+                os.environ["TT_JOIN_TOKEN"] = old_join
+
+
+@pytest.mark.vm
+@pytest.mark.e2e
+def test_a_second_host_joins_fetches_and_runs_a_job(travel: Travel) -> None:
+    """Done when: a second host joins an all-in-one cloud, fetches its image from the first
+    without building, verifies it, and runs a job; the time from join to first output."""
+    assert travel.tt("host", "drain", "local").returncode == 0  # the job must go to h2
+    travel.start_h2()
+    ready = time.monotonic()
+    first = None
+    lines = []
+    with subprocess.Popen(
+        [str(BIN / "tt"), "job", "run", "--os", "debian-12", "--arch", "amd64", "--mem", "512",
+         "--no-copy", "--", "sh", "-c", "echo first-output-from $(uname -m)"],
+        env={**os.environ, "TT_CONFIG": str(travel.cfg)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as job:  # fmt: skip
+        assert job.stdout is not None and job.stderr is not None
+        for line in job.stdout:
+            lines.append(line)
+            if "first-output-from" in line and first is None:
+                first = time.monotonic()
+        err = job.stderr.read()
+        rc = job.wait(timeout=600)
+    assert rc == 0 and first is not None, ("".join(lines), err)
+    assert "first-output-from x86_64" in "".join(lines)
+
+    fetches = travel.h2_api("/v1/images/fetches")
+    (done,) = [f for f in fetches["recent"] if f["name"] == NAME]
+    local = find(travel.local_images, NAME)
+    assert done["ok"] and done["digest"] == local.manifest.digest, done
+    assert done["fetched"] == sum(f.size for f in local.manifest.files())  # nothing built
+    here = find(travel.h2_images, NAME)
+    assert (here.path / MANIFEST_FILE).read_bytes() == (local.path / MANIFEST_FILE).read_bytes()
+    assert set(travel.pool_images()[NAME]) == {"h2", "local"}
+    travel.measured.update(
+        join_to_ready_s=round(ready - travel.h2_started, 1),
+        join_to_first_output_s=round(first - travel.h2_started, 1),
+        image=NAME,
+        image_mib=done["bytes"] >> 20,
+        transfer_s=done["seconds"],
+        transfer_mib_s=done["rate_mib_s"],
+    )
+    assert first - travel.h2_started < 300, travel.measured  # the issue's goal: 5 minutes
+    assert travel.tt("host", "undrain", "local").returncode == 0
+
+
+@pytest.mark.vm
+@pytest.mark.e2e
+def test_a_corrupted_image_is_refused_and_never_offered(travel: Travel) -> None:
+    bad = "qemu:debian-12+corrupt:amd64"
+    if travel.h2 is None:
+        travel.start_h2()
+    src = find(travel.local_images, NAME).path
+    dst = travel.local_images / ImageName.parse(bad).dirname
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != MANIFEST_FILE:
+            shutil.copyfile(f, dst / f.name)
+    # Bytes h2 has nowhere (else it would take them from its own copy of the good image): a
+    # longer disk, its size and sha256 in the manifest, then one byte flipped in the middle.
+    with (dst / "disk.qcow2").open("ab") as f:
+        f.write(b"\0" * 4096)
+    disk = dst / "disk.qcow2"
+    sha = hashlib.sha256(disk.read_bytes()).hexdigest()
+    manifest = json.loads((src / MANIFEST_FILE).read_text())
+    manifest["disk"] = {"path": "disk.qcow2", "size": disk.stat().st_size, "sha256": sha}
+    (dst / MANIFEST_FILE).write_text(json.dumps({**manifest, "name": bad}))
+    corrupt(disk, at=100 << 20)  # same size: "local" offers it
+    _wait(lambda: bad in travel.pool_images(), 30, "local to report the damaged image")
+    r = travel.tt("image", "push", bad, "--host", H2)
+    assert r.returncode == 0 and "h2: fetching" in r.stdout, r.stdout + r.stderr
+
+    def refused() -> bool:
+        recent = travel.h2_api("/v1/images/fetches")["recent"]
+        return any(f["name"] == bad and not f["ok"] for f in recent)
+
+    _wait(refused, 120, "h2 to refuse the damaged image")
+    (entry, *_) = [f for f in travel.h2_api("/v1/images/fetches")["recent"] if f["name"] == bad]
+    assert "disk.qcow2" in entry["error"] and "not what the manifest says" in entry["error"]
+    time.sleep(6)  # a heartbeat or two later, still not offered
+    assert travel.pool_images()[bad] == ["local"]
+    assert bad not in {i["name"] for i in travel.h2_api("/v1/host")["images"]}
+    assert not (travel.h2_images / ImageName.parse(bad).dirname).exists()
+    staged = travel.h2_images / f".pull-{ImageName.parse(bad).dirname}"
+    assert not (staged / "disk.qcow2").exists() and not (staged / "disk.qcow2.part").exists()
+    shutil.rmtree(dst)
+
+
+@pytest.mark.vm
+@pytest.mark.e2e
+def test_a_pull_resumes_after_the_cable_was_pulled(travel: Travel) -> None:
+    """`tt image pull` on h2 (an operator's), paced, its cable pulled mid-transfer for longer
+    than the read timeout: it retries, and resumes with a Range request when the cable is back."""
+    if travel.h2 is None:
+        travel.start_h2()
+    dest = travel.state / "cli-images"
+    pull_cmd = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{travel.lab.namespaces[0]}", str(BIN / "tt"), "image",
+         "pull", NAME, "--rate", "30", "--image-path", str(dest), "--json"],
+        env={**os.environ, "TT_CONFIG": str(travel.cfg)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    part = dest / ".pull-qemu_debian-12_amd64" / "disk.qcow2.part"
+    _wait(lambda: part.exists() and part.stat().st_size > (40 << 20), 60, "the pull to start")
+    travel.lab.cut(H2)
+    try:
+        time.sleep(35)  # past the 30 s read timeout: the connection is given up
+        at_cut = part.stat().st_size
+    finally:
+        travel.lab.cut(H2, down=False)
+    out, err = pull_cmd.communicate(timeout=300)
+    assert pull_cmd.returncode == 0, err
+    result = json.loads(out)
+    total = sum(f.size for f in find(travel.local_images, NAME).manifest.files())
+    # It reconnected where the cut left it, and no byte came twice.
+    assert any(r >= at_cut > (40 << 20) for r in result["reconnects"]), result
+    assert result["fetched"] == total and result["resumed"] == 0, result
+    assert find(dest, NAME).manifest.digest == find(travel.local_images, NAME).manifest.digest
+    travel.measured.update(cut_resumed_at_mib=at_cut >> 20, cut_pull_s=result["seconds"])

@@ -71,9 +71,10 @@ class PullResult:
     path: Path
     fetched: int  # bytes received from the source by this pull
     reused: int  # bytes taken from local images with the same content
-    resumed: int  # bytes a previous attempt had staged already
+    resumed: int  # bytes an earlier, interrupted pull had staged (not fetched again)
     seconds: float
     already: bool = False  # the same image was here: nothing done
+    reconnects: tuple[int, ...] = ()  # where this pull resumed after its connection broke
 
     @property
     def rate(self) -> float:
@@ -88,6 +89,7 @@ class PullResult:
             "fetched": self.fetched,
             "reused": self.reused,
             "resumed": self.resumed,
+            "reconnects": list(self.reconnects),
             "seconds": round(self.seconds, 3),
             "rate_mib_s": round(self.rate / (1 << 20), 1),
             "already": self.already,
@@ -167,6 +169,7 @@ class _Pull:
         self.done = 0  # bytes of finished files
         self.reused = 0
         self.resumed = 0
+        self.reconnects: list[int] = []
         self.current = ""
         self.resumed_at = 0
         self.file_done = 0
@@ -227,6 +230,10 @@ class _Pull:
             if offset > f.size:
                 part.unlink()
                 offset = 0
+            if offset and attempt:
+                self.reconnects.append(offset)
+            elif offset:
+                self.resumed += offset  # staged by an earlier pull
             try:
                 self._receive(f, part, offset)
                 return
@@ -244,7 +251,6 @@ class _Pull:
     def _receive(self, f: FileEntry, part: Path, offset: int) -> None:
         h = _hash_file(part) if offset else hashlib.sha256()
         if offset:
-            self.resumed += offset
             self.resumed_at = offset
             log.info("%s: resuming %s at %d of %d bytes", self.m.name, f.path, offset, f.size)
         self.file_done = offset
@@ -324,7 +330,15 @@ def pull(
             job.file(f, copies.get((f.size, f.sha256)))
         atomic_replace_dir(staging, final)
         took = time.monotonic() - t0
-        result = PullResult(m, final, job.pacer.received, job.reused, job.resumed, took)
+        result = PullResult(
+            m,
+            final,
+            job.pacer.received,
+            job.reused,
+            job.resumed,
+            took,
+            reconnects=tuple(job.reconnects),
+        )
         log.info(
             "%s: fetched from %s and verified in %.1f s (%d MiB received at %.1f MiB/s, "
             "%d MiB reused, %d MiB resumed)",

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from hostd.images.catalogue import Image, scan
+from hostd.net.manager import NetConfig
 from hostd.vm.accel import choose_accel
 from hostd.vm.agent_client import AgentClient
 from hostd.vm.engine import Engine
@@ -38,7 +39,8 @@ pytestmark = [pytest.mark.vm]
 MEM = 384
 IDENTITY_CMD = (
     "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; "
-    "ip -4 -o addr show dev eth0 | awk '{print $4}'; "
+    "ip -4 -o addr show dev eth0 | awk '{print $4}'; ip route show default | awk '{print $3}'; "
+    "grep ^nameserver /etc/resolv.conf | awk '{print $2}' | tr '\\n' ,; echo; "
     "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s.%N"
 )
 
@@ -49,8 +51,10 @@ def amd64() -> Image:
 
 
 def _manager(state: Path, image_path: Path, libvirtd: PrivateLibvirtd) -> VMManager:
+    # Each ENV gets a DNS forwarder on its gateway (upstream: a loopback port nobody serves).
+    net = NetConfig(dns=("127.0.0.1#9",))
     mgr = VMManager(
-        HostConfig("warmt", image_path, state / "hostd", Resources(4, 6144, 200)),
+        HostConfig("warmt", image_path, state / "hostd", Resources(4, 6144, 200), net),
         Engine(libvirtd.uri),
     )
     mgr.reconcile()
@@ -96,9 +100,12 @@ def _identity(mgr: VMManager, vm_id: str) -> dict[str, str | float]:
     before = time.time()
     lines = _sh(mgr, vm_id, IDENTITY_CMD).splitlines()
     after = time.time()
-    hostname, machine_id, mac, ip, rng, clock = lines
+    hostname, machine_id, mac, ip, route, dns, rng, clock = lines
     assert before - 1 <= float(clock) <= after + 1, f"{vm_id}'s clock is off by {clock}"
-    return {"hostname": hostname, "machine_id": machine_id, "mac": mac, "ip": ip, "rng": rng}
+    return {
+        **{"hostname": hostname, "machine_id": machine_id, "mac": mac, "ip": ip, "rng": rng},
+        **{"route": route, "dns": dns},
+    }
 
 
 def _row(mgr: VMManager, vm_id: str) -> dict[str, object]:
@@ -124,6 +131,8 @@ def test_clones_are_each_their_own_vm(host: VMManager, amd64: Image) -> None:
         with mgr.store.lock:
             [vmnet] = mgr.store.db.table("vmnets").rows_where("vm = ?", [vm_id])
         assert ids[vm_id]["mac"] == vmnet["mac"]
+        assert ids[vm_id]["route"] == vmnet["gateway"]  # its own ENV's gateway and forwarder
+        assert ids[vm_id]["dns"] == vmnet["gateway"] + ","
     # Each clone in its own domain and cgroup, with its own limits.
     [pid] = qemu_pids("tt-warmt-a1")
     limit = int((cgroup_dir(pid, "memory") / "memory.limit_in_bytes").read_text())

@@ -316,6 +316,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                             "kernel": i.manifest.kernel_version,
                             "built_at": i.manifest.built_at,
                             "disk_bytes": i.manifest.disk.size,
+                            "digest": i.manifest.digest,
+                            "recipe_sha256": i.manifest.recipe_sha256,
                         }
                         for i in images
                     ],

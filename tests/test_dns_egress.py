@@ -28,6 +28,8 @@ from hostd.images.guest_files import RESOLV_PLACEHOLDER
 from hostd.net.dns import find_processes
 from tests.cloudutil import configure_client, qemu_pids, tt
 from tests.conftest import IMAGE_PATH, built_image
+from tests.github.e2e import github_service
+from tests.github.util import RUN_SH
 from tests.gitlab.harness import Job, Runner
 from tests.netlab import Lab, dns_server, in_ns, lab, lab_servers
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
@@ -322,6 +324,65 @@ def test_a_gitlab_job_fetches_its_sources_by_name_with_the_job_token(cloud: Clou
     fetched = [x for x in requests_seen if x["server"] == "git" and x["authed"]]
     assert fetched and all(x["peer"] == cloud.hostd_addr for x in fetched)  # NATed by h1
     assert json.loads(cloud.tt("env", "list", "--json").stdout) == []
+
+
+RECORD, PROBED = "/tmp/tt-runner-record", "/tmp/tt-runner-egress"
+RUNNER_PROBE = """#!/bin/sh
+# The stand-in GitHub runner, first reaching out as the real one reaches its endpoints: by name,
+# through the ENV's forwarder and allow-list. One line per attempt in /tmp/tt-runner-egress.
+cat > /tmp/tt-probe.py <<'PY'
+import sys, urllib.request
+for url in sys.argv[1:]:
+    try:
+        body = urllib.request.urlopen(url, timeout=5).read().decode().strip()
+        print(url, "ok", body, flush=True)
+    except Exception as e:
+        print(url, "failed", type(e).__name__, flush=True)
+PY
+python3 /tmp/tt-probe.py http://web.test.lan/ http://other.test.lan/ http://{other}/ \\
+  > /tmp/tt-runner-egress.part 2>&1
+mv /tmp/tt-runner-egress.part /tmp/tt-runner-egress
+"""
+
+
+def test_a_github_job_runner_reaches_its_endpoint_by_name_through_the_allow_list(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    """tt-github-webhooks with --allow-egress web.test.lan (standing in for GitHub's endpoints):
+    the job's runner reaches web.test.lan by name, while a name off the list does not resolve
+    and an address off it is blocked (and named in the ENV's egress report)."""
+    run_sh = tmp_path / "run.sh"
+    standin = RUN_SH.read_text().split("\n", 1)[1]  # without its #! line
+    run_sh.write_text(RUNNER_PROBE.format(other=cloud.other) + standin)
+    jid, repo = 86000, "octo-org/egress"
+    since = time.time()
+    with github_service(
+        cloud.state / "github", f"{cloud.lab.addr(1)}:7400", ADMIN,
+        *("--allow-egress", "web.test.lan"), run_sh=run_sh,
+    ) as side:  # fmt: skip
+        side.queue(jid, repo)
+        side.wait("its runner", lambda: side.jobs()[jid]["state"] == "started", timeout=300)
+        env = side.jobs()[jid]["env"]
+        probe = ""
+        deadline = time.monotonic() + 60
+        while not probe and time.monotonic() < deadline:
+            # the probe's lines, once run.sh has also written its record (for side.finish)
+            probe = side.in_vm(env, f"grep -qs allow_root= {RECORD} && cat {PROBED} || true")
+            time.sleep(0.5)
+        assert "http://web.test.lan/ ok hello from web" in probe, probe
+        assert "http://other.test.lan/ failed" in probe, probe  # the name does not resolve
+        assert f"http://{cloud.other}/ failed" in probe, probe  # nor is the address reached
+        egress = side.tt.show_env(env)["egress"]
+        assert (egress["mode"], egress["allow"]) == ("enforce", ["web.test.lan"]), egress
+        assert (cloud.other, 80) in {(b["addr"], b["port"]) for b in egress["blocked"]}, egress
+        side.finish(jid, repo)
+        side.wait("the job done", lambda: side.jobs()[jid]["state"] == "done", timeout=120)
+        assert side.jobs()[jid]["conclusion"] == "success"
+        assert side.jit_calls() == {f"tt-{jid}-1": 1}
+        side.wait("its ENV gone", lambda: not side.env_exists(env), timeout=120)
+    seen = [json.loads(x) for x in (cloud.state / "servers.log").read_text().splitlines()]
+    seen = [x for x in seen if x["t"] >= since]
+    assert [(x["server"], x["peer"]) for x in seen] == [("web", cloud.hostd_addr)]  # NATed by h1
 
 
 @pytest.mark.image

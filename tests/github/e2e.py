@@ -168,9 +168,12 @@ def _up(url: str) -> bool:
 
 
 @contextmanager
-def github_service(state: Path, scheduler: str, token: str, *extra: str) -> Iterator[GitHubSide]:
+def github_service(
+    state: Path, scheduler: str, token: str, *extra: str, run_sh: Path = RUN_SH
+) -> Iterator[GitHubSide]:
     """The webhook service against the cloud at `scheduler` (its admin token), GitHub played by
-    the stand-in; extra: more `serve` flags. On exit: the service stopped, no secret in its log."""
+    the stand-in; extra: more `serve` flags; run_sh: the runner pushed into each VM (the stand-in
+    by default). On exit: the service stopped, no secret in its log."""
     state.mkdir(parents=True, exist_ok=True)
     private, public = app_keys()
     gh = StandIn(app_id=31337, public_key=public).start()
@@ -179,7 +182,7 @@ def github_service(state: Path, scheduler: str, token: str, *extra: str) -> Iter
     key.write_text(private)
     runner = state / "runner"
     runner.mkdir(exist_ok=True)
-    (runner / "run.sh").write_bytes(RUN_SH.read_bytes())
+    (runner / "run.sh").write_bytes(run_sh.read_bytes())
     (runner / "run.sh").chmod(0o755)
     port = free_port()
     log = state / "webhooks.log"

@@ -204,10 +204,8 @@ def test_metrics_parse_and_move_when_vms_start_and_stop(cloud: tuple[Stack, Clie
     assert v(m2, "ttci_vms", state="running") == v(m0, "ttci_vms", state="running")
     assert v(m1, "ttci_hostd_vms", state="running") == v(m0, "ttci_hostd_vms", state="running") + 1
     assert v(m2, "ttci_hostd_vms", state="running") == v(m0, "ttci_hostd_vms", state="running")
-    assert v(m1, "ttci_hostd_used", resource="memory_mib") > v(
-        m0, "ttci_hostd_used", resource="memory_mib"
-    )
-    assert v(m1, "ttci_hostd_capacity", resource="cpus") == 4
+    assert v(m1, "ttci_hostd_used_memory_bytes") > v(m0, "ttci_hostd_used_memory_bytes")
+    assert v(m1, "ttci_hostd_capacity_cpus") == 4
     assert v(m1, "ttci_hostd_vm_boots_total", result="ok") == (
         v(m0, "ttci_hostd_vm_boots_total", result="ok") + 1
     )

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hostd.service.metrics import HostMetrics
 from tests.admin_fake import HOST_TOKEN, fake_scheduler, queue_requests
+from ttci import __version__
 from ttci.scheduler.metrics import WAIT_BUCKETS, scheduler_registry
 from ttci.scheduler.web.api import create_app
 from ttci.wire.commands import ExecEvent
@@ -50,8 +51,9 @@ def test_scheduler_metrics_count_vms_envs_hosts_and_jobs(text: str) -> None:
     assert _v(m, "ttci_vms", state="failed") == 0
     assert _v(m, "ttci_envs", state="ready") == 250
     assert _v(m, "ttci_host_up", host="fake-3") == 1
-    assert _v(m, "ttci_host_capacity", host="fake-0", resource="cpus") == 64
-    assert _v(m, "ttci_host_used", host="fake-0", resource="memory_mib") == 128000
+    assert _v(m, "ttci_host_capacity_cpus", host="fake-0") == 64
+    assert _v(m, "ttci_host_used_memory_bytes", host="fake-0") == 128000 * 2**20
+    assert _v(m, "ttci_build_info", program="tt-scheduler", version=__version__) == 1
     for kind in ("gitlab", "github", "jenkins", "cli"):
         assert _v(m, "ttci_jobs_started_total", kind=kind) == 50
     results = {k[1]: v for k, v in m.items() if k[0] == "ttci_job_results_total"}
@@ -204,5 +206,16 @@ def test_hostd_counts_boots_and_commands_by_outcome() -> None:
     assert _v(m, "ttci_hostd_exec_seconds_count") == 6
     assert _v(m, "ttci_hostd_vms", state="running") == 2
     assert _v(m, "ttci_hostd_vms", state="creating") == 0
-    assert _v(m, "ttci_hostd_used", resource="memory_mib") == 1536
-    assert _v(m, "ttci_hostd_capacity", resource="disk_gib") == 100
+    assert _v(m, "ttci_hostd_used_memory_bytes") == 1536 * 2**20
+    assert _v(m, "ttci_hostd_capacity_disk_bytes") == 100 * 2**30
+    assert _v(m, "ttci_build_info", program="tt-hostd", version=__version__) == 1
+
+
+def test_one_unit_per_metric(text: str) -> None:
+    """No metric mixes units under a label: resources are _cpus, _memory_bytes, _disk_bytes."""
+    names = {fam.name for fam in text_string_to_metric_families(text)}
+    assert "ttci_host_capacity" not in names and "ttci_host_used" not in names
+    for what in ("capacity", "used"):
+        assert {f"ttci_host_{what}_{u}" for u in ("cpus", "memory_bytes", "disk_bytes")} <= names
+    for fam in text_string_to_metric_families(text):
+        assert all("resource" not in s.labels for s in fam.samples), fam.name

@@ -9,13 +9,14 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from ttci.infra.health import Check, install_health, store_writable
 from ttci.infra.http_server import BodyTooLarge, bearer_ok, read_body, strict_loads
 from ttci.model.errors import BadInput
 from webhooks.core.jobs import check_delivery_id
 from webhooks.core.signature import SignatureError, verify
 from webhooks.service import Service
 
-__all__ = ["MAX_BODY", "bp", "create_app", "healthz", "jobs", "metrics", "webhook"]
+__all__ = ["MAX_BODY", "bp", "create_app", "jobs", "metrics", "readiness_checks", "webhook"]
 
 bp = Blueprint("github", __name__)
 MAX_BODY = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
@@ -75,11 +76,6 @@ def _webhook() -> tuple[Response, int]:
     return jsonify(out), status
 
 
-@bp.get("/healthz")
-def healthz() -> Response:
-    return jsonify({"ok": True})
-
-
 @bp.get("/metrics")
 def metrics() -> Response:
     return Response(generate_latest(_svc().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
@@ -94,11 +90,22 @@ def jobs() -> tuple[Response, int]:
     return jsonify(_svc().jobs(request.args.get("state") or None)), 200
 
 
+def readiness_checks(service: Service) -> dict[str, Check]:
+    """GET /readyz: the service's database takes writes and TT CI's scheduler answers."""
+
+    def scheduler() -> str:
+        status = service.tt.status()
+        return f"answers (as {status.get('user', '?')}, {status.get('hosts_up', '?')} hosts up)"
+
+    return {"database": lambda: store_writable(service.store.store), "scheduler": scheduler}
+
+
 def create_app(service: Service, secret: bytes, admin_token: str = "") -> Flask:
     """The WSGI app. secret: the webhook secret (bytes); admin_token guards /jobs if set."""
     app = Flask("webhooks")
     app.config.update(SERVICE=service, WEBHOOK_SECRET=secret, ADMIN_TOKEN=admin_token)
     app.register_blueprint(bp)
+    install_health(app, "tt-github-webhooks", readiness_checks(service))  # /healthz, /readyz
 
     @app.errorhandler(Exception)
     def _bug(e: Exception) -> Any:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ttci.infra.metrics_common import BuildInfo
+
 __all__ = ["Metrics"]
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(BuildInfo("tt-github-webhooks"))
         self.deliveries = Counter(
             "ttci_github_deliveries",
             "Webhook deliveries by event and outcome",

@@ -10,7 +10,7 @@ from typing import Any
 from ttci.infra.extras import MissingExtra, explain, launch
 from ttci.infra.settings import resolve
 
-__all__ = ["main", "register_image"]
+__all__ = ["main", "make_parser", "register_image"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,3 +63,10 @@ def _run_image(args: argparse.Namespace) -> int:
     resolve(inner)  # the image verbs' settings (flag > environment > default)
     result: int = inner.func(inner)
     return result
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The program's parser (the host's libraries are imported for it)."""
+    from hostd.cli.main import make_parser as real  # noqa: PLC0415
+
+    return real()

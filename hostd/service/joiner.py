@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class Joiner:
         self._host_auth = f"Bearer {host_token}"
         self.interval = 5.0
         self._stop = threading.Event()
+        self.last_ok: float | None = None  # monotonic time of the scheduler's last answer
+        self.last_error = ""
 
     def _post(self, path: str, body: dict[str, Any], auth: str) -> JoinAnswer:
         r = self.session.post(
@@ -75,6 +78,7 @@ class Joiner:
             )
         r.raise_for_status()
         answer = JoinAnswer.from_dict(r.json())
+        self.last_ok, self.last_error = time.monotonic(), ""
         if answer.report_error:
             log.warning("%s refused our report: %s", self.url, answer.report_error)
         return answer
@@ -112,6 +116,7 @@ class Joiner:
                 "certificate",
             ) from e
         except requests.RequestException as e:
+            self.last_error = str(e)
             log.warning("scheduler %s not reachable yet (%s); retrying", self.url, e)
 
         def loop() -> None:
@@ -124,9 +129,20 @@ class Joiner:
                         self.register()
                         registered = True
                 except (requests.RequestException, TTError) as e:
+                    self.last_error = getattr(e, "message", None) or str(e)
                     log.warning("heartbeat to %s failed: %s", self.url, e)
 
         threading.Thread(target=loop, name="joiner", daemon=True).start()
+
+    def ready(self) -> str:
+        """For /readyz: "joined ..." while the scheduler answered within three heartbeats;
+        else TTError saying since when and why not."""
+        if self.last_ok is None:
+            raise TTError(f"not joined yet: {self.last_error or 'no answer yet'}")
+        ago = time.monotonic() - self.last_ok
+        if ago > 3 * self.interval + 10:
+            raise TTError(f"no answer from the scheduler for {ago:.0f} s: {self.last_error}")
+        return f"joined as {self.host_id}, last answer {ago:.0f} s ago"
 
     def stop(self) -> None:
         self._stop.set()

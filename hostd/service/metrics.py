@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ttci.infra.metrics_common import CONTENT_TYPE, RESOURCES, VM_STATES, by_state
+from ttci.infra.metrics_common import CONTENT_TYPE, RESOURCE_UNITS, VM_STATES, BuildInfo, by_state
 from ttci.wire.commands import ExecEvent
 
 __all__ = ["CONTENT_TYPE", "HostMetrics", "hostd_snapshot"]
@@ -31,12 +31,12 @@ class _Snapshot(Collector):
             vms.add_metric([state], n)
         yield vms
         for name, what in (("capacity", "total"), ("used", "used")):
-            g = GaugeMetricFamily(
-                f"ttci_hostd_{name}", f"Resources this host has ({what})", labels=["resource"]
-            )
-            for key, label in RESOURCES:
-                g.add_metric([label], float(snap[what].get(key, 0)))
-            yield g
+            for key, suffix, factor in RESOURCE_UNITS:
+                yield GaugeMetricFamily(
+                    f"ttci_hostd_{name}_{suffix}",
+                    f"Resources this host has ({what}, {suffix.replace('_', ' ')})",
+                    value=float(snap[what].get(key, 0)) * factor,
+                )
         denied = CounterMetricFamily(
             "ttci_hostd_egress_denied_connections",
             "Connections an ENV's egress allow-list denied (mode audit: would have denied)",
@@ -124,6 +124,7 @@ class HostMetrics:
         for o in ("ok", "failed", "timed_out", "killed", "error", "cancelled"):
             self.execs.labels(o)
         self.registry.register(_Snapshot(snapshot))
+        self.registry.register(BuildInfo("tt-hostd"))
 
     def booted(self, seconds: float) -> None:
         self.boots.labels("ok").inc()

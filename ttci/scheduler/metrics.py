@@ -28,7 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ttci.infra.db import Store
-from ttci.infra.metrics_common import RESOURCES, VM_STATES, by_state
+from ttci.infra.metrics_common import RESOURCE_UNITS, VM_STATES, BuildInfo, by_state
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.hosts import stored_report
 from ttci.wire.envs import ORIGIN_KINDS
@@ -90,12 +90,16 @@ class SchedulerCollector(Collector):
         drained = GaugeMetricFamily(
             "ttci_host_drained", "1 if the host takes no new VMs", labels=["host"]
         )
-        cap = GaugeMetricFamily(
-            "ttci_host_capacity", "What a host hands out", labels=["host", "resource"]
-        )
-        used = GaugeMetricFamily(
-            "ttci_host_used", "What a host has handed out", labels=["host", "resource"]
-        )
+        texts = (("capacity", "What a host hands out"), ("used", "What a host handed out"))
+        fams = {
+            (what, suffix): GaugeMetricFamily(
+                f"ttci_host_{what}_{suffix}",
+                f"{text} ({suffix.replace('_', ' ')})",
+                labels=["host"],
+            )
+            for what, text in texts
+            for _, suffix, _ in RESOURCE_UNITS
+        }
         with self.store.lock:
             rows = [dict(r) for r in self.store.db.table("hosts").rows]
         for row in rows:
@@ -103,10 +107,11 @@ class SchedulerCollector(Collector):
             up.add_metric([hid], 1 if row.get("state") == "up" else 0)
             drained.add_metric([hid], 1 if row.get("drained") else 0)
             info = stored_report(row)  # checked: a malformed report counts as none
-            for key, label in RESOURCES:
-                cap.add_metric([hid, label], float(info.get("total", {}).get(key, 0)))
-                used.add_metric([hid, label], float(info.get("used", {}).get(key, 0)))
-        yield from (up, drained, cap, used)
+            for what, report in (("capacity", "total"), ("used", "used")):
+                for key, suffix, factor in RESOURCE_UNITS:
+                    value = float(info.get(report, {}).get(key, 0)) * factor
+                    fams[what, suffix].add_metric([hid], value)
+        yield from (up, drained, *fams.values())
 
     def _jobs(self) -> Iterator[Metric]:
         started = CounterMetricFamily(
@@ -210,4 +215,5 @@ def scheduler_registry(store: Store, waiting: Waiting | None = None) -> Collecto
     last decision); without it every queued request counts as undecided."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(SchedulerCollector(store, waiting))
+    reg.register(BuildInfo("tt-scheduler"))
     return reg

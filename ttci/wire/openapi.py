@@ -24,6 +24,7 @@ __all__ = [
     "Spec",
     "api_field",
     "ecma",
+    "health_paths",
     "json_body",
     "media",
     "obj",
@@ -61,7 +62,7 @@ _REASONS = {
     410: "The VM is gone",
     413: "The body is larger than this route takes",
     502: "A host or a guest failed",
-    503: "A host or the VM engine is unreachable",
+    503: "A host or the VM engine is unreachable (/readyz: not ready, and why)",
 }
 
 
@@ -86,6 +87,35 @@ def obj(required: tuple[str, ...] = (), **props: Spec) -> Spec:
     if required:
         out["required"] = list(required)
     return out
+
+
+def health_paths() -> Spec:
+    """GET /healthz (alive) and GET /readyz (ready: 200, or 503 naming the failed checks), open
+    on every daemon (ttci/infra/health.py)."""
+    check = obj(("ok",), ok={"type": "boolean"}, detail=STR, error=STR, ms=NUM)
+    ready = obj(
+        ("ready", "failed", "checks"),
+        ready={"type": "boolean"},
+        failed={"type": "array", "items": STR},
+        checks={"type": "object", "additionalProperties": check},
+        program=STR,
+        version=STR,
+    )
+    alive = obj(("ok",), ok={"type": "boolean"}, program=STR, version=STR)
+    return {
+        "/healthz": {
+            "get": operation("healthz", "Alive (liveness).", {200: alive}, (), security=[])
+        },
+        "/readyz": {
+            "get": operation(
+                "readyz",
+                "Ready (readiness): each check and what failed.",
+                {200: ready, 503: ready},
+                (),
+                security=[],
+            )
+        },
+    }
 
 
 def api_field() -> Spec:

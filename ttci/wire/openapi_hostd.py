@@ -19,6 +19,7 @@ from ttci.wire.openapi import (
     Spec,
     api_field,
     ecma,
+    health_paths,
     json_body,
     media,
     obj,
@@ -68,6 +69,7 @@ def _host_paths() -> dict[str, Spec]:
         images={"type": "array", "items": obj(("name",), name=STR, disk_gib=INT)},
     )
     return {
+        **health_paths(),
         "/v1/health": {
             "get": operation(
                 "health", "Alive.", {200: obj(("ok",), ok={"type": "boolean"})}, (), security=[]

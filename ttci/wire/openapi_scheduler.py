@@ -20,6 +20,7 @@ from ttci.wire.openapi import (
     Spec,
     api_field,
     ecma,
+    health_paths,
     json_body,
     obj,
     operation,
@@ -268,6 +269,7 @@ def _misc_paths() -> dict[str, Spec]:
         vms=INT,
     )
     return {
+        **health_paths(),
         "/v1/health": {
             "get": operation(
                 "health",

@@ -8,8 +8,9 @@ APT_PACKAGES := \
 	openssh-client openssh-server libvirt-daemon-system libvirt-dev pkg-config gcc \
 	nftables iproute2 dnsmasq-base python3-venv dpkg-dev openssl debian-archive-keyring \
 	ca-certificates
-# Test-only: headless browser for the admin page tests, Java for npm-groovy-lint (Jenkinsfile).
-TEST_APT_PACKAGES := chromium openjdk-17-jre-headless
+# Test-only: headless browser for the admin page tests, Java for npm-groovy-lint (Jenkinsfile),
+# systemd-analyze for the unit files (tests/test_units.py; nothing here runs systemd).
+TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd
 
 .PHONY: deps test-deps tools venv install demo test lint clean
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -172,8 +173,10 @@ def _warn_deprecated(a: argparse.Namespace, tt: Client) -> None:
 
 
 def _scheduler_config(a: argparse.Namespace) -> client_config.ClientConfig:
-    """The scheduler: TT_SERVER/TT_TOKEN/TT_CA_FILE or the client config; --ca (or `ca` in
-    the service's config file) verifies an https scheduler."""
+    """The scheduler: TT_SERVER/TT_TOKEN/TT_CA_FILE or the client config (--tt-config, or
+    `tt-config` in the service's config file, names one); --ca verifies an https scheduler."""
+    if a.tt_config:
+        os.environ["TT_CONFIG"] = str(a.tt_config)  # what client_config.load reads
     cfg = client_config.load()
     return dataclasses.replace(cfg, ca=check_ca(a.ca, "--ca")) if a.ca else cfg
 

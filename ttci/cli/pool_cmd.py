@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ttci.cli import queue_cmd
+from ttci.cli import host_install, queue_cmd
 from ttci.client import config
 from ttci.client.scheduler import Client
 
@@ -13,7 +13,9 @@ __all__ = ["cmd_host", "cmd_user_add", "cmd_user_del", "cmd_user_list", "registe
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    h = sub.add_parser("host", help="hosts of the pool: drain, undrain, forget (admin)")
+    h = sub.add_parser(
+        "host", help="hosts of the pool: drain, undrain, forget (admin); install this machine"
+    )
     hs = h.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (
         ("drain", "stop placing new VMs on a host (its VMs keep running)"),
@@ -24,6 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("host_id", help="the host's id, as `tt status --server` shows it")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=cmd_host)
+    host_install.register(hs)
 
     u = sub.add_parser("user", help="users and their tokens: add, list, del, quota (admin)")
     us = u.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -162,6 +162,7 @@ _ROWS = (
     Setting("cache-dir", PATH, "/var/cache/ttci", "build cache (rootfs and kernel trees)"),
     Setting("state-dir", PATH, "/var/lib/ttci/state", "the daemons' state (SQLite, sockets)"),
     Setting("mirror", TEXT, "http://deb.debian.org/debian", "Debian mirror for image builds"),
+    Setting("max-files", MEMORY, "1G", "largest tar one push or get moves per VM (a guest's too)"),
     # Secrets: from the environment or the file their *-file row names (the file wins); a flag
     # still works but puts the secret where every local user sees it (ps), so it is warned of.
     Setting(
@@ -242,9 +243,7 @@ _ROWS = (
         "false",
         "start an own libvirtd under --state-dir instead of using the system's",
     ),
-    _hostd(
-        "keep-vms", BOOL, "false", "leave VMs running when stopped (a restart re-attaches them)"
-    ),
+    _hostd("keep-vms", BOOL, "false", "leave VMs running when stopped (a restart finds them)"),
     _hostd(
         "outgoing",
         TEXT,
@@ -416,6 +415,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "scheduler-tls-cert",
         "scheduler-tls-key",
         "ca-file",
+        "max-files",
     ),
     "tt-hostd serve": (
         "hostd-listen",
@@ -446,9 +446,11 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "hostd-tls-cert",
         "hostd-tls-key",
         "ca-file",
+        "max-files",
     ),
     "tt-github-webhooks serve": (
         "gh-listen",
+        ("config", "--tt-config"),  # the scheduler: its client config (server, token, CA)
         "gh-state-dir",
         "gh-secret-file",
         "gh-webhook-secret",

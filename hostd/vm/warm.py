@@ -154,7 +154,8 @@ def make_template(
     t0 = time.monotonic()
     engine.start(dom)
     try:
-        agent = _reach(dom.agent_socket, token, time.monotonic() + 120, alive)
+        # Long slices: a booting guest is not reconnected to every few seconds.
+        agent = _reach(dom.agent_socket, token, time.monotonic() + 120, alive, slice_s=10.0)
     except (BootError, AgentError) as e:
         raise TemplateError(f"template of {spec.image.name} did not boot: {e}") from e
     boot_s = time.monotonic() - t0
@@ -301,16 +302,20 @@ def wake(
 
 
 def _reach(
-    sock: Path, token: str, deadline: float, alive: Callable[[], bool] | None
+    sock: Path,
+    token: str,
+    deadline: float,
+    alive: Callable[[], bool] | None,
+    slice_s: float = 3.0,
 ) -> AgentClient:
-    """Connect and HELLO in slices of 3 s, giving up early when alive() says the VM is gone."""
+    """Connect and HELLO in slices, giving up early when alive() says the VM is gone."""
     started = time.monotonic()
     while True:
         left = deadline - time.monotonic()
         try:
-            return AgentClient.connect(sock, token=token, timeout=max(0.1, min(3.0, left)))
+            return AgentClient.connect(sock, token=token, timeout=max(0.1, min(slice_s, left)))
         except BootError as e:
-            if left <= 3.0:
+            if left <= slice_s:
                 waited = time.monotonic() - started
                 raise BootError(f"no answer in {waited:.0f} s ({e.message})") from None
             if alive is not None and not alive():

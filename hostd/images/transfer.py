@@ -339,18 +339,23 @@ def pull(
             took,
             reconnects=tuple(job.reconnects),
         )
-        log.info(
-            "%s: fetched from %s and verified in %.1f s (%d MiB received at %.1f MiB/s, "
-            "%d MiB reused, %d MiB resumed)",
-            name,
-            source.where,
-            took,
-            result.fetched >> 20,
-            result.rate / (1 << 20),
-            result.reused >> 20,
-            result.resumed >> 20,
-        )
+        _log_result(result, source.where)
         return result
+
+
+def _log_result(r: PullResult, where: str) -> None:
+    log.info(
+        "%s: fetched from %s and verified in %.1f s (%d MiB received at %.1f MiB/s, "
+        "%d MiB reused, %d MiB resumed, %d reconnects)",
+        r.manifest.name,
+        where,
+        r.seconds,
+        r.fetched >> 20,
+        r.rate / (1 << 20),
+        r.reused >> 20,
+        r.resumed >> 20,
+        len(r.reconnects),
+    )
 
 
 def _quiet(_p: Progress) -> None:

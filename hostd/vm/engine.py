@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,16 @@ class Engine:
             return bool(dom is not None and dom.isActive())
         except libvirt.libvirtError:
             return False
+
+    def stopped(self, name: str, wait_s: float = 3.0) -> bool:
+        """Whether the domain has stopped, waiting up to wait_s for libvirt to notice: a VM's
+        agent connection drops the moment QEMU dies, libvirt learns it a little later."""
+        deadline = time.monotonic() + wait_s
+        while self.is_running(name):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def ours(self) -> list[DomainInfo]:
         """Every domain carrying our metadata, running or not."""

@@ -422,7 +422,7 @@ class VMManager:
         try:
             agent = AgentClient.connect(sock, token=row["token"], timeout=10)
         except (BootError, AgentError) as e:
-            if not self.engine.is_running(row["domain"]):
+            if self.engine.stopped(row["domain"]):
                 self.mark_lost(vm_id, "the VM stopped")
                 raise VMLost(f"VM {row['name']} stopped; it is marked lost") from e
             raise
@@ -437,7 +437,7 @@ class VMManager:
             return agent.exec(argv, **kw)
         except AgentError:
             row = self._row(vm_id)
-            if not self.engine.is_running(row["domain"]):
+            if self.engine.stopped(row["domain"]):
                 self.mark_lost(vm_id, f"the VM stopped while running {argv[0]}")
                 raise VMLost(
                     f"VM {row['name']} stopped while running {argv[0]}; it is marked lost"

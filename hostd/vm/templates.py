@@ -65,7 +65,6 @@ MISS_REASONS = (
     "building",
     "no_template",
     "template_failed",
-    "no_room",
     "restore_failed",
 )
 

@@ -14,6 +14,7 @@ import pytest
 from hostd.vm.agent_client import AgentClient, _handshake
 from ttci.agent import main as guest_agent
 from ttci.model.errors import AgentError
+from ttci.wire.agent_protocol import PROTOCOL_VERSION
 
 TOKEN = "s3cret-token"
 
@@ -35,7 +36,7 @@ def agent() -> Iterator[AgentClient]:
 
 def test_hello_reports_the_machine(agent: AgentClient) -> None:
     assert agent.hello["machine"] == os.uname().machine
-    assert agent.hello["version"] == 1
+    assert agent.hello["version"] == PROTOCOL_VERSION == 2  # negotiated: both speak 2
 
 
 def test_stdout_and_stderr_stay_apart_and_exit_code_comes_back(agent: AgentClient) -> None:

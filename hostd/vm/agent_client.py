@@ -18,16 +18,17 @@ from ttci.model.errors import AgentError, BootError
 from ttci.wire.agent_protocol import (
     CONTROL,
     IDENTITY_FEATURE,
-    PROTOCOL_VERSION,
     Decoder,
     ExitStatus,
     Frame,
     MsgType,
     ProtocolError,
+    chosen,
     encode,
     encode_data,
     encode_json,
     exec_payload,
+    offer,
 )
 
 __all__ = ["AgentClient", "ExitStatus", "OutputFn"]
@@ -243,7 +244,7 @@ def _handshake(sock: socket.socket, token: str | None, deadline: float) -> dict[
             raise TimeoutError
         if now >= next_hello:
             hello = {
-                "version": PROTOCOL_VERSION,
+                **offer(),  # protocol 1 for old images, the highest both speak for others
                 "token": token or "",
                 "time": time.time(),
                 "nonce": nonce,
@@ -265,4 +266,10 @@ def _handshake(sock: socket.socket, token: str | None, deadline: float) -> dict[
             if frame.type is MsgType.HELLO_OK:
                 body = frame.json()
                 if body.get("nonce") == nonce:
+                    if chosen(body) is None:
+                        raise AgentError(
+                            f"the agent chose protocol {body.get('version')!r}, which this "
+                            "host does not speak",
+                            hint="upgrade the host (or rebuild the image)",
+                        )
                     return body

@@ -33,6 +33,7 @@ from ttci.wire.agent_protocol import (
     ProtocolError,
     encode_data,
     encode_json,
+    negotiate,
     parse_identity,
 )
 
@@ -390,7 +391,8 @@ class Agent:
             self.authed = False
             self.link.send_json(MsgType.ERROR, frame.channel, {"message": "bad token"})
             return
-        if req.get("version") != PROTOCOL_VERSION:
+        version = negotiate(req)  # the highest protocol both speak (a 0.1 host: 1)
+        if version is None:
             self.link.send_json(
                 MsgType.ERROR,
                 frame.channel,
@@ -412,7 +414,7 @@ class Agent:
             MsgType.HELLO_OK,
             frame.channel,
             {
-                "version": PROTOCOL_VERSION,
+                "version": version,
                 "agent": __version__,
                 "machine": os.uname().machine,
                 "hostname": os.uname().nodename,

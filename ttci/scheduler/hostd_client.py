@@ -19,7 +19,7 @@ import requests
 
 from ttci.infra.tls import tls_error
 from ttci.model.errors import BadInput, TTError
-from ttci.wire.api import ErrorBody
+from ttci.wire.api import ErrorBody, at_version
 from ttci.wire.commands import ExecEvent, ExecRequest
 from ttci.wire.envs import VMRequest
 
@@ -46,8 +46,11 @@ class HostUnreachable(HostdError):
 class HostdClient:
     ca: ClassVar[Path | None] = None  # the process's CA for https hosts (see trust)
 
-    def __init__(self, host_id: str, url: str, token: str, timeout: float = 10) -> None:
+    def __init__(
+        self, host_id: str, url: str, token: str, timeout: float = 10, api: int | None = None
+    ) -> None:
         self.host_id = host_id
+        self.api = api  # the host's API version (its report's); None: ours
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -64,6 +67,8 @@ class HostdClient:
     def _call(
         self, method: str, path: str, *, timeout: float | None = None, **kw: Any
     ) -> requests.Response:
+        if "json" in kw:  # a host one release behind reads its own version's number
+            kw["json"] = at_version(kw["json"], self.api)
         try:
             r = self.session.request(
                 method, self.url + path, timeout=timeout or self.timeout, verify=self._verify, **kw

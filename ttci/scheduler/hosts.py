@@ -49,6 +49,7 @@ __all__ = [
     "check_registration",
     "credential_ok",
     "effective_free",
+    "host_api",
     "kvm_arches",
     "stored_report",
 ]
@@ -85,6 +86,15 @@ def stored_report(row: dict[str, Any]) -> dict[str, Any]:
         return parse_report(json.loads(row.get("info") or "{}"))
     except (ValueError, BadInput):
         return {}
+
+
+def host_api(row: dict[str, Any]) -> int | None:
+    """The API version a host's report says it speaks (None: unknown, taken as ours)."""
+    try:
+        api = json.loads(row.get("info") or "{}").get("api")
+    except (ValueError, AttributeError):
+        return None
+    return api if type(api) is int else None
 
 
 def _redact(text: str, url: str) -> str:
@@ -173,10 +183,11 @@ class HostPool:
     def client(self, hid: str) -> HostdClient:
         row = self.row(hid)
         token = self.static[hid][1] if hid in self.static else row["token"]
+        api = host_api(row)  # a host one release behind is spoken to in its version
         with self._clients_lock:
             c = self._clients.get(hid)
-            if c is None or c.url != row["url"].rstrip("/") or c.token != token:
-                c = self._clients[hid] = HostdClient(hid, row["url"], token)
+            if c is None or c.url != row["url"].rstrip("/") or c.token != token or c.api != api:
+                c = self._clients[hid] = HostdClient(hid, row["url"], token, api=api)
             return c
 
     def public_all(self, admin: bool = True) -> list[dict[str, Any]]:

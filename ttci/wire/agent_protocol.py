@@ -3,7 +3,7 @@
 A stream of frames over a virtio-serial port. Every frame has a 12-byte header:
 
     magic  b"TT"   2 bytes
-    version        1 byte   (PROTOCOL_VERSION)
+    version        1 byte   (FRAME_VERSION: the frame format, 1 since the first release)
     type           1 byte   (MsgType)
     channel        4 bytes  big-endian; 0 is the control channel, each command gets its own
     length         4 bytes  big-endian payload length, at most MAX_PAYLOAD
@@ -16,8 +16,16 @@ template's token. Right after HELLO (with that token) the host sends IDENTITY on
 its own: the clone's clock, fresh entropy, hostname, machine-id, NIC settings and its new token.
 The agent applies them, answers IDENTITY_OK and ends the session; from then on only the new
 token opens one. Agents that know IDENTITY list IDENTITY_FEATURE in HELLO_OK's `features`;
-the host sends IDENTITY to no other (older images simply boot cold). The frame format is
-unchanged, so PROTOCOL_VERSION stays 1; IDENTITY's payload carries its own version `v`.
+the host sends IDENTITY to no other (older images simply boot cold). IDENTITY's payload
+carries its own version `v`.
+
+Versions. The frame format (FRAME_VERSION) has not changed since the first release. The
+protocol spoken in the frames is negotiated in HELLO, so images built by an earlier release
+keep working with a newer host and the other way round: the host's HELLO says `"version":
+1` (all a protocol-1 agent reads, and it wants exactly that) and lists every version it speaks
+in `"versions"` (`offer()`); the agent answers HELLO_OK with the highest version both know
+(`negotiate`), and the session speaks it. An agent of protocol 1 (images of release 0.1.0)
+ignores `versions` and answers 1. Protocol 2 is 1 plus this negotiation.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ if TYPE_CHECKING:  # the guest imports this file at boot: no typing/dataclasses 
 
 __all__ = [
     "CONTROL",
+    "FRAME_VERSION",
     "HEADER",
     "IDENTITY_FEATURE",
     "IDENTITY_VERSION",
@@ -40,20 +49,26 @@ __all__ = [
     "MAX_PAYLOAD",
     "PORT_NAME",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
     "Decoder",
     "ExitStatus",
     "Frame",
     "MsgType",
     "ProtocolError",
+    "chosen",
     "encode",
     "encode_data",
     "encode_json",
     "exec_payload",
     "identity_payload",
+    "negotiate",
+    "offer",
     "parse_identity",
 ]
 
-PROTOCOL_VERSION = 1
+FRAME_VERSION = 1  # the header's version byte (the frame format)
+PROTOCOL_VERSION = 2  # the highest protocol this side speaks
+PROTOCOL_VERSIONS = (1, 2)  # every protocol this side speaks, oldest first
 MAGIC = b"TT"
 HEADER = struct.Struct(">2sBBII")
 MAX_PAYLOAD = 1 << 20
@@ -136,7 +151,7 @@ def encode(msg_type: MsgType, channel: int, payload: bytes = b"") -> bytes:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     if not 0 <= channel < 1 << 32:
         raise ProtocolError(f"channel {channel} out of range")
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg_type), channel, len(payload)) + payload
+    return HEADER.pack(MAGIC, FRAME_VERSION, int(msg_type), channel, len(payload)) + payload
 
 
 def encode_json(msg_type: MsgType, channel: int, obj: dict[str, Any]) -> bytes:
@@ -152,6 +167,28 @@ def encode_data(msg_type: MsgType, channel: int, data: bytes) -> list[bytes]:
         encode(msg_type, channel, data[i : i + MAX_PAYLOAD])
         for i in range(0, len(data), MAX_PAYLOAD)
     ]
+
+
+def offer() -> dict[str, Any]:
+    """The versions part of the host's HELLO: `version` 1 for agents of protocol 1 (which
+    refuse any other), `versions` for the others."""
+    return {"version": PROTOCOL_VERSIONS[0], "versions": list(PROTOCOL_VERSIONS)}
+
+
+def negotiate(hello: dict[str, Any]) -> int | None:
+    """The agent's choice: the highest version the host's HELLO offers that this side speaks
+    (a host of protocol 1 offers only `version`); None: none in common."""
+    offered = hello.get("versions")
+    if not isinstance(offered, list):
+        offered = [hello.get("version")]
+    common = [v for v in offered if type(v) is int and v in PROTOCOL_VERSIONS]
+    return max(common) if common else None
+
+
+def chosen(hello_ok: dict[str, Any]) -> int | None:
+    """The version the agent's HELLO_OK chose, if it is one this side offered; else None."""
+    version = hello_ok.get("version")
+    return version if type(version) is int and version in PROTOCOL_VERSIONS else None
 
 
 def exec_payload(
@@ -263,9 +300,9 @@ class Decoder:
             magic, version, mtype, channel, length = HEADER.unpack_from(self._buf)
             if magic != MAGIC:
                 raise ProtocolError(f"bad magic {bytes(magic)!r}")
-            if version != PROTOCOL_VERSION:
+            if version != FRAME_VERSION:
                 raise ProtocolError(
-                    f"protocol version {version} is not {PROTOCOL_VERSION}: "
+                    f"frame format {version} is not {FRAME_VERSION}: "
                     "rebuild the image or upgrade the host so both match"
                 )
             if length > MAX_PAYLOAD:

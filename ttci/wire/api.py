@@ -1,7 +1,10 @@
 """What every HTTP API of TT CI shares: the API version and the error body. Pure.
 
 Every top-level request document carries `"api": API_VERSION`; a document without one is taken
-as the current version (clients older than the field), one with another version is refused.
+as the current version (clients older than the field). A receiver accepts its own version and
+the previous release's (API_VERSIONS): during an upgrade hosts and clients one release behind
+keep working with an upgraded scheduler, which talks to each host at the host's version
+(`at_version`; the host's report says it). Any other version is refused. docs/upgrading.md.
 An error answer is `{"error": message, "hint": how to fix it, "kind": the error's class}`.
 """
 
@@ -16,17 +19,21 @@ from ttci.model.errors import ApiError, BadInput, TTError
 
 __all__ = [
     "API_VERSION",
+    "API_VERSIONS",
     "ApiVersionError",
     "ErrorBody",
     "api_error",
     "as_int",
     "as_number",
     "as_text",
+    "at_version",
     "check_api",
     "require_object",
 ]
 
 API_VERSION = 1
+# Accepted from the other side: this version and the previous release's (none before 1).
+API_VERSIONS = tuple(v for v in (API_VERSION - 1, API_VERSION) if v >= 1)
 
 
 class ApiVersionError(TTError):
@@ -83,12 +90,22 @@ def check_api(d: dict[str, Any], what: str, *, required: bool = False) -> int:
         ApiVersionError: another version (or none, when required).
     """
     version = d.get("api", None if required else API_VERSION)
-    if isinstance(version, bool) or version != API_VERSION:  # True == 1 in Python
+    if isinstance(version, bool) or not isinstance(version, int) or version not in API_VERSIONS:
+        spoken = " and ".join(str(v) for v in API_VERSIONS)  # (True == 1 in Python)
         raise ApiVersionError(
-            f"{what} speaks API version {version!r}; this side speaks {API_VERSION}",
-            hint="run the same TT CI version on both sides",
+            f"{what} speaks API version {version!r}; this side speaks {spoken}",
+            hint="upgrade the scheduler first, then the hosts, then the clients "
+            "(docs/upgrading.md)",
         )
-    return API_VERSION
+    return version
+
+
+def at_version(doc: Any, version: int | None) -> Any:
+    """A request document as a peer of `version` reads it (the documents of the versions
+    spoken are the same but for their number); anything else passes unchanged."""
+    if version is None or not isinstance(doc, dict) or "api" not in doc:
+        return doc
+    return {**doc, "api": min(version, API_VERSION)}
 
 
 @dataclass(frozen=True)

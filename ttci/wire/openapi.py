@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ttci.wire.api import API_VERSION
+from ttci.wire.api import API_VERSIONS
 
 __all__ = [
     "ERROR",
@@ -119,7 +119,11 @@ def health_paths() -> Spec:
 
 
 def api_field() -> Spec:
-    return {"type": "integer", "const": API_VERSION, "description": "the API version"}
+    return {
+        "type": "integer",
+        "enum": list(API_VERSIONS),
+        "description": "the API version (this one and the previous are taken)",
+    }
 
 
 def json_body(schema: Spec, required: bool = True) -> Spec:

@@ -230,6 +230,23 @@ def test_another_build_of_the_name_is_replaced_only_when_asked(tmp_path: Path) -
     assert [i.manifest.digest for i in scan(dst)[0]] == [m.digest]
 
 
+def test_a_build_that_lands_during_a_pull_is_not_replaced_unasked(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    m = make_image(src)
+
+    def build_meanwhile(p: Any) -> None:
+        if p.file == "disk.qcow2" and not (dst / "qemu_debian-12_amd64").exists():
+            make_image(dst, seed=b"built here meanwhile")
+
+    with pytest.raises(BadInput, match=r"appeared .* while it was fetched"):
+        pull(dst, NAME, DirSource(src), digest=m.digest, rate=8 << 20, on_progress=build_meanwhile)
+    assert [i.manifest.digest for i in scan(dst)[0]] != [m.digest]
+    # Asked to, the verified staging takes its place without fetching again.
+    result = pull(dst, NAME, DirSource(src), digest=m.digest, replace=True)
+    assert result.fetched == 0 and result.resumed == sum(f.size for f in m.files())
+    assert [i.manifest.digest for i in scan(dst)[0]] == [m.digest]
+
+
 def test_which_images_a_host_fetches_first() -> None:
     missing = [{"name": n, "digest": "d"} for n in (
         "qemu:debian-12:arm64", "qemu:debian-13:amd64", "qemu:debian-12:amd64",

@@ -328,6 +328,7 @@ def pull(
         job = _Pull(source, m, staging, rate, on_progress or _quiet)
         for f in sorted(m.files(), key=lambda f: f.size):
             job.file(f, copies.get((f.size, f.sha256)))
+        _still_free(final, m, replace)
         atomic_replace_dir(staging, final)
         took = time.monotonic() - t0
         result = PullResult(
@@ -356,6 +357,18 @@ def _log_result(r: PullResult, where: str) -> None:
         r.resumed >> 20,
         len(r.reconnects),
     )
+
+
+def _still_free(final: Path, m: Manifest, replace: bool) -> None:
+    """A build of the name that finished while we fetched is not replaced unasked (the
+    verified staging stays: `--replace` puts it in place without fetching again)."""
+    if final.exists() and not replace:
+        here = _existing(final)
+        if here is None or here.manifest.digest != m.digest:
+            raise BadInput(
+                f"another {m.name} appeared at {final} while it was fetched",
+                hint="pass --replace to put the fetched one in its place",
+            )
 
 
 def _quiet(_p: Progress) -> None:

@@ -393,11 +393,8 @@ class Agent:
             return
         version = negotiate(req)  # the highest protocol both speak (a 0.1 host: 1)
         if version is None:
-            self.link.send_json(
-                MsgType.ERROR,
-                frame.channel,
-                {"message": f"agent speaks protocol {PROTOCOL_VERSION}, not {req.get('version')}"},
-            )
+            text = f"agent speaks protocol {PROTOCOL_VERSION}, not {req.get('version')}"
+            self.link.send_json(MsgType.ERROR, frame.channel, {"message": text})
             return
         host_time = req.get("time")
         if isinstance(host_time, int | float) and abs(time.time() - host_time) > 2:

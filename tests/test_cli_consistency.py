@@ -394,3 +394,14 @@ def test_image_build_and_prune_json_print_no_progress_on_stdout(
         "images": [],
         "broken": [],
     }
+
+
+def test_host_install_json_prints_only_what_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ["--etc", str(tmp_path / "etc"), "--unit-dir", str(tmp_path / "units")]
+    done = _json_only(capsys, "host", "install", "--scheduler", *where, "--no-enable", "--json")
+    assert [Path(p).name for p in done["units"]] == ["tt-scheduler.service", "tt-hostd.service"]
+    assert all(Path(p).is_file() for p in done["configs"] + done["units"])
+    again = _json_only(capsys, "host", "install", "--scheduler", *where, "--no-enable", "--json")
+    assert again["configs"] == [] and len(again["kept"]) == 2

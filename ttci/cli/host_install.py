@@ -17,6 +17,8 @@ daemon starts from its config file alone: the unit's ExecStart is `PROGRAM --con
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -74,6 +76,11 @@ def register(hs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--force", action="store_true", help="write config files anew (else kept)")
     p.add_argument("--no-enable", action="store_true", help="write the files; start nothing")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print only what was written and started as JSON (the words go to stderr)",
+    )
     p.set_defaults(func=cmd_install)
 
 
@@ -168,6 +175,18 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    if not args.json:
+        _install(args)
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):  # --json: stdout holds the JSON alone
+        done = _install(args)
+    print(json.dumps(done, indent=2))
+    return 0
+
+
+def _install(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Write the config files, units and secrets; start the units. Returns the paths."""
+    done: dict[str, list[str]] = {"configs": [], "kept": [], "units": []}
     _check(args)
     bin_dir, etc = _bin_dir(args.bin_dir), args.etc.resolve()
     args.etc = etc
@@ -179,13 +198,16 @@ def cmd_install(args: argparse.Namespace) -> int:
         head = _HEAD.format(program=program, sub=sub, path=path, help=f"{program} {sub}--help")
         if path.exists() and not args.force:
             print(f"kept {path} (--force writes it anew)")
+            done["kept"].append(str(path))
         else:
             path.write_text(head + text)
             print(f"wrote {path}")
+            done["configs"].append(str(path))
         unit = args.unit_dir / f"{program}.service"
         unit.parent.mkdir(parents=True, exist_ok=True)
         unit.write_text(render_unit(program, bin_dir, etc))
         print(f"wrote {unit}")
+        done["units"].append(str(unit))
         units.append(program)
     _enable(args, units)
     if args.scheduler:
@@ -194,7 +216,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             f"--advertise THEIR_ADDR:7420 (FILE: a copy of {etc / 'join-token'}; the scheduler "
             f"listens on {args.scheduler_listen})"
         )
-    return 0
+    return done
 
 
 def _enable(args: argparse.Namespace, units: list[str]) -> None:

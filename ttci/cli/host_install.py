@@ -226,8 +226,9 @@ def _enable(args: argparse.Namespace, units: list[str]) -> None:
         print(
             f"tt-github-webhooks: put the webhook secret in {etc / 'github-webhook-secret'}, a "
             f"GitHub token in {etc / 'github-token'} (or set app-id and app-key-file), and the "
-            f"scheduler in {etc / 'github-scheduler.json'} (TT_CONFIG=that tt config --server "
-            "ADDR:PORT --token -), then: systemctl enable --now tt-github-webhooks"
+            f"scheduler in {etc / 'github-scheduler.json'} (tt config --server ADDR:PORT "
+            "--token - with TT_CONFIG set to that file), then: systemctl enable --now "
+            "tt-github-webhooks"
         )
     names = [f"{u}.service" for u in start]
     if args.no_enable or not Path("/run/systemd/system").is_dir():

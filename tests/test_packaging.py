@@ -7,6 +7,7 @@ libvirt-dev: only rich and requests come from the package index), `tt --help` an
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+NOT_SOURCE = (".git", ".venv", "build", "node_modules", "*cache*", "test-artifacts", "*.egg-info")
 HEAVY = ("libvirt", "pyroute2", "flask", "waitress", "cheroot", "sqlite_utils", "github", "gitlab")
 
 
@@ -58,7 +60,9 @@ def test_tt_help_imports_no_host_library() -> None:
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The wheel built from this tree, installed with its base dependencies only."""
     tmp = tmp_path_factory.mktemp("wheel")
-    r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp), str(ROOT)])
+    src = tmp / "src"  # a copy: building in the checkout would leave build/ and egg-info there
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp), str(src)])
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = tmp.glob("ttci-*.whl")
     env = tmp / "venv"

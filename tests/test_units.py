@@ -146,6 +146,40 @@ def test_install_says_what_is_missing(tmp_path: Path, argv: list[str], says: str
     assert not (tmp_path / "etc").exists()
 
 
+def test_a_host_joins_with_one_command(tmp_path: Path) -> None:
+    token = tmp_path / "join-token"
+    token.write_text("the-pools-join-token-" + "j" * 20 + "\n")
+    etc = tmp_path / "etc"
+    r = _tt(
+        tmp_path,
+        "host",
+        "install",
+        "--join",
+        "10.0.0.1:7400",
+        "--join-token-file",
+        str(token),
+        "--advertise",
+        "10.0.0.2:7420",
+        "--etc",
+        str(etc),
+        "--unit-dir",
+        str(tmp_path / "units"),
+        "--no-enable",
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "units").iterdir()) == ["tt-hostd.service"]
+    hostd = tomllib.loads((etc / "tt-hostd.toml").read_text())
+    assert hostd == {
+        "listen": "0.0.0.0:7420",
+        "token-file": str(etc / "hostd-token"),
+        "join": "10.0.0.1:7400",
+        "join-token-file": str(etc / "join-token"),  # a copy hostd may read (0600)
+        "advertise": "10.0.0.2:7420",
+    }
+    assert (etc / "join-token").read_text() == token.read_text()
+    assert (etc / "join-token").stat().st_mode & 0o777 == 0o600
+
+
 def _edit(path: Path, **values: object) -> None:
     """Set keys in a config file, as an operator would."""
     data = tomllib.loads(path.read_text())

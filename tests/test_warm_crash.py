@@ -48,7 +48,12 @@ def _hostd(state: Path, port: int) -> subprocess.Popen[bytes]:
         "--mem-total",
         "4096",
     ]
-    return _spawn(argv, {**BASE_ENV, "TT_HOSTD_TOKEN": TOKEN}, state / "hostd.log", "tt-hostd")
+    proc = _spawn(argv, {**BASE_ENV, "TT_HOSTD_TOKEN": TOKEN}, state / "hostd.log", "tt-hostd")
+    _started.append(proc)
+    return proc
+
+
+_started: list[subprocess.Popen[bytes]] = []
 
 
 def _run(client: HostdClient, vm_id: str, cmd: str) -> tuple[int | None, str]:
@@ -74,6 +79,9 @@ def _vm_row(state: Path, vm_id: str) -> dict[str, str] | None:
 def state(tmp_path: Path) -> Iterator[Path]:
     built_image("debian-12", "amd64")
     yield tmp_path
+    for proc in _started:  # whatever happened, no hostd of this test outlives it
+        stop(proc, grace=STOP_GRACE_S)
+    _started.clear()
     pidfile = tmp_path / "libvirt" / "libvirtd.pid"
     if pidfile.exists():
         with contextlib.suppress(OSError, ValueError):

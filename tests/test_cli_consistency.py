@@ -316,7 +316,7 @@ class _Files:
     def push(self, name: str, dest: str, data: bytes) -> list[dict[str, Any]]:
         return [{"vm": "a", "ok": True}, {"vm": "b", "ok": False, "error": "VM lost"}]
 
-    def get_files(self, name: str, src: str) -> list[dict[str, Any]]:
+    def get_files(self, name: str, src: str, limit: int = 0) -> list[dict[str, Any]]:
         import base64
 
         return [{"vm": "a", "ok": True, "data": base64.b64encode(self.tar).decode()}]

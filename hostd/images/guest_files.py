@@ -30,6 +30,7 @@ AGENT_MODULES = (
     "wire/agent_protocol.py",
     "agent/__init__.py",
     "agent/main.py",
+    "agent/process.py",
 )
 
 

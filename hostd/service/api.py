@@ -18,17 +18,18 @@ from hostd.images.catalogue import find
 from hostd.service import images_api, metrics
 from hostd.service.health import hostd_checks
 from hostd.vm.accel import choose_accel
+from hostd.vm.agent_client import OutputTooLarge
 from hostd.vm.engine import EngineError
 from hostd.vm.manager import NoCapacity, NotFound, VMLost, VMManager
 from hostd.vm.warm import TemplateError, TemplateSpec, vcpus_for
 from ttci import __version__
 from ttci.infra.health import HEALTH_ROUTES, install_health
 from ttci.infra.http_server import (
+    body_chunks,
     install_auth,
     install_errors,
     json_body,
     ndjson,
-    read_body,
 )
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
 from ttci.model.resources import validate_vm_size
@@ -58,7 +59,9 @@ __all__ = [
 
 bp = Blueprint("hostd", __name__, url_prefix="/v1")
 log = logging.getLogger("hostd.service.api")
-MAX_PUSH_BYTES = 1 << 30  # a push's tar (waitress takes no larger body either)
+MAX_PUSH_BYTES = 1 << 30  # a push's tar, a get's (waitress takes no larger body either)
+MAX_MESSAGES = 1 << 20  # what tar in the guest may say on stderr while pushing or getting
+EXEC_QUEUE = 16  # events (each at most one frame, 1 MiB) waiting for an exec stream's reader
 OPEN_ROUTES = (
     ("GET", "/v1/health"),
     ("GET", "/metrics"),
@@ -182,7 +185,7 @@ def delete_vm(vm_id: str) -> tuple[str, int]:
 def exec_events(mgr: VMManager, vm_id: str, req: ExecRequest) -> Iterator[ExecEvent]:
     """Run a command and yield its events as they happen; a dropped client cancels it."""
     agent = mgr.agent(vm_id)  # raises before the stream starts: a proper HTTP error
-    events: queue.Queue[ExecEvent | None] = queue.Queue(maxsize=256)
+    events: queue.Queue[ExecEvent | None] = queue.Queue(maxsize=EXEC_QUEUE)
     abandoned = threading.Event()
     channel: list[int] = []
 
@@ -251,59 +254,94 @@ def _guest_path(key: str, hint: str) -> str:
 @bp.put("/vms/<vm_id>/files")
 def push(vm_id: str) -> Response:
     """Body: a tar stream, unpacked into ?dest= in the guest (created if missing). The VM and
-    the announced size are checked before the body is read."""
+    the announced size are checked before the body is read; the body goes on to the guest as
+    it arrives (at most MAX_PUSH_BYTES, the --max-files setting)."""
     _mgr().get(vm_id)
     dest = _guest_path("dest", "dest=/root/work")
-    data = read_body(current_app.config["MAX_PUSH_BYTES"])
-    out: list[bytes] = []
-    st = _mgr().exec(
+    chunks = body_chunks(current_app.config["MAX_PUSH_BYTES"])
+    sent = [0]
+
+    def counted() -> Iterator[bytes]:
+        for chunk in chunks:
+            sent[0] += len(chunk)
+            yield chunk
+
+    out = bytearray()
+    st = _exec_capped(
         vm_id,
         ["sh", "-c", 'mkdir -p "$1" && tar -x -C "$1"', "tt-push", dest],
-        stdin=data,
-        on_stderr=out.append,
-        on_stdout=out.append,
+        MAX_MESSAGES,
+        stdin=counted(),
+        on_stderr=out.extend,
+        on_stdout=out.extend,
     )
     if not st.ok:
         raise BadInput(
-            f"unpacking into {dest} failed: {b''.join(out).decode(errors='replace')}",
+            f"unpacking into {dest} failed: {out.decode(errors='replace')[:2000]}",
             hint="check the destination path and permissions in the VM",
         )
-    return jsonify({"bytes": len(data), "dest": dest})
+    return jsonify({"bytes": sent[0], "dest": dest})
+
+
+def _exec_capped(vm_id: str, argv: list[str], limit: int, **kw: Any) -> Any:
+    """mgr.exec with the guest's output bounded: past limit bytes the command is killed and
+    the request refused (the guest's answer is never held whole beyond that)."""
+    try:
+        return _mgr().exec(vm_id, argv, max_output=limit, **kw)
+    except OutputTooLarge as e:
+        raise BadInput(
+            f"the VM's answer is over this host's limit of {limit} bytes: {e.message}",
+            hint="ask for less, or raise tt-hostd's --max-files",
+        ) from None
 
 
 @bp.get("/vms/<vm_id>/files")
 def get(vm_id: str) -> Response:
-    """A tar stream of ?path= in the guest (a file or a directory)."""
+    """A tar stream of ?path= in the guest (a file or a directory), at most MAX_GET_BYTES (the
+    --max-files setting): a bigger one is stopped in the guest as it passes the limit. Links are
+    followed in the guest (-h, --hard-dereference): the archive holds files and directories."""
     path = _guest_path("path", "path=/etc/os-release")
-    out: list[bytes] = []
-    err: list[bytes] = []
+    buf = io.BytesIO()
+    err = bytearray()
     parent, name = os.path.split(path.rstrip("/")) if path != "/" else ("/", ".")
-    st = _mgr().exec(
-        vm_id,
-        ["tar", "-c", "-h", "-C", parent or "/", name],
-        on_stdout=out.append,
-        on_stderr=err.append,
-    )
+    limit = current_app.config["MAX_GET_BYTES"]
+    try:
+        st = _mgr().exec(
+            vm_id,
+            ["tar", "-c", "-h", "--hard-dereference", "-C", parent or "/", "--", name],
+            max_output=limit + MAX_MESSAGES,
+            on_stdout=buf.write,
+            on_stderr=err.extend,
+        )
+    except OutputTooLarge:
+        st = None
+    if st is None or buf.tell() > limit:
+        raise BadInput(
+            f"{path} in the VM is over this host's limit of {limit} bytes (it was stopped)",
+            hint="ask for less, or raise tt-hostd's --max-files",
+        )
     if not st.ok:
         raise BadInput(
-            f"cannot read {path}: {b''.join(err).decode(errors='replace').strip()}",
+            f"cannot read {path}: {err.decode(errors='replace').strip()[:2000]}",
             hint="check the path exists in the VM",
         )
-    data = b"".join(out)
     try:
-        tarfile.open(fileobj=io.BytesIO(data)).close()  # the guest's answer is an archive
+        buf.seek(0)
+        tarfile.open(fileobj=buf, mode="r:").close()  # the guest's answer is an archive
     except tarfile.TarError as e:
         raise AgentError(
             f"the guest's tar of {path} is not an archive: {e}", hint="the guest is broken"
         ) from None
-    return Response(data, mimetype="application/x-tar")
+    buf.seek(0)
+    return Response(iter(lambda: buf.read(1 << 20), b""), mimetype="application/x-tar")
 
 
-def create_app(mgr: VMManager, token: str) -> Flask:
+def create_app(mgr: VMManager, token: str, max_files: int = MAX_PUSH_BYTES) -> Flask:
+    """max_files: the largest tar a push or a get moves (--max-files)."""
     app = Flask("hostd")
     app.config["VMS"] = mgr
     app.config["METRICS"] = metrics.HostMetrics(lambda: metrics.hostd_snapshot(mgr))
-    app.config["MAX_PUSH_BYTES"] = MAX_PUSH_BYTES
+    app.config["MAX_PUSH_BYTES"] = app.config["MAX_GET_BYTES"] = max_files
     install_auth(app, {token: "scheduler"}, open_routes=OPEN_ROUTES)
     install_errors(
         app,

@@ -173,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("engine: %s", engine.check())
         mgr = VMManager(HostConfig(args.host_id, args.image_path, state_dir, total, net), engine)
         mgr.reconcile()
-        app = create_app(mgr, args.token)
+        app = create_app(mgr, args.token, max_files=args.max_files << 20)
         server = make_server(
             app, host, port, name="tt-hostd", tls=tls, threads=32, idle_timeout=3600
         )

@@ -1,9 +1,12 @@
 """tt-agent: runs inside every guest and executes what its host asks (stdlib only).
 
 It speaks ttci.wire.agent_protocol over the virtio-serial port named PORT_NAME. The host must
-say HELLO with the VM's token (from the kernel command line `tt.token=`) before anything
-else is accepted. A VM restored from a snapshot template is given its own identity (and a new
-token, which replaces the kernel command line's) by IDENTITY; see apply_identity.
+say HELLO with the VM's token before anything else is accepted. The token is not on the kernel
+command line (QEMU's would show it to every user of the host): the first HELLO after boot
+brings it (trust on first use: only root on the host reaches the port), and from then on only
+that token opens a session. A VM restored from a snapshot template is given its own identity
+(and a new token) by IDENTITY; see apply_identity. A malformed frame from the host is refused
+with an ERROR on its channel; the agent keeps serving.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ if TYPE_CHECKING:  # imports are kept few: each costs tens of ms at boot under T
     from typing import Any
 
 from ttci import __version__
+from ttci.agent.process import (
+    F_SETPIPE_SZ,
+    KILL_GRACE_S,
+    OUTPUT_GRACE_S,
+    PIPE_SIZE,
+    READ_SIZE,
+    Link,
+    Process,
+)
 from ttci.wire.agent_protocol import (
     CONTROL,
     IDENTITY_FEATURE,
@@ -27,11 +39,9 @@ from ttci.wire.agent_protocol import (
     PORT_NAME,
     PROTOCOL_VERSION,
     Decoder,
-    ExitStatus,
     Frame,
     MsgType,
     ProtocolError,
-    encode_data,
     encode_json,
     negotiate,
     parse_identity,
@@ -54,12 +64,6 @@ __all__ = [
     "serve",
     "serve_fd",
 ]
-
-READ_SIZE = 1 << 16
-PIPE_SIZE = 1 << 20  # bigger pipes mean fewer, larger frames: throughput under TCG
-F_SETPIPE_SZ = 1031
-KILL_GRACE_S = 2.0
-OUTPUT_GRACE_S = 2.0
 
 
 def find_port(name: str = PORT_NAME, sys_dir: str = "/sys/class/virtio-ports") -> str | None:
@@ -97,162 +101,6 @@ def same_secret(a: str, b: str) -> bool:
     for i in range(max(len(x), len(y))):
         diff |= (x[i] if i < len(x) else 0) ^ (y[i] if i < len(y) else 0)
     return diff == 0
-
-
-class Link:
-    """The port: one writer lock, whole frames only."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.lock = threading.Lock()
-
-    def send(self, data: bytes) -> None:
-        with self.lock:
-            view = memoryview(data)
-            while view:
-                try:
-                    n = os.write(self.fd, view)
-                except BlockingIOError:
-                    time.sleep(0.005)
-                    continue
-                view = view[n:]
-
-    def send_json(self, mtype: MsgType, channel: int, obj: dict[str, Any]) -> None:
-        self.send(encode_json(mtype, channel, obj))
-
-
-class Process:
-    """One command in the guest (an EXEC): its process group, output pumps and exit report."""
-
-    def __init__(self, link: Link, channel: int, req: dict[str, Any]) -> None:
-        self.link = link
-        self.channel = channel
-        self.cancelled = False
-        self.timed_out = False
-        argv = req.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ValueError("argv must be a non-empty list of strings")
-        env = req.get("env")
-        if env is None:
-            env = dict(os.environ)
-        elif not isinstance(env, dict):
-            raise ValueError("env must be an object of strings")
-        timeout = req.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise ValueError("timeout must be a positive number of seconds")
-        self.timeout = timeout
-        self.finished = False
-        self.stdin_queue: list[bytes | None] = []
-        self.stdin_ready = threading.Condition()
-        self.proc = subprocess.Popen(
-            argv,
-            env={str(k): str(v) for k, v in env.items()},
-            cwd=req.get("cwd") or "/",
-            stdin=subprocess.PIPE if req.get("stdin") else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        self.pumps = [
-            threading.Thread(
-                target=self._pump, args=(self.proc.stdout, MsgType.STDOUT), daemon=True
-            ),
-            threading.Thread(
-                target=self._pump, args=(self.proc.stderr, MsgType.STDERR), daemon=True
-            ),
-        ]
-        for t in self.pumps:
-            t.start()
-        if self.proc.stdin is not None:
-            threading.Thread(target=self._feed_stdin, daemon=True).start()
-        threading.Thread(target=self._wait, daemon=True).start()
-
-    def _pump(self, pipe: Any, mtype: MsgType) -> None:
-        fd = pipe.fileno()
-        try:
-            import fcntl  # noqa: PLC0415 - only needed once a command runs, not at boot
-
-            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-            size = PIPE_SIZE
-        except OSError:
-            size = READ_SIZE
-        while True:
-            data = os.read(fd, size)
-            if not data:
-                break
-            for frame in encode_data(mtype, self.channel, data):
-                self.link.send(frame)
-        pipe.close()
-
-    def _wait(self) -> None:
-        status = ExitStatus(timeout=self.timeout)
-        try:
-            try:
-                self.proc.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                self.timed_out = True
-                self.kill(signal.SIGTERM)
-                self.proc.wait()
-            # A background child (`server &`) may keep stdout open: the command is over when
-            # its leader exits, so wait only a moment for the rest of the output.
-            for t in self.pumps:
-                t.join(timeout=OUTPUT_GRACE_S)
-            rc = self.proc.returncode
-            status = ExitStatus(
-                code=rc if rc >= 0 else None,
-                signal=-rc if rc < 0 else None,
-                timed_out=self.timed_out,
-                timeout=self.timeout,
-                cancelled=self.cancelled,
-            )
-        finally:
-            self.finished = True
-            self.link.send_json(MsgType.EXIT, self.channel, status.to_dict())
-
-    def kill(self, sig: int) -> None:
-        """Signal the whole process group, then SIGKILL it if it lingers."""
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            return
-        if sig != signal.SIGKILL:
-            threading.Timer(KILL_GRACE_S, self._force_kill).start()
-
-    def _force_kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def write_stdin(self, data: bytes | None) -> None:
-        """Queue stdin (None: end of input); a thread feeds it, so a command that does not
-        read its stdin never blocks the agent's read loop."""
-        with self.stdin_ready:
-            self.stdin_queue.append(data)
-            self.stdin_ready.notify()
-
-    def close_stdin(self) -> None:
-        self.write_stdin(None)
-
-    def _feed_stdin(self) -> None:
-        pipe = self.proc.stdin
-        while pipe is not None:
-            with self.stdin_ready:
-                while not self.stdin_queue:
-                    self.stdin_ready.wait()
-                data = self.stdin_queue.pop(0)
-            try:
-                if data is None:
-                    pipe.close()
-                    return
-                pipe.write(data)
-                pipe.flush()
-            except (BrokenPipeError, ValueError, OSError):
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-                return
 
 
 def _ioctl_numbers() -> tuple[int, int]:
@@ -377,31 +225,31 @@ class Agent:
             elif frame.type is MsgType.STDIN_EOF:
                 proc.close_stdin()
             else:
+                sig = frame.json().get("signal") or signal.SIGTERM
+                if isinstance(sig, bool) or not isinstance(sig, int) or not 0 < sig < 65:
+                    raise ValueError(f"CANCEL signal {str(sig)[:40]!r} is not a signal number")
                 proc.cancelled = True
-                proc.kill(int(frame.json().get("signal") or signal.SIGTERM))
+                proc.kill(sig)
         else:
-            self.link.send_json(
-                MsgType.ERROR, frame.channel, {"message": f"unexpected {frame.type.name}"}
-            )
+            raise ValueError(f"unexpected {frame.type.name}")
 
     def _hello(self, frame: Frame) -> None:
         req = frame.json()
         given = str(req.get("token") or "")
         if self.token and not same_secret(given, self.token):
             self.authed = False
-            self.link.send_json(MsgType.ERROR, frame.channel, {"message": "bad token"})
-            return
+            raise ValueError("bad token")
         version = negotiate(req)  # the highest protocol both speak (a 0.1 host: 1)
         if version is None:
-            text = f"agent speaks protocol {PROTOCOL_VERSION}, not {req.get('version')}"
-            self.link.send_json(MsgType.ERROR, frame.channel, {"message": text})
-            return
+            raise ValueError(f"agent speaks protocol {PROTOCOL_VERSION}, not {req.get('version')}")
+        provisioned = not self.token and bool(given)  # trust on first use, once per boot
+        self.token = self.token or given or None
         host_time = req.get("time")
         if isinstance(host_time, int | float) and abs(time.time() - host_time) > 2:
             # After a snapshot restore or with no RTC the guest clock is behind.
             try:
                 time.clock_settime(time.CLOCK_REALTIME, float(host_time))
-            except OSError:
+            except (OSError, ValueError, OverflowError):
                 pass
         for proc in self.procs.values():  # a new session: nobody reads the old ones any more
             proc.kill(signal.SIGKILL)
@@ -417,6 +265,7 @@ class Agent:
                 "hostname": os.uname().nodename,
                 "nonce": req.get("nonce"),
                 "features": [IDENTITY_FEATURE],
+                "provisioned": provisioned,
             },
         )
 
@@ -451,7 +300,8 @@ def serve(path: str, token: str | None) -> None:
 
 
 def serve_fd(fd: int, token: str | None, stop: threading.Event | None = None) -> None:
-    """Serve the protocol on fd until stop is set (never, in a guest)."""
+    """Serve the protocol on fd until stop is set (never, in a guest). token None: the first
+    HELLO that brings one sets it."""
     link = Link(fd)
     agent = Agent(link, token)
     decoder = Decoder()
@@ -469,12 +319,15 @@ def serve_fd(fd: int, token: str | None, stop: threading.Event | None = None) ->
             link.send(encode_json(MsgType.ERROR, CONTROL, {"message": f"protocol: {e}"}))
             continue
         for frame in frames:
-            agent.handle(frame)
+            try:  # whatever one frame holds, the agent keeps serving
+                agent.handle(frame)
+            except Exception as e:  # refused, and said so on its channel
+                link.send_json(MsgType.ERROR, frame.channel, {"message": str(e)[:500]})
         agent.reap_finished()
 
 
 def main() -> int:
-    token = kernel_param("tt.token")
+    token = kernel_param("tt.token")  # images booted by older hosts; new ones provision by HELLO
     deadline = time.monotonic() + 60
     path = find_port()
     while path is None or not os.path.exists(path):

@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
 
+from ttci.cli.artifacts import archive_root, extract_b64, fresh_dir, max_files
 from ttci.client import config
 from ttci.client.scheduler import Client
-from ttci.model.errors import BadInput
+from ttci.model.errors import BadInput, TTError
 
 __all__ = ["cmd_env_get", "cmd_env_push", "register_files"]
+
+_VM_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # DEST/VM/ stays one folder below DEST
 
 
 def _client() -> Client:
@@ -33,7 +36,13 @@ def register_files(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     g = es.add_parser("get", help="copy a file or directory out of every VM")
     g.add_argument("name", help="ENV name")
     g.add_argument("src", help="absolute path in the VMs")
-    g.add_argument("dest", type=Path, help="local directory; each VM's copy goes into DEST/VM/")
+    g.add_argument(
+        "dest",
+        type=Path,
+        help="a new or empty local directory; each VM's copy goes into DEST/VM/ (only SRC's "
+        "files and directories are taken from a VM: links, devices and other paths are refused)",
+    )
+    g.add_argument("--overwrite", action="store_true", help="let DEST be a non-empty directory")
     g.add_argument("--json", action="store_true", help="print each VM's result as JSON")
     g.set_defaults(func=cmd_env_get)
 
@@ -56,22 +65,27 @@ def cmd_env_push(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _unpack(r: dict[str, Any], dest: Path) -> dict[str, Any]:
-    """One VM's answer unpacked into DEST/VM/: {vm, ok, path} or {vm, ok: false, error}."""
+def _unpack(r: dict[str, Any], dest: Path, want: str, limit: int) -> dict[str, Any]:
+    """One VM's answer unpacked into DEST/VM/: {vm, ok, path} or {vm, ok: false, error}. Only
+    the requested path's plain files and directories are unpacked (a guest is untrusted)."""
+    vm = str(r.get("vm", ""))
+    if not _VM_NAME.fullmatch(vm) or vm in (".", ".."):
+        return {"vm": vm, "ok": False, "error": f"refused: {vm[:100]!r} is not a VM name"}
     if not r["ok"]:
-        return {"vm": r["vm"], "ok": False, "error": f"failed: {r['error']}"}
-    target = dest / r["vm"]
-    target.mkdir(parents=True, exist_ok=True)
+        return {"vm": vm, "ok": False, "error": f"failed: {r['error']}"}
+    target = dest / vm
     try:
-        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(r["data"]))) as tar:
-            tar.extractall(target, filter="data")
-    except tarfile.TarError as e:
-        return {"vm": r["vm"], "ok": False, "error": f"refused to unpack: {e}"}
-    return {"vm": r["vm"], "ok": True, "path": str(target)}
+        extract_b64(r["data"], target, want, limit)
+    except TTError as e:
+        return {"vm": vm, "ok": False, "error": f"refused to unpack: {e.message}"}
+    return {"vm": vm, "ok": True, "path": str(target)}
 
 
 def cmd_env_get(args: argparse.Namespace) -> int:
-    results = [_unpack(r, args.dest) for r in _client().get_files(args.name, args.src)]
+    fresh_dir(args.dest, args.overwrite, "DEST")
+    limit = max_files()
+    answers = _client().get_files(args.name, args.src, limit)
+    results = [_unpack(r, args.dest, archive_root(args.src), limit) for r in answers]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

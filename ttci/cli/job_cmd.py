@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ttci.cli.artifacts import empty_tar, git_archive, tar_dir
+from ttci.cli.artifacts import empty_tar, fresh_dir, git_archive, max_files, tar_dir
 from ttci.cli.egress_args import add_egress_args
 from ttci.cli.job_output import outcomes_json, print_summary
 from ttci.cli.job_plan import (
@@ -111,8 +111,14 @@ def _add_copy_args(r: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--artifact-dir",
         type=Path,
-        help="where artifacts land (default: here; a matrix puts each target in a subdirectory "
-        "of ./tt-artifacts)",
+        default=Path("tt-artifacts"),
+        help="a new or empty directory where artifacts land (default ./tt-artifacts; a matrix "
+        "puts each target in a subdirectory); only the named paths are taken from the VM",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let artifacts land in a --artifact-dir that is not empty",
     )
     src = r.add_mutually_exclusive_group()
     src.add_argument("--git-ref", help="copy `git archive REF` of this repository, not the tree")
@@ -155,7 +161,6 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         upload = lambda: git_archive(args.git_ref, here)  # noqa: E731
     else:
         upload = lambda: tar_dir(here, args.exclude)  # noqa: E731
-    default_dir = Path("tt-artifacts") if len(targets) > 1 else Path()
     cpus, memory_mib, disk_gib = vm_size(args)
     return JobSpec(
         targets=targets,
@@ -165,7 +170,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         disk_gib=disk_gib,
         timeout_s=parse_duration(args.timeout),
         artifacts=args.artifact,
-        artifact_dir=args.artifact_dir or default_dir,
+        artifact_dir=args.artifact_dir,
         upload=upload,
         script=script,
         quiet=args.quiet,
@@ -173,6 +178,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         allow_egress=parse_egress(args.allow_egress),
         egress_audit=args.egress_audit,
         json_out=args.json,
+        max_bytes=max_files(),
     )
 
 
@@ -180,6 +186,8 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     for a in spec.artifacts:
         local_parent(a, spec.artifact_dir)  # refuse bad paths before any VM exists
+    if spec.artifacts:  # files from a VM go into a new or empty directory
+        fresh_dir(spec.artifact_dir, args.overwrite, "--artifact-dir")
     job = Job(spec, Client(config.load()), dict(os.environ))
     outcomes = job.run_all()
     code = job_exit(outcomes)

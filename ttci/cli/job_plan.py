@@ -195,6 +195,7 @@ class JobSpec:
     allow_egress: tuple[EgressRule, ...] = ()  # what the VM may reach outside (): anything
     egress_audit: bool = False  # block nothing, count what the list would block
     json_out: bool = False  # stdout holds only the JSON summary; the commands' output: stderr
+    max_bytes: int = 1 << 30  # the most one artifact may bring back (TT_MAX_FILES)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
-from ttci.cli.artifacts import extract_b64, script_tar
+from ttci.cli.artifacts import archive_root, extract_b64, script_tar
 from ttci.cli.job_output import Output, err
 from ttci.cli.job_plan import (
     DELETE_WAIT_S,
@@ -177,7 +177,7 @@ class Job:
         base = self.spec.artifact_dir / (t.slug if len(self.spec.targets) > 1 else "")
         for path in self.spec.artifacts:
             try:
-                [res] = self.client.get_files(o.env, guest_path(path))
+                [res] = self.client.get_files(o.env, guest_path(path), self.spec.max_bytes)
             except TTError as e:
                 self.say(t, f"artifact {path}: {e.message}")
                 continue
@@ -185,8 +185,12 @@ class Job:
                 self.say(t, f"artifact {path} not copied back: {res.get('error')}")
                 continue
             dest = local_parent(path, base)
-            dest.mkdir(parents=True, exist_ok=True)
-            extract_b64(res["data"], dest)
+            try:  # only the requested path, plain files and directories (a guest is untrusted)
+                extract_b64(res["data"], dest, archive_root(guest_path(path)), self.spec.max_bytes)
+            except TTError as e:
+                o.error = o.error or f"artifact {path} refused: {e.message}"
+                self.say(t, f"artifact {path} refused: {e.message}")
+                continue
             where = dest / PurePosixPath(path).name
             o.artifacts.append(str(where))
             self.say(t, f"artifact {path} -> {where}")

@@ -195,10 +195,27 @@ class Client:
         ).json()
         return out
 
-    def get_files(self, name: str, path: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = self._call(
-            "GET", f"/v1/envs/{name}/files", params={"path": path}, timeout=900
-        ).json()
+    def get_files(self, name: str, path: str, limit: int = 1 << 30) -> list[dict[str, Any]]:
+        """Each VM's tar of path (base64 in `data`). The answer is read as it comes and refused
+        once it holds more than limit bytes of tar in all (tt's cap, TT_MAX_FILES)."""
+        r = self._call(
+            "GET", f"/v1/envs/{name}/files", params={"path": path}, stream=True, timeout=(10, 900)
+        )
+        most = limit * 4 // 3 + (64 << 10)  # base64, and the JSON around it
+        body = bytearray()
+        try:
+            for chunk in r.iter_content(1 << 20):
+                body += chunk
+                if len(body) > most:
+                    raise TTError(
+                        f"the files from {name} are over tt's limit of {limit} bytes",
+                        hint="ask for less, or raise TT_MAX_FILES (e.g. TT_MAX_FILES=4G)",
+                    )
+        except requests.RequestException as e:
+            raise TTError(f"the scheduler's answer broke off: {e}") from e
+        finally:
+            r.close()
+        out: list[dict[str, Any]] = json.loads(body)
         return out
 
     def report_result(self, name: str, result: JobResult) -> dict[str, Any]:

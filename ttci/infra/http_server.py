@@ -33,6 +33,7 @@ __all__ = [
     "BodyTooLarge",
     "bearer_ok",
     "bearer_token",
+    "body_chunks",
     "error_response",
     "install_auth",
     "install_errors",
@@ -145,23 +146,31 @@ def install_errors(app: Flask, status_of: dict[type[TTError], int]) -> None:
 def read_body(limit: int) -> bytes:
     """The request body, at most limit bytes: BodyTooLarge from Content-Length before any
     byte is read, or once limit is passed while reading a body sent without a length."""
+    return b"".join(body_chunks(limit))
+
+
+def body_chunks(limit: int) -> Iterator[bytes]:
+    """read_body's body as chunks while they arrive, for a route that streams it on: the
+    Content-Length is checked now, a body sent without one when it passes limit."""
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(
             f"the request body is {length} bytes, more than this route's {limit}",
             hint="send less",
         )
-    chunks: list[bytes] = []
-    total = 0
-    while total <= limit:
-        chunk = request.stream.read(min(_CHUNK, limit + 1 - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    if total > limit:
-        raise BodyTooLarge(f"the request body is over this route's {limit} bytes", hint="send less")
-    return b"".join(chunks)
+    stream = request.stream
+
+    def chunks() -> Iterator[bytes]:
+        total = 0
+        while chunk := stream.read(min(_CHUNK, limit + 1 - total)):
+            total += len(chunk)
+            if total > limit:
+                raise BodyTooLarge(
+                    f"the request body is over this route's {limit} bytes", hint="send less"
+                )
+            yield chunk
+
+    return chunks()
 
 
 def json_body(limit: int = MAX_JSON_BYTES) -> dict[str, Any]:

@@ -100,9 +100,12 @@ class EnvExec(SchedulerCore):
 
         return self._each_vm(name, one)
 
-    def get(self, name: str, user: User, path: str) -> list[dict[str, Any]]:
+    def get(self, name: str, user: User, path: str, limit: int) -> list[dict[str, Any]]:
+        """Each VM's tar of path (base64), each at most limit bytes (else that VM's error)."""
         self._env_row(name, user)
-        return self._each_vm(name, lambda c, v: base64.b64encode(c.get(v["id"], path)).decode())
+        return self._each_vm(
+            name, lambda c, v: base64.b64encode(c.get(v["id"], path, limit)).decode()
+        )
 
     def _each_vm(
         self, env: str, fn: Callable[[HostdClient, dict[str, Any]], Any]

@@ -163,10 +163,29 @@ class HostdClient:
     def push(self, vm_id: str, dest: str, tar: bytes) -> None:
         self._call("PUT", f"/v1/vms/{vm_id}/files", params={"dest": dest}, data=tar, timeout=600)
 
-    def get(self, vm_id: str, path: str) -> bytes:
-        return self._call(
-            "GET", f"/v1/vms/{vm_id}/files", params={"path": path}, timeout=600
-        ).content
+    def get(self, vm_id: str, path: str, limit: int) -> bytearray:
+        """The VM's tar of path, read as it comes: past limit bytes, BadInput (and no more)."""
+        r = self._call(
+            "GET",
+            f"/v1/vms/{vm_id}/files",
+            params={"path": path},
+            stream=True,
+            timeout=(10, 600),  # type: ignore[arg-type]
+        )
+        buf = bytearray()
+        try:
+            for chunk in r.iter_content(1 << 20):
+                buf += chunk
+                if len(buf) > limit:
+                    raise BadInput(
+                        f"{path} in the VM is over the scheduler's limit of {limit} bytes",
+                        hint="ask for less, or raise tt-scheduler's --max-files",
+                    )
+        except requests.RequestException as e:
+            raise HostUnreachable(f"host {self.host_id} went away mid-transfer ({_why(e)})") from e
+        finally:
+            r.close()
+        return buf
 
 
 def _why(e: requests.RequestException) -> str:

@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 bp = Blueprint("scheduler", __name__, url_prefix="/v1")
-MAX_PUSH_BYTES = 1 << 30  # a push's tar (waitress takes no larger body either)
+MAX_PUSH_BYTES = 1 << 30  # a push's tar, a get's per VM (waitress takes no larger body either)
 MAX_OFFSET = 1 << 31  # paging: far past any list, and SQLite takes it
 # The only routes without a user's token (the host routes check the join token themselves).
 OPEN_ROUTES = (
@@ -351,14 +351,16 @@ def push(name: str) -> Response:
 
 @bp.get("/envs/<name>/files")
 def get(name: str) -> Response:
-    return jsonify(_s().get(name, _user(), _guest_path("path", "e.g. /etc/os-release")))
+    path = _guest_path("path", "e.g. /etc/os-release")
+    return jsonify(_s().get(name, _user(), path, current_app.config["MAX_GET_BYTES"]))
 
 
-def create_app(scheduler: Scheduler) -> Flask:
-    """Users authenticate with their bearer tokens (scheduler.users); hosts with the join token."""
+def create_app(scheduler: Scheduler, max_files: int = MAX_PUSH_BYTES) -> Flask:
+    """Users authenticate with their bearer tokens (scheduler.users); hosts with the join token.
+    max_files: the largest tar a push, or one VM's get, moves (--max-files)."""
     app = Flask("ttci.scheduler")
     app.config["SCHEDULER"] = scheduler
-    app.config["MAX_PUSH_BYTES"] = MAX_PUSH_BYTES
+    app.config["MAX_PUSH_BYTES"] = app.config["MAX_GET_BYTES"] = max_files
     install_auth(
         app,
         scheduler.users.resolve,

@@ -47,9 +47,11 @@ def parse_server_set(text: str, token: str, https: bool = False) -> dict[str, tu
     return out
 
 
-def serve(scheduler: Scheduler, listen: str, tls: TLSFiles | None = None) -> None:
+def serve(
+    scheduler: Scheduler, listen: str, tls: TLSFiles | None = None, max_files: int = 1 << 30
+) -> None:
     host, port = parse_hostport(listen, "--listen")
-    app = create_app(scheduler)
+    app = create_app(scheduler, max_files)
     server = make_server(
         app,
         host,
@@ -111,7 +113,7 @@ def _main(args: argparse.Namespace) -> int:
         host_timeout=args.host_timeout,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        serve(sched, args.listen, tls)
+        serve(sched, args.listen, tls, max_files=args.max_files << 20)
     return 0
 
 

@@ -96,8 +96,9 @@ def test_exit_code_output_artifacts_and_jenkins_origin(
     assert r.returncode == 7, r.stderr
     assert r.stdout == "from the workspace\nx86_64\n"  # the command's output, unprefixed
     assert "oops" in r.stderr and "exit 7" in r.stderr
-    assert (tmp_path / "out" / "report.txt").read_text() == "/root/work\n"
-    assert (tmp_path / "logs" / "a.log").read_text() == "true amd64\n"
+    art = tmp_path / "tt-artifacts"  # never the working directory
+    assert (art / "out" / "report.txt").read_text() == "/root/work\n"
+    assert (art / "logs" / "a.log").read_text() == "true amd64\n"
     assert "artifact missing.txt not copied back" in r.stderr
     [job] = [j for j in _jobs(client).values() if j["origin"]["kind"] == "jenkins"]
     assert job["result"] == "failed" and job["deleted_at"]

@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import struct
 import tarfile
@@ -822,3 +823,189 @@ def test_the_bounds_quoted_in_the_report() -> None:
     from hostd.service.api import EXEC_QUEUE
 
     assert 16 * MiB >= EXEC_QUEUE * MAX_PAYLOAD
+
+
+# -- the scheduler's and tt's reads of a get: capped as they stream --------------------------------
+@pytest.fixture
+def endless_server() -> Iterator[tuple[str, list[int]]]:
+    """An HTTP server on loopback whose every GET answers 200 with bytes that never end (it
+    counts what it managed to send before the reader hung up)."""
+    import http.server
+
+    sent = [0]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            block = b"[" + b"A" * 65535
+            with contextlib_suppress():
+                while sent[0] < 512 * MiB:
+                    self.wfile.write(block)
+                    sent[0] += len(block)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", sent
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_scheduler_reads_a_hosts_get_no_further_than_its_cap(
+    endless_server: tuple[str, list[int]],
+) -> None:
+    from ttci.scheduler.hostd_client import HostdClient
+
+    addr, sent = endless_server
+    with pytest.raises(BadInput, match="over the scheduler's limit of 2097152 bytes"):
+        HostdClient("h", f"http://{addr}", "t").get("vm", "/big", 2 * MiB)
+    time.sleep(0.2)
+    assert sent[0] < 64 * MiB  # it stopped reading (the server's writes then failed)
+
+
+def test_tt_reads_a_get_no_further_than_its_cap(endless_server: tuple[str, list[int]]) -> None:
+    from ttci.client.config import ClientConfig
+    from ttci.client.scheduler import Client
+    from ttci.model.errors import TTError
+
+    addr, sent = endless_server
+    with pytest.raises(TTError, match="over tt's limit of 1048576 bytes"):
+        Client(ClientConfig(addr, "t")).get_files("e", "/big", MiB)
+    time.sleep(0.2)
+    assert sent[0] < 64 * MiB
+
+
+# -- a real VM: no credential where another local user can read it --------------------------------
+def _open_to_others(path: Path, root: Path) -> bool:
+    """Whether another local user could read path: the file readable by group or others and
+    every folder from root (where a daemon's state lives) down to it open to them too."""
+    try:
+        if not path.stat().st_mode & 0o044:
+            return False
+        return all(
+            d.stat().st_mode & 0o011 for d in [root, *path.parents] if d.is_relative_to(root)
+        )
+    except OSError:
+        return False
+
+
+def _holders(roots: list[Path], secrets_: dict[str, str]) -> list[tuple[str, Path]]:
+    """(which secret, file) for every file under roots holding one."""
+    found = []
+    for root in roots:
+        if not root.exists():
+            continue
+        for p in [root] if root.is_file() else root.rglob("*"):
+            if not p.is_file() or p.is_symlink() or p.is_socket():
+                continue
+            with contextlib_suppress():
+                data = p.read_bytes()
+                found += [(what, p) for what, s in secrets_.items() if s.encode() in data]
+    return found
+
+
+def _process_lists(secrets_: dict[str, str]) -> list[str]:
+    """Secrets on any process's command line (what `ps -eo args` shows every user)."""
+    import subprocess
+
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    found = [f"ps: {what}" for what, s in secrets_.items() if s in ps]
+    for d in Path("/proc").glob("[0-9]*"):
+        with contextlib_suppress():
+            cmd = (d / "cmdline").read_bytes()
+            found += [f"pid {d.name}: {w}" for w, s in secrets_.items() if s.encode() in cmd]
+    return found
+
+
+@pytest.mark.vm
+@pytest.mark.e2e
+def _scan(state: Path, user_token: str, found: list[str], held: set[str]) -> dict[str, str]:
+    """One look at the host: every agent token hostd holds (VMs, templates) and the user's,
+    on process command lines and in files other users could read (found), and where root
+    alone can read them (held). Returns the tokens."""
+    import contextlib
+    import sqlite3
+
+    from tests.cloudutil import hostd_state
+
+    with contextlib.closing(sqlite3.connect(hostd_state(state) / "hostd.db", timeout=30)) as db:
+        rows = db.execute("select name, token from vms").fetchall()
+        rows += db.execute("select id, token from templates").fetchall()
+    tokens = {f"agent token of {n}": str(t) for n, t in rows if t}
+    tokens["user token"] = user_token
+    found += _process_lists(tokens)
+    where = [state, Path("/run/libvirt"), Path("/var/log/libvirt"), Path("/etc/libvirt")]
+    for what, p in _holders(where, tokens):
+        root = next(r for r in where if p.is_relative_to(r))
+        # In the test's own folder (0700) judge from its children down, as for a state dir an
+        # operator keeps in /var/lib (0755).
+        top = state / p.relative_to(state).parts[0] if root == state else root
+        if _open_to_others(p, top):
+            found.append(f"{p}: {what}")
+        else:  # the databases (0600), the client config (0600), a template's memory
+            held.add(f"{p.relative_to(root)} ({oct(p.stat().st_mode & 0o777)})")
+    return tokens
+
+
+@pytest.mark.vm
+@pytest.mark.e2e
+def test_no_credential_is_visible_during_a_real_vm_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`tt up`'s stack boots a real VM cold (hostd makes its warm-start template behind it),
+    then a second one warm from that template (IDENTITY gives it its token); while they run
+    commands, no agent token and no user token is on any process's command line, in any file
+    another local user could read, in libvirt's domain XML or logs, or on the guests' own
+    kernel command line. Only 0600 files in hostd's 0700 state dir hold them."""
+    import sqlite3
+
+    from tests.cloudutil import configure_client, free_port, hostd_state, leftovers, tt
+    from tests.conftest import IMAGE_PATH, built_image
+    from ttci.cli.allinone import running
+
+    built_image("debian-12", "amd64")
+    state = tmp_path_factory.mktemp("secrets-vm")
+    cfg = state / "client.json"
+    found: list[str] = []
+    held: set[str] = set()
+    rounds = 0
+    with running(
+        state,
+        IMAGE_PATH,
+        scheduler_listen=f"127.0.0.1:{free_port()}",
+        hostd_listen=f"127.0.0.1:{free_port()}",
+        cpu_total=2,
+        mem_total=1536,
+    ) as stack:
+        configure_client(stack.scheduler, stack.token, cfg)
+        db = hostd_state(state) / "hostd.db"
+        for env in ("sec", "sec2"):
+            r = tt(
+                "env", "add", env, "--os-prefix", "debian-12:amd64", "--memory", "384", config=cfg
+            )
+            assert r.returncode == 0, r.stderr
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:  # again and again while VMs and a template run
+                tokens = _scan(state, stack.token, found, held)
+                rounds += 1
+                r = tt("env", "run", env, "--cmd", "cat /proc/cmdline", config=cfg)
+                assert r.returncode == 0, r.stderr
+                assert "tt.hostname=" in r.stdout
+                found += [f"{env} cmdline: {w}" for w, s in tokens.items() if s in r.stdout]
+                with sqlite3.connect(db, timeout=30) as conn:
+                    ready = conn.execute("select 1 from templates where state = 'ready'").fetchall()
+                if rounds >= 10 and (ready or env == "sec2"):
+                    break  # the second ENV is made once a template is ready: a warm start
+                time.sleep(2)
+        starts = re.findall(r"VM (\S+) up in \S+ s \((\w+)", (state / "hostd.log").read_text())
+        for env in ("sec", "sec2"):
+            assert tt("env", "del", env, config=cfg).returncode == 0
+    print(f"\nsecrets scan: {rounds} rounds, VM starts {starts}, found {found}")
+    print(f"held where only root reads: {sorted(held)}")
+    assert found == []
+    assert [kind for _, kind in starts] == ["cold", "warm"], starts
+    assert leftovers(state) == []

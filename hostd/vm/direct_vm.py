@@ -74,7 +74,7 @@ def boot(
         create_overlay(image_dir / manifest.disk.path, disk)
         token = secrets.token_hex(16)
         sock, console = work / "agent.sock", work / "console.log"
-        cmdline = f"{manifest.kernel_cmdline} tt.token={token} {extra_cmdline}".strip()
+        cmdline = f"{manifest.kernel_cmdline} {extra_cmdline}".strip()  # token: the first HELLO
         spec = QemuSpec(
             arch=arch,
             kernel=image_dir / manifest.kernel.path,

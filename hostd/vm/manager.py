@@ -324,9 +324,9 @@ class VMManager:
     ) -> DomainSpec:
         workdir = Path(row["workdir"])
         arch = Arch.parse(image.manifest.arch)
-        cmdline = (
-            f"{image.manifest.kernel_cmdline} tt.token={row['token']} tt.hostname={row['name']}"
-        )
+        # No token here: QEMU's command line is every local user's to read (ps). The agent
+        # takes it from the first HELLO after boot (ttci/agent/main.py).
+        cmdline = f"{image.manifest.kernel_cmdline} tt.hostname={row['name']}"
         if disk_gib << 30 > image.manifest.disk_virtual_size:
             cmdline += " tt.resize=1"
         cmdline += f" {vmnet.kernel_arg} net.ifnames=0"

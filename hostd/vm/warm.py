@@ -108,7 +108,7 @@ class TemplateSpec:
         self, name: str, directory: Path, token: str, metadata: dict[str, str]
     ) -> DomainSpec:
         m = self.image.manifest
-        cmdline = f"{m.kernel_cmdline} tt.token={token} tt.hostname=tt-template tt.template=1"
+        cmdline = f"{m.kernel_cmdline} tt.hostname=tt-template tt.template=1"  # token: HELLO
         if self.disk_gib << 30 > m.disk_virtual_size:
             cmdline += " tt.resize=1"
         return DomainSpec(

@@ -23,7 +23,9 @@ class EnvExec(SchedulerCore):
         """Run on every VM of the ENV (or those named in req.vms) at once; events are tagged
         with the VM's name."""
         vms = self._exec_targets(name, user, req.vms)
-        events: queue.Queue[ExecEvent | str] = queue.Queue(maxsize=1024)  # str: a VM is done
+        # str: a VM is done. Each event holds at most one frame of a guest's output (1 MiB): a
+        # slow client holds up the VMs' streams (hostd's, then the guests') at 64 MiB here.
+        events: queue.Queue[ExecEvent | str] = queue.Queue(maxsize=64)
         stop = threading.Event()
 
         def put(ev: ExecEvent | str) -> bool:

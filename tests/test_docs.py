@@ -5,6 +5,8 @@
 - Every repository path and `file.py::name` the docs mention exists; every link between docs
   resolves; every docs/ path mentioned in the code exists.
 - Nothing points outside the repository to the old design notes.
+- The README links resolve; it shows the architecture picture and the admin page's screenshot,
+  and links every page of the operator and user guides (docs/operator/, docs/user/).
 """
 
 from __future__ import annotations
@@ -109,8 +111,13 @@ def test_picture_exists_and_is_shown() -> None:
     assert f"]({PICTURE.name})" in ARCH.read_text(), "architecture.md shows the picture"
 
 
+README = ROOT / "README.md"
+GUIDES = ("operator", "user")
+
+
 def _doc_pages() -> list[Path]:
-    return sorted(DOCS.rglob("*.md"))
+    """Every page of docs/, and the README (its paths and links are held to the same rules)."""
+    return [*sorted(DOCS.rglob("*.md")), README]
 
 
 def _defined(path: Path, name: str) -> bool:
@@ -170,3 +177,24 @@ def test_nothing_points_outside_the_repository() -> None:
         if OUTSIDE_NOTES.search(line)
     ]
     assert not found, f"point to docs/ instead of the notes outside the repository: {found}"
+
+
+def _readme_links() -> list[str]:
+    return re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+
+
+def test_readme_shows_the_pictures() -> None:
+    links = _readme_links()
+    for picture in ("docs/architecture.svg", "docs/admin.png"):
+        assert picture in links, f"the README shows {picture}"
+        assert (ROOT / picture).is_file()
+    assert (DOCS / "admin.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_links_every_guide_page() -> None:
+    linked = {(ROOT / link).resolve() for link in _readme_links() if "://" not in link}
+    pages = {p.resolve() for guide in GUIDES for p in (DOCS / guide).glob("*.md")}
+    assert pages, "docs/operator/ and docs/user/ hold the guides"
+    unlinked = sorted(_rel(p) for p in pages - linked)
+    assert not unlinked, f"link these guide pages from the README: {unlinked}"
+    # That every page the README links exists: test_links_in_docs_resolve[README.md].

@@ -2,7 +2,7 @@
 checked against the images the cloud builds, and linted by npm-groovy-lint (CodeNarc).
 
 Jenkins itself is not available offline (no jenkins.war in any registry here), so declarative
-semantics beyond this are not checked; see README, "tt job run and Jenkins".
+semantics beyond this are not checked; see docs/user/jenkins.md.
 """
 
 from __future__ import annotations

@@ -385,7 +385,7 @@ _ROWS = (
     _gh("runner-timeout", DURATION, "300", "how long a started runner may take to pick up its job"),
     _gh("repo", LIST, "", "OWNER/NAME also reconciled before any webhook came (repeatable)"),
     _gh("allow-egress", TEXT, "", "egress allow-list of every job's VM (list GitHub's own hosts)"),
-    _gh("egress-file", PATH, None, "per-repository egress allow-lists (TOML, see the README)"),
+    _gh("egress-file", PATH, None, "per-repository egress allow-lists: docs/user/github.md"),
     _gh("threads", INT, "16", "HTTP worker threads"),
     _gh("admin-token-file", PATH, None, "file with a bearer token that guards /jobs"),
     # tt-gitlab-executor (its flags come from the runner's config.toml; job.Limits' defaults)

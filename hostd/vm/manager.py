@@ -227,13 +227,13 @@ class VMManager:
         clone = CloneSpec(spec.name, spec.uuid, workdir, (vmnet.tap, vmnet.mac), spec.metadata)
         started = time.monotonic()
         restore_clone(self.engine, Path(tpl["dir"]), self.templates.header(tpl), clone, disk_gib)
-        overhead = TCG_OVERHEAD_MIB if tpl["accel"] == "tcg" else KVM_OVERHEAD_MIB
-        self.engine.set_limits(row["domain"], row["memory_mib"] + overhead, row["cpus"])
+        mem = row["memory_mib"] + (TCG_OVERHEAD_MIB if tpl["accel"] == "tcg" else KVM_OVERHEAD_MIB)
         dns = dns_servers(spec.cmdline)
         net = {"mac": vmnet.mac, "ip": vmnet.ip, "gateway": vmnet.gateway, "dns": dns}
         identity = identity_for(row["name"], row["token"], net)
         alive = lambda: self.engine.is_running(row["domain"])  # noqa: E731
-        agent = wake(clone.agent_socket, tpl["token"], identity, WAKE_TIMEOUT_S, alive)
+        limits = lambda: self.engine.set_limits(row["domain"], mem, row["cpus"])  # noqa: E731
+        agent = wake(clone.agent_socket, tpl["token"], identity, WAKE_TIMEOUT_S, alive, limits)
         with self._agent_lock:
             self._agents[row["id"]] = agent
         self._update(row["id"], guest_boot_s=round(time.monotonic() - started, 3))

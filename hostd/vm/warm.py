@@ -269,21 +269,50 @@ def dns_servers(cmdline: str) -> list[str] | None:
     return None
 
 
-def wake(
+def wake(  # noqa: PLR0917 - the clone's socket and credentials, and two callbacks
     sock: Path,
     template_token: str,
     identity: dict[str, Any],
     timeout: float,
     alive: Callable[[], bool] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> AgentClient:
     """Reach a restored clone's agent with the template's token, give it its identity, and open
     a session with its own token (the template's opens nothing after this). alive: whether the
-    clone still runs (checked every few seconds, so a dead restore fails at once).
+    clone still runs (checked every few seconds, so a dead restore fails at once). meanwhile:
+    run alongside (the clone's cgroup limits: libvirt may queue them behind other restores).
 
     Raises:
-        TemplateError: no answer, or the identity was refused.
+        TemplateError: no answer, or the identity was refused; meanwhile's own errors.
     """
-    deadline = time.monotonic() + timeout
+    errors: list[Exception] = []
+
+    def side() -> None:
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        except Exception as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    helper = threading.Thread(target=side, name="wake-side", daemon=True)
+    helper.start()
+    try:
+        agent = _wake(sock, template_token, identity, time.monotonic() + timeout, alive)
+    finally:
+        helper.join()
+    if errors:
+        agent.close()
+        raise errors[0]
+    return agent
+
+
+def _wake(
+    sock: Path,
+    template_token: str,
+    identity: dict[str, Any],
+    deadline: float,
+    alive: Callable[[], bool] | None,
+) -> AgentClient:
     try:
         first = _reach(sock, template_token, deadline, alive)
         try:

@@ -816,6 +816,59 @@ def test_hostd_push_streams_within_its_cap(hostd_files: Any, tmp_path: Path) -> 
     ).stat().st_size < (2 * MiB)
 
 
+def test_hostd_exec_stream_at_a_slow_reader_stays_bounded() -> None:
+    """hostd's real app under waitress, the real agent running `head -c 256M /dev/zero` as the
+    'guest', and an HTTP client reading the exec stream at ~100 MiB/s: hostd stops reading
+    the guest's port while its queues are full, so this process
+    (hostd, the agent and the reader together) grows by a bounded amount, not by 256 MiB."""
+    import requests
+    import waitress
+
+    from hostd.service.api import create_app
+    from ttci.wire.commands import ExecRequest
+
+    class Mgr(_Mgr):
+        def agent(self, vm_id: str) -> AgentClient:
+            return self._agent
+
+    host, guest = socket.socketpair()
+    stop = threading.Event()
+    served = threading.Thread(
+        target=guest_agent.serve_fd, args=(guest.fileno(), TOKEN, stop), daemon=True
+    )
+    served.start()
+    agent = AgentClient(host, _handshake(host, TOKEN, time.monotonic() + 10))
+    app = create_app(Mgr(agent), "hostd-token")  # type: ignore[arg-type]
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}/v1/vms/v/exec"
+    total = 256 * MiB
+    body = ExecRequest(("head", "-c", str(total), "/dev/zero")).to_dict()
+    got, rss0 = 0, _rss_mib()
+    peak = rss0
+    try:
+        with requests.post(
+            url, json=body, headers={"Authorization": "Bearer hostd-token"}, stream=True, timeout=60
+        ) as r:
+            for line in r.iter_lines(chunk_size=1 << 16):
+                ev = json.loads(line)
+                if ev["event"] == "stdout":
+                    before, got = got, got + len(base64.b64decode(ev["data"]))
+                    if got // (4 * MiB) > before // (4 * MiB):  # ~100 MiB/s at most
+                        peak = max(peak, _rss_mib())
+                        time.sleep(0.04)
+    finally:
+        server.close()
+        _settle()
+        stop.set()
+        agent.close()
+        served.join(timeout=5)
+        guest.close()
+    print(f"\nhostd exec stream, {total // MiB} MiB at a slow reader: RSS +{peak - rss0:.0f} MiB")
+    assert got == total
+    assert peak - rss0 < 96
+
+
 def test_the_bounds_quoted_in_the_report() -> None:
     """Per command: CHANNEL_BUFFER + one frame in the agent client, EXEC_QUEUE frames in an
     exec stream's queue; per session one frame being decoded and one read."""

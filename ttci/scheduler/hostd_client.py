@@ -127,7 +127,9 @@ class HostdClient:
             timeout=(10, None),  # type: ignore[arg-type]
         )
         try:
-            for line in r.iter_lines():
+            # A line holds up to 1 MiB of output (1.4 MB of base64): read by 512 bytes, as
+            # iter_lines does by default, joining the pieces costs ~0.5 s of CPU per line.
+            for line in r.iter_lines(chunk_size=1 << 16):
                 if line:
                     yield ExecEvent.from_dict(json.loads(line))
         except requests.RequestException as e:

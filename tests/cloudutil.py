@@ -33,8 +33,10 @@ def tt(*args: str, config: Path, timeout: float = 600) -> subprocess.CompletedPr
     )
 
 
-def qemu_pids(marker: str) -> list[int]:
-    """QEMU processes whose command line mentions marker (a state dir or a domain name)."""
+def qemu_pids(marker: str, *, templates: bool = True) -> list[int]:
+    """QEMU processes whose command line mentions marker (a state dir or a domain name);
+    templates=False leaves out hostd's warm-start template VMs (made in the background on
+    a size's first use: hostd's own work, not a user's VM)."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -43,7 +45,7 @@ def qemu_pids(marker: str) -> list[int]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "qemu-system" in cmd and marker in cmd:
+        if "qemu-system" in cmd and marker in cmd and (templates or "-tpl-" not in cmd):
             pids.append(int(d.name))
     return pids
 

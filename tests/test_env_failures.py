@@ -48,7 +48,7 @@ def test_half_failed_env_is_taken_back_whole(tmp_path: Path) -> None:
         assert "could not be created (nothing was kept)" in r.stderr
         assert "debian-13-amd64" in r.stderr
         assert json.loads(tt("env", "list", "--json", config=cfg).stdout) == []
-        assert not qemu_pids(str(state))
+        assert not qemu_pids(str(state), templates=False)
         assert list((state / "hostd" / "vms").iterdir()) == []
         host = json.loads(tt("status", "--server", "--json", config=cfg).stdout)[0]
         assert host["used"] == {"cpus": 0, "memory_mib": 0, "disk_gib": 0}

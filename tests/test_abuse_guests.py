@@ -869,6 +869,75 @@ def test_hostd_exec_stream_at_a_slow_reader_stays_bounded() -> None:
     assert peak - rss0 < 96
 
 
+def test_the_scheduler_under_a_guest_flood_at_a_slow_client_stays_bounded(tmp_path: Path) -> None:
+    """A host (a stand-in under waitress) streams 256 MiB of a guest's stdout as fast as it can;
+    the scheduler's exec stream is read by a client taking ~40 MiB/s. The scheduler queues 32
+    events (1 MiB each at most) and then stops reading the host, so it grows by a bounded
+    amount (this process: the scheduler and its reader), not by 256 MiB."""
+    import waitress
+    from flask import Flask, Response
+
+    from tests.admin_fake import HOST_TOKEN, fake_scheduler
+    from ttci.wire.api import API_VERSION
+    from ttci.wire.commands import ExecRequest
+    from ttci.wire.hosts import HostRegistration
+
+    total = 256 * MiB
+    line = json.dumps({"event": "stdout", "data": base64.b64encode(b"y" * MiB).decode()})
+    host = Flask("flooding-host")
+
+    @host.post("/v1/vms/<vm_id>/exec")
+    def exec_vm(vm_id: str) -> Response:
+        def pour() -> Iterator[str]:
+            yield json.dumps({"event": "start"}) + "\n"
+            for _ in range(total // MiB):
+                yield line + "\n"
+            yield json.dumps({"event": "exit", "code": 0}) + "\n"
+
+        return Response(pour(), mimetype="application/x-ndjson")
+
+    server = waitress.create_server(host, host="127.0.0.1", port=0, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+    s = fake_scheduler(tmp_path / "sched", "admin-" + "a" * 30, vms=1, hosts=1, jobs=0)
+    s.pool.register(
+        HostRegistration.from_dict(
+            {
+                "id": "fake-0",
+                "url": f"http://127.0.0.1:{server.effective_port}",
+                "api": API_VERSION,
+                "token": HOST_TOKEN,
+                "info": {
+                    "machine": "x86_64",
+                    "accel": "tcg",
+                    "total": {"cpus": 64, "memory_mib": 262144, "disk_gib": 2000},
+                    "used": {"cpus": 1, "memory_mib": 512, "disk_gib": 0},
+                    "free": {"cpus": 63, "memory_mib": 261632, "disk_gib": 2000},
+                    "vms": 1,
+                    "images": [{"name": "qemu:debian-12:amd64", "arch": "amd64"}],
+                },
+            }
+        )
+    )
+    user = s.users.resolve("admin-" + "a" * 30)
+    assert user is not None
+    got, rss0 = 0, _rss_mib()
+    peak = rss0
+    try:
+        for ev in s.exec("ci-00000", user, ExecRequest(("yes",))):
+            if ev.data:
+                before, got = got, got + len(ev.data)
+                if got // (4 * MiB) > before // (4 * MiB):  # ~40 MiB/s at most
+                    peak = max(peak, _rss_mib())
+                    time.sleep(0.1)
+    finally:
+        server.close()
+    print(
+        f"\nscheduler exec stream, {total // MiB} MiB at a slow client: RSS +{peak - rss0:.0f} MiB"
+    )
+    assert got == total
+    assert peak - rss0 < 100  # 32 MiB of queue, the host's buffers; unbounded: ~175
+
+
 def test_the_bounds_quoted_in_the_report() -> None:
     """Per command: CHANNEL_BUFFER + one frame in the agent client, EXEC_QUEUE frames in an
     exec stream's queue; per session one frame being decoded and one read."""

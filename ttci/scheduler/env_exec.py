@@ -24,8 +24,8 @@ class EnvExec(SchedulerCore):
         with the VM's name."""
         vms = self._exec_targets(name, user, req.vms)
         # str: a VM is done. Each event holds at most one frame of a guest's output (1 MiB): a
-        # slow client holds up the VMs' streams (hostd's, then the guests') at 64 MiB here.
-        events: queue.Queue[ExecEvent | str] = queue.Queue(maxsize=64)
+        # slow client holds up the VMs' streams (hostd's, then the guests') at 32 MiB here.
+        events: queue.Queue[ExecEvent | str] = queue.Queue(maxsize=32)
         stop = threading.Event()
 
         def put(ev: ExecEvent | str) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cloudutil import free_port, leftovers, net_leftovers, qemu_pids
+from tests.cloudutil import BIN, free_port, leftovers, net_leftovers, qemu_pids
 from tests.conftest import IMAGE_PATH, built_image
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
@@ -92,9 +92,14 @@ def test_sigkill_during_restore(state: Path) -> None:
     port = free_port()
     hostd = _hostd(state, port)
     client = HostdClient(HOST, f"http://127.0.0.1:{port}", TOKEN)
-    body = {"image": IMAGE, "cpus": 1, "memory_mib": 384}
-    tpl = client._call("POST", "/v1/templates", json=body, timeout=300).json()
-    assert tpl["state"] == "ready"
+    warm = subprocess.run(
+        [BIN / "tt-hostd", "image", "warm", IMAGE, "--size", "1x384", "--listen",
+         f"127.0.0.1:{port}", "--hostd-token", TOKEN, "--image-path", str(IMAGE_PATH)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert warm.returncode == 0 and "ready: template" in warm.stdout, warm.stderr
+    [tpl] = client._call("GET", "/v1/templates").json()["templates"]
+    assert (tpl["state"], tpl["memory_mib"]) == ("ready", 384)
     keep = client.create_vm(VMRequest("keep", "e", "survivor", "", IMAGE, memory_mib=384))
     assert keep["start"] == "warm"
     assert _run(client, "keep", "echo 42 > /root/mark; cat /root/mark") == (0, "42\n")

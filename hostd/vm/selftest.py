@@ -9,6 +9,7 @@ asked a command. One failure fails the test.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import shutil
 import threading
@@ -21,10 +22,20 @@ from typing import Any
 from hostd.builders.save_image import SaveHeader
 from hostd.vm.engine import Engine
 from hostd.vm.warm import CloneSpec, TemplateError, identity_for, restore_clone, wake
+from ttci.infra.db import Store, now
 from ttci.model.errors import TTError
 
-__all__ = ["SELFTEST_TRIES", "SELFTEST_WAKE_S", "WAKE_TIMEOUT_S", "SelfTest", "restore_selftest"]
+__all__ = [
+    "SELFTEST_TRIES",
+    "SELFTEST_WAKE_S",
+    "WAKE_TIMEOUT_S",
+    "SelfTest",
+    "restore_selftest",
+    "selftest_once",
+    "target_of",
+]
 
+log = logging.getLogger("hostd.vm.selftest")
 SELFTEST_TRIES = 3
 WAKE_TIMEOUT_S = 30.0  # restore to agent takes 0.1-0.7 s on an idle host; give load room
 SELFTEST_WAKE_S = 20.0  # a guest that hangs after restore (ppc64, riscv64 on QEMU 7.2) ends it
@@ -46,6 +57,35 @@ class SelfTest:
             "detail": self.detail,
             "restore_s": self.restore_s,
         }
+
+
+def target_of(arch: str, qemu: int, accel: str) -> str:
+    """What a self-test is recorded under: ARCH/qemu-VERSION/ACCEL."""
+    return f"{arch}/qemu-{qemu}/{accel}"
+
+
+def selftest_once(  # noqa: PLR0917 - the template and where its result goes
+    store: Store,
+    engine: Engine,
+    host_id: str,
+    row: dict[str, Any],
+    header: SaveHeader,
+    stop: threading.Event,
+) -> SelfTest | None:
+    """Self-test row's (architecture, QEMU, accelerator) unless it has been; record the result.
+    None: tested before (the record says how it went)."""
+    target = target_of(row["arch"], row["qemu"], row["accel"])
+    with store.lock:
+        if store.db.table("restore_tests").count_where("target = ?", [target]):
+            return None
+    result = restore_selftest(engine, host_id, row, header, stop)
+    what = {"target": target, "arch": row["arch"], "qemu": row["qemu"], "accel": row["accel"]}
+    with store.lock:
+        store.db.table("restore_tests").insert(
+            {**what, **result.to_row(), "tested_at": now()}, replace=True
+        )
+    log.info("restore self-test %s: %s", target, result.detail)
+    return result
 
 
 def restore_selftest(

@@ -14,6 +14,7 @@ exist, so a hostd killed half-way leaves nothing that `reconcile` does not remov
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import sqlite_utils
 from hostd.builders.save_image import SaveHeader
 from hostd.images.catalogue import Image
 from hostd.vm.engine import Engine
-from hostd.vm.selftest import SELFTEST_TRIES, WAKE_TIMEOUT_S, restore_selftest
+from hostd.vm.selftest import SELFTEST_TRIES, WAKE_TIMEOUT_S, selftest_once, target_of
 from hostd.vm.warm import (
     SAVE_FILE,
     TemplateError,
@@ -82,10 +83,6 @@ def template_key(spec: TemplateSpec, qemu: int) -> str:
     what = [TEMPLATE_FORMAT, image_digest(spec.image), spec.vcpus, spec.memory_mib]
     what += [spec.disk_gib, spec.accel, qemu, row.machine, row.cpu, list(row.libvirt_qemu_args)]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-
-
-def _target(arch: str, qemu: int, accel: str) -> str:
-    return f"{arch}/qemu-{qemu}/{accel}"
 
 
 def _qemu_text(v: int) -> str:
@@ -167,11 +164,7 @@ class Templates:
         if spec.image.manifest.profile != "agent":
             return Pick(None, "profile", f"profile {spec.image.manifest.profile} boots cold")
         arch, qemu = spec.image.manifest.arch, self.qemu()
-        with self.store.lock:
-            test = self.store.db.table("restore_tests").rows_where(
-                "target = ?", [_target(arch, qemu, spec.accel)]
-            )
-            test_row = next(iter(test), None)
+        test_row = self._selftest(spec)
         if test_row is not None and not test_row["ok"]:
             return Pick(
                 None,
@@ -190,6 +183,13 @@ class Templates:
                 reason = "old_agent" if "predates warm start" in r["error"] else "template_failed"
                 return Pick(None, reason, f"its template failed: {r['error']}")
         return Pick(None, "no_template", "no template yet")
+
+    def _selftest(self, spec: TemplateSpec) -> dict[str, Any] | None:
+        """The recorded restore self-test of spec's (architecture, QEMU, accelerator)."""
+        target = target_of(spec.image.manifest.arch, self.qemu(), spec.accel)
+        with self.store.lock:
+            rows = list(self.store.db.table("restore_tests").rows_where("target = ?", [target]))
+        return rows[0] if rows else None
 
     def count(self, pick: Pick, warm: bool, why: str = "") -> None:
         """Count a VM's start: a hit, or a miss with its reason."""
@@ -210,7 +210,7 @@ class Templates:
         QEMU 7.2's ppc64 and riscv64 restores hang most of the time), so that architecture's
         VMs boot cold from now on. Anything else is this template's: it is made anew."""
         if isinstance(e, WakeError):
-            target = _target(row["arch"], row["qemu"], row["accel"])
+            target = target_of(row["arch"], row["qemu"], row["accel"])
             with self.store.lock:
                 self.store.db.table("restore_tests").upsert(
                     {
@@ -284,6 +284,13 @@ class Templates:
             ready = self.rows("key = ? and state = 'ready'", [key])
             if ready:
                 return ready[0]
+            test = self._selftest(spec)
+            if test is not None and not test["ok"]:
+                raise TemplateError(
+                    f"restore does not work for {spec.image.manifest.arch} on this host's QEMU: "
+                    + test["detail"],
+                    hint="its VMs boot cold",
+                )
             for r in self.rows("key = ? and state = 'failed'", [key]):
                 self._remove(r)
             row = self._record(spec, key)
@@ -351,25 +358,10 @@ class Templates:
 
     # -- restore self-test -------------------------------------------------------------------
     def _self_test_once(self, row: dict[str, Any]) -> None:
-        target = _target(row["arch"], row["qemu"], row["accel"])
-        with self.store.lock:
-            if self.store.db.table("restore_tests").count_where("target = ?", [target]):
-                return
-        result = restore_selftest(self._eng(), self.host_id, row, self.header(row), self._stop)
-        with self.store.lock:
-            self.store.db.table("restore_tests").insert(
-                {
-                    "target": target,
-                    "arch": row["arch"],
-                    "qemu": row["qemu"],
-                    "accel": row["accel"],
-                    **result.to_row(),
-                    "tested_at": now(),
-                },
-                replace=True,
-            )
-        log.info("restore self-test %s: %s", target, result.detail)
-        if not result.ok:
+        result = selftest_once(
+            self.store, self._eng(), self.host_id, row, self.header(row), self._stop
+        )
+        if result is not None and not result.ok:
             raise TemplateError(f"restore self-test failed: {result.detail}")
 
     # -- remove ------------------------------------------------------------------------------
@@ -486,8 +478,6 @@ def _du(path: Path) -> int:
 
 
 def _age_s(iso: str) -> float:
-    import datetime as dt  # noqa: PLC0415
-
     try:
         return (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(iso)).total_seconds()
     except ValueError:

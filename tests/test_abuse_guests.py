@@ -1021,7 +1021,9 @@ def _holders(roots: list[Path], secrets_: dict[str, str]) -> list[tuple[str, Pat
     for root in roots:
         if not root.exists():
             continue
-        for p in [root] if root.is_file() else root.rglob("*"):
+        # os.walk skips folders that vanish while it runs (hostd removes self-test files).
+        walked = (Path(d) / f for d, _, files in os.walk(root) for f in files)
+        for p in [root] if root.is_file() else walked:
             if not p.is_file() or p.is_symlink() or p.is_socket():
                 continue
             with contextlib_suppress():
@@ -1069,7 +1071,11 @@ def _scan(state: Path, user_token: str, found: list[str], held: set[str]) -> dic
         if _open_to_others(p, top):
             found.append(f"{p}: {what}")
         else:  # the databases (0600), the client config (0600), a template's memory
-            held.add(f"{p.relative_to(root)} ({oct(p.stat().st_mode & 0o777)})")
+            try:
+                mode = p.stat().st_mode
+            except FileNotFoundError:  # hostd removed it meanwhile (a self-test's save file)
+                continue
+            held.add(f"{p.relative_to(root)} ({oct(mode & 0o777)})")
     return tokens
 
 

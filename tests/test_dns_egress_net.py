@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -29,7 +28,6 @@ from tests.netlab import Lab, dns_server, in_ns, lab, lab_servers
 from ttci.infra.proc import stop
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq-base")
 
 
 @dataclass

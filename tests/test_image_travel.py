@@ -36,7 +36,7 @@ from hostd.images.sources import DirSource, HttpSource, TransferCorrupt, Transfe
 from hostd.images.transfer import pull, remove_partial
 from hostd.service.api import create_app as hostd_app
 from tests.cloudutil import BIN, configure_client, free_port, qemu_pids, tt
-from tests.conftest import IMAGE_PATH
+from tests.conftest import built_image
 from tests.netlab import Lab, lab
 from ttci.cli.allinone import STOP_GRACE_S, Stack, _spawn, python_main, running
 from ttci.infra.proc import BASE_ENV, stop
@@ -521,10 +521,7 @@ def _link_image(src: Path, dst_root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def travel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Travel]:
-    try:
-        image = find(IMAGE_PATH, NAME)
-    except BadInput:
-        pytest.skip(f"no {NAME} under {IMAGE_PATH} (tests/test_images_vm.py builds it)")
+    image = built_image("debian-12", "amd64")  # NAME, built once per machine (cached after)
     state = tmp_path_factory.mktemp("travel")
     local_images, h2_images = state / "local-images", state / "h2-images"
     _link_image(image.path, local_images)

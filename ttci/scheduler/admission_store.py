@@ -17,7 +17,7 @@ from ttci.scheduler.planning.admission import InUse, QueuedRequest, Quota, Quota
 
 __all__ = [
     "SCOPES",
-    "deadline_of",
+    "deadlines",
     "dequeue",
     "enqueue",
     "in_use",
@@ -56,12 +56,13 @@ def load_queue(store: Store) -> list[QueuedRequest]:
     return [QueuedRequest.from_dict(json.loads(r["request"])) for r in rows]
 
 
-def deadline_of(store: Store, env: str) -> float | None:
+def deadlines(store: Store) -> dict[str, float]:
+    """The waiting requests that have a max_wait: ENV name -> epoch deadline (one query)."""
     with store.lock:
-        rows = list(store.db.table("queue").rows_where("env = ?", [env]))
-    if not rows or rows[0]["deadline"] == NO_DEADLINE:
-        return None
-    return float(rows[0]["deadline"])
+        rows = store.db.execute(
+            "select env, deadline from queue where deadline < ?", [NO_DEADLINE]
+        ).fetchall()
+    return {env: float(deadline) for env, deadline in rows}
 
 
 def in_use(store: Store) -> InUse:

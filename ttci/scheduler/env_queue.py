@@ -136,7 +136,8 @@ class EnvQueue(EnvCreation):
                 self._waiting = {}
                 return set()
             now = time.time()
-            waiting = [r for r in waiting if not self._expired(r, now)]
+            limits = qs.deadlines(self.store)
+            waiting = [r for r in waiting if not self._expired(r, now, limits.get(r.id))]
             # A host that is down may come back: its requests wait for it (as for a drained one).
             hosts = [
                 h if h.up else dataclasses.replace(h, up=True, draining=True)
@@ -163,8 +164,7 @@ class EnvQueue(EnvCreation):
                 self._publish(w.id, EnvEvent("queued", queue=self._info(w)))
         return {g.id for g in decision.grants}
 
-    def _expired(self, r: QueuedRequest, now: float) -> bool:
-        deadline = qs.deadline_of(self.store, r.id)
+    def _expired(self, r: QueuedRequest, now: float, deadline: float | None) -> bool:
         if deadline is None or now < deadline:
             return False
         self._end_queued(
@@ -206,13 +206,8 @@ class EnvQueue(EnvCreation):
 
     def _unqueue(self, name: str) -> bool:
         """Take a queued ENV out of the queue and forget it; True if it was still queued."""
-        with self._place_lock, self.store.lock:
-            gone = qs.dequeue(self.store, name)
-            if gone:
-                self.store.db.table("envs").delete_where("name = ? and state = 'queued'", [name])
-            self.store.db.conn.commit()
-        self._waiting.pop(name, None)
-        return gone
+        with self._place_lock:
+            return self._unqueue_locked(name)
 
     def _end_queued(self, name: str, err: TTError) -> None:
         if self._unqueue_locked(name):

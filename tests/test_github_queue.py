@@ -95,7 +95,8 @@ def test_a_burst_bigger_than_the_cloud_all_runs_with_one_jit_runner_each(q: Q) -
         assert q.send(job_event("queued", jid, OURS, repo=repo)).json()["status"] == "queued"
     # three places in TT CI's queue (--max-waiting 3): shared out between the repositories
     assert q.svc.dispatch_once() == 3
-    handed = {jid for jid, _ in big + small if q.job(jid)["state"] == "provisioning"}
+    # handed over = its first attempt began (its thread may already have started the runner)
+    handed = {jid for jid, _ in big + small if q.job(jid)["attempt"] == 1}
     assert handed == {8100, 8200, 8101}
     assert "--max-waiting" in q.job(8107)["reason"] and q.job(8107)["state"] == "pending"
     q.svc.start(reconcile_loop=False)

@@ -9,8 +9,9 @@ APT_PACKAGES := \
 	nftables iproute2 dnsmasq-base python3-venv dpkg-dev openssl debian-archive-keyring \
 	ca-certificates
 # Test-only: headless browser for the admin page tests, Java for npm-groovy-lint (Jenkinsfile),
-# systemd-analyze for the unit files (tests/test_units.py; nothing here runs systemd).
-TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd
+# systemd-analyze for the unit files (tests/test_units.py; nothing here runs systemd), PostgreSQL's
+# server for the throw-away clusters of tests/pgcluster.py (nothing runs it as a service).
+TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd postgresql
 
 .PHONY: deps test-deps tools venv install demo test lint clean
 

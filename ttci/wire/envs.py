@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ttci.model.cache import CacheScope, CacheSpec
 from ttci.model.egress import EgressRule, egress_text, parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.ports import parse_ports, ports_text
@@ -137,6 +138,7 @@ class EnvRequest:
     origin: Mapping[str, str] = field(default_factory=lambda: {"kind": "cli"}, hash=False)
     allow_egress: tuple[EgressRule, ...] = ()
     egress_audit: bool = False
+    cache: CacheSpec | None = None  # one cache volume, mounted in every VM of the ENV
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,6 +154,7 @@ class EnvRequest:
             "vm_ports": ports_text(list(self.vm_ports)),
             "origin": dict(self.origin),
             **_egress_dict(self.allow_egress, self.egress_audit),
+            **({"cache": self.cache.to_dict()} if self.cache else {}),
         }
 
     @classmethod
@@ -173,6 +176,7 @@ class EnvRequest:
                 vm_ports=tuple(parse_ports(d.get("vm_ports", ""))),
                 allow_egress=parse_egress(d.get("allow_egress")),
                 egress_audit=_flag(d.get("egress_audit", False), "egress_audit"),
+                cache=CacheSpec.from_dict(d["cache"]) if d.get("cache") else None,
             )
         except KeyError as e:
             raise BadInput(f"ENV request lacks {e}", hint="send name and os_prefix") from None
@@ -218,6 +222,14 @@ class VMRequest:
     ports: Ports = ()
     allow_egress: tuple[EgressRule, ...] = ()
     egress_audit: bool = False
+    cache: CacheSpec | None = None
+    cache_project: str = ""  # the cache's scope is (owner, cache_project, cache.key)
+
+    @property
+    def cache_scope(self) -> CacheScope | None:
+        if self.cache is None:
+            return None
+        return CacheScope(self.owner, self.cache_project or f"user:{self.owner}", self.cache.key)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -233,6 +245,11 @@ class VMRequest:
             "deny_outgoing": self.deny_outgoing,
             "ports": ports_text(list(self.ports)),
             **_egress_dict(self.allow_egress, self.egress_audit),
+            **(
+                {"cache": self.cache.to_dict(), "cache_project": self.cache_project}
+                if self.cache
+                else {}
+            ),
         }
 
     @classmethod
@@ -254,6 +271,8 @@ class VMRequest:
                 ports=tuple(parse_ports(d.get("ports"))),
                 allow_egress=parse_egress(d.get("allow_egress")),
                 egress_audit=_flag(d.get("egress_audit", False), "egress_audit"),
+                cache=CacheSpec.from_dict(d["cache"]) if d.get("cache") else None,
+                cache_project=as_text(d.get("cache_project", ""), "cache_project", 300),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BadInput(

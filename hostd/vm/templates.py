@@ -45,6 +45,7 @@ from hostd.vm.warm import (
 from ttci.infra.db import Store, now
 from ttci.model.arch import Arch
 from ttci.model.errors import TTError
+from ttci.wire.warm import MISS_REASONS
 
 __all__ = [
     "SELFTEST_TRIES",
@@ -58,16 +59,6 @@ __all__ = [
 log = logging.getLogger("hostd.vm.templates")
 TEMPLATE_FORMAT = 1  # bump when what a template holds changes: every old one goes stale
 RETRY_FAILED_S = 600.0
-MISS_REASONS = (
-    "off",
-    "profile",
-    "old_agent",
-    "selftest_failed",
-    "building",
-    "no_template",
-    "template_failed",
-    "restore_failed",
-)
 
 
 def image_digest(image: Image) -> str:

@@ -23,6 +23,7 @@ from ttci.scheduler.schema import MIGRATIONS
 from ttci.scheduler.users import User, Users
 from ttci.wire.envs import EnvEvent
 from ttci.wire.queue import QueueInfo
+from ttci.wire.warm import image_warmth
 
 __all__ = ["PARALLEL_CREATES", "EnvBusy", "EnvExists", "EnvNotFound", "SchedulerCore"]
 
@@ -113,15 +114,18 @@ class SchedulerCore:
         return out
 
     def images(self) -> list[dict[str, Any]]:
-        """The union of all up hosts' images, with the hosts that have each."""
+        """The union of all up hosts' images, with the hosts that have each and whether its VMs
+        start warm there (ttci.wire.warm)."""
         merged: dict[str, dict[str, Any]] = {}
+        warm: dict[str, list[tuple[str, Any]]] = {}
         for h in self.hosts():
             if h["state"] != "up":
                 continue
             for img in h.get("images", []):
                 entry = merged.setdefault(img["name"], {**img, "hosts": []})
                 entry["hosts"].append(h["id"])
-        return [merged[k] for k in sorted(merged)]
+                warm.setdefault(img["name"], []).append((h["id"], h.get("warm")))
+        return [{**merged[k], "warm": image_warmth(merged[k], warm[k])} for k in sorted(merged)]
 
     def _client(self, host_id: str) -> HostdClient:
         return self.pool.client(host_id)

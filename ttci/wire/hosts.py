@@ -4,22 +4,23 @@ hostd POSTs a HostRegistration to /v1/hosts/register (bearing the pool's join to
 Heartbeat to /v1/hosts/heartbeat every `heartbeat_s` seconds bearing its own token: the one it
 registered with, which binds the host id to that host (only its holder may beat for the id or
 register it again). Both carry `info`, the host's report: what hostd's own `GET /v1/host` shows
-(capacity, use, images, accelerator). `parse_report` checks a report against its schema (types,
-sizes, finite numbers, image names) and keeps only its known fields, none of which is one the
-scheduler owns (id, url, state, ...).
+(capacity, use, images, accelerator, warm start). `parse_report` checks a report against its
+schema (types, sizes, finite numbers, image names) and keeps only its known fields, none of which
+is one the scheduler owns (id, url, state, ...).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ttci.model.errors import BadInput
 from ttci.model.naming import ImageName
 from ttci.wire.api import API_VERSION, check_api, require_object
+from ttci.wire.warm import MAX_SELFTESTS, MAX_TEMPLATES, SELFTEST_TEXT, TEMPLATE_TEXT
 
 __all__ = [
     "HOST_ID_RE",
@@ -205,14 +206,7 @@ def _resources(v: Any, where: str) -> dict[str, float]:
 def _image(v: Any, where: str) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _Bad(f"{where} must be an object with a name")
-    name = _text(v.get("name"), f"{where}.name", 200)
-    try:
-        canonical = str(ImageName.parse(name))
-    except BadInput as e:
-        raise _Bad(f"{where}.name: {e.message}") from None
-    if canonical != name:
-        raise _Bad(f"{where}.name {name!r} is not canonical ({canonical!r})")
-    out: dict[str, Any] = {"name": name}
+    out: dict[str, Any] = {"name": _image_name(v.get("name"), f"{where}.name")}
     for key in _IMAGE_TEXT:
         if key in v:
             out[key] = _text(v[key], f"{where}.{key}", 200)
@@ -223,12 +217,86 @@ def _image(v: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _images(v: Any) -> list[dict[str, Any]]:
+def _image_name(v: Any, where: str) -> str:
+    name = _text(v, where, 200)
+    try:
+        canonical = str(ImageName.parse(name))
+    except BadInput as e:
+        raise _Bad(f"{where}: {e.message}") from None
+    if canonical != name:
+        raise _Bad(f"{where} {name!r} is not canonical ({canonical!r})")
+    return name
+
+
+def _list(v: Any, where: str, limit: int) -> list[Any]:
     if not isinstance(v, list):
-        raise _Bad("images must be a list")
-    if len(v) > MAX_IMAGES:
-        raise _Bad(f"images lists {len(v)} entries; at most {MAX_IMAGES}")
-    return [_image(i, f"images[{n}]") for n, i in enumerate(v)]
+        raise _Bad(f"{where} must be a list")
+    if len(v) > limit:
+        raise _Bad(f"{where} lists {len(v)} entries; at most {limit}")
+    return v
+
+
+def _entry(
+    v: Any, where: str, texts: Mapping[str, int], numbers: Mapping[str, float]
+) -> dict[str, Any]:
+    """An object of known text and whole-number fields (others dropped)."""
+    if not isinstance(v, dict):
+        raise _Bad(f"{where} must be an object")
+    out: dict[str, Any] = {k: _text(v[k], f"{where}.{k}", n) for k, n in texts.items() if k in v}
+    for k, limit in numbers.items():
+        if k in v:
+            out[k] = _number(v[k], f"{where}.{k}", limit, whole=not k.endswith("_s"))
+    return out
+
+
+_TEMPLATE_NUMBERS: dict[str, float] = {
+    "vcpus": 1024,
+    "memory_mib": 2**42,
+    "disk_gib": 65536,
+    "bytes": 2**50,
+}
+_TEMPLATE_NUMBERS |= {"hits": 2**53, "qemu": 10**10, "boot_s": 1e6}
+_SELFTEST_NUMBERS: dict[str, float] = {"passed": 1000, "tries": 1000, "restore_s": 1e6}
+
+
+def _warm(v: Any) -> dict[str, Any]:
+    """hostd's warm start (hostd.vm.templates.report): templates, self-tests, hits, misses."""
+    if not isinstance(v, dict):
+        raise _Bad("warm must be an object")
+    out: dict[str, Any] = {}
+    if "enabled" in v:
+        if not isinstance(v["enabled"], bool):
+            raise _Bad("warm.enabled must be true or false")
+        out["enabled"] = v["enabled"]
+    tpls = []
+    for n, t in enumerate(_list(v.get("templates", []), "warm.templates", MAX_TEMPLATES)):
+        where = f"warm.templates[{n}]"
+        row = _entry(t, where, TEMPLATE_TEXT, _TEMPLATE_NUMBERS)
+        tpls.append({**row, "image": _image_name(t.get("image"), f"{where}.image")})
+    out["templates"] = tpls
+    tests = []
+    for n, t in enumerate(_list(v.get("selftests", []), "warm.selftests", MAX_SELFTESTS)):
+        row = _entry(t, f"warm.selftests[{n}]", SELFTEST_TEXT, _SELFTEST_NUMBERS)
+        if not isinstance(t.get("ok"), bool):
+            raise _Bad(f"warm.selftests[{n}].ok must be true or false")
+        tests.append({**row, "ok": t["ok"]})
+    out["selftests"] = tests
+    for key in ("bytes", "hits"):
+        if key in v:
+            out[key] = _number(v[key], f"warm.{key}", 2**53, whole=True)
+    misses = v.get("misses", {})
+    if not isinstance(misses, dict) or len(misses) > 32:
+        raise _Bad("warm.misses must be an object of at most 32 reasons")
+    out["misses"] = {}
+    for reason, count in misses.items():
+        if not re.fullmatch(r"[a-z_]{1,32}", reason):
+            raise _Bad(f"warm.misses: {reason[:40]!r} is not a reason (a-z and _)")
+        out["misses"][reason] = _number(count, f"warm.misses.{reason}", 2**53, whole=True)
+    return out
+
+
+def _images(v: Any) -> list[dict[str, Any]]:
+    return [_image(i, f"images[{n}]") for n, i in enumerate(_list(v, "images", MAX_IMAGES))]
 
 
 def parse_report(info: Any) -> dict[str, Any]:
@@ -262,12 +330,12 @@ def _parse_report(info: Any) -> dict[str, Any]:
     for key, limit in _TEXT_FIELDS.items():
         if key in info:
             out[key] = _text(info[key], key, limit)
-    for key in ("api", "vms"):
-        if key in info:
-            out[key] = _number(info[key], key, 10**7, whole=True)
-    for key in ("total", "used", "free"):
-        if key in info:
-            out[key] = _resources(info[key], key)
-    if "images" in info:
-        out["images"] = _images(info["images"])
+    checks: dict[str, Callable[[Any, str], Any]] = {
+        "api": lambda v, k: _number(v, k, 10**7, whole=True),
+        "vms": lambda v, k: _number(v, k, 10**7, whole=True),
+        **dict.fromkeys(("total", "used", "free"), _resources),
+        "images": lambda v, _: _images(v),
+        "warm": lambda v, _: _warm(v),
+    }
+    out.update({key: check(info[key], key) for key, check in checks.items() if key in info})
     return out

@@ -35,6 +35,7 @@ FLOORS = {
     "hostd/builders": 4,
     "hostd/images": 5,
     "hostd/net": 5,
+    "hostd/storage": 5,
     "hostd/vm": 6,
     "hostd/service": 7,
     "hostd/cli": 8,

@@ -1,15 +1,9 @@
-"""A VM's disk: a copy-on-write overlay on its image's disk, so the image is never written."""
+"""A VM's disk: a copy-on-write overlay on its image's disk, so the image is never written.
+
+The mechanics live in hostd/storage (the qcow2 backend; ZFS clones with --storage zfs:...)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from hostd.builders.qemu_argv import overlay_argv
-from ttci.infra.proc import run
+from hostd.storage.qcow2 import create_overlay
 
 __all__ = ["create_overlay"]
-
-
-def create_overlay(base: Path, path: Path, size_gib: int | None = None) -> None:
-    """Make path a qcow2 overlay of base (size_gib: its virtual size, else base's)."""
-    run(overlay_argv(base, path, size_gib))

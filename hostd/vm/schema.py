@@ -1,4 +1,5 @@
-"""hostd's state schema: the named migrations of its SQLite database (VMs, networks, templates)."""
+"""hostd's state schema: the named migrations of its SQLite database (VMs, networks, templates,
+volumes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import sqlite_utils
 
+from hostd.cache.store import migrations as cache_migrations
 from hostd.net.manager import NetManager
+from hostd.storage.volumes import Volumes
 from ttci.infra.db import Store
 
 __all__ = ["migrations", "open_store"]
@@ -46,6 +49,7 @@ def migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
         ("0002_guest_boot_s", guest_boot),
         *NetManager.migrations(),
         *_template_migrations(),
+        *Volumes.migrations(),
     ]
 
 

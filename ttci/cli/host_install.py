@@ -47,7 +47,9 @@ def register(hs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     role = p.add_argument_group("what this machine runs (hostd always)")
     role.add_argument("--scheduler", action="store_true", help="also the scheduler; hostd joins it")
     role.add_argument("--github", action="store_true", help="also the GitHub webhook service")
-    role.add_argument("--join", metavar="ADDR:PORT", help="the pool's scheduler to join")
+    role.add_argument(
+        "--join", metavar="ADDR:PORT[,...]", help="the pool's scheduler (or its replicas) to join"
+    )
     role.add_argument(
         "--join-token-file", type=Path, metavar="FILE", help="the pool's join token (with --join)"
     )
@@ -157,7 +159,8 @@ def _check(args: argparse.Namespace) -> None:
             hint="the first machine: tt host install --scheduler",
         )
     if args.join:
-        parse_hostport(args.join, "--join")
+        for one in args.join.split(","):  # scheduler replicas: ADDR:PORT,ADDR:PORT
+            parse_hostport(one, "--join")
         if args.join_token_file is None or args.advertise is None:
             raise BadInput(
                 "--join needs --join-token-file FILE and --advertise ADDR:PORT",

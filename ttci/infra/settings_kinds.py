@@ -19,6 +19,7 @@ __all__ = [
     "DURATION",
     "FLOAT",
     "HOSTPORT",
+    "HOSTPORTS",
     "INT",
     "LIST",
     "MEMORY",
@@ -66,6 +67,13 @@ def _hostport(text: str) -> str:
     return text
 
 
+def _hostports(text: str) -> str:
+    items = [x for x in text.split(",") if x.strip()]
+    if not items or any(split_hostport(x) is None for x in items):
+        raise ValueError(text)
+    return text
+
+
 def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -76,6 +84,7 @@ INT = Kind("a whole number", "1", int, "N")
 FLOAT = Kind("a number", "1.5", float, "N")
 BOOL = Kind("true or false", "true", _bool)
 HOSTPORT = Kind("ADDR:PORT", "127.0.0.1:7400", _hostport, "ADDR:PORT")
+HOSTPORTS = Kind("ADDR:PORT[,ADDR:PORT...]", "127.0.0.1:7400", _hostports, "ADDR:PORT[,...]")
 LIST = Kind("a comma-separated list", "a,b", _list)  # a flag: repeated; a file: an array
 
 

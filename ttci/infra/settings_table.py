@@ -17,6 +17,7 @@ from ttci.infra.settings_kinds import (
     DURATION,
     FLOAT,
     HOSTPORT,
+    HOSTPORTS,
     INT,
     LIST,
     MEMORY,
@@ -94,7 +95,13 @@ _ROWS = (
         "~/.config/tt/config.json)",
         flag=None,
     ),
-    Setting("server", TEXT, None, "the scheduler's ADDR:PORT (beats the config)", flag=None),
+    Setting(
+        "server",
+        TEXT,
+        None,
+        "the scheduler's ADDR:PORT, or its replicas' ADDR:PORT,ADDR:PORT,... (beats the config)",
+        flag=None,
+    ),
     Setting("token", TEXT, None, "the client's token (beats the config)", flag=None, secret=True),
     # TLS: the CA clients verify servers with (tt, CI plugins, scheduler -> hostd, hostd -> its
     # --join scheduler); a daemon's own certificate is its --tls-cert/--tls-key rows below.
@@ -166,10 +173,10 @@ _ROWS = (
     _hostd("allow-egress", TEXT, "", "egress rules every ENV gets (all it gets if it asks none)"),
     _hostd(
         "join",
-        HOSTPORT,
+        HOSTPORTS,
         None,
-        "register with this scheduler (instead of being listed in its --server-set)",
-        metavar="ADDR:PORT",
+        "register with this scheduler (instead of being listed in its --server-set); "
+        "replicas: ADDR:PORT,ADDR:PORT,... (tried in turn)",
     ),
     _hostd(
         "advertise",

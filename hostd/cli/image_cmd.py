@@ -423,12 +423,22 @@ def cmd_list_pool(args: argparse.Namespace) -> int:
         print(json.dumps(images, indent=2))
         return 0
     t = Table(title="images in the pool")
-    for col in ("name", "os", "arch", "kernel", "hosts"):
+    for col in ("name", "os", "arch", "kernel", "hosts", "start"):
         t.add_column(col, overflow="fold")
     for i in images:
-        t.add_row(i["name"], i["release"], i["arch"], i["kernel"], ", ".join(i["hosts"]))
+        what = (i.get(k, "") for k in ("release", "arch", "kernel"))  # a host may leave them out
+        t.add_row(i["name"], *what, ", ".join(i["hosts"]), _start(i))
     out.print(t)
     return 0
+
+
+def _start(image: dict[str, Any]) -> str:
+    """warm, or cold and why (ttci.wire.warm.image_warmth, from the scheduler)."""
+    w = image.get("warm") or {}
+    if w.get("start") == "warm":
+        cold = w.get("cold") or {}
+        return "warm" + (f" (cold on {', '.join(sorted(cold))})" if cold else "")
+    return f"cold: {w['why']}" if w.get("why") else "cold"
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from ttci.infra.db import Store
 from ttci.infra.metrics_common import RESOURCE_UNITS, VM_STATES, BuildInfo, by_state
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.hosts import stored_report
+from ttci.scheduler.warm_metrics import warm_metrics
 from ttci.wire.envs import ORIGIN_KINDS
 from ttci.wire.queue import BLOCKERS
 
@@ -102,16 +103,19 @@ class SchedulerCollector(Collector):
         }
         with self.store.lock:
             rows = [dict(r) for r in self.store.db.table("hosts").rows]
+        reports = []
         for row in rows:
             hid = row["id"]
             up.add_metric([hid], 1 if row.get("state") == "up" else 0)
             drained.add_metric([hid], 1 if row.get("drained") else 0)
             info = stored_report(row)  # checked: a malformed report counts as none
+            reports.append((hid, info))
             for what, report in (("capacity", "total"), ("used", "used")):
                 for key, suffix, factor in RESOURCE_UNITS:
                     value = float(info.get(report, {}).get(key, 0)) * factor
                     fams[what, suffix].add_metric([hid], value)
         yield from (up, drained, *fams.values())
+        yield from warm_metrics(reports)
 
     def _jobs(self) -> Iterator[Metric]:
         started = CounterMetricFamily(

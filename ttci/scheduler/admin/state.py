@@ -36,9 +36,11 @@ VM_COLS = "env, name, host, image, arch, state, cpus, memory_mib, accel, boot_s,
 
 
 def _clean_host(h: dict[str, Any]) -> dict[str, Any]:
-    """A host for the page: its capacity, use and health; no token, no image list."""
-    out = {k: v for k, v in h.items() if "token" not in k.lower() and k != "images"}
+    """A host for the page: its capacity, use and health; no token, no image or template list."""
+    out = {k: v for k, v in h.items() if "token" not in k.lower() and k not in ("images", "warm")}
     out["image_count"] = len(h.get("images", []))
+    templates = (h.get("warm") or {}).get("templates", [])
+    out["templates"] = sum(1 for t in templates if t.get("state") == "ready")
     return out
 
 
@@ -151,7 +153,8 @@ def snapshot(
         "now": now(),
         "hosts": hosts,
         "images": [
-            {k: i.get(k) for k in ("name", "arch", "release", "kernel", "hosts")} for i in images
+            {k: i.get(k) for k in ("name", "arch", "release", "kernel", "hosts", "warm")}
+            for i in images
         ],
         **data,
         "queue": queue,

@@ -177,9 +177,18 @@
     }).join("");
   }
 
+  function startCell(w) {
+    if (!w) return `<td class="muted">?</td>`;
+    if (w.start === "warm") {
+      const cold = Object.keys(w.cold || {});
+      return `<td>warm${cold.length ? ` <span class="muted">(cold on ${esc(cold.join(", "))})</span>` : ""}</td>`;
+    }
+    return `<td>cold <span class="muted">${esc(w.why || "")}</span></td>`;
+  }
+
   function imageRows(images) {
     return images.map((i) => `<tr><td>${esc(i.name)}</td><td>${esc(i.arch)}</td>` +
-      `<td>${esc(i.kernel)}</td><td>${esc((i.hosts || []).join(", "))}</td></tr>`).join("");
+      `<td>${esc(i.kernel)}</td><td>${esc((i.hosts || []).join(", "))}</td>${startCell(i.warm)}</tr>`).join("");
   }
 
   function draw(id, data, render) {

@@ -36,6 +36,7 @@ FLOORS = {
     "hostd/images": 5,
     "hostd/net": 5,
     "hostd/storage": 5,
+    "hostd/cache": 5,
     "hostd/vm": 6,
     "hostd/service": 7,
     "hostd/cli": 8,

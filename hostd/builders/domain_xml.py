@@ -35,6 +35,7 @@ class DomainSpec:
     emulator: str | None = None
     nic: tuple[str, str] | None = None  # (tap made by hostd or "", MAC): type='ethernet' NIC
     metadata: dict[str, str] = field(default_factory=dict)
+    cache_disk: Path | None = None  # a cache volume's clone (qcow2): a second virtio disk
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -93,6 +94,12 @@ def _devices(dev: ET.Element, spec: DomainSpec) -> None:
     _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
     _sub(disk, "source", file=str(spec.disk))
     _sub(disk, "target", dev="vda", bus="virtio")
+    if spec.cache_disk is not None:  # its data outlives the VM: flushes are honoured
+        cache = _sub(dev, "disk", type="file", device="disk")
+        _sub(cache, "driver", name="qemu", type="qcow2", cache="writeback", discard="unmap")
+        _sub(cache, "source", file=str(spec.cache_disk))
+        _sub(cache, "target", dev="vdb", bus="virtio")
+        _sub(cache, "serial", "tt-cache")  # hostd/cache/guest.py finds it by this
     serial = _sub(dev, "serial", type="file")
     _sub(serial, "source", path=str(spec.console_log))
     _sub(serial, "target", type=spec.arch.row.libvirt_serial)

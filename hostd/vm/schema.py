@@ -50,6 +50,7 @@ def migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
         *NetManager.migrations(),
         *_template_migrations(),
         *Volumes.migrations(),
+        *cache_migrations(),
     ]
 
 

@@ -171,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mgr = None
     try:
         log.info("engine: %s", engine.check())
-        mgr = VMManager(HostConfig(args.host_id, args.image_path, state_dir, total, net), engine)
+        cfg = HostConfig(args.host_id, args.image_path, state_dir, total, net, warm=args.warm)
+        mgr = VMManager(cfg, engine)
         mgr.reconcile()
         app = create_app(mgr, args.token, max_files=args.max_files << 20)
         server = make_server(

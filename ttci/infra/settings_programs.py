@@ -35,6 +35,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "hostd-libvirt-uri",
         "hostd-private-libvirtd",
         "hostd-keep-vms",
+        "hostd-warm",
         "hostd-outgoing",
         "hostd-vm-net-pool",
         "hostd-port-range",

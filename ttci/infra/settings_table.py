@@ -145,6 +145,12 @@ _ROWS = (
     ),
     _hostd("keep-vms", BOOL, "false", "leave VMs running when stopped (a restart finds them)"),
     _hostd(
+        "warm",
+        BOOL,
+        "true",
+        "start VMs from snapshot templates where restore works (--no-warm: every VM boots cold)",
+    ),
+    _hostd(
         "outgoing",
         TEXT,
         "allow",

@@ -124,6 +124,7 @@ class EnvRequest:
     `vm_ports` (text like `22,8080,53/udp`) and the egress allow-list `allow_egress` (a list of
     rules like `git.example.com`, `*.pypi.org`, `10.1.0.0/16:443`, or one comma-separated text);
     `egress_audit` lets everything through but counts and names what the list would block.
+    `cold`: every VM boots cold, never restored from a snapshot template (sent only when true).
     """
 
     name: str
@@ -139,6 +140,7 @@ class EnvRequest:
     allow_egress: tuple[EgressRule, ...] = ()
     egress_audit: bool = False
     cache: CacheSpec | None = None  # one cache volume, mounted in every VM of the ENV
+    cold: bool = False  # a truly cold boot: no warm start from a snapshot template
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +157,7 @@ class EnvRequest:
             "origin": dict(self.origin),
             **_egress_dict(self.allow_egress, self.egress_audit),
             **({"cache": self.cache.to_dict()} if self.cache else {}),
+            **({"cold": True} if self.cold else {}),
         }
 
     @classmethod
@@ -177,6 +180,7 @@ class EnvRequest:
                 allow_egress=parse_egress(d.get("allow_egress")),
                 egress_audit=_flag(d.get("egress_audit", False), "egress_audit"),
                 cache=CacheSpec.from_dict(d["cache"]) if d.get("cache") else None,
+                cold=_flag(d.get("cold", False), "cold"),
             )
         except KeyError as e:
             raise BadInput(f"ENV request lacks {e}", hint="send name and os_prefix") from None
@@ -224,6 +228,7 @@ class VMRequest:
     egress_audit: bool = False
     cache: CacheSpec | None = None
     cache_project: str = ""  # the cache's scope is (owner, cache_project, cache.key)
+    cold: bool = False  # boot cold even where a snapshot template is ready
 
     @property
     def cache_scope(self) -> CacheScope | None:
@@ -250,6 +255,7 @@ class VMRequest:
                 if self.cache
                 else {}
             ),
+            **({"cold": True} if self.cold else {}),
         }
 
     @classmethod
@@ -272,6 +278,7 @@ class VMRequest:
                 allow_egress=parse_egress(d.get("allow_egress")),
                 egress_audit=_flag(d.get("egress_audit", False), "egress_audit"),
                 cache=CacheSpec.from_dict(d["cache"]) if d.get("cache") else None,
+                cold=_flag(d.get("cold", False), "cold"),
                 cache_project=as_text(d.get("cache_project", ""), "cache_project", 300),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -158,6 +158,7 @@ class EnvCreation(EnvViews):
             ports=req.vm_ports,
             allow_egress=req.allow_egress,
             egress_audit=req.egress_audit,
+            cold=req.cold,
         )
         try:
             return self._client(v["host"]).create_vm(body)

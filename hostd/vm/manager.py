@@ -175,7 +175,7 @@ class VMManager:
         with contextlib.ExitStack() as stack:
             stack.callback(self._reclaim, req.id)
             vmnet = self.net.attach_request(req)
-            self._start(self._row(req.id), image, disk_gib, vmnet)
+            self._start({**self._row(req.id), "cold": req.cold}, image, disk_gib, vmnet)
             stack.pop_all()
         self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
         row = self._row(req.id)
@@ -195,7 +195,7 @@ class VMManager:
         it cold; a missing template is then made in the background for the next VM."""
         accel, _ = choose_accel(image)
         tspec = TemplateSpec(image, vcpus_for(row["cpus"]), row["memory_mib"], disk_gib, accel)
-        pick = self.templates.pick(tspec)
+        pick = self.templates.pick(tspec, cold=row.get("cold", False))  # cold: asked for
         why = pick.why
         if pick.row is not None:
             try:

@@ -141,6 +141,12 @@ def _register_add(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="the VMs may not open connections outside their ENV",
     )
+    a.add_argument(
+        "--cold",
+        action="store_true",
+        help="boot every VM cold (default: restored from a snapshot template where a host has "
+        "one: sooner, same result)",
+    )
     add_egress_args(a)
     w = a.add_mutually_exclusive_group()
     w.add_argument(
@@ -336,6 +342,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         vm_ports=tuple(parse_ports(args.vm_port or "")),
         allow_egress=parse_egress(args.allow_egress),
         egress_audit=args.egress_audit,
+        cold=args.cold,
     )
     req.validate()
     opts = env_wait.wait_options(args.no_wait, args.max_wait)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import secrets
 import shutil
 import threading
@@ -25,12 +24,14 @@ import sqlite_utils.db
 from hostd.builders.domain_xml import DomainSpec
 from hostd.images.catalogue import Image, scan
 from hostd.net.manager import NetConfig, NetManager, VmNet
+from hostd.vm import caching
 from hostd.vm.accel import choose_accel
 from hostd.vm.agent_client import AgentClient
 from hostd.vm.disk import create_overlay
 from hostd.vm.engine import Engine
 from hostd.vm.schema import open_store
 from hostd.vm.templates import WAKE_TIMEOUT_S, Templates
+from hostd.vm.vm_request import check_vm_name, disk_for
 from hostd.vm.warm import (
     CloneSpec,
     TemplateSpec,
@@ -43,7 +44,7 @@ from hostd.vm.warm import (
 from ttci.infra.db import now
 from ttci.model.arch import Arch
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
-from ttci.model.resources import Resources, shortfall, validate_vm_size
+from ttci.model.resources import Resources, shortfall
 from ttci.wire.agent_protocol import ExitStatus
 from ttci.wire.envs import VMRequest
 
@@ -62,7 +63,6 @@ log = logging.getLogger("hostd.vm.manager")
 TCG_OVERHEAD_MIB = 384  # TCG's code cache etc.: an idle 512 MiB guest already charges ~280 MiB
 KVM_OVERHEAD_MIB = 128
 BOOT_TIMEOUT_S = 120.0
-_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")
 
 
 class NoCapacity(TTError):
@@ -85,6 +85,7 @@ class HostConfig:
     total: Resources
     net: NetConfig = field(default_factory=NetConfig)
     warm: bool = True  # start VMs from snapshot templates where restore works
+    cache_bytes: int = 20 << 30  # the host's cache volumes together (LRU eviction above)
 
     @property
     def vm_root(self) -> Path:
@@ -111,6 +112,7 @@ class VMManager:
             self.store, cfg.template_root, cfg.host_id, engine, enabled=cfg.warm
         )
         cfg.vm_root.mkdir(parents=True, exist_ok=True)
+        self.caches = caching.open_caches(self)
 
     # -- state -------------------------------------------------------------------------------
     def _rows(self) -> list[dict[str, Any]]:
@@ -175,7 +177,9 @@ class VMManager:
         with contextlib.ExitStack() as stack:
             stack.callback(self._reclaim, req.id)
             vmnet = self.net.attach_request(req)
+            caching.checkout(self.caches, req)
             self._start({**self._row(req.id), "cold": req.cold}, image, disk_gib, vmnet)
+            caching.mount(self.caches, self.exec, req.id, req.name)
             stack.pop_all()
         self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
         row = self._row(req.id)
@@ -197,6 +201,8 @@ class VMManager:
         tspec = TemplateSpec(image, vcpus_for(row["cpus"]), row["memory_mib"], disk_gib, accel)
         pick = self.templates.pick(tspec, cold=row.get("cold", False))  # cold: asked for
         why = pick.why
+        if caching.cold_start(self, row["id"]):
+            return self._boot(row, image, disk_gib, vmnet)
         if pick.row is not None:
             try:
                 self._restore(row, image, disk_gib, vmnet, pick.row)
@@ -252,23 +258,9 @@ class VMManager:
 
     def _checked(self, req: VMRequest) -> tuple[Image, int]:
         """The request's image and disk size, or BadInput saying what is wrong."""
-        if not _NAME_RE.match(req.name):
-            raise BadInput(
-                f"VM name {req.name!r} is not valid",
-                hint="use 1-63 lowercase letters, digits and dashes",
-            )
+        check_vm_name(req.name)
         image = self._image(req.image)
-        disk_gib = req.disk_gib or max(1, image.manifest.disk_virtual_size >> 30)
-        if disk_gib << 30 < image.manifest.disk_virtual_size:
-            raise BadInput(
-                f"--disk {disk_gib} GiB is smaller than image {image.name} "
-                f"({image.manifest.disk_virtual_size >> 30} GiB)",
-                hint="ask for more disk",
-            )
-        problems = validate_vm_size(req.cpus, req.memory_mib, disk_gib)
-        if problems:
-            raise BadInput("; ".join(problems), hint="pick sizes inside the ranges")
-        return image, disk_gib
+        return image, disk_for(req, image)
 
     def _record(self, req: VMRequest, image: Image, disk_gib: int) -> None:
         """The VM's row, written before anything is made, if it fits this host."""
@@ -344,6 +336,7 @@ class VMManager:
             vcpus=vcpus_for(row["cpus"]),
             accel=accel,
             nic=(vmnet.tap, vmnet.mac),
+            cache_disk=clone.path if (clone := self.caches.clone_of(row["id"])) else None,
             metadata={
                 "host": self.cfg.host_id,
                 "vm": row["id"],
@@ -376,13 +369,15 @@ class VMManager:
         self._update(row["id"], guest_boot_s=round(time.monotonic() - started, 3))
 
     # -- delete and reclaim ------------------------------------------------------------------
-    def _reclaim(self, vm_id: str, keep_row: bool = False) -> None:
-        """Remove everything a VM has: agent link, domain, work directory, and its row."""
+    def _reclaim(self, vm_id: str, keep_row: bool = False, commit_cache: bool = False) -> None:
+        """Remove everything a VM has: agent link, domain, work directory, cache clone (or
+        commit it), and its row."""
         try:
             row = self._row(vm_id)
         except NotFound:
             row = {"id": vm_id, "domain": "", "workdir": ""}
         self._stop_vm(row)
+        self.caches.release(vm_id, commit_cache)
         if not row["domain"]:
             return
         self.net.detach(vm_id)
@@ -393,14 +388,16 @@ class VMManager:
                 self.store.db.table("vms").delete(vm_id)
         self.templates.collect()  # a stale template may have lost its last clone
 
-    def delete(self, vm_id: str) -> bool:
-        """Destroy a VM and forget it; False when it did not exist (delete is idempotent)."""
+    def delete(self, vm_id: str, commit_cache: bool = False) -> bool:
+        """Destroy a VM and forget it; False when it did not exist (delete is idempotent).
+        commit_cache: its cache clone becomes the cache's newest version (the job succeeded)."""
         try:
             self._row(vm_id)
+            commit = caching.release(self.caches, self.exec, vm_id, commit_cache)
             self._update(vm_id, state="deleting")
         except (NotFound, sqlite_utils.db.NotFoundError):
             return False  # gone already (a concurrent delete): deleting is idempotent
-        self._reclaim(vm_id)
+        self._reclaim(vm_id, commit_cache=commit)
         log.info("VM deleted", extra={"vm": vm_id})
         return True
 
@@ -475,7 +472,9 @@ class VMManager:
                 self.engine.destroy(name)
                 counts["reaped"] += 1
         rows = {r["id"] for r in self._rows()}
-        self.net.reconcile({r["id"] for r in self._rows() if r["state"] == "running"})
+        live = {r["id"] for r in self._rows() if r["state"] == "running"}
+        self.net.reconcile(live)
+        counts["caches_cleaned"] = self.caches.reconcile(live)
         for d in self.cfg.vm_root.iterdir():
             if d.name not in rows:
                 shutil.rmtree(d, ignore_errors=True)

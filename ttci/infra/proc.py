@@ -52,6 +52,8 @@ TOOL_PACKAGES = {
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "dnsmasq": "dnsmasq-base",
+    "zfs": "zfsutils-linux (kernel OpenZFS) or zfs-fuse",
+    "zpool": "zfsutils-linux (kernel OpenZFS) or zfs-fuse",
 }
 
 

@@ -36,6 +36,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "hostd-private-libvirtd",
         "hostd-keep-vms",
         "hostd-warm",
+        "hostd-storage",
         "hostd-outgoing",
         "hostd-vm-net-pool",
         "hostd-port-range",

@@ -151,6 +151,13 @@ _ROWS = (
         "start VMs from snapshot templates where restore works (--no-warm: every VM boots cold)",
     ),
     _hostd(
+        "storage",
+        TEXT,
+        "qcow2",
+        "VM disks: qcow2 overlays, or zfs:POOL/DATASET (clones of each image's dataset)",
+        metavar="qcow2|zfs:POOL/DATASET",
+    ),
+    _hostd(
         "outgoing",
         TEXT,
         "allow",

@@ -303,7 +303,8 @@ def env_request(
     jv: Mapping[str, str], image: str, sz: Size, runner: str | None = None
 ) -> EnvRequest:
     """The scheduler's ENV request for this job: one VM of image, reaching only what
-    TT_ALLOW_EGRESS lists when it is set (TT_EGRESS_AUDIT=true: block nothing, count it)."""
+    TT_ALLOW_EGRESS lists when it is set (TT_EGRESS_AUDIT=true: block nothing, count it);
+    TT_COLD=1 boots it cold, never from a snapshot template."""
     o = origin(jv)
     if runner:
         o["runner"] = runner[:200]
@@ -321,8 +322,13 @@ def env_request(
         life_s=life_time(jv),
         origin=o,
         allow_egress=allow,
-        egress_audit=jv.get("TT_EGRESS_AUDIT", "").strip().lower() in ("1", "true", "yes"),
+        egress_audit=_yes(jv.get("TT_EGRESS_AUDIT", "")),
+        cold=_yes(jv.get("TT_COLD", "")),  # a truly cold boot (no snapshot template)
     )
+
+
+def _yes(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes")
 
 
 def wait_options(jv: Mapping[str, str]) -> WaitOptions:

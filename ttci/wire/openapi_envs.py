@@ -72,6 +72,10 @@ def env_request_schema() -> Spec:
         deny_outgoing={"type": "boolean"},
         allow_egress=EGRESS_RULES,
         egress_audit={"type": "boolean"},
+        cold={
+            "type": "boolean",
+            "description": "true: every VM boots cold, not warm from a snapshot",
+        },
         vm_ports={
             "anyOf": [
                 STR,

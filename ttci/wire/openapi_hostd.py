@@ -51,6 +51,7 @@ def _vm_request() -> Spec:
         ports={"type": "string"},
         allow_egress=EGRESS_RULES,
         egress_audit={"type": "boolean"},
+        cold={"type": "boolean", "description": "true: boot cold even where a template is ready"},
     )
 
 
@@ -67,6 +68,7 @@ def _host_paths() -> dict[str, Spec]:
         free={"type": "object"},
         vms=INT,
         images={"type": "array", "items": obj(("name",), name=STR, disk_gib=INT)},
+        warm={"type": "object", "description": "templates, restore self-tests, hits, misses"},
     )
     return {
         **health_paths(),

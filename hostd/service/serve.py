@@ -171,9 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mgr = None
     try:
         log.info("engine: %s", engine.check())
-        cfg = HostConfig(
-            args.host_id, args.image_path, state_dir, total, net, warm=args.warm, storage=args.storage
-        )
+        where = (args.host_id, args.image_path, state_dir, total, net)
+        cfg = HostConfig(*where, warm=args.warm, storage=args.storage)
         mgr = VMManager(cfg, engine)
         mgr.reconcile()
         app = create_app(mgr, args.token, max_files=args.max_files << 20)

@@ -21,18 +21,50 @@ from typing import Any
 
 import sqlite_utils
 
-from hostd.storage.base import DISK_FILE, Backend, StorageBusy, StorageError, check_name
+from hostd.storage.base import (
+    DISK_FILE,
+    Backend,
+    StorageBusy,
+    StorageError,
+    check_name,
+    parse_storage,
+)
+from hostd.storage.qcow2 import Qcow2Backend
+from hostd.storage.zfs import ZfsBackend
 from ttci.infra.db import Store, now
 from ttci.model.errors import TTError
 
-__all__ = ["DISK_FILE", "Volumes", "image_volume"]
+__all__ = [
+    "DISK_FILE",
+    "Volumes",
+    "image_volume",
+    "make_backend",
+    "template_volume",
+    "vm_volume",
+]
 
 log = logging.getLogger("hostd.storage.volumes")
+
+
+def make_backend(text: str) -> Backend:
+    """The backend `--storage` names (qcow2, zfs:POOL/DATASET); BadInput for anything else."""
+    kind, arg = parse_storage(text)
+    return ZfsBackend(arg) if kind == "zfs" else Qcow2Backend()
 
 
 def image_volume(digest: str) -> str:
     """The name of an image's frozen volume, from its build digest (names stay valid ZFS)."""
     return check_name(f"img-{digest}")
+
+
+def vm_volume(vm_id: str) -> str:
+    """The name of a VM's disk volume."""
+    return check_name(f"vm-{vm_id}")
+
+
+def template_volume(template_id: str, selftest: int | None = None) -> str:
+    """The name of a template's frozen disk, or of its n-th restore self-test clone's disk."""
+    return check_name(f"tpl-{template_id}" + (f"-st{selftest}" if selftest is not None else ""))
 
 
 class Volumes:
@@ -42,6 +74,26 @@ class Volumes:
         self.store = store
         self.backend = backend
         self._import_lock = threading.Lock()
+        self._others: dict[str, Backend] = {}
+
+    @classmethod
+    def recorded(cls, store: Store) -> Volumes:
+        """The volumes recorded in store, on the backend hostd last made them with (the CLI on
+        the host: `tt image prune`)."""
+        with store.lock:
+            row = store.db.execute(
+                "select backend from volumes order by created_at desc"
+            ).fetchone()
+        return cls(store, make_backend(row[0] if row else "qcow2"))
+
+    def _backend_of(self, row: dict[str, Any]) -> Backend:
+        """The backend that made row (hostd may have been restarted with another one)."""
+        text = row.get("backend") or self.backend.describe()
+        if text == self.backend.describe():
+            return self.backend
+        if text not in self._others:
+            self._others[text] = make_backend(text)
+        return self._others[text]
 
     @property
     def kind(self) -> str:
@@ -59,7 +111,7 @@ class Volumes:
                     "state": str,  # creating, ready, frozen, doomed
                     "path": str,  # the disk file
                     "dest": str,  # where its owner reaches it (the file, or a link to it)
-                    "size_gib": int,
+                    "backend": str,  # the backend that made it (qcow2, zfs:POOL/DATASET)
                     "created_at": str,
                 },
                 pk="name",
@@ -99,7 +151,7 @@ class Volumes:
                     "state": "creating",
                     "path": "",
                     "dest": str(dest) if dest else "",
-                    "size_gib": 0,
+                    "backend": self.backend.describe(),
                     "created_at": now(),
                 }
             )
@@ -172,7 +224,9 @@ class Volumes:
             return False
         try:
             self._destroy_row(row)
-        except StorageBusy:
+        except TTError as e:  # busy (clones), or the backend failed: retried by sweep
+            if not isinstance(e, StorageBusy):
+                log.warning("volume %s not destroyed: %s", name, e)
             self._set(name, state="doomed")
             return False
         self.sweep()
@@ -180,8 +234,9 @@ class Volumes:
 
     def _destroy_row(self, row: dict[str, Any]) -> None:
         path, dest = Path(row["path"]) if row["path"] else None, row["dest"]
-        if row.get("kind") != "image" or self.backend.owns_imports:
-            self.backend.destroy(row["name"], path or Path(), Path(dest) if dest else None)
+        backend = self._backend_of(row)
+        if row.get("kind") != "image" or backend.owns_imports:
+            backend.destroy(row["name"], path or Path(), Path(dest) if dest else None)
         with self.store.lock:
             self.store.db.table("volumes").delete_where("name = ?", [row["name"]])
 
@@ -205,14 +260,27 @@ class Volumes:
                 progress = True
         return gone
 
+    def prune_images(self, current: set[str]) -> list[str]:
+        """`tt image prune`: destroy image volumes no clone uses (imported again when next
+        needed); those of images not in current (gone, rebuilt) go once their last clone does.
+        Returns the names destroyed now."""
+        gone = []
+        for row in self.rows("kind = 'image'"):
+            if row["name"] in current and self._clones(row["name"]):
+                continue
+            if self.destroy(row["name"]):
+                gone.append(row["name"])
+        return gone
+
     # -- accounting --------------------------------------------------------------------------
     def size(self, name: str) -> int:
         row = self.get(name)
         if row is None or not row["path"]:
             return 0
-        if row["kind"] == "image" and not self.backend.owns_imports:
+        backend = self._backend_of(row)
+        if row["kind"] == "image" and not backend.owns_imports:
             return 0  # the image's own file: the image catalogue's space
-        return self.backend.size(name, Path(row["path"]))
+        return backend.size(name, Path(row["path"]))
 
     def used_bytes(self, kinds: tuple[str, ...] = ("image", "vm", "template", "cache")) -> int:
         marks = ",".join("?" * len(kinds))

@@ -13,8 +13,8 @@ import secrets
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,12 @@ import sqlite_utils.db
 from hostd.builders.domain_xml import DomainSpec
 from hostd.images.catalogue import Image, scan
 from hostd.net.manager import NetConfig, NetManager, VmNet
+from hostd.storage.volumes import vm_volume
 from hostd.vm import caching
 from hostd.vm.accel import choose_accel
 from hostd.vm.agent_client import AgentClient
-from hostd.vm.disk import create_overlay
+from hostd.vm.disk import open_volumes, reconcile_volumes, vm_disk
+from hostd.vm.domain import vm_domain
 from hostd.vm.engine import Engine
 from hostd.vm.schema import open_store
 from hostd.vm.templates import WAKE_TIMEOUT_S, Templates
@@ -85,6 +87,7 @@ class HostConfig:
     total: Resources
     net: NetConfig = field(default_factory=NetConfig)
     warm: bool = True  # start VMs from snapshot templates where restore works
+    storage: str = "qcow2"  # the disks' backend: qcow2 or zfs:POOL/DATASET (hostd/storage)
     cache_bytes: int = 20 << 30  # the host's cache volumes together (LRU eviction above)
 
     @property
@@ -108,8 +111,9 @@ class VMManager:
         self._agents: dict[str, AgentClient] = {}
         self._agent_lock = threading.Lock()
         self.net = NetManager(self.store, cfg.state_dir, cfg.net)
+        vols = self.volumes = open_volumes(self.store, cfg.storage)
         self.templates = Templates(
-            self.store, cfg.template_root, cfg.host_id, engine, enabled=cfg.warm
+            self.store, cfg.template_root, cfg.host_id, engine, enabled=cfg.warm, volumes=vols
         )
         cfg.vm_root.mkdir(parents=True, exist_ok=True)
         self.caches = caching.open_caches(self)
@@ -135,7 +139,8 @@ class VMManager:
         for r in self._rows():
             if r["state"] in ("creating", "running"):
                 total = total + Resources(r["cpus"], r["memory_mib"], r["disk_gib"])
-        templates_gib = -(-self.templates.disk_bytes() // (1 << 30))  # whole GiB, rounded up
+        stored = self.templates.disk_bytes() + self.volumes.used_bytes(("image",))  # ZFS copies
+        templates_gib = -(-stored // (1 << 30))  # whole GiB, rounded up
         return total + Resources(0, 0, templates_gib)
 
     def all(self) -> list[dict[str, Any]]:
@@ -232,7 +237,10 @@ class VMManager:
         spec = self._domain_spec(row, image, disk_gib, vmnet, tpl["accel"])
         clone = CloneSpec(spec.name, spec.uuid, workdir, (vmnet.tap, vmnet.mac), spec.metadata)
         started = time.monotonic()
-        restore_clone(self.engine, Path(tpl["dir"]), self.templates.header(tpl), clone, disk_gib)
+        disk = partial(vm_disk, self.volumes, row["id"], image=image, template=tpl["id"])
+        restore_clone(
+            self.engine, Path(tpl["dir"]), self.templates.header(tpl), clone, disk, disk_gib
+        )
         mem = row["memory_mib"] + (TCG_OVERHEAD_MIB if tpl["accel"] == "tcg" else KVM_OVERHEAD_MIB)
         dns = dns_servers(spec.cmdline)
         net = {"mac": vmnet.mac, "ip": vmnet.ip, "gateway": vmnet.gateway, "dns": dns}
@@ -252,6 +260,7 @@ class VMManager:
             agent.close()
         if row["domain"]:
             self.engine.destroy(row["domain"])
+        self.volumes.destroy(vm_volume(row["id"]))
         workdir = Path(row["workdir"])
         if row["workdir"] and workdir.is_relative_to(self.cfg.vm_root):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -301,8 +310,7 @@ class VMManager:
     def _boot(self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet) -> None:
         workdir = Path(row["workdir"])
         workdir.mkdir(parents=True)
-        overlay = workdir / "disk.qcow2"
-        create_overlay(image.file(image.manifest.disk.path), overlay, disk_gib)
+        vm_disk(self.volumes, row["id"], workdir / "disk.qcow2", disk_gib, image=image)
         accel, _ = choose_accel(image)
         self._update(row["id"], accel=accel)
         spec = self._domain_spec(row, image, disk_gib, vmnet, accel)
@@ -314,38 +322,9 @@ class VMManager:
     def _domain_spec(
         self, row: dict[str, Any], image: Image, disk_gib: int, vmnet: VmNet, accel: str
     ) -> DomainSpec:
-        workdir = Path(row["workdir"])
-        arch = Arch.parse(image.manifest.arch)
-        # No token here: QEMU's command line is every local user's to read (ps). The agent
-        # takes it from the first HELLO after boot (ttci/agent/main.py).
-        cmdline = f"{image.manifest.kernel_cmdline} tt.hostname={row['name']}"
-        if disk_gib << 30 > image.manifest.disk_virtual_size:
-            cmdline += " tt.resize=1"
-        cmdline += f" {vmnet.kernel_arg} net.ifnames=0"
-        return DomainSpec(
-            name=row["domain"],
-            uuid=str(uuid.uuid4()),
-            arch=arch,
-            kernel=image.file(image.manifest.kernel.path),
-            initrd=image.file(image.manifest.initrd.path),
-            cmdline=cmdline,
-            disk=workdir / "disk.qcow2",
-            agent_socket=workdir / "agent.sock",
-            console_log=workdir / "console.log",
-            memory_mib=row["memory_mib"],
-            vcpus=vcpus_for(row["cpus"]),
-            accel=accel,
-            nic=(vmnet.tap, vmnet.mac),
-            cache_disk=clone.path if (clone := self.caches.clone_of(row["id"])) else None,
-            metadata={
-                "host": self.cfg.host_id,
-                "vm": row["id"],
-                "env": row["env"],
-                "name": row["name"],
-                "owner": row["owner"],
-                "workdir": str(workdir),
-            },
-        )
+        cache = self.caches.clone_of(row["id"])
+        host = self.cfg.host_id
+        return vm_domain(host, row, image, disk_gib, vmnet, accel, cache.path if cache else None)
 
     def _wait_for_agent(self, row: dict[str, Any], spec: DomainSpec, image: Image) -> None:
         workdir = Path(row["workdir"])
@@ -471,6 +450,9 @@ class VMManager:
                 log.warning("reaping VM %s that no state row owns", name)
                 self.engine.destroy(name)
                 counts["reaped"] += 1
+        counts.update(
+            reconcile_volumes(self.volumes, self._rows(), self.templates.rows(), self.images())
+        )
         rows = {r["id"] for r in self._rows()}
         live = {r["id"] for r in self._rows() if r["state"] == "running"}
         self.net.reconcile(live)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hostd.builders.save_image import SaveHeader
+from hostd.storage.volumes import Volumes, template_volume
 from hostd.vm.engine import Engine
 from hostd.vm.warm import CloneSpec, TemplateError, identity_for, restore_clone, wake
 from ttci.infra.db import Store, now
@@ -71,6 +72,7 @@ def selftest_once(  # noqa: PLR0917 - the template and where its result goes
     row: dict[str, Any],
     header: SaveHeader,
     stop: threading.Event,
+    volumes: Volumes,
 ) -> SelfTest | None:
     """Self-test row's (architecture, QEMU, accelerator) unless it has been; record the result.
     None: tested before (the record says how it went)."""
@@ -78,7 +80,7 @@ def selftest_once(  # noqa: PLR0917 - the template and where its result goes
     with store.lock:
         if store.db.table("restore_tests").count_where("target = ?", [target]):
             return None
-    result = restore_selftest(engine, host_id, row, header, stop)
+    result = restore_selftest(engine, host_id, row, header, stop, volumes)
     what = {"target": target, "arch": row["arch"], "qemu": row["qemu"], "accel": row["accel"]}
     with store.lock:
         store.db.table("restore_tests").insert(
@@ -88,8 +90,13 @@ def selftest_once(  # noqa: PLR0917 - the template and where its result goes
     return result
 
 
-def restore_selftest(
-    engine: Engine, host_id: str, row: dict[str, Any], header: SaveHeader, stop: threading.Event
+def restore_selftest(  # noqa: PLR0917 - the template, and where its clones' disks come from
+    engine: Engine,
+    host_id: str,
+    row: dict[str, Any],
+    header: SaveHeader,
+    stop: threading.Event,
+    volumes: Volumes,
 ) -> SelfTest:
     """Restore SELFTEST_TRIES clones of the template row, one after the other.
 
@@ -101,7 +108,7 @@ def restore_selftest(
         if stop.is_set():
             raise TemplateError("hostd is stopping")
         try:
-            times.append(_restore_once(engine, host_id, row, header, n, stop))
+            times.append(_restore_once(engine, host_id, row, header, n, stop, volumes))
             passed += 1
         except TTError as e:
             detail = f"{passed}/{n + 1} restores woke; then: {e.message[:300]}"
@@ -120,6 +127,7 @@ def _restore_once(  # noqa: PLR0917 - the steps' inputs, passed along once
     header: SaveHeader,
     n: int,
     stop: threading.Event,
+    volumes: Volumes,
 ) -> float:
     """Restore one throw-away clone, give it an identity, run a command; its seconds."""
     directory = Path(row["dir"]) / f"st{n}"  # short: unix socket paths end at 108 bytes
@@ -130,9 +138,15 @@ def _restore_once(  # noqa: PLR0917 - the steps' inputs, passed along once
     meta = {"host": host_id, "vm": f"selftest-{row['id']}", "template": row["id"]}
     clone = CloneSpec(f"{row['domain']}-t{n}", str(uuid.uuid4()), directory, ("", mac), meta)
     net = {"mac": mac, "ip": "192.0.2.2/30", "gateway": None, "dns": None}  # TEST-NET-1, no route
+    vol, owner = template_volume(row["id"], n), f"template:{row['id']}"
+
+    def make_disk(dest: Path, size_gib: int) -> Path:
+        src = template_volume(row["id"])
+        return volumes.clone(src, vol, kind="vm", owner=owner, dest=dest, size_gib=size_gib)
+
     t0 = time.monotonic()
     try:
-        restore_clone(engine, Path(row["dir"]), header, clone, row["disk_gib"])
+        restore_clone(engine, Path(row["dir"]), header, clone, make_disk, row["disk_gib"])
         identity = identity_for(name, secrets.token_hex(16), net)
         alive = lambda: not stop.is_set() and engine.is_running(clone.name)  # noqa: E731
         with wake(clone.agent_socket, row["token"], identity, SELFTEST_WAKE_S, alive) as agent:
@@ -143,4 +157,5 @@ def _restore_once(  # noqa: PLR0917 - the steps' inputs, passed along once
     finally:
         with contextlib.suppress(TTError):
             engine.destroy(clone.name)
+        volumes.destroy(vol)
         shutil.rmtree(directory, ignore_errors=True)

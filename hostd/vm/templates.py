@@ -32,6 +32,8 @@ import sqlite_utils
 
 from hostd.builders.save_image import SaveHeader
 from hostd.images.catalogue import Image
+from hostd.storage.volumes import Volumes, template_volume
+from hostd.vm.disk import dir_bytes, image_digest, image_source
 from hostd.vm.engine import Engine
 from hostd.vm.selftest import SELFTEST_TRIES, WAKE_TIMEOUT_S, selftest_once, target_of
 from hostd.vm.warm import (
@@ -57,15 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("hostd.vm.templates")
-TEMPLATE_FORMAT = 1  # bump when what a template holds changes: every old one goes stale
+TEMPLATE_FORMAT = 2  # bump when what a template holds changes: every old one goes stale
+# 2: x86 templates have a VM generation ID (clones get their own)
 RETRY_FAILED_S = 600.0
-
-
-def image_digest(image: Image) -> str:
-    m = image.manifest
-    parts = [m.name, m.inputs_key, m.built_at, m.kernel_cmdline]
-    parts += [f.sha256 for f in (m.kernel, m.initrd, m.disk)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def template_key(spec: TemplateSpec, qemu: int) -> str:
@@ -100,9 +96,12 @@ class Templates:
         engine: Engine | None,
         *,
         enabled: bool = True,
+        volumes: Volumes | None = None,
     ) -> None:
-        """engine None: state and files only (the CLI on the host: list, prune)."""
+        """engine None: state and files only (the CLI on the host: list, prune). volumes: the
+        disks' storage (None: the backend hostd last recorded)."""
         self.store = store
+        self.volumes = volumes or Volumes.recorded(store)
         self.root = root
         self.host_id = host_id
         self.engine = engine
@@ -288,7 +287,7 @@ class Templates:
             for r in self.rows("key = ? and state = 'failed'", [key]):
                 self._remove(r)
             row = self._record(spec, key)
-            domain = row["domain"]
+            domain, vol = row["domain"], template_volume(row["id"])
             try:
                 if self._stop.is_set():
                     raise TemplateError("hostd is stopping")
@@ -300,8 +299,21 @@ class Templates:
                     token=row["token"],
                     meta=self._meta(row),
                     alive=lambda: not self._stop.is_set() and self._eng().is_running(domain),
+                    make_disk=lambda dest: self.volumes.clone(
+                        image_source(self.volumes, spec.image),
+                        vol,
+                        kind="template",
+                        owner=f"template:{row['id']}",
+                        dest=dest,
+                        size_gib=spec.disk_gib,
+                    ),
+                    freeze=lambda: self.volumes.freeze(vol),
                 )
-                self._update(row["id"], boot_s=round(boot_s, 3), bytes=_du(Path(row["dir"])))
+                self._update(
+                    row["id"],
+                    boot_s=round(boot_s, 3),
+                    bytes=dir_bytes(Path(row["dir"]), self.volumes, row["id"]),
+                )
                 self._self_test_once(self.rows("id = ?", [row["id"]])[0])
             except TTError as e:
                 if self._stop.is_set():
@@ -353,7 +365,7 @@ class Templates:
     # -- restore self-test -------------------------------------------------------------------
     def _self_test_once(self, row: dict[str, Any]) -> None:
         result = selftest_once(
-            self.store, self._eng(), self.host_id, row, self.header(row), self._stop
+            self.store, self._eng(), self.host_id, row, self.header(row), self._stop, self.volumes
         )
         if result is not None and not result.ok:
             raise TemplateError(f"restore self-test failed: {result.detail}")
@@ -398,6 +410,9 @@ class Templates:
                 with contextlib.suppress(TTError):
                     if self.engine is not None:
                         self.engine.destroy(name)
+        for n in range(SELFTEST_TRIES):  # clones' disks first: the template's is their source
+            self.volumes.destroy(template_volume(row["id"], n))
+        self.volumes.destroy(template_volume(row["id"]))
         directory = Path(row["dir"])
         if directory.is_relative_to(self.root):
             for d in directory.glob("st[0-9]*"):
@@ -465,10 +480,6 @@ class Templates:
             "hits": self.hits,
             "misses": {r: self.misses.get(r, 0) for r in MISS_REASONS},
         }
-
-
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _age_s(iso: str) -> float:

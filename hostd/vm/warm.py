@@ -1,8 +1,9 @@
 """Snapshot templates, mechanically: boot and save one, restore clones of it, wake a clone up.
 
 A template is a VM booted once to a ready agent, idle, then saved by libvirt (memory and device
-state in `vm.save`) with its overlay frozen read-only (`disk.qcow2`). A clone gets its own
-overlay on that frozen disk and its own copy of the save file whose header carries the clone's
+state in `vm.save`) with its disk frozen read-only (`disk.qcow2`: a qcow2 overlay, or a link into
+a ZFS dataset; hostd/storage). A clone gets its own copy-on-write disk on that frozen one (the
+caller's `make_disk`) and its own copy of the save file whose header carries the clone's
 domain XML (name, UUID, disk, console log, agent socket, tap, MAC); libvirt restores it into
 its own cgroup. The restored guest still has the template's identity until `wake` gives it its
 own (ttci.wire.agent_protocol, IDENTITY). Policy (which template, when, fallbacks) lives in
@@ -18,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from hostd.builders.domain_xml import DomainSpec
 from hostd.builders.save_image import SaveHeader, SaveImageError, clone_xml, parse_header
 from hostd.images.catalogue import Image
 from hostd.vm.agent_client import AgentClient
-from hostd.vm.disk import create_overlay
 from hostd.vm.engine import Engine
 from ttci.model.arch import Arch
 from ttci.model.errors import AgentError, BootError, TTError
@@ -80,6 +80,7 @@ class CloneSpec:
     directory: Path
     nic: tuple[str, str]
     metadata: dict[str, str]
+    genid: str = field(default_factory=lambda: str(uuid.uuid4()))  # its VM generation ID
 
     @property
     def disk(self) -> Path:
@@ -138,18 +139,20 @@ def make_template(
     token: str,
     meta: dict[str, str],
     alive: Callable[[], bool] | None = None,
+    make_disk: Callable[[Path], object],
+    freeze: Callable[[], None],
 ) -> float:
     """Boot, wait for the agent, let it settle, save, freeze. Returns the boot seconds.
 
-    The caller recorded directory and name first and removes them if this raises.
+    make_disk(path) makes the template's disk at path (a clone of its image's); freeze() makes
+    it read-only once saved. The caller recorded directory and name first and removes them if
+    this raises.
 
     Raises:
         TemplateError: the agent cannot take an identity (an old image), or a step failed.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    create_overlay(
-        spec.image.file(spec.image.manifest.disk.path), directory / DISK_FILE, spec.disk_gib
-    )
+    make_disk(directory / DISK_FILE)
     dom = spec.domain(name, directory, token, meta)
     t0 = time.monotonic()
     engine.start(dom)
@@ -172,7 +175,7 @@ def make_template(
     time.sleep(0.1)  # the agent sees its host leave before it is frozen
     engine.save(name, directory / SAVE_FILE)
     engine.destroy(name)  # saved: only the definition is left
-    (directory / DISK_FILE).chmod(0o444)
+    freeze()
     dom.agent_socket.unlink(missing_ok=True)
     read_header(directory / SAVE_FILE)  # a template we could not clone is no template
     return boot_s
@@ -203,19 +206,24 @@ def copy_save(template_save: Path, header: SaveHeader, xml: str, dest: Path) -> 
             offset += n
 
 
-def restore_clone(
-    engine: Engine, template_dir: Path, header: SaveHeader, dom: CloneSpec, disk_gib: int
+def restore_clone(  # noqa: PLR0917 - the template, the clone, and how its disk is made
+    engine: Engine,
+    template_dir: Path,
+    header: SaveHeader,
+    dom: CloneSpec,
+    make_disk: Callable[[Path, int], object],
+    disk_gib: int,
 ) -> None:
     """Start the clone dom from the template's state.
 
-    Makes dom.disk (an overlay on the template's frozen disk) and a save file copy next to it,
-    which is removed once QEMU has read it.
+    make_disk(dom.disk, disk_gib) makes its disk (a clone of the template's frozen one, grown to
+    disk_gib); a save file copy is made next to it and removed once QEMU has read it.
 
     Raises:
         TemplateError, EngineError: the clone did not start (nothing of it runs).
     """
     t0 = time.monotonic()
-    create_overlay(template_dir / DISK_FILE, dom.disk, disk_gib)
+    make_disk(dom.disk, disk_gib)
     t1 = time.monotonic()
     xml = clone_xml(
         header.xml,
@@ -226,6 +234,7 @@ def restore_clone(
         console_log=dom.console_log,
         agent_socket=dom.agent_socket,
         nic=dom.nic,
+        genid=dom.genid,
     )
     save = dom.directory / SAVE_FILE
     copy_save(template_dir / SAVE_FILE, header, xml, save)
@@ -236,7 +245,7 @@ def restore_clone(
     finally:
         save.unlink(missing_ok=True)
     log.debug(
-        "%s restored: overlay %.3f s, save copy %.3f s, restore %.3f s",
+        "%s restored: disk %.3f s, save copy %.3f s, restore %.3f s",
         dom.name,
         t1 - t0,
         t2 - t1,

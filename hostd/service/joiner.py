@@ -8,6 +8,10 @@ retried quietly; a refusal (wrong token, other version, the id bound to another 
 is fatal for the first registration and logged afterwards, as is a report the scheduler refused.
 An https scheduler is verified against `ca` (tt-hostd --ca; else the system's trust store); a
 certificate that does not verify is fatal at the first registration too.
+
+Several scheduler replicas (--join A:PORT,B:PORT): a registration or heartbeat that cannot
+reach one (refused, DNS, timeout, reset, or a 503 with Retry-After) goes to the next at once
+(both may be repeated safely), and the one that answered is asked first from then on.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from ttci.client.failover import AllFailed, Failure, Servers, Sticky, retryable_503, split_servers
 from ttci.infra.tls import tls_error
 from ttci.model.errors import TTError
 from ttci.wire.api import ErrorBody
@@ -39,7 +44,7 @@ class Joiner:
     def __init__(
         self,
         *,
-        scheduler: str,
+        scheduler: str | Sequence[str],
         join_token: str,
         host_id: str,
         advertise_url: str,
@@ -47,7 +52,8 @@ class Joiner:
         info: Callable[[], dict[str, Any]],
         ca: Path | None = None,
     ) -> None:
-        self.url = scheduler.rstrip("/")
+        self.servers = Servers(split_servers(scheduler), Sticky(persist=False))
+        self.on_move: Callable[[str], None] | None = None  # told the replica that answers now
         self.ca = ca
         self.host_id = host_id
         self.advertise_url = advertise_url
@@ -63,14 +69,33 @@ class Joiner:
         self.last_ok: float | None = None  # monotonic time of the scheduler's last answer
         self.last_error = ""
 
-    def _post(self, path: str, body: dict[str, Any], auth: str) -> JoinAnswer:
+    @property
+    def url(self) -> str:
+        """The scheduler replica asked first (the one that answered last)."""
+        return self.servers.order()[0]
+
+    def _send(self, url: str, path: str, body: dict[str, Any], auth: str) -> requests.Response:
         r = self.session.post(
-            self.url + path,
+            url + path,
             json=body,
-            timeout=10,
+            timeout=(5 if self.servers.many else 10, 10),
             headers={"Authorization": auth},
             verify=self._verify,
         )
+        if retryable_503(r.status_code, r.headers.get("Retry-After")):
+            r.raise_for_status()  # an HTTPError: _failure_of lets it move on
+        return r
+
+    def _post(self, path: str, body: dict[str, Any], auth: str) -> JoinAnswer:
+        was = self.url
+        try:
+            r = self.servers.call(lambda u: self._send(u, path, body, auth), _failure_of, True)
+        except AllFailed as e:
+            raise e.last from e  # what the beat loop logs and retries
+        if self.url != was:
+            log.warning("scheduler %s did not answer; %s did", was, self.url)
+            if self.on_move is not None:
+                self.on_move(self.url)
         if r.status_code in (400, 403, 409):
             err = ErrorBody.decode(r.content, r.reason)
             raise JoinRefused(
@@ -146,3 +171,15 @@ class Joiner:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _failure_of(e: Exception) -> Failure | None:
+    """Registrations and heartbeats may be repeated: any failure to get an answer moves on,
+    but not a TLS failure (the CA or the certificate: fatal) or a decision."""
+    if isinstance(e, requests.exceptions.SSLError):
+        return None
+    if isinstance(e, requests.HTTPError):
+        return Failure.UNAVAILABLE  # _send raises it only for a retryable 503
+    if isinstance(e, requests.ConnectionError | requests.Timeout):
+        return Failure.CONNECT
+    return None

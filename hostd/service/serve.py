@@ -21,6 +21,7 @@ from hostd.service.joiner import Joiner
 from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
+from ttci.client.failover import split_servers
 from ttci.infra.db import private_dir
 from ttci.infra.proc import need
 from ttci.infra.settings import add_settings, parse_hostport
@@ -53,26 +54,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def _join_urls(join: str, ca: Path | None) -> tuple[str, ...]:
+    """--join's scheduler replicas (ADDR:PORT[,ADDR:PORT...]) as URLs: the scheme as each
+    says, else https when --ca is given."""
+    urls = []
+    for one in split_servers(join) or (join,):
+        shost, sport = parse_hostport(one, "--join")
+        urls.append(f"{base_url(one, ca).partition('://')[0]}://{shost}:{sport}")
+    return tuple(urls)
+
+
 def _join_args(
     args: argparse.Namespace, host: str, port: int, tls: TLSFiles | None
-) -> tuple[str, str, str, str, str] | None:
-    """(scheduler url, join token, host id, advertised url, host token), checked up front.
-    The scheduler's scheme: as --join says, else https when --ca is given; ours: https with
-    our own certificate."""
+) -> tuple[tuple[str, ...], str, str, str, str] | None:
+    """(scheduler urls, join token, host id, advertised url, host token), checked up front.
+    Ours: https with our own certificate."""
     if not args.join:
         return None
     if not args.join_token:
         raise BadInput("--join needs --join-token", hint="or set TT_JOIN_TOKEN")
-    shost, sport = parse_hostport(args.join, "--join")
+    urls = _join_urls(args.join, args.ca)
     ahost, aport = parse_hostport(args.advertise, "--advertise") if args.advertise else (host, port)
     if ahost in ("0.0.0.0", "::", "") or aport == 0:  # noqa: S104 (refusing it)
         raise BadInput(
             f"cannot advertise {ahost}:{aport} to the scheduler",
             hint="pass --advertise ADDR:PORT with an address the scheduler can reach",
         )
-    scheme = base_url(args.join, args.ca).partition("://")[0]
     return (
-        f"{scheme}://{shost}:{sport}",
+        urls,
         args.join_token,
         args.host_id,
         f"{'https' if tls else 'http'}://{ahost}:{aport}",
@@ -89,7 +98,7 @@ def _net_config(args: argparse.Namespace, listen_host: str) -> NetConfig:
         public = parse_hostport(args.advertise, "--advertise")[0] if args.advertise else listen_host
     protected = [a.strip() for a in (args.protect or "").split(",") if a.strip()]
     if args.join:
-        protected.append(parse_hostport(args.join, "--join")[0])
+        protected += [parse_hostport(one, "--join")[0] for one in split_servers(args.join)]
     for addr in protected:
         try:
             ipaddress.IPv4Address(addr)
@@ -134,6 +143,11 @@ def _start_fetcher(args: argparse.Namespace, joiner: Joiner, ca: Path | None) ->
     if args.fetch_rate < 0:
         raise BadInput(f"--fetch-rate {args.fetch_rate} is negative", hint="0 means no cap")
     source = PoolSource(joiner.url, joiner.host_id, joiner.host_token, str(ca) if ca else True)
+
+    def follow(url: str) -> None:  # images come from the replica the heartbeats reach
+        source.url, source.where = url, f"the scheduler at {url}"
+
+    joiner.on_move = follow
     fetcher = Fetcher(
         args.image_path,
         source,
@@ -172,7 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         log.info("engine: %s", engine.check())
         where = (args.host_id, args.image_path, state_dir, total, net)
-        cfg = HostConfig(*where, warm=args.warm, storage=args.storage)
+        cache = args.cache_size << 20
+        cfg = HostConfig(*where, warm=args.warm, storage=args.storage, cache_bytes=cache)
         mgr = VMManager(cfg, engine)
         mgr.reconcile()
         app = create_app(mgr, args.token, max_files=args.max_files << 20)

@@ -1,5 +1,7 @@
 """The CLI's client configuration: which scheduler, which token, which CA (`tt config`).
 
+`server` may name several scheduler replicas: a JSON list in the file, or commas
+(`TT_SERVER=a:7400,b:7400`); the clients try them in turn (ttci/client/failover.py).
 The CA (`TT_CA_FILE`, or the config's `ca`) verifies an https scheduler; with one, a bare
 ADDR:PORT means https (ttci/infra/tls.py).
 """
@@ -10,7 +12,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ttci.client.failover import split_servers
 from ttci.infra.settings import env_text, parse_hostport
 from ttci.infra.tls import base_url, check_ca
 from ttci.model.errors import BadInput
@@ -31,17 +35,35 @@ def config_path() -> Path:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    server: str
+    server: str  # ADDR:PORT or a URL; several replicas: separated by commas
     token: str
     ca: Path | None = None  # verifies an https scheduler (None: the system's trust store)
 
     @property
+    def urls(self) -> tuple[str, ...]:
+        """Every replica's base URL, in the configured order."""
+        return tuple(base_url(s, self.ca) for s in split_servers(self.server))
+
+    @property
     def url(self) -> str:
-        return base_url(self.server, self.ca)
+        """The first replica's base URL (the one address, without replicas)."""
+        return self.urls[0] if self.urls else base_url(self.server, self.ca)
+
+
+def _server_text(value: object, path: Path) -> str:
+    """The file's `server`: text, or a list of texts (several replicas) joined by commas."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(split_servers(value))
+    if isinstance(value, str):
+        return value
+    raise BadInput(
+        f"server in {path} is neither an address nor a list of addresses",
+        hint='write "server": "ADDR:PORT" or ["ADDR:PORT", "ADDR:PORT"] (`tt config --server`)',
+    )
 
 
 def load() -> ClientConfig:
-    data: dict[str, str] = {}
+    data: dict[str, Any] = {}
     path = config_path()
     if path.exists():
         try:
@@ -51,7 +73,7 @@ def load() -> ClientConfig:
                 f"{path} is not valid JSON: {e}", hint="rewrite it with `tt config`"
             ) from e
     # The settings table's order: the environment (TT_SERVER, TT_TOKEN) beats the file.
-    server = env_text("server") or data.get("server", "")
+    server = env_text("server") or _server_text(data.get("server", ""), path)
     token = env_text("token") or data.get("token", "")
     if not server:
         raise BadInput(
@@ -68,15 +90,17 @@ def load() -> ClientConfig:
 def save(server: str | None, token: str | None, ca: str | None = None) -> Path:
     """Update the config file (0600); None leaves a value as it is, ca "" removes the CA."""
     path = config_path()
-    data: dict[str, str] = {}
+    data: dict[str, Any] = {}
     if path.exists():
         try:
             data = json.loads(path.read_text())
         except ValueError:
             data = {}
     if server is not None:
-        parse_hostport(server, "--server")
-        data["server"] = server
+        servers = split_servers(server)
+        for one in servers or (server,):
+            parse_hostport(one, "--server")
+        data["server"] = servers[0] if len(servers) == 1 else list(servers)
     if token is not None:
         data["token"] = token
     if ca is not None:

@@ -13,38 +13,52 @@ import urllib.parse
 from collections.abc import Iterator
 
 from ttci.client.config import ClientConfig
+from ttci.client.failover import MANY_CONNECT_S, AllFailed, Failure, Servers, retryable_503
 from ttci.infra.tls import client_context, tls_error
-from ttci.model.errors import TTError
+from ttci.model.errors import ApiError, TTError
 from ttci.wire.api import api_error
 from ttci.wire.commands import ExecEvent, ExecRequest
 
-__all__ = ["exec_events"]
+__all__ = ["MAY_HAVE_RUN", "exec_events"]
+
+MAY_HAVE_RUN = (
+    "the command may have run (or still be running) in the VMs: `tt env show` tells their "
+    "state; run it again when it is safe to (any replica will do)"
+)
 
 
-def exec_events(
-    cfg: ClientConfig, name: str, req: ExecRequest, connect_timeout: float = 10
-) -> Iterator[ExecEvent]:
-    """The command's events (stdout/stderr/exit/error, tagged with the VM) as they come.
-
-    Raises:
-        BadInput: the scheduler refused the request as malformed (400).
-        ApiError: the scheduler refused it otherwise (no such ENV, ...).
-        TTError: the scheduler could not be reached, or its stream broke off.
-    """
-    url = urllib.parse.urlsplit(cfg.url)
-    conn: http.client.HTTPConnection
-    if url.scheme == "https":  # verified against the configured CA (else the system's store)
-        conn = http.client.HTTPSConnection(
-            url.hostname or "", url.port, timeout=connect_timeout, context=client_context(cfg.ca)
+def _connection(url: str, cfg: ClientConfig, timeout: float) -> http.client.HTTPConnection:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":  # verified against the configured CA (else the system's store)
+        return http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=timeout, context=client_context(cfg.ca)
         )
-    else:
-        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=connect_timeout)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+
+
+class _Unavailable(Exception):
+    """The replica answered 503 with Retry-After: it did nothing; try the next."""
+
+
+def _open(
+    url: str, cfg: ClientConfig, name: str, body: bytes, connect_timeout: float
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """The run request sent to one replica and its answer's head. Only the connect may fail
+    over (ConnectError): once the request may have left, a failure says the command may
+    have run."""
+    conn = _connection(url, cfg, connect_timeout)
     try:
+        try:
+            conn.connect()
+        except OSError as e:
+            if tls := tls_error(e, f"the scheduler at {url}", cfg.ca):
+                raise tls from e
+            raise _ConnectError(str(e)) from e
         try:
             conn.request(
                 "POST",
                 f"/v1/envs/{urllib.parse.quote(name, safe='')}/run",
-                body=json.dumps(req.to_dict()).encode(),
+                body=body,
                 headers={
                     "Authorization": f"Bearer {cfg.token}",
                     "Content-Type": "application/json",
@@ -53,13 +67,64 @@ def exec_events(
             if conn.sock is not None:
                 conn.sock.settimeout(None)  # a command may be silent for as long as it likes
             r = conn.getresponse()
-        except OSError as e:
-            if tls := tls_error(e, f"the scheduler at {cfg.url}", cfg.ca):
-                raise tls from e
+        except (OSError, http.client.HTTPException) as e:
             raise TTError(
-                f"cannot reach the scheduler at {cfg.server}: {e}",
-                hint="is `tt up` (or tt-scheduler) running? see `tt config`",
+                f"the scheduler at {url} dropped the connection before answering: {e}",
+                hint=MAY_HAVE_RUN,
             ) from e
+        if retryable_503(r.status, r.getheader("Retry-After")):
+            r.read()
+            raise _Unavailable(r.status)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, r
+
+
+class _ConnectError(Exception):
+    """No connection to this replica: the request never left."""
+
+
+def _failure_of(e: Exception) -> Failure | None:
+    if isinstance(e, _ConnectError):
+        return Failure.CONNECT
+    return Failure.UNAVAILABLE if isinstance(e, _Unavailable) else None
+
+
+def exec_events(
+    cfg: ClientConfig, name: str, req: ExecRequest, connect_timeout: float = 10
+) -> Iterator[ExecEvent]:
+    """The command's events (stdout/stderr/exit/error, tagged with the VM) as they come.
+    Sent to the first replica that takes it (ttci/client/failover.py): a replica that cannot
+    be reached is skipped; one whose stream breaks is named in the error.
+
+    Raises:
+        BadInput: the scheduler refused the request as malformed (400).
+        ApiError: the scheduler refused it otherwise (no such ENV, ...).
+        TTError: no replica could be reached, or the stream broke off (the command may have
+            run: the error says so).
+    """
+    servers = Servers(cfg.urls)
+    timeout = min(connect_timeout, MANY_CONNECT_S) if servers.many else connect_timeout
+    body = json.dumps(req.to_dict()).encode()
+    holder: list[str] = []
+
+    def send(url: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        holder[:] = [url]
+        return _open(url, cfg, name, body, timeout)
+
+    try:
+        conn, r = servers.call(send, _failure_of, idempotent=False)
+    except AllFailed as e:
+        if isinstance(e.last, _Unavailable):
+            raise ApiError(
+                f"no scheduler replica can take the command now ({e.message})",
+                hint="retry in a moment",
+                status=503,
+            ) from e
+        raise
+    url = holder[0]
+    try:
         if r.status >= 400:
             raise api_error(r.status, r.read(), r.reason)
         try:
@@ -68,8 +133,8 @@ def exec_events(
                     yield ExecEvent.from_dict(json.loads(line))
         except (OSError, http.client.HTTPException) as e:
             raise TTError(
-                f"the scheduler's stream broke off: {e}",
-                hint="`tt env show` tells the VMs' state; run the command again",
+                f"the scheduler at {url} broke off the command's stream: {e}", hint=MAY_HAVE_RUN
             ) from e
     finally:
+        r.close()  # its socket: closing conn alone leaves it to the GC
         conn.close()

@@ -9,9 +9,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from ttci.client.config import ClientConfig
 from ttci.client.exec_stream import exec_events
+from ttci.client.failover import (
+    IDEMPOTENT,
+    MANY_CONNECT_S,
+    AllFailed,
+    Failure,
+    Servers,
+    retryable_503,
+)
 from ttci.infra.tls import tls_error
 from ttci.model.errors import ApiError, TTError
 from ttci.wire.api import api_error
@@ -35,25 +44,52 @@ class Client:
         # https: the CA, else the system's store. Passed on each request: a session's verify
         # loses to REQUESTS_CA_BUNDLE in the environment, an explicit one does not.
         self._verify: str | bool = str(cfg.ca) if cfg.ca else True
+        self.servers = Servers(cfg.urls)
 
     def _call(self, method: str, path: str, *, timeout: Any = 60, **kw: Any) -> requests.Response:
+        """One request, to the first replica that takes it (ttci/client/failover.py)."""
+        timeout = self._timeout(timeout)
+
+        def send(url: str) -> requests.Response:
+            r = self.session.request(method, url + path, timeout=timeout, verify=self._verify, **kw)
+            if retryable_503(r.status_code, r.headers.get("Retry-After")):
+                r.close()
+                raise _Unavailable(url, r)
+            return r
+
         try:
-            r = self.session.request(
-                method, self.cfg.url + path, timeout=timeout, verify=self._verify, **kw
-            )
+            r = self.servers.call(send, _failure_of, idempotent=method in IDEMPOTENT)
+        except AllFailed as e:
+            if isinstance(e.last, _Unavailable):
+                r = e.last.response
+                raise api_error(r.status_code, r.content, r.reason) from e
+            raise
         except requests.exceptions.SSLError as e:
-            tls = tls_error(e, f"the scheduler at {self.cfg.url}", self.cfg.ca)
-            raise tls or TTError(f"TLS with the scheduler at {self.cfg.url} failed: {e}") from e
-        except requests.ConnectionError as e:
-            raise TTError(
-                f"cannot reach the scheduler at {self.cfg.server}",
-                hint="is `tt up` (or tt-scheduler) running? see `tt config`",
-            ) from e
+            tls = tls_error(e, f"the scheduler at {self._where(e)}", self.cfg.ca)
+            raise tls or TTError(f"TLS with the scheduler at {self._where(e)} failed: {e}") from e
         except requests.RequestException as e:
-            raise TTError(f"request to {self.cfg.server} failed: {e}") from e
+            raise TTError(
+                f"the connection to the scheduler at {self._where(e)} broke before it answered "
+                f"{method} {path}: {e}",
+                hint="the request may have been carried out: check (e.g. `tt env show`) "
+                "before repeating it",
+            ) from e
         if r.status_code >= 400:
             raise api_error(r.status_code, r.content, r.reason)
         return r
+
+    def _timeout(self, timeout: Any) -> Any:
+        """With several replicas a connect waits at most MANY_CONNECT_S: a dead one is
+        skipped quickly (the read timeout stays)."""
+        if not self.servers.many:
+            return timeout
+        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        return (min(connect, MANY_CONNECT_S), read)
+
+    def _where(self, e: requests.RequestException) -> str:
+        req = e.request
+        url = str(req.url) if req is not None and req.url else self.cfg.url
+        return next((u for u in self.cfg.urls if url.startswith(u)), url)
 
     def call_json(self, method: str, path: str, **kw: Any) -> Any:
         return self._call(method, path, **kw).json()
@@ -156,12 +192,29 @@ class Client:
         out: dict[str, Any] = self.get(f"/v1/envs/{name}")
         return out
 
-    def delete_env(self, name: str) -> dict[str, Any]:
-        out: dict[str, Any] = self._call("DELETE", f"/v1/envs/{name}", timeout=600).json()
+    def delete_env(self, name: str, commit_cache: bool = False) -> dict[str, Any]:
+        """commit_cache: the job succeeded; the ENV's cache clones become the newest versions."""
+        params = {"commit_cache": "1"} if commit_cache else {}
+        r = self._call("DELETE", f"/v1/envs/{name}", timeout=600, params=params)
+        out: dict[str, Any] = r.json()
+        return out
+
+    def caches(self) -> list[dict[str, Any]]:
+        """The pool's cache volumes: yours (an admin: all)."""
+        out: list[dict[str, Any]] = self._call("GET", "/v1/caches").json()
+        return out
+
+    def delete_cache(self, key: str, project: str = "", owner: str = "") -> dict[str, Any]:
+        params = {k: v for k, v in (("project", project), ("owner", owner)) if v}
+        out: dict[str, Any] = self._call("DELETE", f"/v1/caches/{key}", params=params).json()
         return out
 
     def delete_env_wait(
-        self, name: str, wait_s: float = DELETE_WAIT_S, poll_s: float = 1.0
+        self,
+        name: str,
+        wait_s: float = DELETE_WAIT_S,
+        poll_s: float = 1.0,
+        commit_cache: bool = False,
     ) -> bool:
         """Delete the ENV, waiting up to wait_s while the scheduler answers 409 (the ENV is
         still being created, or another delete of it is under way).
@@ -175,7 +228,7 @@ class Client:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                self.delete_env(name)
+                self.delete_env(name, commit_cache)
                 return True
             except ApiError as e:
                 if e.status == 404:
@@ -256,3 +309,28 @@ class _Handlers:
             elif ev.error is not None:
                 raise ev.error.exception(ev.status)
         return None
+
+
+class _Unavailable(Exception):
+    """A replica answered 503 with Retry-After: it did nothing; try the next."""
+
+    def __init__(self, url: str, response: requests.Response) -> None:
+        super().__init__(f"{url} is unavailable (503)")
+        self.response = response
+
+
+def _failure_of(e: Exception) -> Failure | None:
+    """How a requests failure lets the request move on (ttci/client/failover.py)."""
+    if isinstance(e, _Unavailable):
+        return Failure.UNAVAILABLE
+    if isinstance(e, requests.exceptions.SSLError):
+        return None  # the certificate or the CA: another replica will not fix that
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return Failure.CONNECT
+    if isinstance(e, requests.ConnectionError):
+        reason = getattr(e.args[0], "reason", None) if e.args else None
+        # NewConnectionError: refused, unreachable, and (NameResolutionError) DNS.
+        return Failure.CONNECT if isinstance(reason, NewConnectionError) else Failure.BROKEN
+    if isinstance(e, requests.Timeout):
+        return Failure.BROKEN
+    return None

@@ -186,8 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         log.info("engine: %s", engine.check())
         where = (args.host_id, args.image_path, state_dir, total, net)
-        cache = args.cache_size << 20
-        cfg = HostConfig(*where, warm=args.warm, storage=args.storage, cache_bytes=cache)
+        cfg = HostConfig(*where, warm=args.warm, storage=args.storage)
         mgr = VMManager(cfg, engine)
         mgr.reconcile()
         app = create_app(mgr, args.token, max_files=args.max_files << 20)

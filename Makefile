@@ -12,7 +12,7 @@ APT_PACKAGES := \
 # systemd-analyze for the unit files (tests/test_units.py; nothing here runs systemd), PostgreSQL's
 # server for the throw-away clusters of tests/pgcluster.py (nothing runs it as a service), zfs-fuse
 # for real ZFS pools on files (tests/zfsutil.py; hosts with --storage zfs use kernel OpenZFS).
-TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd postgresql zfs-fuse
+TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd postgresql zfs-fuse haproxy
 
 .PHONY: deps test-deps tools venv install demo test lint clean
 

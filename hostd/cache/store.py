@@ -287,6 +287,18 @@ class CacheStore:
             "limit_bytes": self.limit_bytes,
         }
 
+    def report(self, most: int = 1000) -> dict[str, Any]:
+        """For the scheduler (placement prefers a host holding a cache's newest version): the
+        caches with a version here, scope id -> when it was committed (the newest `most`), and
+        the counts."""
+        with self.store.lock:
+            rows = self.store.db.execute(
+                "select scope_id, committed_at from caches where newest != '' "
+                "order by committed_at desc limit ?",
+                [most],
+            ).fetchall()
+        return {"held": {sid: at for sid, at in rows}, **self.stats()}
+
     def reconcile(self, live_vms: set[str]) -> int:
         """After a start: clones of VMs that are gone (or half made) are destroyed, a newest
         version that is gone forgotten, and cache volumes no cache row owns destroyed."""

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from hostd.images.catalogue import find
-from hostd.service import images_api, metrics
+from hostd.service import cache_api, images_api, metrics
 from hostd.service.health import hostd_checks
 from hostd.vm.accel import choose_accel
 from hostd.vm.agent_client import OutputTooLarge
@@ -96,6 +96,7 @@ def host_info(mgr: VMManager) -> dict[str, Any]:
             "images": [_image_json(i) for i in mgr.images()],
             "engine": mgr.engine.check(),
             "warm": mgr.templates.report(),
+            "caches": mgr.caches.report(),
             **dict(zip(("accel", "accel_why"), mgr.accel(), strict=True)),
         }
     )
@@ -178,7 +179,8 @@ def get_vm(vm_id: str) -> Response:
 
 @bp.delete("/vms/<vm_id>")
 def delete_vm(vm_id: str) -> tuple[str, int]:
-    _mgr().delete(vm_id)
+    """?commit_cache=1: the job succeeded; the VM's cache clone becomes its newest version."""
+    _mgr().delete(vm_id, commit_cache=request.args.get("commit_cache") in ("1", "true"))
     return "", 204
 
 
@@ -358,6 +360,7 @@ def create_app(mgr: VMManager, token: str, max_files: int = MAX_PUSH_BYTES) -> F
     )
     app.register_blueprint(bp)
     app.register_blueprint(images_api.bp)
+    app.register_blueprint(cache_api.bp)
     app.config["FETCHER"] = None  # serve.py sets it when the host joined a scheduler
 
     install_health(app, "tt-hostd", hostd_checks(app, mgr))  # /healthz, /readyz

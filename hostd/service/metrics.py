@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hostd.service.cache_api import cache_metrics
 from ttci.infra.metrics_common import CONTENT_TYPE, RESOURCE_UNITS, VM_STATES, BuildInfo, by_state
 from ttci.wire.commands import ExecEvent
 
@@ -47,6 +48,8 @@ class _Snapshot(Collector):
         yield denied
         if "warm" in snap:
             yield from _warm(snap["warm"])
+        if "caches" in snap:
+            yield from cache_metrics(snap["caches"])
 
 
 TEMPLATE_STATES = ("building", "ready", "stale", "failed")
@@ -189,4 +192,5 @@ def hostd_snapshot(mgr: Any) -> dict[str, Any]:
         "used": mgr.used().to_dict(),
         "egress": mgr.net.egress_counts(),
         "warm": mgr.templates.report(),
+        "caches": mgr.caches.stats(),
     }

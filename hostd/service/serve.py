@@ -185,8 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mgr = None
     try:
         log.info("engine: %s", engine.check())
-        where = (args.host_id, args.image_path, state_dir, total, net)
-        cfg = HostConfig(*where, warm=args.warm, storage=args.storage)
+        where = (args.host_id, args.image_path, state_dir, total, net, args.warm, args.storage)
+        cfg = HostConfig(*where, cache_bytes=args.cache_size << 20)
         mgr = VMManager(cfg, engine)
         mgr.reconcile()
         app = create_app(mgr, args.token, max_files=args.max_files << 20)

@@ -16,6 +16,7 @@ from hostd.cache.guest import mount_argv, release_argv
 from hostd.cache.store import CacheStore
 from hostd.storage.qcow2 import Qcow2Backend
 from hostd.storage.volumes import Volumes
+from hostd.vm.agent_client import AgentClient
 from ttci.model.errors import BootError, TTError
 from ttci.wire.agent_protocol import ExitStatus
 from ttci.wire.envs import VMRequest
@@ -57,14 +58,14 @@ def checkout(caches: CacheStore, req: VMRequest) -> None:
         caches.checkout(req.id, scope, req.cache.path)
 
 
-def mount(caches: CacheStore, exec_: Exec, vm_id: str, name: str) -> None:
-    """Mount the VM's cache at its path in the guest, or BootError saying why not."""
+def mount(caches: CacheStore, agent: AgentClient, vm_id: str, name: str) -> None:
+    """Mount the VM's cache at its path in the guest (through its agent: the VM is not yet
+    running for anyone else), or BootError saying why not."""
     clone = caches.clone_of(vm_id)
     if clone is None:
         return
     out: list[bytes] = []
-    st = exec_(
-        vm_id,
+    st = agent.exec(
         mount_argv(clone.mount),
         timeout=MOUNT_TIMEOUT_S,
         on_stdout=out.append,

@@ -184,7 +184,7 @@ class VMManager:
             vmnet = self.net.attach_request(req)
             caching.checkout(self.caches, req)
             self._start({**self._row(req.id), "cold": req.cold}, image, disk_gib, vmnet)
-            caching.mount(self.caches, self.exec, req.id, req.name)
+            caching.mount(self.caches, self._agents[req.id], req.id, req.name)
             stack.pop_all()
         self._update(req.id, state="running", boot_s=round(time.monotonic() - t0, 3))
         row = self._row(req.id)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ttci.cli import env_wait
+from ttci.cli.cache_cmd import add_cache_args, cache_of, cmd_env_del, register_env_del
 from ttci.cli.egress_args import add_egress_args
 from ttci.cli.env_files import cmd_env_get, cmd_env_push, register_files
 from ttci.cli.size_args import add_size_args, vm_size
@@ -106,10 +107,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     x.add_argument("--json", action="store_true", help="print the ENV as JSON")
     x.set_defaults(func=cmd_env_extend)
 
-    d = es.add_parser("del", help="delete an ENV and all its VMs")
-    d.add_argument("name", help="ENV name")
-    d.add_argument("--json", action="store_true", help="print JSON")
-    d.set_defaults(func=cmd_env_del)
+    register_env_del(es)
 
 
 def _register_add(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,6 +148,7 @@ def _register_add(es: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "one: sooner, same result)",
     )
     add_egress_args(a)
+    add_cache_args(a)
     w = a.add_mutually_exclusive_group()
     w.add_argument(
         "--no-wait",
@@ -346,6 +345,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
         allow_egress=parse_egress(args.allow_egress),
         egress_audit=args.egress_audit,
         cold=args.cold,
+        cache=cache_of(args),
     )
     req.validate()
     opts = env_wait.wait_options(args.no_wait, args.max_wait)
@@ -484,15 +484,4 @@ def cmd_env_extend(args: argparse.Namespace) -> int:
         print(json.dumps(env, indent=2))
     else:
         print(f"ENV {env['name']} now expires at {env['expires_at']}")
-    return 0
-
-
-def cmd_env_del(args: argparse.Namespace) -> int:
-    t0 = time.monotonic()
-    _client().delete_env(args.name)
-    took = time.monotonic() - t0
-    if args.json:
-        print(json.dumps({"name": args.name, "deleted": True, "seconds": round(took, 3)}))
-    else:
-        print(f"ENV {args.name} deleted in {took:.1f} s")
     return 0

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ttci.cli.artifacts import empty_tar, fresh_dir, git_archive, max_files, tar_dir
+from ttci.cli.cache_cmd import add_cache_args, cache_of
 from ttci.cli.egress_args import add_egress_args
 from ttci.cli.job_output import outcomes_json, print_summary
 from ttci.cli.job_plan import (
@@ -88,6 +89,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_copy_args(r)
     r.add_argument("--script", type=Path, help="run this local script instead of a COMMAND")
     add_egress_args(r, "the VM")
+    add_cache_args(r)
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only output")
     r.add_argument(
         "--json",
@@ -179,6 +181,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         egress_audit=args.egress_audit,
         json_out=args.json,
         max_bytes=max_files(),
+        cache=cache_of(args),
     )
 
 

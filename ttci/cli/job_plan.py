@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ttci.model.cache import CacheSpec
 from ttci.model.egress import EgressRule
 from ttci.model.errors import BadInput
 from ttci.model.naming import (
@@ -196,6 +197,7 @@ class JobSpec:
     egress_audit: bool = False  # block nothing, count what the list would block
     json_out: bool = False  # stdout holds only the JSON summary; the commands' output: stderr
     max_bytes: int = 1 << 30  # the most one artifact may bring back (TT_MAX_FILES)
+    cache: CacheSpec | None = None  # every target's VM mounts it; committed when it succeeds
 
 
 @dataclass
@@ -239,6 +241,7 @@ def env_request(
         origin=origin_from_env(environ, target),
         allow_egress=spec.allow_egress,
         egress_audit=spec.egress_audit,
+        cache=spec.cache,
     )
 
 

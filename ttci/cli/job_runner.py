@@ -199,20 +199,21 @@ class Job:
         result = result_word(o.code, self.interrupted.is_set(), o.error)
         with contextlib.suppress(TTError):  # no job row: the ENV never became ready
             self.client.report_result(o.env, result)
-        self._delete(o.env, t)
+        self._delete(o.env, t, commit=result.result == "success")
 
-    def _delete(self, env: str, t: Target) -> None:
+    def _delete(self, env: str, t: Target, commit: bool = False) -> None:
+        """commit: the job succeeded, its cache (if it has one) keeps what it wrote."""
         with self._lock:
             lock = self._env_locks.setdefault(env, threading.Lock())
         # one delete per ENV at a time (cleanup and its worker): the second finds it done
         with lock:
-            self._delete_once(env, t)
+            self._delete_once(env, t, commit)
 
-    def _delete_once(self, env: str, t: Target) -> None:
+    def _delete_once(self, env: str, t: Target, commit: bool) -> None:
         if env in self._deleted:
             return
         try:  # an ENV still booting is deleted as soon as it is ready
-            if not self.client.delete_env_wait(env, DELETE_WAIT_S):
+            if not self.client.delete_env_wait(env, DELETE_WAIT_S, commit_cache=commit):
                 return  # not made (yet: its creator deletes it when done), or gone
         except TTError as e:
             err.print(f"tt: could not delete ENV {env}: {e.message}; the reaper will")

@@ -11,7 +11,7 @@ import argparse
 from importlib.metadata import entry_points
 
 from ttci import __version__
-from ttci.cli import allinone, demo, env_cmd, job_cmd, pool_cmd, queue_cmd
+from ttci.cli import allinone, cache_cmd, demo, env_cmd, job_cmd, pool_cmd, queue_cmd
 from ttci.infra.entry import run_cli
 
 __all__ = ["COMMAND_GROUP", "main", "make_parser"]
@@ -31,6 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
         job_cmd.register,
         allinone.register,
         demo.register,
+        cache_cmd.register,
     ):
         register(sub)
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):

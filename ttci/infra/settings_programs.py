@@ -37,6 +37,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "hostd-keep-vms",
         "hostd-warm",
         "hostd-storage",
+        "hostd-cache-size",
         "hostd-outgoing",
         "hostd-vm-net-pool",
         "hostd-port-range",

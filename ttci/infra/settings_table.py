@@ -158,6 +158,12 @@ _ROWS = (
         metavar="qcow2|zfs:POOL/DATASET",
     ),
     _hostd(
+        "cache-size",
+        MEMORY,
+        "20G",
+        "cache volumes on this host together; least recently used whole caches go above it",
+    ),
+    _hostd(
         "outgoing",
         TEXT,
         "allow",

@@ -187,8 +187,9 @@ class SchedulerCore:
                 env, {"state": "failed", "error": why, "expires_at": now()}
             )
 
-    def _drop_vms(self, env: str) -> list[str]:
-        """Delete the ENV's VMs on their hosts; forget those that are gone.
+    def _drop_vms(self, env: str, commit_cache: bool = False) -> list[str]:
+        """Delete the ENV's VMs on their hosts; forget those that are gone. commit_cache: the
+        job succeeded, its VMs' cache clones are committed.
 
         Returns:
             What could not be deleted ("name: why"), still recorded for a later try.
@@ -197,7 +198,7 @@ class SchedulerCore:
 
         def drop(v: dict[str, Any]) -> None:
             try:
-                self._client(v["host"]).delete_vm(v["id"])
+                self._client(v["host"]).delete_vm(v["id"], commit_cache)
             except TTError as e:
                 problems.append(f"{v['name']}: {e.message}")
                 return

@@ -18,6 +18,7 @@ from ttci.scheduler import history
 from ttci.scheduler.core import PARALLEL_CREATES, EnvExists
 from ttci.scheduler.env_views import EnvViews
 from ttci.scheduler.hostd_client import HostUnreachable
+from ttci.scheduler.planning.admission import project_key
 from ttci.scheduler.planning.envspec import vm_names
 from ttci.scheduler.planning.placement import Ask, NoPlacement, place
 from ttci.scheduler.users import User, check_env_name
@@ -159,6 +160,8 @@ class EnvCreation(EnvViews):
             allow_egress=req.allow_egress,
             egress_audit=req.egress_audit,
             cold=req.cold,
+            cache=req.cache,
+            cache_project=project_key(req.origin, user.name) if req.cache else "",
         )
         try:
             return self._client(v["host"]).create_vm(body)

@@ -110,12 +110,29 @@ class HostdClient:
         out: dict[str, Any] = self._call("GET", f"/v1/envs/{env}/egress", timeout=3).json()
         return out
 
-    def delete_vm(self, vm_id: str) -> None:
+    def delete_vm(self, vm_id: str, commit_cache: bool = False) -> None:
+        """commit_cache: the job succeeded, its cache clone becomes the newest version."""
+        params = {"commit_cache": "1"} if commit_cache else {}
         try:
-            self._call("DELETE", f"/v1/vms/{vm_id}", timeout=120)
+            self._call("DELETE", f"/v1/vms/{vm_id}", timeout=300, params=params)
         except HostdError as e:
             if e.status != 404:
                 raise
+
+    def caches(self) -> list[dict[str, Any]]:
+        """The host's caches (hostd.cache.store.CacheStore.listing)."""
+        out: list[dict[str, Any]] = self._call("GET", "/v1/caches", timeout=10).json()
+        return out
+
+    def delete_cache(self, scope_id: str) -> bool:
+        """False when the host has no such cache."""
+        try:
+            self._call("DELETE", f"/v1/caches/{scope_id}", timeout=60)
+        except HostdError as e:
+            if e.status != 404:
+                raise
+            return False
+        return True
 
     def exec(self, vm_id: str, req: ExecRequest) -> Iterator[ExecEvent]:
         """The command's events as hostd streams them."""

@@ -17,6 +17,7 @@ from typing import Any
 from ttci.infra.db import now
 from ttci.model.errors import TTError
 from ttci.scheduler import history
+from ttci.scheduler.caches import Caches
 from ttci.scheduler.core import EnvBusy, EnvExists, EnvNotFound
 from ttci.scheduler.env_exec import EnvExec
 from ttci.scheduler.env_queue import EnvQueue
@@ -27,8 +28,10 @@ __all__ = ["EnvBusy", "EnvExists", "EnvNotFound", "Scheduler"]
 log = logging.getLogger("ttci.scheduler")
 
 
-class Scheduler(EnvQueue, EnvExec):
-    def delete_env(self, name: str, user: User) -> dict[str, Any]:
+class Scheduler(EnvQueue, EnvExec, Caches):
+    def delete_env(self, name: str, user: User, commit_cache: bool = False) -> dict[str, Any]:
+        """commit_cache: the job succeeded; its cache clones become their caches' newest
+        versions (else they are discarded)."""
         if self._env_row(name, user)["state"] == "queued" and self.cancel_queued(name, user):
             return {"name": name, "deleted": True, "was": "queued"}
         with self.store.lock:  # check and claim at once: two deletes never race
@@ -44,7 +47,7 @@ class Scheduler(EnvQueue, EnvExec):
                     hint="it is gone in a moment; see `tt env list`",
                 )
             self.store.db.table("envs").update(name, {"state": "deleting"})
-        problems = self._drop_vms(name)
+        problems = self._drop_vms(name, commit_cache)
         if problems:
             self._mark_failed(name, "; ".join(problems))
             raise TTError(

@@ -20,6 +20,7 @@ from typing import Any
 from ttci.model.errors import BadInput
 from ttci.model.naming import ImageName
 from ttci.wire.api import API_VERSION, check_api, require_object
+from ttci.wire.caches import parse_cache_report
 from ttci.wire.warm import MAX_SELFTESTS, MAX_TEMPLATES, SELFTEST_TEXT, TEMPLATE_TEXT
 
 __all__ = [
@@ -336,6 +337,7 @@ def _parse_report(info: Any) -> dict[str, Any]:
         **dict.fromkeys(("total", "used", "free"), _resources),
         "images": lambda v, _: _images(v),
         "warm": lambda v, _: _warm(v),
+        "caches": lambda v, _: parse_cache_report(v),
     }
     out.update({key: check(info[key], key) for key, check in checks.items() if key in info})
     return out

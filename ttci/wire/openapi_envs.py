@@ -24,6 +24,7 @@ from ttci.wire.openapi import (
     query_param,
     ref,
 )
+from ttci.wire.openapi_caches import CACHE, COMMIT_CACHE
 from ttci.wire.queue import MAX_WAIT_S
 
 __all__ = [
@@ -76,6 +77,7 @@ def env_request_schema() -> Spec:
             "type": "boolean",
             "description": "true: every VM boots cold, not warm from a snapshot",
         },
+        cache=CACHE,
         vm_ports={
             "anyOf": [
                 STR,
@@ -187,6 +189,7 @@ def _env_item_paths() -> dict[str, Spec]:
                 "Delete an ENV (or take it out of the queue).",
                 {200: {"type": "object"}},
                 (401, 404, 409, 502, 503),
+                params=(COMMIT_CACHE,),
             ),
             "parameters": name,
         },

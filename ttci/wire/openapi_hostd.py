@@ -27,6 +27,7 @@ from ttci.wire.openapi import (
     path_param,
     query_param,
 )
+from ttci.wire.openapi_caches import CACHE, COMMIT_CACHE, hostd_cache_paths
 from ttci.wire.openapi_envs import EGRESS_RULES, exec_request_schema
 from ttci.wire.openapi_images import hostd_image_paths
 
@@ -52,6 +53,8 @@ def _vm_request() -> Spec:
         allow_egress=EGRESS_RULES,
         egress_audit={"type": "boolean"},
         cold={"type": "boolean", "description": "true: boot cold even where a template is ready"},
+        cache=CACHE,
+        cache_project={"type": "string", "maxLength": 300},
     )
 
 
@@ -145,7 +148,13 @@ def _vm_paths() -> dict[str, Spec]:
     return {
         "/v1/vms/{vm_id}": {
             "get": operation("get_vm", "One VM.", {200: {"type": "object"}}, _VM_ERRORS),
-            "delete": operation("delete_vm", "Destroy a VM.", {204: None}, (*_VM_ERRORS, 503)),
+            "delete": operation(
+                "delete_vm",
+                "Destroy a VM (committing or discarding its cache clone).",
+                {204: None},
+                (*_VM_ERRORS, 503),
+                params=(COMMIT_CACHE,),
+            ),
             "parameters": vm_id,
         },
         "/v1/envs/{env}/egress": {
@@ -199,7 +208,13 @@ def hostd_openapi() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"hostdToken": []}],
-        "paths": {**_host_paths(), **_template_paths(), **_vm_paths(), **hostd_image_paths()},
+        "paths": {
+            **_host_paths(),
+            **_template_paths(),
+            **_vm_paths(),
+            **hostd_image_paths(),
+            **hostd_cache_paths(),
+        },
         "components": {
             "schemas": {"Error": ERROR},
             "securitySchemes": {

@@ -27,6 +27,7 @@ from ttci.wire.openapi import (
     path_param,
     ref,
 )
+from ttci.wire.openapi_caches import scheduler_cache_paths
 from ttci.wire.openapi_envs import env_paths, env_request_schema, exec_request_schema
 from ttci.wire.openapi_images import scheduler_image_paths
 from ttci.wire.queue import BLOCKERS
@@ -313,6 +314,7 @@ def scheduler_openapi() -> dict[str, Any]:
         **_quota_paths(),
         **env_paths(),
         **scheduler_image_paths(),
+        **scheduler_cache_paths(),
     }
     bearer = {"type": "http", "scheme": "bearer"}
     return {

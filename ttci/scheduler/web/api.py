@@ -24,6 +24,7 @@ from ttci.infra.http_server import (
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admin
 from ttci.scheduler import admission_store as qs
+from ttci.scheduler.caches import CacheNotFound
 from ttci.scheduler.env_queue import QueuedRefused, QueueTimeout
 from ttci.scheduler.hostd_client import HostdError, HostUnreachable
 from ttci.scheduler.hosts import HostClaimed, HostNotFound, HostRefused
@@ -316,7 +317,22 @@ def show_env(name: str) -> Response:
 
 @bp.delete("/envs/<name>")
 def delete_env(name: str) -> Response:
-    return jsonify(_s().delete_env(name, _user()))
+    """?commit_cache=1: the job succeeded; its cache clones become the newest versions."""
+    commit = request.args.get("commit_cache") in ("1", "true")
+    return jsonify(_s().delete_env(name, _user(), commit_cache=commit))
+
+
+@bp.get("/caches")
+def list_caches() -> Response:
+    """The pool's cache volumes: the caller's own (an admin: all), merged over the hosts."""
+    return jsonify(_s().list_caches(_user()))
+
+
+@bp.delete("/caches/<key>")
+def delete_cache(key: str) -> Response:
+    """?project= (a CI project's cache; default the caller's own) &owner= (admins)."""
+    a = request.args
+    return jsonify(_s().delete_cache(_user(), key, a.get("project", ""), a.get("owner", "")))
 
 
 @bp.post("/envs/<name>/extend")
@@ -370,6 +386,7 @@ def create_app(scheduler: Scheduler, max_files: int = MAX_PUSH_BYTES) -> Flask:
         app,
         {
             EnvNotFound: 404,
+            CacheNotFound: 404,
             EnvExists: 409,
             EnvBusy: 409,
             NoPlacement: 409,

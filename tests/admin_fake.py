@@ -34,9 +34,11 @@ def fake_scheduler(
     per_env: int = 1,
     hosts: int = 4,
     jobs: int = 200,
+    database: str = "",
 ) -> Scheduler:
-    """A Scheduler whose state holds `vms` running VMs in ENVs of `per_env`, on fake hosts."""
-    s = Scheduler(state_dir, {}, admin_token=admin_token, host_timeout=3600)
+    """A Scheduler whose state holds `vms` running VMs in ENVs of `per_env`, on fake hosts
+    (database: --database, "" for SQLite in state_dir)."""
+    s = Scheduler(state_dir, {}, admin_token=admin_token, host_timeout=3600, database=database)
     for h in range(hosts):
         s.pool.register(
             HostRegistration.from_dict(
@@ -109,14 +111,13 @@ def fake_scheduler(
                 }
             )
     with s.store.lock:
-        s.store.db.table("envs").insert_all(env_rows, batch_size=500)
-        s.store.db.table("vms").insert_all(vm_rows, batch_size=500)
+        s.store.db.table("envs").insert_all(env_rows)
+        s.store.db.table("vms").insert_all(vm_rows)
         s.store.db.table("jobs").insert_all(
             [
                 _job(now - dt.timedelta(minutes=59) + dt.timedelta(seconds=15 * j), j)
                 for j in range(jobs)
-            ],
-            batch_size=500,
+            ]
         )
     return s
 

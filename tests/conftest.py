@@ -10,6 +10,7 @@ import pytest
 from hostd.builders.image_recipe import DEFAULT_TARGETS, BuildSpec
 from hostd.images.build import Builder, build_image
 from hostd.images.catalogue import Image
+from tests.pgcluster import PgCluster, pg_cluster
 from ttci.infra.log import setup_logging
 from ttci.model.naming import parse_arch, parse_release
 
@@ -39,3 +40,27 @@ def default_images() -> dict[str, Image]:
     specs = [BuildSpec(parse_release(r), a) for r, a in DEFAULT_TARGETS]
     results = Builder(IMAGE_PATH, CACHE_DIR).build_many(specs, jobs=os.cpu_count() or 1)
     return {m.name: Image(m, IMAGE_PATH / m.image_name.dirname) for m, _ in results}
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgCluster]:
+    """A throw-away PostgreSQL cluster (tests/pgcluster.py), started on first use."""
+    with pg_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg: PgCluster) -> Iterator[str]:
+    """A fresh, empty database of the session's cluster for this test."""
+    with pg.database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "pg"])
+def database(request: pytest.FixtureRequest) -> str:
+    """The scheduler's (or the GitHub service's) --database: "" (SQLite in its state directory,
+    the default) or a fresh PostgreSQL database. Fixtures that make the services take it, so
+    their tests run against both backends (ids [sqlite] and [pg]; `-k sqlite` runs one)."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("pg_url"))

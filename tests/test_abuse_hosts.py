@@ -57,10 +57,12 @@ def _beat(hid: str, info: Any = None) -> dict[str, Any]:
 
 
 @pytest.fixture
-def sched(tmp_path: Path) -> Iterator[Scheduler]:
-    s = Scheduler(tmp_path, {}, admin_token=ADMIN, join_token=JOIN, host_timeout=3600)
+def sched(tmp_path: Path, database: str) -> Iterator[Scheduler]:
+    s = Scheduler(
+        tmp_path, {}, admin_token=ADMIN, join_token=JOIN, host_timeout=3600, database=database
+    )
     yield s
-    s.stop()
+    s.close()
 
 
 @pytest.fixture

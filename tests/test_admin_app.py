@@ -26,10 +26,10 @@ ADMIN = "admin-secret-" + "a" * 24
 
 
 @pytest.fixture
-def sched(tmp_path: Path) -> Iterator[Scheduler]:
-    s = fake_scheduler(tmp_path, ADMIN, vms=40, per_env=2, hosts=2, jobs=30)
+def sched(tmp_path: Path, database: str) -> Iterator[Scheduler]:
+    s = fake_scheduler(tmp_path, ADMIN, vms=40, per_env=2, hosts=2, jobs=30, database=database)
     yield s
-    s.stop()
+    s.close()
 
 
 def _svg(text: str) -> ET.Element:

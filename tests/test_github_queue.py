@@ -59,7 +59,7 @@ class Q:
             time.sleep(0.02)
 
 
-def _world(tmp_path: Path, capacity: int, max_waiting: int) -> Iterator[Q]:
+def _world(tmp_path: Path, capacity: int, max_waiting: int, database: str = "") -> Iterator[Q]:
     _, public = app_keys()
     gh = StandIn(app_id=31337, public_key=public).start()
     gh.installations["octo-org"] = 4242
@@ -67,17 +67,18 @@ def _world(tmp_path: Path, capacity: int, max_waiting: int) -> Iterator[Q]:
     api = GitHubAPI(GitHubConfig(base_url=gh.url, app_id="31337", private_key=app_keys()[0]))
     tt = FakeTT(capacity)
     settings = Settings(max_waiting=max_waiting, reconcile_interval_s=3600)
-    svc = Service(settings, JobStore(tmp_path / "github.db"), api, cast(Client, tt))
+    svc = Service(settings, JobStore(database or tmp_path / "github.db"), api, cast(Client, tt))
     with serving(create_app(svc, SECRET)) as url:
         yield Q(url, svc, gh, tt)
     svc.stop()
+    svc.store.store.close()
     api.close()
     gh.stop()
 
 
 @pytest.fixture
-def q(tmp_path: Path) -> Iterator[Q]:
-    yield from _world(tmp_path, capacity=2, max_waiting=3)
+def q(tmp_path: Path, database: str) -> Iterator[Q]:
+    yield from _world(tmp_path, capacity=2, max_waiting=3, database=database)
 
 
 def _finish(q: Q, jid: int, repo: str) -> None:

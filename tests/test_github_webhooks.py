@@ -42,6 +42,7 @@ class Hook:
     svc: Service
     gh: StandIn
     state: Path
+    database: str = ""
 
     def send(self, payload: object, **kw: object) -> requests.Response:
         return deliver(self.url + "/webhook", payload, kw.pop("secret", SECRET), **kw)  # type: ignore[arg-type]
@@ -53,7 +54,7 @@ class Hook:
 
 
 @pytest.fixture
-def hook(tmp_path: Path) -> Iterator[Hook]:
+def hook(tmp_path: Path, database: str) -> Iterator[Hook]:
     _, public = app_keys()
     gh = StandIn(app_id=31337, public_key=public).start()
     gh.installations["octo-org"] = 4242
@@ -61,10 +62,11 @@ def hook(tmp_path: Path) -> Iterator[Hook]:
     # No scheduler listens here: provisioning fails the way it does when the cloud is down.
     tt = Client(ClientConfig("127.0.0.1:9", "tt-token"))
     settings = Settings(max_waiting=4, reconcile_interval_s=3600)
-    svc = Service(settings, JobStore(tmp_path / "github.db"), api, tt)
+    svc = Service(settings, JobStore(database or tmp_path / "github.db"), api, tt)
     with serving(create_app(svc, SECRET)) as url:
-        yield Hook(url, svc, gh, tmp_path)
+        yield Hook(url, svc, gh, tmp_path, database)
     svc.stop()
+    svc.store.store.close()
     api.close()
     tt.session.close()
     gh.stop()
@@ -177,6 +179,7 @@ def test_unservable_job_is_kept_and_shown(hook: Hook) -> None:
             "jobs",
             "--state-dir",
             str(hook.state),
+            *(["--database", hook.database] if hook.database else []),
             "--state",
             "unservable",
         ],
@@ -287,8 +290,8 @@ def test_store_columns_and_migrations(tmp_path: Path) -> None:
     from webhooks.store import JOB_COLUMNS
 
     store = JobStore(tmp_path / "g.db")
-    assert set(store.db["jobs"].columns_dict) == JOB_COLUMNS  # type: ignore[union-attr]
+    assert set(store.db.columns_of("jobs")) == JOB_COLUMNS
     assert store.store.applied() == ["0001_jobs_deliveries", "0002_launched_at"]
     with pytest.raises(ValueError, match="unknown job columns"):
         store.update(1, **{"state; drop table jobs": "x"})
-    store.store.db.conn.close()
+    store.store.close()

@@ -36,12 +36,12 @@ def _v(m: Samples, metric: str, /, **labels: str) -> float:
 
 
 @pytest.fixture
-def text(tmp_path: Path) -> Iterator[str]:
-    s = fake_scheduler(tmp_path, ADMIN, vms=1000, per_env=4, hosts=4, jobs=200)
+def text(tmp_path: Path, database: str) -> Iterator[str]:
+    s = fake_scheduler(tmp_path, ADMIN, vms=1000, per_env=4, hosts=4, jobs=200, database=database)
     with s.store.lock:
         s.store.db.execute("update vms set state = 'lost' where env = 'ci-00000'")
     yield create_app(s).test_client().get("/metrics").text  # open: no token needed
-    s.stop()
+    s.close()
 
 
 def test_scheduler_metrics_count_vms_envs_hosts_and_jobs(text: str) -> None:

@@ -57,13 +57,15 @@ def stand_in() -> Iterator[str]:
 
 
 @pytest.fixture
-def sched(tmp_path: Path, stand_in: str) -> Iterator[Scheduler]:
-    s = Scheduler(tmp_path, {}, admin_token=ADMIN, join_token=JOIN, host_timeout=3600)
+def sched(tmp_path: Path, stand_in: str, database: str) -> Iterator[Scheduler]:
+    s = Scheduler(
+        tmp_path, {}, admin_token=ADMIN, join_token=JOIN, host_timeout=3600, database=database
+    )
     reg = {"api": API_VERSION, "id": "h1", "url": stand_in, "token": "h" * 20, "info": INFO}
     r = create_app(s).test_client().post("/v1/hosts/register", json=reg, headers=_auth(JOIN))
     assert r.status_code == 200, r.text
     yield s
-    s.stop()
+    s.close()
 
 
 @pytest.fixture

@@ -113,7 +113,7 @@ def serve(a: argparse.Namespace) -> int:
         )
     gh = _github(a)
     settings = _settings(a)
-    store = JobStore(Path(a.state_dir) / "github.db")
+    store = _store(a)
     tls = tls_files(a.tls_cert, a.tls_key)
     tt = Client(_scheduler_config(a))
     _warn_deprecated(a, tt)
@@ -181,11 +181,19 @@ def _scheduler_config(a: argparse.Namespace) -> client_config.ClientConfig:
     return dataclasses.replace(cfg, ca=check_ca(a.ca, "--ca")) if a.ca else cfg
 
 
+def _store(a: argparse.Namespace) -> JobStore:
+    """The service's state: --database (a SQLite file or postgresql:// URL), or the SQLite
+    file in --state-dir."""
+    store = JobStore(a.database or Path(a.state_dir) / "github.db", a.database_password_file)
+    log.info("state in %s", store.store.url)  # the password masked
+    return store
+
+
 def list_jobs(a: argparse.Namespace) -> int:
     path = Path(a.state_dir) / "github.db"
-    if not path.exists():
-        raise TTError(f"no state at {path}", hint="pass the service's --state-dir")
-    rows = JobStore(path).recent(a.state)
+    if not a.database and not path.exists():
+        raise TTError(f"no state at {path}", hint="pass the service's --state-dir or --database")
+    rows = _store(a).recent(a.state)
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0

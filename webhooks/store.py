@@ -1,24 +1,22 @@
-"""The webhook service's state in SQLite (sqlite-utils, named migrations): jobs and deliveries."""
+"""The webhook service's state (SQLite or PostgreSQL, ttci/infra/sql.py; named migrations):
+jobs and deliveries."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from ttci.infra.db import Migration, Store
+from ttci.infra.sql import Database, Migration, SqlStore
 from webhooks.core.jobs import ACTIVE, OPEN, Event, State, transition
 from webhooks.core.queueing import redeliverable
 
 __all__ = ["JOB_COLUMNS", "MIGRATIONS", "JobStore"]
 
 
-def _base(db: sqlite_utils.Database) -> None:
+def _base(db: Database) -> None:
     db.table("jobs").create(
         {
             "id": int,  # GitHub's workflow job id
@@ -65,7 +63,7 @@ def _base(db: sqlite_utils.Database) -> None:
     db.table("deliveries").create_index(["received_at"])
 
 
-def _launched_at(db: sqlite_utils.Database) -> None:
+def _launched_at(db: Database) -> None:
     db.table("jobs").add_column("launched_at", float)
 
 
@@ -104,30 +102,25 @@ MIGRATIONS: list[Migration] = [
 
 
 class JobStore:
-    """Jobs and deliveries; every method takes the store's lock (threads share one connection)."""
+    """Jobs and deliveries; every method is one transaction (`batch` groups several)."""
 
-    def __init__(self, path: Path) -> None:
-        self.store = Store(path, MIGRATIONS)
+    def __init__(self, target: str | Path, password_file: Path | None = None) -> None:
+        """target: a SQLite file or a postgresql:// URL (ttci/infra/sql.py)."""
+        # SQLite in WAL + NORMAL: a commit does not wait for fsync (the webhook answers in
+        # milliseconds); a power cut may lose the last deliveries, never corrupt the file, and
+        # the reconciler finds any job GitHub still has queued.
+        self.store = SqlStore(
+            target,
+            MIGRATIONS,
+            password_file=password_file,
+            fast_commit=True,
+            namespace="ttci_github",
+        )
         self.db = self.store.db
-        # WAL + NORMAL: a commit does not wait for fsync (the webhook answers in milliseconds);
-        # a power cut may lose the last deliveries, never corrupt the file, and the reconciler
-        # finds any job GitHub still has queued.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self._depth = 0
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        """One transaction under the lock; nested uses join the outer one."""
-        with self.store.lock:
-            if self._depth:
-                yield
-                return
-            self._depth += 1
-            try:
-                with self.db.conn:
-                    yield
-            finally:
-                self._depth -= 1
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        """One transaction; nested uses join the outer one."""
+        return self.store.lock
 
     def batch(self) -> contextlib.AbstractContextManager[None]:
         """Group several calls into one transaction (one commit per delivery)."""
@@ -149,12 +142,18 @@ class JobStore:
                 return None
             if row:
                 return float(row[0])
-            # plain SQL on the request path: sqlite-utils' helpers cost several queries each
-            self.db.execute(
+            # Two replicas given the same delivery at once: one inserts, the other waits for
+            # it and inserts nothing, then answers it as the replay it is.
+            n = self.db.execute(
                 "insert into deliveries (id, event, action, job_id, received_at, outcome)"
-                " values (?, ?, ?, ?, ?, '')",
+                " values (?, ?, ?, ?, ?, '') on conflict (id) do nothing",
                 [delivery, event, action, job_id, time.time()],
-            )
+            ).rowcount
+            if n == 0:
+                again = self.db.execute(
+                    "select received_at from deliveries where id = ?", [delivery]
+                ).fetchone()
+                return float(again[0]) if again else time.time()
             return None
 
     def set_outcome(self, delivery: str, outcome: str) -> None:
@@ -182,13 +181,14 @@ class JobStore:
         with self._tx():
             if self.db.execute("select 1 from jobs where id = ?", [row["id"]]).fetchone():
                 return False
-            self._write("insert into jobs ({cols}) values ({marks})", full)
-            return True
+            return self._write(
+                "insert into jobs ({cols}) values ({marks}) on conflict (id) do nothing", full
+            )
 
     def update(self, job_id: int, **fields: Any) -> None:
         fields["updated_at"] = time.time()
         with self._tx():
-            self._write("update jobs set {sets} where id = :id", {**fields, "id": job_id})
+            self._write("update jobs set {sets} where id = ?", {**fields, "id": job_id})
 
     def apply(self, job_id: int, event: Event, **fields: Any) -> tuple[State | None, State | None]:
         """Apply a state-machine event; fields are written only when the state changes, except
@@ -207,31 +207,32 @@ class JobStore:
             if new is None:
                 if keep:
                     self._write(
-                        "update jobs set {sets} where id = :id",
+                        "update jobs set {sets} where id = ?",
                         {**keep, "updated_at": now, "id": job_id},
                     )
                 return old, None
             self._write(
-                "update jobs set {sets} where id = :id",
+                "update jobs set {sets} where id = ?",
                 {**fields, "state": new.value, "state_since": now, "updated_at": now, "id": job_id},
             )
             return old, new
 
-    def _write(self, template: str, values: dict[str, Any]) -> None:
-        """Run an insert/update with named parameters; column names come from our own code and
-        are checked against the table's (never from a request)."""
+    def _write(self, template: str, values: dict[str, Any]) -> bool:
+        """Run an insert/update (True: a row was written); column names come from our own
+        code and are checked against the table's (never from a request)."""
         bad = set(values) - JOB_COLUMNS
         if bad:
             raise ValueError(f"unknown job columns {sorted(bad)}")
         cols = [k for k in values if k != "id" or template.startswith("insert")]
-        self.db.execute(
-            template.format(
-                cols=", ".join(cols),
-                marks=", ".join(f":{c}" for c in cols),
-                sets=", ".join(f"{c} = :{c}" for c in cols if c != "id"),
-            ),
-            values,
+        args = [values[c] for c in cols]
+        if "where id = ?" in template:
+            args.append(values["id"])
+        sql = template.format(
+            cols=", ".join(cols),
+            marks=", ".join("?" * len(cols)),
+            sets=", ".join(f"{c} = ?" for c in cols),
         )
+        return self.db.execute(sql, args).rowcount > 0
 
     def claim_pending(self, now: float, limit: int = 200) -> list[dict[str, Any]]:
         """Pending jobs whose back-off has passed, oldest first (at most limit)."""

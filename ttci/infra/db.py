@@ -22,7 +22,15 @@ from pathlib import Path
 
 import sqlite_utils
 
-__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "Migration", "Store", "now", "private_dir"]
+__all__ = [
+    "PRIVATE_DIR",
+    "PRIVATE_FILE",
+    "Migration",
+    "Store",
+    "now",
+    "private_dir",
+    "private_files",
+]
 
 Migration = tuple[str, Callable[[sqlite_utils.Database], None]]
 log = logging.getLogger("ttci.infra.db")
@@ -60,7 +68,8 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def _private_files(path: Path) -> None:
+def private_files(path: Path) -> None:
+    """A SQLite file and its WAL files readable by their owner only (see the docstring)."""
     for p in (path, *(path.with_name(path.name + s) for s in _SIDE_FILES)):
         if p.exists():
             _tighten(p, PRIVATE_FILE)
@@ -70,10 +79,10 @@ class Store:
     def __init__(self, path: Path, migrations: list[Migration]) -> None:
         private_dir(path.parent)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))  # never born 0644
-        _private_files(path)  # and its WAL files, before SQLite copies the mode to new ones
+        private_files(path)  # and its WAL files, before SQLite copies the mode to new ones
         conn = sqlite3.connect(path, check_same_thread=False, timeout=10)
         conn.execute("PRAGMA journal_mode=WAL")
-        _private_files(path)
+        private_files(path)
         self.db = sqlite_utils.Database(conn, use_counts_table=False)
         self.lock = threading.RLock()
         self._migrate(migrations)
@@ -88,6 +97,13 @@ class Store:
                 with self.db.conn:
                     fn(self.db)
                     table.insert({"name": name, "applied_at": now()})
+
+    def writable(self) -> str:
+        """The database takes a write (a row in `_ready`), in a transaction."""
+        with self.lock, self.db.conn:
+            self.db.execute("create table if not exists _ready (id integer primary key, at text)")
+            self.db.execute("insert or replace into _ready (id, at) values (1, ?)", [now()])
+        return "writable"
 
     def applied(self) -> list[str]:
         with self.lock:

@@ -54,6 +54,12 @@ CI_ROWS: tuple[Setting, ...] = (
     _gh("tls-cert", PATH, None, "serve HTTPS with this certificate, PEM (with --tls-key)"),
     _gh("tls-key", PATH, None, "the certificate's private key, PEM (no other user may read it)"),
     _gh("state-dir", PATH, "/var/lib/ttci/github", "where the SQLite state lives"),
+    _gh(
+        "database",
+        TEXT,
+        "",
+        "the state: a SQLite file (default: STATE_DIR/github.db) or postgresql://USER@HOST/DB",
+    ),
     _gh("secret-file", PATH, None, "file holding the webhook secret"),
     _gh("token-file", PATH, None, "file holding a GitHub token (instead of TT_GH_TOKEN)"),
     _gh("api-url", TEXT, "https://api.github.com", "GitHub's REST API (GHES: https://HOST/api/v3)"),

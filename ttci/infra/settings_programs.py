@@ -12,6 +12,8 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "join-token",
         "join-token-file",
         "scheduler-host-timeout",
+        "scheduler-database",
+        "database-password-file",
         "hostd-token",
         "hostd-token-file",
         "admin-token",
@@ -60,6 +62,8 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "gh-listen",
         ("config", "--tt-config"),  # the scheduler: its client config (server, token, CA)
         "gh-state-dir",
+        "gh-database",
+        "database-password-file",
         "gh-secret-file",
         "gh-webhook-secret",
         "gh-api-url",
@@ -94,7 +98,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "gh-tls-key",
         "ca-file",
     ),
-    "tt-github-webhooks jobs": ("gh-state-dir",),
+    "tt-github-webhooks jobs": ("gh-state-dir", "gh-database", "database-password-file"),
     "tt-gitlab-executor": (
         ("config", "--tt-config"),
         "gitlab-runner-name",

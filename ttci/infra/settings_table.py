@@ -124,6 +124,19 @@ _ROWS = (
     _scheduler(
         "host-timeout", FLOAT, "15", "seconds without a heartbeat before a host is marked down"
     ),
+    _scheduler(
+        "database",
+        TEXT,
+        "",
+        "the state: a SQLite file (default: STATE_DIR/scheduler/scheduler.db) or "
+        "postgresql://USER@HOST[:PORT]/DB, which replicas share (docs/operator/database.md)",
+    ),
+    Setting(
+        "database-password-file",
+        PATH,
+        None,
+        "file holding the PostgreSQL password (else the URL's, or libpq's PGPASSFILE)",
+    ),
     _scheduler("tls-cert", PATH, None, "serve HTTPS with this certificate, PEM (with --tls-key)"),
     _scheduler(
         "tls-key", PATH, None, "the certificate's private key, PEM (no other user may read it)"

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from ttci.infra.db import Store
+from ttci.infra.sql import SqlStore
 from ttci.model.errors import BadInput
 from ttci.scheduler.planning.admission import InUse, QueuedRequest, Quota, Quotas
 
@@ -32,7 +32,7 @@ SCOPES = ("user", "project", "kind")
 NO_DEADLINE = math.inf
 
 
-def enqueue(store: Store, req: QueuedRequest, deadline: float | None) -> None:
+def enqueue(store: SqlStore, req: QueuedRequest, deadline: float | None) -> None:
     """Record a waiting request. The caller holds the store's lock."""
     store.db.table("queue").insert(
         {
@@ -44,19 +44,19 @@ def enqueue(store: Store, req: QueuedRequest, deadline: float | None) -> None:
     )
 
 
-def dequeue(store: Store, env: str) -> bool:
+def dequeue(store: SqlStore, env: str) -> bool:
     """Forget a waiting request; True if it was there. The caller holds the store's lock."""
     n = store.db.execute("delete from queue where env = ?", [env]).rowcount
     return bool(n)
 
 
-def load_queue(store: Store) -> list[QueuedRequest]:
+def load_queue(store: SqlStore) -> list[QueuedRequest]:
     with store.lock:
         rows = list(store.db.table("queue").rows_where(order_by="enqueued_at, env"))
     return [QueuedRequest.from_dict(json.loads(r["request"])) for r in rows]
 
 
-def deadlines(store: Store) -> dict[str, float]:
+def deadlines(store: SqlStore) -> dict[str, float]:
     """The waiting requests that have a max_wait: ENV name -> epoch deadline (one query)."""
     with store.lock:
         rows = store.db.execute(
@@ -65,7 +65,7 @@ def deadlines(store: Store) -> dict[str, float]:
     return {env: float(deadline) for env, deadline in rows}
 
 
-def in_use(store: Store) -> InUse:
+def in_use(store: SqlStore) -> InUse:
     """VMs that hold capacity now (being created included), per owner and project."""
     with store.lock:
         rows = store.db.execute(
@@ -75,7 +75,7 @@ def in_use(store: Store) -> InUse:
     return InUse.tally((o, p or f"user:{o}", float(c)) for o, p, c in rows)
 
 
-def load_quotas(store: Store) -> Quotas:
+def load_quotas(store: SqlStore) -> Quotas:
     users: dict[str, Quota] = {}
     projects: dict[str, Quota] = {}
     kinds: dict[str, int] = {}
@@ -128,17 +128,16 @@ def parse_quota(body: Any) -> tuple[str, str, Quota]:
     return scope, name, quota
 
 
-def set_quota(store: Store, scope: str, name: str, quota: Quota) -> None:
+def set_quota(store: SqlStore, scope: str, name: str, quota: Quota) -> None:
     with store.lock:
         store.db.table("quotas").upsert(
             {"scope": scope, "name": name, **quota.to_dict()}, pk=("scope", "name")
         )
 
 
-def remove_quota(store: Store, scope: str, name: str) -> bool:
+def remove_quota(store: SqlStore, scope: str, name: str) -> bool:
     with store.lock:
         n = store.db.execute(
             "delete from quotas where scope = ? and name = ?", [scope, name]
         ).rowcount
-        store.db.conn.commit()
     return bool(n)

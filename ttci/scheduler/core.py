@@ -11,9 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils.db
-
-from ttci.infra.db import Store, now
+from ttci.infra.db import now
+from ttci.infra.sql import NotFoundError, SqlStore
 from ttci.model.errors import TTError
 from ttci.model.resources import Resources
 from ttci.scheduler.hostd_client import HostdClient
@@ -52,10 +51,18 @@ class SchedulerCore:
         admin_token: str = "",
         join_token: str = "",
         host_timeout: float = 15.0,
+        database: str = "",
+        password_file: Path | None = None,
     ) -> None:
         """hosts: host id -> (url, token), the static --server-set (may be empty when hosts
-        register themselves with join_token)."""
-        self.store = Store(state_dir / "scheduler.db", MIGRATIONS)
+        register themselves with join_token). database: a SQLite path or a postgresql:// URL
+        (default: state_dir/scheduler.db)."""
+        self.store = SqlStore(
+            database or state_dir / "scheduler.db",
+            MIGRATIONS,
+            password_file=password_file,
+            namespace="ttci_scheduler",
+        )
         self.pool = HostPool(
             self.store,
             hosts,
@@ -96,15 +103,16 @@ class SchedulerCore:
     def counts(self, user: User) -> dict[str, int]:
         """Hosts, ENVs and VMs (the user's own, or all for an admin) by SQL, for /v1/status."""
         where, args = ("", []) if user.admin else (" where owner = ?", [user.name])
-        with self.store.lock:
-            db = self.store.db
-            hosts_up = db.execute("select count(*) from hosts where state = 'up'").fetchone()[0]
-            hosts = db.execute("select count(*) from hosts").fetchone()[0]
-            envs = db.execute(f"select count(*) from envs{where}", args).fetchone()[0]  # noqa: S608
-            vms = db.execute(
-                f"select count(*) from vms where env in (select name from envs{where})",  # noqa: S608
-                args,
-            ).fetchone()[0]
+        sub = f"select name from envs{where}"  # noqa: S608 (where is ours)
+        counts = (
+            "select count(*) from hosts where state = 'up'",
+            "select count(*) from hosts",
+            f"select count(*) from ({sub}) e",  # noqa: S608
+            f"select count(*) from vms where env in ({sub})",  # noqa: S608
+        )
+        sql = "select " + ", ".join(f"({c})" for c in counts)
+        row = self.store.db.execute(sql, args * 2).fetchone()
+        hosts_up, hosts, envs, vms = (int(n) for n in row)
         return {"hosts_up": hosts_up, "hosts": hosts, "envs": envs, "vms": vms}
 
     def set_drain(self, host_id: str, drained: bool) -> dict[str, Any]:
@@ -137,7 +145,6 @@ class SchedulerCore:
                 "update vms set state = 'lost', error = ? where host = ? and state = 'running'",
                 [f"host {host_id} stopped answering: {why}", host_id],
             )
-            self.store.db.conn.commit()
 
     def _host_up(self, host_id: str) -> None:
         """A host came back: its VMs that still run there are running again."""
@@ -177,7 +184,7 @@ class SchedulerCore:
             return list(self.store.db.table("vms").rows_where("env = ?", [env], order_by="name"))
 
     def _set_vm(self, vm_id: str, **fields: Any) -> None:
-        with self.store.lock, contextlib.suppress(sqlite_utils.db.NotFoundError):
+        with self.store.lock, contextlib.suppress(NotFoundError):
             self.store.db.table("vms").update(vm_id, fields)
 
     def _mark_failed(self, env: str, why: str) -> None:

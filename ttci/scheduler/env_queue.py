@@ -184,7 +184,6 @@ class EnvQueue(EnvCreation):
             req = request_from_json(json.loads(row["request"]))
             self._insert_vms(req, list(r.asks), placement, now - r.enqueued_at)
             qs.dequeue(self.store, r.id)
-            self.store.db.conn.commit()
         user = User(r.owner, admin=False)
         log.info("ENV %s granted after %.1f s", r.id, now - r.enqueued_at)
         self._publish(r.id, EnvEvent("granted", waited_s=round(now - r.enqueued_at, 1)))
@@ -220,7 +219,6 @@ class EnvQueue(EnvCreation):
             gone = qs.dequeue(self.store, name)
             if gone:
                 self.store.db.table("envs").delete_where("name = ? and state = 'queued'", [name])
-            self.store.db.conn.commit()
         self._waiting.pop(name, None)
         return gone
 

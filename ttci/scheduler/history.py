@@ -12,9 +12,8 @@ import datetime as dt
 import json
 from typing import Any
 
-import sqlite_utils
-
-from ttci.infra.db import Store, now
+from ttci.infra.db import now
+from ttci.infra.sql import Database, SqlStore
 from ttci.model.errors import TTError
 from ttci.wire.jobs import RESULTS, JobResult
 
@@ -38,7 +37,7 @@ class JobNotFound(TTError):
     """No job (ENV, current or past) of that name is visible to this user."""
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Database) -> None:
     db.table("jobs").create(
         {
             "id": int,
@@ -70,18 +69,19 @@ def _seconds_between(a: str, b: str) -> float:
     return (dt.datetime.fromisoformat(b) - dt.datetime.fromisoformat(a)).total_seconds()
 
 
-def env_ready(store: Store, name: str) -> None:
+def env_ready(store: SqlStore, name: str) -> None:
     """Record an ENV that has just become ready (the scheduler's create_env success path)."""
     with store.lock:
         env = store.db.table("envs").get(name)
-        vms = next(
-            iter(
-                store.db.query(
-                    "select count(*) n, sum(cpus) c, sum(memory_mib) m,"
-                    " group_concat(distinct image) i from vms where env = ?",
-                    [name],
-                )
-            )
+        vms = store.db.query(
+            "select count(*) as n, sum(cpus) as c, sum(memory_mib) as m from vms where env = ?",
+            [name],
+        )[0]
+        images = ",".join(
+            r[0]
+            for r in store.db.execute(
+                "select distinct image from vms where env = ? order by image", [name]
+            ).fetchall()
         )
         origin = json.loads(env["origin"] or '{"kind": "cli"}')
         ready = now()
@@ -100,14 +100,14 @@ def env_ready(store: Store, name: str) -> None:
                 "vm_count": vms["n"] or 0,
                 "cpus": vms["c"] or 0.0,
                 "memory_mib": vms["m"] or 0,
-                "images": vms["i"] or "",
+                "images": images,
                 "result": "",
                 "reported_at": "",
             }
         )
 
 
-def env_deleted(store: Store, name: str) -> None:
+def env_deleted(store: SqlStore, name: str) -> None:
     """Close the ENV's open history row (the scheduler's delete_env, also the reaper's)."""
     with store.lock:
         store.db.execute(
@@ -115,13 +115,13 @@ def env_deleted(store: Store, name: str) -> None:
         )
 
 
-def _latest(store: Store, name: str) -> dict[str, Any] | None:
+def _latest(store: SqlStore, name: str) -> dict[str, Any] | None:
     rows = list(store.db.table("jobs").rows_where("env = ?", [name], order_by="id desc", limit=1))
     return rows[0] if rows else None
 
 
 def report_result(
-    store: Store, name: str, user: str, admin: bool, result: JobResult
+    store: SqlStore, name: str, user: str, admin: bool, result: JobResult
 ) -> dict[str, Any]:
     """Set the outcome of the newest job of ENV `name` (its owner or an admin may)."""
     with store.lock:
@@ -142,7 +142,7 @@ def job_json(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def recent(store: Store, limit: int = 50, owner: str | None = None) -> list[dict[str, Any]]:
+def recent(store: SqlStore, limit: int = 50, owner: str | None = None) -> list[dict[str, Any]]:
     """The newest jobs first."""
     where, args = ("owner = ?", [owner]) if owner is not None else (None, [])
     with store.lock:
@@ -150,7 +150,7 @@ def recent(store: Store, limit: int = 50, owner: str | None = None) -> list[dict
     return [job_json(r) for r in rows]
 
 
-def since(store: Store, start: str) -> list[dict[str, Any]]:
+def since(store: SqlStore, start: str) -> list[dict[str, Any]]:
     """Jobs alive at or after `start` (for pool-use and latency plots): raw rows, oldest first."""
     with store.lock:
         return list(

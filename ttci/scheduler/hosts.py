@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ttci.infra.db import Store, now
+from ttci.infra.db import now
+from ttci.infra.sql import SqlStore
 from ttci.model.arch import Arch
 from ttci.model.errors import BadInput, TTError
 from ttci.model.resources import Resources
@@ -131,7 +132,7 @@ def effective_free(info: dict[str, Any], committed: Resources) -> Resources:
 class HostPool:
     def __init__(
         self,
-        store: Store,
+        store: SqlStore,
         static: dict[str, tuple[str, str]],
         *,
         join_token: str = "",

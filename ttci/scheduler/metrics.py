@@ -27,8 +27,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from ttci.infra.db import Store
 from ttci.infra.metrics_common import RESOURCE_UNITS, VM_STATES, BuildInfo, by_state
+from ttci.infra.sql import SqlStore
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.hosts import stored_report
 from ttci.scheduler.warm_metrics import warm_metrics
@@ -56,7 +56,7 @@ Waiting = Callable[[], Mapping[str, str]]
 class SchedulerCollector(Collector):
     """Everything the scheduler knows, read from its state database at scrape time."""
 
-    def __init__(self, store: Store, waiting: Waiting | None = None) -> None:
+    def __init__(self, store: SqlStore, waiting: Waiting | None = None) -> None:
         self.store = store
         self.waiting: Waiting = waiting or (lambda: {})
 
@@ -82,7 +82,7 @@ class SchedulerCollector(Collector):
         yield from self._hosts()
         yield from self._queue()
         yield from self._quotas()
-        if self._query("select name from sqlite_master where name = 'jobs'"):
+        if self.store.db.table("jobs").exists():
             yield from self._jobs()
             yield self._waits()
 
@@ -140,7 +140,7 @@ class SchedulerCollector(Collector):
             "From ENV request to every VM ready (job start latency)",
             labels=["kind"],
         )
-        cases = ", ".join(f"sum(ready_s <= {b})" for b in START_BUCKETS)
+        cases = ", ".join(f"sum(case when ready_s <= {b} then 1 else 0 end)" for b in START_BUCKETS)
         for kind, n, total, *counts in self._query(
             f"select kind, count(*), sum(ready_s), {cases} from jobs group by kind"  # noqa: S608
         ):
@@ -205,7 +205,7 @@ class SchedulerCollector(Collector):
             "How long each ENV that became ready waited in the admission queue, by origin",
             labels=["kind"],
         )
-        cases = ", ".join(f"sum(wait_s <= {b})" for b in WAIT_BUCKETS)
+        cases = ", ".join(f"sum(case when wait_s <= {b} then 1 else 0 end)" for b in WAIT_BUCKETS)
         for kind, n, total, *counts in self._query(
             f"select kind, count(*), sum(wait_s), {cases} from jobs group by kind"  # noqa: S608
         ):
@@ -214,7 +214,7 @@ class SchedulerCollector(Collector):
         return hist
 
 
-def scheduler_registry(store: Store, waiting: Waiting | None = None) -> CollectorRegistry:
+def scheduler_registry(store: SqlStore, waiting: Waiting | None = None) -> CollectorRegistry:
     """The scheduler's metrics; `waiting` gives what blocks each queued ENV (the dispatcher's
     last decision); without it every queued request counts as undecided."""
     reg = CollectorRegistry(auto_describe=False)

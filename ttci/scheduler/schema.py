@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import sqlite_utils
-
+from ttci.infra.sql import Database, Migration
 from ttci.scheduler import history
 
 __all__ = ["MIGRATIONS"]
 
 
-def _base(db: sqlite_utils.Database) -> None:
+def _base(db: Database) -> None:
     db.table("hosts").create(
         {"id": str, "url": str, "state": str, "last_seen": str, "info": str}, pk="id"
     )
@@ -50,15 +47,15 @@ def _base(db: sqlite_utils.Database) -> None:
     db.table("vms").create_index(["env"])
 
 
-def _guest_boot(db: sqlite_utils.Database) -> None:
+def _guest_boot(db: Database) -> None:
     db.table("vms").add_column("guest_boot_s", float, not_null_default=0.0)
 
 
-def _origin(db: sqlite_utils.Database) -> None:
+def _origin(db: Database) -> None:
     db.table("envs").add_column("origin", str, not_null_default='{"kind": "cli"}')
 
 
-def _host_pool(db: sqlite_utils.Database) -> None:
+def _host_pool(db: Database) -> None:
     hosts = db.table("hosts")
     hosts.add_column("kind", str, not_null_default="static")
     hosts.add_column("token", str, not_null_default="")
@@ -67,24 +64,24 @@ def _host_pool(db: sqlite_utils.Database) -> None:
     hosts.add_column("seen_mono", float, not_null_default=0.0)
 
 
-def _users(db: sqlite_utils.Database) -> None:
+def _users(db: Database) -> None:
     db.table("users").create(
         {"name": str, "admin": int, "token_sha256": str, "created_at": str}, pk="name"
     )
     db.table("users").create_index(["token_sha256"], unique=True)
 
 
-def _vm_net(db: sqlite_utils.Database) -> None:
+def _vm_net(db: Database) -> None:
     db.table("vms").add_column("net", str, not_null_default="{}")
 
 
-def _vm_order(db: sqlite_utils.Database) -> None:
+def _vm_order(db: Database) -> None:
     db.table("vms").create_index(["env", "name"])  # pages of huge ENVs without sorting
     db.table("vms").create_index(["host", "state"])
     db.table("vms").create_index(["env", "state"])  # per-ENV counts from the index alone
 
 
-def _admission(db: sqlite_utils.Database) -> None:
+def _admission(db: Database) -> None:
     # The admission queue: one row per waiting ENV (the ENV's row has state "queued").
     db.table("queue").create(
         {"env": str, "request": str, "enqueued_at": float, "deadline": float}, pk="env"
@@ -98,17 +95,17 @@ def _admission(db: sqlite_utils.Database) -> None:
     db.table("envs").add_column("wait_s", float, not_null_default=0.0)
 
 
-def _job_wait(db: sqlite_utils.Database) -> None:
+def _job_wait(db: Database) -> None:
     # How long each job's ENV waited in the queue (the metrics' wait-time histogram).
     db.table("jobs").add_column("wait_s", float, not_null_default=0.0)
 
 
-def _user_service(db: sqlite_utils.Database) -> None:
+def _user_service(db: Database) -> None:
     # The CI service a user account is (users.SERVICES): its ENV names are reserved to it.
     db.table("users").add_column("service", str, not_null_default="")
 
 
-MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+MIGRATIONS: list[Migration] = [
     ("0001_base", _base),
     ("0002_guest_boot_s", _guest_boot),
     ("0003_origin", _origin),

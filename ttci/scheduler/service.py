@@ -126,3 +126,8 @@ class Scheduler(EnvQueue, EnvExec, Caches):
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop, and close the database (its pool, for PostgreSQL)."""
+        self.stop()
+        self.store.close()

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ttci.infra.db import Store, now
+from ttci.infra.db import now
+from ttci.infra.sql import SqlStore
 from ttci.model.errors import BadInput, TTError
 
 __all__ = [
@@ -89,7 +90,7 @@ def check_env_name(user: User, env_name: str) -> None:
 
 
 class Users:
-    def __init__(self, store: Store, admin_token: str) -> None:
+    def __init__(self, store: SqlStore, admin_token: str) -> None:
         self.store = store
         self._admin_digest = digest(admin_token) if admin_token else ""
 

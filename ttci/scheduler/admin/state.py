@@ -12,7 +12,8 @@ import json
 import time
 from typing import Any
 
-from ttci.infra.db import Store, now
+from ttci.infra.db import now
+from ttci.infra.sql import SqlStore
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler import history
 from ttci.scheduler.admin import plots
@@ -52,7 +53,7 @@ def _matches(env: dict[str, Any], q: str) -> bool:
     return q in hay.lower()
 
 
-def envs_and_vms(store: Store, q: str = "") -> dict[str, Any]:
+def envs_and_vms(store: SqlStore, q: str = "") -> dict[str, Any]:
     """ENVs (newest first) with their VMs; at most MAX_VMS_SHOWN VMs are listed."""
     with store.lock:
         envs = [
@@ -94,7 +95,7 @@ def envs_and_vms(store: Store, q: str = "") -> dict[str, Any]:
     }
 
 
-def queue_rows(store: Store, waiting: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def queue_rows(store: SqlStore, waiting: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The waiting requests (the scheduler's list_queue, in line order), each with `since`: when
     it was queued (ISO), so the page counts its wait up without a redraw."""
     enqueued = {r.id: r.enqueued_at for r in qs.load_queue(store)}
@@ -116,7 +117,7 @@ def _quota_row(scope: str, name: str, q: Quota, used: Usage | None) -> dict[str,
     }
 
 
-def quota_rows(store: Store) -> list[dict[str, Any]]:
+def quota_rows(store: SqlStore) -> list[dict[str, Any]]:
     """Every quota an admin set (user, project, origin kind) with what its user or project
     uses now (VMs being created included)."""
     quotas, use = qs.load_quotas(store), qs.in_use(store)
@@ -131,7 +132,7 @@ def quota_rows(store: Store) -> list[dict[str, Any]]:
 
 
 def snapshot(
-    store: Store,
+    store: SqlStore,
     hosts: list[dict[str, Any]],
     images: list[dict[str, Any]],
     q: str = "",

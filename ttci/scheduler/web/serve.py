@@ -111,7 +111,10 @@ def _main(args: argparse.Namespace) -> int:
         admin_token=args.admin_token,
         join_token=args.join_token,
         host_timeout=args.host_timeout,
+        database=args.database,
+        password_file=args.database_password_file,
     )
+    log.info("state in %s", sched.store.url)  # the password masked
     with contextlib.suppress(KeyboardInterrupt):
         serve(sched, args.listen, tls, max_files=args.max_files << 20)
     return 0

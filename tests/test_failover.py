@@ -76,6 +76,9 @@ def test_only_a_request_that_never_reached_a_server_moves_on_unless_it_may_be_re
     assert retryable_503(503, "1") and retryable_503(503, "")
     assert not retryable_503(503, None)  # e.g. "host unreachable": the scheduler's answer
     assert not retryable_503(500, "1") and not retryable_503(404, "1")
+    db_down = json.dumps({"error": "the database is unavailable", "kind": "DatabaseUnavailable"})
+    assert retryable_503(503, None, db_down.encode())  # the replica's transaction rolled back
+    assert not retryable_503(503, None, b'{"error": "host h1 unreachable", "kind": "X"}')
 
 
 def test_sticky_memory_outlives_the_process_and_a_daemon_keeps_its_own(tmp_path: Path) -> None:

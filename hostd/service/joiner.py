@@ -82,7 +82,7 @@ class Joiner:
             headers={"Authorization": auth},
             verify=self._verify,
         )
-        if retryable_503(r.status_code, r.headers.get("Retry-After")):
+        if retryable_503(r.status_code, r.headers.get("Retry-After"), r.content):
             r.raise_for_status()  # an HTTPError: _failure_of lets it move on
         return r
 

@@ -72,9 +72,11 @@ def _open(
                 f"the scheduler at {url} dropped the connection before answering: {e}",
                 hint=MAY_HAVE_RUN,
             ) from e
-        if retryable_503(r.status, r.getheader("Retry-After")):
-            r.read()
-            raise _Unavailable(r.status)
+        if r.status == 503:  # read here: a retryable one moves on (ttci/client/failover.py)
+            body = r.read()
+            if retryable_503(503, r.getheader("Retry-After"), body):
+                raise _Unavailable(r.status)
+            raise api_error(503, body, r.reason)
     except BaseException:
         conn.close()
         raise

@@ -3,7 +3,7 @@ lets a request move on to the next.
 
 A request moves to the next URL only when the failure shows the replica did not act on it:
 the connection could not be made (refused, DNS, connect timeout: the request never left), or
-the replica answered 503 with a Retry-After header (it says it did nothing; try elsewhere).
+the replica answered 503 saying it did nothing (Retry-After, or its database is unavailable).
 A connection that broke after the request went out (reset, read timeout) moves on only for
 requests that may be repeated (GET, HEAD); creating an ENV, pushing files or running a
 command may then have happened, so the caller hears that instead. Any other HTTP answer is
@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from ttci.model.errors import TTError
+from ttci.wire.api import ErrorBody
 
 __all__ = [
     "IDEMPOTENT",
     "MANY_CONNECT_S",
+    "RETRYABLE_KINDS",
     "AllFailed",
     "Failure",
     "Servers",
@@ -43,6 +45,7 @@ __all__ = [
 
 T = TypeVar("T")
 IDEMPOTENT = frozenset({"GET", "HEAD"})
+RETRYABLE_KINDS = frozenset({"DatabaseUnavailable"})  # error kinds a replica did nothing for
 MANY_CONNECT_S = 5.0  # connect timeout per URL when there are several: a dead one costs this
 _STICKY_KEEP = 32  # URL lists remembered in the cache file
 
@@ -58,10 +61,14 @@ def may_move(failure: Failure, idempotent: bool) -> bool:
     return failure is not Failure.BROKEN or idempotent
 
 
-def retryable_503(status: int, retry_after: str | None) -> bool:
-    """An answer that says "not here, not now, nothing done": 503 with Retry-After. (A 503
-    without it, e.g. "host unreachable", is the scheduler's answer about a host: final.)"""
-    return status == 503 and retry_after is not None
+def retryable_503(status: int, retry_after: str | None, body: bytes = b"") -> bool:
+    """An answer that says "not here, not now, nothing done": 503 with Retry-After, or the
+    scheduler's DatabaseUnavailable (its database is failing over; the request's transaction
+    was rolled back). Another 503, e.g. "host unreachable", is the scheduler's answer about a
+    host, which another replica cannot change: final. Pure."""
+    if status != 503:
+        return False
+    return retry_after is not None or ErrorBody.decode(body).kind in RETRYABLE_KINDS
 
 
 def split_servers(value: str | Sequence[str]) -> tuple[str, ...]:

@@ -52,7 +52,7 @@ class Client:
 
         def send(url: str) -> requests.Response:
             r = self.session.request(method, url + path, timeout=timeout, verify=self._verify, **kw)
-            if retryable_503(r.status_code, r.headers.get("Retry-After")):
+            if r.status_code == 503 and retryable_503(503, r.headers.get("Retry-After"), r.content):
                 r.close()
                 raise _Unavailable(url, r)
             return r

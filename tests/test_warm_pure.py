@@ -6,16 +6,18 @@ from __future__ import annotations
 import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from hostd.builders.domain_xml import TT_NS
+from hostd.builders.domain_xml import TT_NS, DomainSpec, domain_xml
 from hostd.builders.save_image import HEADER, MAGIC, SaveImageError, clone_xml, parse_header
 from hostd.cli.image_cmd import parse_vm_size
 from hostd.images.catalogue import Image
 from hostd.service.metrics import HostMetrics
 from hostd.vm.templates import template_key
 from hostd.vm.warm import TemplateSpec, dns_servers
+from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
 from ttci.model.manifest import FileEntry, Manifest
 from ttci.wire.agent_protocol import (
@@ -234,3 +236,23 @@ def test_vm_size_words() -> None:
     assert parse_vm_size("2X1024x8") == (2.0, 1024, 8)
     with pytest.raises(BadInput, match="does not parse"):
         parse_vm_size("big")
+
+
+def test_x86_vms_have_a_generation_id_and_each_clone_its_own() -> None:
+    def spec(arch: str) -> DomainSpec:
+        p = Path("/x")
+        return DomainSpec("n", "u", Arch.parse(arch), p, p, "", p, p, p, 512, 1)
+
+    for arch, has in (("amd64", True), ("i386", True), ("arm64", False), ("s390x", False)):
+        root = ET.fromstring(domain_xml(spec(arch)))  # noqa: S314 - our own XML
+        assert (root.find("genid") is not None) is has, arch
+    saved = SAVED.replace(
+        "</uuid>", "</uuid>\n  <genid>33333333-3333-3333-3333-333333333333</genid>"
+    )
+    kw: dict[str, Any] = dict(name="n", uuid="u", metadata={}, disk=Path("/d"))
+    kw |= dict(console_log=Path("/c"), agent_socket=Path("/a"), nic=("", "52:54:00:00:00:01"))
+    ids = {ET.fromstring(clone_xml(saved, **kw, genid=g)).findtext("genid") for g in ("g1", "g2")}  # noqa: S314
+    assert ids == {"g1", "g2"}
+    with pytest.raises(SaveImageError, match="needs its own"):
+        clone_xml(saved, **kw)
+    assert ET.fromstring(clone_xml(SAVED, **kw)).find("genid") is None  # noqa: S314 - arm64 etc.

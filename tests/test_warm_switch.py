@@ -78,16 +78,16 @@ def test_warm_then_cold_on_request(tmp_path: Path) -> None:
         third = _vm(tmp_path, "third")
         assert third["start"] == "cold" and third["template"] == "", third
         assert third["warm_why"] == "the request asked for a cold boot"
-        # A cold boot's console shows the kernel booting; a clone's starts after its restore.
+        # A cold boot's console shows its agent starting; a clone's starts after its restore.
         consoles = {
             n: (Path(_vm(tmp_path, n)["workdir"]) / "console.log").read_text(errors="replace")
             for n in ("second", "third")
         }
-        assert "Linux version" in consoles["third"] and "Linux version" not in consoles["second"]
-        metrics = tt("env", "list", config=cfg).stdout  # the ENVs are there, all three
-        assert all(n in metrics for n in ("first", "second", "third"))
+        assert "tt-agent" in consoles["third"] and "tt-agent" not in consoles["second"]
+        listed = tt("env", "list", config=cfg).stdout  # the ENVs are there, all three
+        assert all(n in listed for n in ("first", "second", "third"))
         for name in ("first", "second", "third"):
-            assert tt("env", "delete", name, config=cfg).returncode == 0
+            assert tt("env", "del", name, config=cfg).returncode == 0
         assert stack.hostd_proc.poll() is None
 
 
@@ -112,4 +112,4 @@ def test_a_host_with_warm_start_off(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert warm["start"] == "cold" and "warm start is off on the host" in warm["why"], warm
         time.sleep(2)
         assert _hostd_rows(tmp_path, "templates") == []  # none made in the background either
-        assert tt("env", "delete", "nowarm", config=cfg).returncode == 0
+        assert tt("env", "del", "nowarm", config=cfg).returncode == 0

@@ -12,10 +12,14 @@ from pathlib import Path
 from ttci.model.arch import Arch
 from ttci.wire.agent_protocol import PORT_NAME
 
-__all__ = ["QEMU_NS", "TT_NS", "DomainSpec", "domain_xml", "metadata_from_xml"]
+__all__ = ["GENID_ARCHES", "QEMU_NS", "TT_NS", "DomainSpec", "domain_xml", "metadata_from_xml"]
 
 TT_NS = "https://ttci.example/xmlns/vm/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# libvirt's <genid> (QEMU's vmgenid, an ACPI device) exists for x86 guests only. A VM
+# generation ID changes when a VM is cloned from a snapshot: guest kernels with the vmgenid
+# driver then reseed their RNG (hostd gives each warm clone a new one; docs/facts/warm-start.md).
+GENID_ARCHES = ("x86_64", "i686")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ def domain_xml(spec: DomainSpec) -> str:
     dom = ET.Element("domain", {"type": "kvm" if spec.accel == "kvm" else "qemu"})
     _sub(dom, "name", spec.name)
     _sub(dom, "uuid", spec.uuid)
+    if spec.arch.row.libvirt_arch in GENID_ARCHES:
+        _sub(dom, "genid")  # libvirt picks one; a clone's is set anew (save_image.clone_xml)
     meta = _sub(dom, "metadata")
     tt = ET.SubElement(meta, f"{{{TT_NS}}}vm")
     for key, value in sorted(spec.metadata.items()):

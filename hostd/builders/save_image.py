@@ -97,9 +97,11 @@ def clone_xml(
     console_log: Path,
     agent_socket: Path,
     nic: tuple[str, str] | None,
+    genid: str = "",
 ) -> str:
     """The saved domain XML made into a clone's: its name, UUID, metadata, disk, console log,
-    agent socket and NIC (tap, MAC; an empty tap lets libvirt make an unconnected one).
+    agent socket, NIC (tap, MAC; an empty tap lets libvirt make an unconnected one) and VM
+    generation ID (where the template has one: x86).
 
     The disk's <backingStore> goes, so libvirt re-reads the clone's own overlay chain. The
     kernel command line stays the template's: the guest's memory already booted with it.
@@ -112,6 +114,7 @@ def clone_xml(
         if el is None:
             raise SaveImageError(f"saved XML has no <{tag}>")
         el.text = text
+    _set_genid(root, genid)
     meta = root.find(f"metadata/{{{TT_NS}}}vm")
     if meta is not None:
         for child in list(meta):
@@ -135,3 +138,12 @@ def clone_xml(
         if tap:
             ET.SubElement(iface, "target", {"dev": tap, "managed": "no"})
     return ET.tostring(root, encoding="unicode")
+
+
+def _set_genid(root: ET.Element, genid: str) -> None:
+    """A clone's own VM generation ID, where the template has one (guests reseed on a change)."""
+    gen = root.find("genid")
+    if gen is not None:
+        if not genid:
+            raise SaveImageError("the template has a VM generation ID: a clone needs its own")
+        gen.text = genid

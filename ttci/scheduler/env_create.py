@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ttci.infra.db import now
+from ttci.model.cache import CacheScope
 from ttci.model.errors import TTError
 from ttci.model.naming import ImageName
 from ttci.model.resources import Resources
@@ -40,7 +41,8 @@ class EnvCreation(EnvViews):
             per_host[hid] = per_host.get(hid, 0) + 1
         return {"name": req.name, "vm_count": len(asks), "hosts": per_host}
 
-    def _asks(self, req: EnvRequest) -> list[Ask]:
+    def _asks(self, req: EnvRequest, user: User | None = None) -> list[Ask]:
+        """The VMs to place (with the scope id of the ENV's cache, preferred where it is)."""
         self.pool.check_timeouts()
         hosts = self.hosts()
         if not any(h["state"] == "up" for h in hosts):
@@ -50,12 +52,17 @@ class EnvCreation(EnvViews):
         )
         wanted = vm_names(req, images)
         sizes = {i["name"]: i.get("disk_gib", 4) for h in hosts for i in h.get("images", [])}
+        cache = ""
+        if req.cache and user:
+            scope = CacheScope(user.name, project_key(req.origin, user.name), req.cache.key)
+            cache = scope.scope_id
         return [
             Ask(
                 key=name,
                 image=image,
                 arch=ImageName.parse(image).arch.value,
                 need=Resources(req.cpus, req.memory_mib, req.disk_gib or sizes[image]),
+                cache=cache,
             )
             for name, image in wanted
         ]

@@ -69,7 +69,7 @@ class EnvQueue(EnvCreation):
             service's name (gl-N, gh-N-N) asked for by another user.
         """
         check_env_name(user, req.name)  # before anything else: a squatter learns nothing
-        asks = self._asks(req)
+        asks = self._asks(req, user)
         project = project_key(req.origin, user.name)
         kind = req.origin.get("kind", "cli")
         quotas = qs.load_quotas(self.store)

@@ -31,6 +31,7 @@ from ttci.model.errors import BadInput, TTError
 from ttci.model.resources import Resources
 from ttci.scheduler.hostd_client import HostdClient, HostdError
 from ttci.scheduler.planning.placement import HostView
+from ttci.wire.caches import newest_by_host
 from ttci.wire.hosts import (
     HOST_ID_RE,
     URL_RE,
@@ -408,8 +409,9 @@ class HostPool:
 
     def views(self, committed: dict[str, Resources]) -> list[HostView]:
         out = []
-        for row in self.rows():
-            info = stored_report(row)
+        rows = [(row, stored_report(row)) for row in self.rows()]
+        caches = newest_by_host({r["id"]: i.get("caches", {}).get("held", {}) for r, i in rows})
+        for row, info in rows:
             out.append(
                 HostView(
                     id=row["id"],
@@ -418,6 +420,7 @@ class HostPool:
                     up=row["state"] == "up",
                     draining=bool(row["drained"]),
                     kvm_arches=kvm_arches(info),
+                    caches=caches.get(row["id"], frozenset()),
                 )
             )
         return out

@@ -12,7 +12,7 @@ from typing import Any
 
 from ttci.model.errors import BadInput
 
-__all__ = ["CACHE_COUNTS", "MAX_HELD", "newest_holders", "parse_cache_report"]
+__all__ = ["CACHE_COUNTS", "MAX_HELD", "newest_by_host", "newest_holders", "parse_cache_report"]
 
 MAX_HELD = 1000
 CACHE_COUNTS = ("caches", "hits", "misses", "commits", "evictions", "bytes", "limit_bytes")
@@ -51,3 +51,12 @@ def newest_holders(scope_id: str, held: dict[str, dict[str, float]]) -> frozense
         return frozenset()
     newest = max(times.values())
     return frozenset(h for h, t in times.items() if t == newest)
+
+
+def newest_by_host(held: dict[str, dict[str, float]]) -> dict[str, frozenset[str]]:
+    """Per host, the scope ids whose newest committed version (over all hosts) it holds."""
+    newest: dict[str, float] = {}
+    for m in held.values():
+        for sid, at in m.items():
+            newest[sid] = max(at, newest.get(sid, at))
+    return {h: frozenset(s for s, at in m.items() if at == newest[s]) for h, m in held.items()}

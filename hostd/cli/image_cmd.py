@@ -19,6 +19,7 @@ from hostd.images.build import Builder, prune_cache
 from hostd.images.catalogue import find, scan
 from hostd.images.recipes import load_recipe
 from hostd.images.transfer import remove_partial
+from hostd.vm.disk import prune_image_volumes
 from hostd.vm.image_check import CheckResult, check_image
 from hostd.vm.schema import open_store
 from hostd.vm.templates import Templates
@@ -452,13 +453,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         say(f"removed the partial pull {staged}")
     state_dir = Path(args.state_dir)
     gone: list[dict[str, Any]] = []
+    volumes: list[str] = []
     if (state_dir / "hostd.db").exists():
         templates = Templates(open_store(state_dir), state_dir / "templates", "", None)
         gone = templates.collect(scan(args.image_path)[0])
         for row in gone:
             say(f"removed template {row['id']} of {row['image']} ({row['bytes'] >> 20} MiB)")
         say(f"{len(gone)} template(s) removed")
+        volumes = prune_image_volumes(templates.volumes, scan(args.image_path)[0])
+        say(f"{len(volumes)} image volume(s) removed ({templates.volumes.backend.describe()})")
     if args.json:
         shown = {"cache_trees": removed, "partial_pulls": partial, "templates": gone}
+        shown["image_volumes"] = volumes
         print(json.dumps(shown, indent=2, default=str))
     return 0

@@ -18,6 +18,7 @@ from hostd.net.dns import upstreams
 from hostd.net.manager import NetConfig
 from hostd.service.api import create_app, host_info
 from hostd.service.joiner import Joiner
+from hostd.storage.volumes import make_backend
 from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
@@ -174,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     need("nft")  # VM networking: say which package is missing before anything starts
     if net.dns and net.outgoing:
         need("dnsmasq")  # the ENVs' DNS forwarders
+    make_backend(args.storage).check()  # says how to fix it; before a private libvirtd starts
     libvirtd = None
     uri = args.libvirt_uri
     become_subreaper()

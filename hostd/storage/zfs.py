@@ -28,7 +28,7 @@ from ttci.model.errors import BadInput, CommandFailed
 __all__ = ["ZfsBackend"]
 
 log = logging.getLogger("hostd.storage.zfs")
-_BUSY_TRIES = 20  # FUSE unmounts may be busy for a moment after the last close
+_BUSY_TRIES = 50  # a dataset may be busy for a moment after its last file closes (FUSE)
 
 
 class ZfsBackend(Backend):
@@ -74,6 +74,9 @@ class ZfsBackend(Backend):
                 f"{self.dataset}",
             )
         self._mountpoint = Path(mountpoint)
+        # Shared: the datasets mounted under it from now on also appear in mount namespaces
+        # made after this as slaves (a private libvirtd's, hostd/vm/libvirtd.py).
+        run(["mount", "--make-shared", mountpoint])
 
     def _mnt(self, name: str) -> Path:
         if self._mountpoint is None:
@@ -129,6 +132,7 @@ class ZfsBackend(Backend):
     def destroy(self, name: str, path: Path, dest: Path | None) -> None:
         if dest is not None and dest.is_symlink():
             dest.unlink()
+        run(["zfs", "unmount", self._ds(name)], check=False)  # else destroy finds it busy
         for attempt in range(_BUSY_TRIES):
             got = run(["zfs", "destroy", "-r", self._ds(name)], check=False)
             err = got.stderr.decode(errors="replace").strip()
@@ -138,7 +142,7 @@ class ZfsBackend(Backend):
                 raise StorageBusy(f"ZFS volume {name} still has clones", hint="destroy them first")
             if "busy" not in err or attempt == _BUSY_TRIES - 1:
                 raise StorageError(f"zfs destroy {self._ds(name)}: {err}", hint="see zfs(8)")
-            time.sleep(0.25)
+            time.sleep(0.1)
         for snap in self._zfs(
             "list", "-H", "-o", "name", "-t", "snapshot", "-r", self.dataset
         ).split():

@@ -27,6 +27,7 @@ __all__ = [
     "image_digest",
     "image_source",
     "open_volumes",
+    "prune_image_volumes",
     "reconcile_volumes",
     "vm_disk",
 ]
@@ -90,3 +91,9 @@ def reconcile_volumes(
             "image": live_images.__contains__,
         }
     )
+
+
+def prune_image_volumes(volumes: Volumes, images: list[Image]) -> list[str]:
+    """`tt image prune`: image volumes no clone uses go (ZFS: the image's dataset; imported
+    again when next needed); those of images gone or rebuilt go with their last clone."""
+    return volumes.prune_images({image_volume(image_digest(i)) for i in images})

@@ -157,7 +157,9 @@ class PrivateLibvirtd:
             " --pid-file /run/libvirt/libvirtd.pid"
         )
         self.proc = spawn(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            # slave: its bind mounts stay its own; mounts hostd's storage marked shared (the ZFS
+            # datasets of VM disks, mounted as they are made) reach it
+            ["unshare", "-m", "--propagation", "slave", "sh", "-c", script],
             log_path=self.root / "libvirtd.out",
             new_session=True,
         )

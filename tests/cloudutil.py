@@ -14,8 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ttci.wire.commands import EventKind, ExecRequest
+
 if TYPE_CHECKING:
     from ttci.cli.allinone import Stack
+    from ttci.scheduler.hostd_client import HostdClient
 
 BIN = Path(sys.executable).parent
 
@@ -24,6 +27,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def vm_sh(client: HostdClient, vm_id: str, cmd: str) -> tuple[int | None, str]:
+    """`sh -c cmd` in a VM through its hostd: (exit code, stdout)."""
+    out, code = [], None
+    for ev in client.exec(vm_id, ExecRequest(("sh", "-c", cmd))):
+        if ev.kind is EventKind.STDOUT:
+            out.append(ev.data.decode())
+        elif ev.status is not None:
+            code = ev.status.code
+        elif ev.kind is EventKind.ERROR:
+            raise AssertionError(ev.message)
+    return code, "".join(out)
 
 
 def tt(*args: str, config: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -19,13 +19,12 @@ from hostd.builders.net_plan import link_prefixes
 from hostd.net.links import our_links
 from hostd.net.manager import host_key
 from hostd.vm.disk import create_overlay
-from tests.cloudutil import free_port, leftovers, net_leftovers, qemu_pids
+from tests.cloudutil import free_port, leftovers, net_leftovers, qemu_pids, vm_sh
 from tests.conftest import IMAGE_PATH, built_image
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 from ttci.model.arch import Arch
 from ttci.scheduler.hostd_client import HostdClient, HostdError
-from ttci.wire.commands import EventKind, ExecRequest
 from ttci.wire.envs import VMRequest
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -54,19 +53,6 @@ def start_hostd(state: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     return _spawn(argv, {**BASE_ENV, "TT_HOSTD_TOKEN": TOKEN}, state / "hostd.log", "tt-hostd")
 
 
-def run(client: HostdClient, vm_id: str, cmd: str) -> tuple[int | None, str]:
-    out = []
-    code = None
-    for ev in client.exec(vm_id, ExecRequest(("sh", "-c", cmd))):
-        if ev.kind is EventKind.STDOUT:
-            out.append(ev.data.decode())
-        elif ev.status is not None:
-            code = ev.status.code
-        elif ev.kind is EventKind.ERROR:
-            raise AssertionError(ev.message)
-    return code, "".join(out)
-
-
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[Path]:
     built_image("debian-12", "amd64")
@@ -85,7 +71,7 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
     client.create_vm(
         VMRequest("keep1", "e", "survivor", "", "qemu:debian-12:amd64", memory_mib=384)
     )
-    assert run(client, "keep1", "echo $((6*7)) > /root/mark; cat /root/mark") == (0, "42\n")
+    assert vm_sh(client, "keep1", "echo $((6*7)) > /root/mark; cat /root/mark") == (0, "42\n")
 
     key = host_key(state)
     vm_links = our_links(link_prefixes(key))
@@ -126,7 +112,7 @@ def test_sigkill_reattach_reap_and_graceful_stop(state: Path) -> None:
     hostd = start_hostd(state, port)
     try:
         # re-attached: the same VM, its disk state intact, still answering
-        assert run(client, "keep1", "cat /root/mark") == (0, "42\n")
+        assert vm_sh(client, "keep1", "cat /root/mark") == (0, "42\n")
         assert [v["id"] for v in client.vms()] == ["keep1"]
         assert not qemu_pids("tt-crashy-orphan")
         assert not orphan_dir.exists()
@@ -178,7 +164,7 @@ def test_keep_vms_on_graceful_stop_then_reattach(state: Path) -> None:
     assert qemu_pids("tt-crashy-kept")
     hostd = start_hostd(state, port)
     try:
-        assert run(client, "kept", "echo back") == (0, "back\n")
+        assert vm_sh(client, "kept", "echo back") == (0, "back\n")
     finally:
         stop(hostd, grace=STOP_GRACE_S)  # without --keep-vms: everything goes
     assert leftovers(state) == []

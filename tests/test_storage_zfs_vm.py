@@ -26,13 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cloudutil import BIN, free_port, leftovers, net_leftovers, qemu_pids
+from tests.cloudutil import BIN, free_port, leftovers, net_leftovers, qemu_pids, vm_sh
 from tests.conftest import built_image
 from tests.zfsutil import datasets, zfs_pool
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 from ttci.scheduler.hostd_client import HostdClient
-from ttci.wire.commands import EventKind, ExecRequest
 from ttci.wire.envs import VMRequest
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -78,18 +77,6 @@ def _hostd(state: Path, images: Path, dataset: str, port: int) -> subprocess.Pop
     proc = _spawn(argv, {**BASE_ENV, "TT_HOSTD_TOKEN": TOKEN}, state / "hostd.log", "tt-hostd")
     _started.append(proc)
     return proc
-
-
-def _run(client: HostdClient, vm_id: str, cmd: str) -> tuple[int | None, str]:
-    out, code = [], None
-    for ev in client.exec(vm_id, ExecRequest(("sh", "-c", cmd))):
-        if ev.kind is EventKind.STDOUT:
-            out.append(ev.data.decode())
-        elif ev.status is not None:
-            code = ev.status.code
-        elif ev.kind is EventKind.ERROR:
-            raise AssertionError(ev.message)
-    return code, "".join(out)
 
 
 def _ours(dataset: str) -> set[str]:
@@ -155,7 +142,7 @@ def test_vms_templates_crash_and_prune_on_zfs(setup: tuple[Path, Path, str]) -> 
     disk = state / "vms" / "cold1" / "disk.qcow2"
     assert disk.is_symlink() and str(disk.resolve()).endswith("/vm-cold1/disk.qcow2")
     for vm in ("warm1", "cold1"):
-        assert _run(client, vm, f"echo {vm} > /root/mark; sync; cat /root/mark") == (0, f"{vm}\n")
+        assert vm_sh(client, vm, f"echo {vm} > /root/mark; sync; cat /root/mark") == (0, f"{vm}\n")
 
     _kill_mid_create(hostd, client, dataset)
     hostd = _hostd(state, images, dataset, port)
@@ -164,7 +151,7 @@ def test_vms_templates_crash_and_prune_on_zfs(setup: tuple[Path, Path, str]) -> 
     assert not qemu_pids("tt-zfsst-doomed")
     assert sorted(v["id"] for v in client.vms()) == ["cold1", "warm1"]
     for vm in ("warm1", "cold1"):  # re-attached: same VM, same disk
-        assert _run(client, vm, "cat /root/mark") == (0, f"{vm}\n")
+        assert vm_sh(client, vm, "cat /root/mark") == (0, f"{vm}\n")
         client.delete_vm(vm)
     assert _ours(dataset) == {
         img,

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.cloudutil import BIN, free_port, leftovers, net_leftovers, qemu_pids
+from tests.cloudutil import BIN, free_port, leftovers, net_leftovers, qemu_pids, vm_sh
 from tests.conftest import IMAGE_PATH, built_image
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 from ttci.scheduler.hostd_client import HostdClient
-from ttci.wire.commands import EventKind, ExecRequest
 from ttci.wire.envs import VMRequest
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
@@ -54,18 +53,6 @@ def _hostd(state: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 _started: list[subprocess.Popen[bytes]] = []
-
-
-def _run(client: HostdClient, vm_id: str, cmd: str) -> tuple[int | None, str]:
-    out, code = [], None
-    for ev in client.exec(vm_id, ExecRequest(("sh", "-c", cmd))):
-        if ev.kind is EventKind.STDOUT:
-            out.append(ev.data.decode())
-        elif ev.status is not None:
-            code = ev.status.code
-        elif ev.kind is EventKind.ERROR:
-            raise AssertionError(ev.message)
-    return code, "".join(out)
 
 
 def _vm_row(state: Path, vm_id: str) -> dict[str, str] | None:
@@ -102,7 +89,7 @@ def test_sigkill_during_restore(state: Path) -> None:
     assert (tpl["state"], tpl["memory_mib"]) == ("ready", 384)
     keep = client.create_vm(VMRequest("keep", "e", "survivor", "", IMAGE, memory_mib=384))
     assert keep["start"] == "warm"
-    assert _run(client, "keep", "echo 42 > /root/mark; cat /root/mark") == (0, "42\n")
+    assert vm_sh(client, "keep", "echo 42 > /root/mark; cat /root/mark") == (0, "42\n")
 
     def doomed() -> None:
         with contextlib.suppress(Exception):  # its hostd dies under it
@@ -129,7 +116,7 @@ def test_sigkill_during_restore(state: Path) -> None:
         assert not list(state.rglob("vms/*/vm.save"))
         assert [v["id"] for v in client.vms()] == ["keep"]
         # re-attached with the clone's own token: same VM, same disk
-        assert _run(client, "keep", "cat /root/mark; hostname") == (0, "42\nsurvivor\n")
+        assert vm_sh(client, "keep", "cat /root/mark; hostname") == (0, "42\nsurvivor\n")
         [tpl_now] = client._call("GET", "/v1/templates").json()["templates"]
         assert (tpl_now["id"], tpl_now["state"]) == (tpl["id"], "ready")
     finally:

@@ -206,22 +206,29 @@ class Driver:
             self.say(f"nothing to clean up: {e.message}")
             return 0
         c = self.client()
-        self._report(c, name)  # first: the history keeps it even if the delete is slow
-        gone = self._delete(c, name)
+        ok = self._report(c, name)  # first: the history keeps it even if the delete is slow
+        gone = self._delete(c, name, commit_cache=ok)
         self.say(f"ENV {name} deleted" if gone else f"ENV {name} was already gone")
         return 0
 
-    def _delete(self, c: Client, name: str) -> bool:
-        """Delete the ENV; True if it existed. Waits while the ENV is still being created."""
-        return c.delete_env_wait(name, DELETE_WAIT_S)
+    def _delete(self, c: Client, name: str, commit_cache: bool = False) -> bool:
+        """Delete the ENV; True if it existed. Waits while the ENV is still being created.
+        commit_cache: the job succeeded; its TT_CACHE keeps what it wrote."""
+        return c.delete_env_wait(name, DELETE_WAIT_S, commit_cache=commit_cache)
 
-    def _report(self, c: Client, name: str) -> None:
-        """Tell the scheduler's job history how the job ended (best effort)."""
+    def _report(self, c: Client, name: str) -> bool:
+        """Tell the scheduler's job history how the job ended (best effort); whether it
+        succeeded."""
         path = self._result_path()
         if path is None or not path.exists():
-            return
-        with contextlib.suppress(TTError, OSError, ValueError):
-            c.report_result(name, JobResult.from_dict(json.loads(path.read_text())))
+            return False
+        try:
+            result = JobResult.from_dict(json.loads(path.read_text()))
+        except (TTError, OSError, ValueError):
+            return False
+        with contextlib.suppress(TTError):
+            c.report_result(name, result)
+        return result.result == "success"
 
 
 class _Progress:

@@ -8,6 +8,8 @@ from dataclasses import replace
 import pytest
 
 from hostd.cache.lru import CacheUse, evictions
+from runner_executor.core.job import JobError, Size
+from runner_executor.core.job import env_request as gitlab_env_request
 from ttci.model.cache import CacheScope, CacheSpec, check_cache_path, parse_cache
 from ttci.model.errors import BadInput
 from ttci.model.resources import Resources
@@ -15,6 +17,7 @@ from ttci.scheduler.caches import merge_caches
 from ttci.scheduler.planning.placement import Ask, HostView, place
 from ttci.wire.caches import newest_by_host, newest_holders, parse_cache_report
 from ttci.wire.envs import EnvRequest, VMRequest
+from webhooks.core.caches import job_cache, parse_cache_file
 
 
 @pytest.mark.parametrize(
@@ -184,3 +187,28 @@ def test_the_pool_knows_who_holds_the_newest_version() -> None:
         "h2": frozenset({"s1"}),
         "h3": frozenset(),
     }
+
+
+def test_gitlab_reads_tt_cache_and_says_what_is_wrong() -> None:
+    jv = {"CI_JOB_ID": "7", "CI_PROJECT_PATH": "g/p", "TT_CACHE": "deps:/cache"}
+    req = gitlab_env_request(jv, "qemu:debian-12:amd64", Size(1, 512, 0))
+    assert req.cache == CacheSpec("deps", "/cache")
+    assert gitlab_env_request({**jv, "TT_CACHE": ""}, "img", Size(1, 512, 0)).cache is None
+    with pytest.raises(JobError, match="TT_CACHE: cache path /etc"):
+        gitlab_env_request({**jv, "TT_CACHE": "deps:/etc"}, "img", Size(1, 512, 0))
+
+
+def test_github_cache_file_maps_repositories_to_caches() -> None:
+    doc = {"repos": {"Octo/App": {"cache": "deps:/cache"}}}
+    repos = parse_cache_file(doc)
+    assert job_cache("octo/app", repos) == CacheSpec("deps", "/cache")
+    assert job_cache("octo/other", repos) is None
+    for bad in (
+        {"other": {}},
+        {"repos": {"noslash": {"cache": "a:/b"}}},
+        {"repos": {"o/r": {"cache": "a:/b", "extra": 1}}},
+        {"repos": {"o/r": {"cache": 3}}},
+        {"repos": {"o/r": {"cache": "a:/proc"}}},
+    ):
+        with pytest.raises(BadInput):
+            parse_cache_file(bad)

@@ -86,7 +86,8 @@ def test_concurrent_jobs_each_clone_and_the_later_commit_wins(
     out: dict[str, subprocess.CompletedProcess[str]] = {}
 
     def job(name: str, sleep: int) -> None:
-        script = f"test ! -e /cache/w; echo {name} > /cache/w; sleep {sleep}"
+        w = "/var/cache/race/w"
+        script = f"test ! -e {w} && echo {name} > {w} && sleep {sleep}"
         out[name] = _job(cfg, tmp_path, "race:/var/cache/race", script)
 
     quick = threading.Thread(target=job, args=("quick", 1))

@@ -10,6 +10,7 @@ from typing import Any
 from ttci.model.errors import TTError
 from ttci.wire.jobs import JobResult
 from webhooks.core import reconcile
+from webhooks.core.caches import job_cache
 from webhooks.core.jobs import (
     ACTIVE,
     Event,
@@ -27,6 +28,7 @@ __all__ = ["Cleanup"]
 
 log = logging.getLogger("webhooks")
 OWNS_VM = ACTIVE | {State.COMPLETED}  # as core/reconcile.py counts owners
+CONCLUSION_WAIT_S = 60.0  # a job with a cache: how long its cleanup waits for GitHub's verdict
 
 
 class Cleanup(ServiceBase):
@@ -42,7 +44,8 @@ class Cleanup(ServiceBase):
             job = self.store.get(jid)
             if job is None or job["state"] in (State.DONE.value, State.UNSERVABLE.value):
                 return
-            if job["env"] and not self._delete_env(job["env"]):
+            commit = self._succeeded(jid, job)
+            if job["env"] and not self._delete_env(job["env"], commit):
                 return  # the reconciler tries again
             self._remove_runner(job)
             _, new = self.store.apply(jid, Event.CLEANED)
@@ -71,11 +74,23 @@ class Cleanup(ServiceBase):
             except TTError as e:
                 log.warning("job %s: result not reported: %s", job["id"], e)
 
-    def _delete_env(self, env: str) -> bool:
+    def _succeeded(self, jid: int, job: dict[str, Any]) -> bool:
+        """Whether GitHub says the job succeeded (its cache is then committed). A repository
+        with a cache waits a little for the `completed` delivery when the runner's exit came
+        first."""
+        deadline = time.monotonic() + CONCLUSION_WAIT_S
+        while not job.get("conclusion") and job_cache(job["repo"], self.s.repo_cache):
+            if time.monotonic() > deadline or self._stop.wait(1.0):
+                break
+            job = self.store.get(jid) or job
+        return job.get("conclusion") == "success"
+
+    def _delete_env(self, env: str, commit_cache: bool = False) -> bool:
         """Delete the ENV (gone already is fine). One still being created is not waited for:
-        the reconciler tries again."""
+        the reconciler tries again. commit_cache: the job succeeded; its cache keeps what it
+        wrote."""
         try:
-            self.tt.delete_env_wait(env, wait_s=0)
+            self.tt.delete_env_wait(env, wait_s=0, commit_cache=commit_cache)
         except TTError as e:
             log.warning("ENV %s not deleted: %s", env, e, extra={"env": env})
             return False

@@ -11,8 +11,10 @@ import signal
 import sys
 import threading
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 from ttci import __version__
 from ttci.client import config as client_config
@@ -25,6 +27,7 @@ from ttci.model.egress import parse_egress
 from ttci.model.errors import TTError
 from ttci.wire.envs import parse_duration
 from webhooks.app import create_app
+from webhooks.core.caches import parse_cache_file
 from webhooks.core.egress import RepoEgress, parse_egress_file
 from webhooks.github_api import GitHubAPI, GitHubConfig
 from webhooks.service import Service, Settings
@@ -33,6 +36,7 @@ from webhooks.store import JobStore
 __all__ = ["DEFAULT_STATE", "list_jobs", "main", "make_parser", "serve"]
 
 log = logging.getLogger("webhooks")
+T = TypeVar("T")
 DEFAULT_STATE = SETTINGS["gh-state-dir"].default or ""
 
 
@@ -90,7 +94,20 @@ def _settings(a: argparse.Namespace) -> Settings:
         repos=tuple(a.repo),
         allow_egress=parse_egress(a.allow_egress),
         repo_egress=_egress_file(a.egress_file),
+        repo_cache=_toml(a.cache_file, "--cache-file", parse_cache_file),
     )
+
+
+def _toml(
+    path: Path | None, what: str, parse: Callable[[dict[str, Any]], dict[str, T]]
+) -> dict[str, T]:
+    """A per-repository TOML file (--cache-file), parsed; {} when not given."""
+    if path is None:
+        return {}
+    try:
+        return parse(tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TTError(f"cannot read {what} {path}: {e}", hint="a TOML file") from None
 
 
 def _egress_file(path: Path | None) -> dict[str, RepoEgress]:

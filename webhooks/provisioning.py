@@ -14,6 +14,7 @@ from ttci.model.errors import BadInput, TTError
 from ttci.wire.commands import EventKind
 from ttci.wire.envs import EnvRequest, parse_duration
 from ttci.wire.queue import QueueInfo, WaitOptions
+from webhooks.core.caches import job_cache
 from webhooks.core.egress import job_egress
 from webhooks.core.jobs import (
     Event,
@@ -280,6 +281,7 @@ class Provisioning(ServiceBase):
             },
             allow_egress=allow,
             egress_audit=audit,
+            cache=job_cache(job["repo"], self.s.repo_cache),
         )
 
     def _run_runner(self, jid: int, env: str, jit: JitRunner) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ttci.client.scheduler import Client
+from ttci.model.cache import CacheSpec
 from ttci.model.egress import EgressRule
 from webhooks.core.egress import RepoEgress
 from webhooks.github_api import GitHubAPI
@@ -40,6 +41,7 @@ class Settings:
     repos: tuple[str, ...] = field(default=())  # also reconciled when no webhook came yet
     allow_egress: tuple[EgressRule, ...] = ()  # every job's VM (webhooks/core/egress.py)
     repo_egress: Mapping[str, RepoEgress] = field(default_factory=dict, hash=False)
+    repo_cache: Mapping[str, CacheSpec] = field(default_factory=dict, hash=False)  # core/caches
 
 
 class ServiceBase:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ttci.model.cache import CacheSpec, parse_cache
 from ttci.model.egress import parse_egress
 from ttci.model.errors import BadInput
 from ttci.model.naming import (
@@ -304,7 +305,8 @@ def env_request(
 ) -> EnvRequest:
     """The scheduler's ENV request for this job: one VM of image, reaching only what
     TT_ALLOW_EGRESS lists when it is set (TT_EGRESS_AUDIT=true: block nothing, count it);
-    TT_COLD=1 boots it cold, never from a snapshot template."""
+    TT_COLD=1 boots it cold, never from a snapshot template; TT_CACHE (`KEY:/path`) mounts the
+    project's cache KEY (committed by cleanup when the job succeeded)."""
     o = origin(jv)
     if runner:
         o["runner"] = runner[:200]
@@ -324,7 +326,17 @@ def env_request(
         allow_egress=allow,
         egress_audit=_yes(jv.get("TT_EGRESS_AUDIT", "")),
         cold=_yes(jv.get("TT_COLD", "")),  # a truly cold boot (no snapshot template)
+        cache=_cache(jv),
     )
+
+
+def _cache(jv: Mapping[str, str]) -> CacheSpec | None:
+    """TT_CACHE: `deps:/cache` (the key is the project's own: gitlab:GROUP/PROJECT)."""
+    text = jv.get("TT_CACHE", "").strip()
+    try:
+        return parse_cache(text) if text else None
+    except BadInput as e:
+        raise JobError(f"TT_CACHE: {e.message}", hint=e.hint) from None
 
 
 def _yes(value: str) -> bool:

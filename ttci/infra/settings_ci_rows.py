@@ -126,6 +126,7 @@ CI_ROWS: tuple[Setting, ...] = (
     _gh("repo", LIST, "", "OWNER/NAME also reconciled before any webhook came (repeatable)"),
     _gh("allow-egress", TEXT, "", "egress allow-list of every job's VM (list GitHub's own hosts)"),
     _gh("egress-file", PATH, None, "per-repository egress allow-lists: docs/user/github.md"),
+    _gh("cache-file", PATH, None, "per-repository cache volumes (KEY:/path): docs/user/github.md"),
     _gh("threads", INT, "16", "HTTP worker threads"),
     _gh("admin-token-file", PATH, None, "file with a bearer token that guards /jobs"),
     # tt-gitlab-executor (its flags come from the runner's config.toml; job.Limits' defaults)

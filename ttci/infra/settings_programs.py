@@ -91,6 +91,7 @@ DAEMONS: dict[str, tuple[str | tuple[str, str], ...]] = {
         "gh-repo",
         "gh-allow-egress",
         "gh-egress-file",
+        "gh-cache-file",
         "gh-threads",
         "gh-admin-token-file",
         "gh-admin-token",

@@ -389,7 +389,7 @@ def test_image_build_and_prune_json_print_no_progress_on_stdout(
     (tmp_path / "cache").mkdir()
     state = ["--state-dir", str(tmp_path / "state")]
     pruned = _json_only(capsys, "image", "prune", *where, *state, "--json")
-    assert pruned == {"cache_trees": [], "partial_pulls": [], "templates": []}
+    assert pruned == {"cache_trees": [], "partial_pulls": [], "templates": [], "image_volumes": []}
     assert _json_only(capsys, "image", "list", "--local", *where[:2], *state, "--json") == {
         "images": [],
         "broken": [],

@@ -160,6 +160,14 @@ def _start_fetcher(args: argparse.Namespace, joiner: Joiner, ca: Path | None) ->
     return fetcher
 
 
+def _host_ready(args: argparse.Namespace, net: NetConfig) -> None:
+    """Say what the host lacks before anything starts: tools, the storage backend."""
+    need("nft")  # VM networking
+    if net.dns and net.outgoing:
+        need("dnsmasq")  # the ENVs' DNS forwarders
+    make_backend(args.storage).check()  # before a private libvirtd: it must see ZFS's mounts
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if not args.token:
         raise BadInput("hostd needs a token", hint="pass --token or set TT_HOSTD_TOKEN")
@@ -172,10 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ca = check_ca(args.ca, "--ca") if args.ca else None
     joiner_args = _join_args(args, host, port, tls)
     net = _net_config(args, host)
-    need("nft")  # VM networking: say which package is missing before anything starts
-    if net.dns and net.outgoing:
-        need("dnsmasq")  # the ENVs' DNS forwarders
-    make_backend(args.storage).check()  # says how to fix it; before a private libvirtd starts
+    _host_ready(args, net)
     libvirtd = None
     uri = args.libvirt_uri
     become_subreaper()

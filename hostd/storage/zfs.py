@@ -51,7 +51,14 @@ class ZfsBackend(Backend):
     def check(self) -> None:
         need("zfs")
         pool = self.dataset.split("/")[0]
-        if run(["zpool", "list", "-H", "-o", "name", pool], check=False).returncode:
+        got = run(["zpool", "list", "-H", "-o", "name", pool], check=False)
+        err = got.stderr.decode(errors="replace").strip()
+        if got.returncode and "no such pool" not in err:
+            raise BadInput(
+                f"--storage zfs:{self.dataset}: ZFS does not answer: {err[-300:]}",
+                hint="load kernel OpenZFS (modprobe zfs) or start the zfs-fuse daemon",
+            )
+        if got.returncode:
             raise BadInput(
                 f"--storage zfs:{self.dataset}: there is no ZFS pool {pool}",
                 hint=f"create it (zpool create {pool} DEVICE; to try it on a file: truncate -s "

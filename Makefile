@@ -11,7 +11,8 @@ APT_PACKAGES := \
 # Test-only: headless browser for the admin page tests, Java for npm-groovy-lint (Jenkinsfile),
 # systemd-analyze for the unit files (tests/test_units.py; nothing here runs systemd), PostgreSQL's
 # server for the throw-away clusters of tests/pgcluster.py (nothing runs it as a service), zfs-fuse
-# for real ZFS pools on files (tests/zfsutil.py; hosts with --storage zfs use kernel OpenZFS).
+# for real ZFS pools on files (tests/zfsutil.py; hosts with --storage zfs use kernel OpenZFS), haproxy
+# for the load-balancer example in front of scheduler replicas (tests/test_haproxy.py).
 TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd postgresql zfs-fuse haproxy
 
 .PHONY: deps test-deps tools venv install demo test lint clean

@@ -170,3 +170,71 @@ def standin(part: Part) -> Iterator[Standin]:
         yield s
     finally:
         s.close()
+
+
+# -- a joined hostd and HAProxy -----------------------------------------------------------------
+HAPROXY_CFG = Path(__file__).resolve().parent.parent / "docs" / "operator" / "haproxy.cfg"
+
+
+def start_hostd(
+    state: Path, join: str, *, cpu_total: float = 2, mem_total: int = 2048
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A real hostd (private libvirtd, VMs without a way out) on loopback that joins the
+    scheduler(s) at `join` (ADDR:PORT[,ADDR:PORT...]); (process, its ADDR:PORT)."""
+    from tests.conftest import IMAGE_PATH
+    from ttci.cli.allinone import _hostd_argv
+
+    listen = f"127.0.0.1:{free_port()}"
+    state.mkdir(parents=True, exist_ok=True)
+    argv = _hostd_argv(
+        state,
+        IMAGE_PATH,
+        hostd_listen=listen,
+        libvirt_uri=None,
+        cpu_total=cpu_total,
+        mem_total=mem_total,
+        allow_outgoing=False,
+    )
+    argv += ["--join", join]
+    env = {**BASE_ENV, "TT_HOSTD_TOKEN": secrets.token_urlsafe(24), "TT_JOIN_TOKEN": JOIN}
+    return _spawn(argv, env, state / "hostd.log", "tt-hostd"), listen
+
+
+def haproxy_cfg(listen: str, servers: list[str]) -> str:
+    """docs/operator/haproxy.cfg as the operator would fill it in: the frontend's bind address
+    and the three `server` lines (s1..s3) pointed at `servers`."""
+    text = HAPROXY_CFG.read_text()
+    assert text.count("bind 0.0.0.0:7400") == 1
+    text = text.replace("bind 0.0.0.0:7400", f"bind {listen}")
+    for i, addr in enumerate(servers, 1):
+        assert text.count(f"10.0.0.{i}:7400") == 1
+        text = text.replace(f"10.0.0.{i}:7400", addr)
+    return text
+
+
+@contextlib.contextmanager
+def haproxy(state: Path, servers: list[str]) -> Iterator[str]:
+    """Debian's haproxy (in the foreground, -db) running the example config in front of
+    `servers`; yields its ADDR:PORT once it accepts connections; stopped afterwards."""
+    import time
+
+    listen = f"127.0.0.1:{free_port()}"
+    cfg = state / "haproxy.cfg"
+    cfg.write_text(haproxy_cfg(listen, servers))
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    from ttci.infra.proc import spawn
+
+    proc = spawn(["haproxy", "-db", "-f", str(cfg)], log_path=state / "haproxy.log")
+    try:
+        deadline = time.monotonic() + 30
+        host, port = listen.split(":")
+        while True:
+            assert proc.poll() is None, (state / "haproxy.log").read_text()
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 1):
+                break
+            assert time.monotonic() < deadline, "haproxy did not listen"
+            time.sleep(0.1)
+        yield listen
+    finally:
+        stop(proc, grace=5)

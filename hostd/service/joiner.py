@@ -25,7 +25,15 @@ from typing import Any
 
 import requests
 
-from ttci.client.failover import AllFailed, Failure, Servers, Sticky, retryable_503, split_servers
+from ttci.client.failover import (
+    MANY_CONNECT_S,
+    AllFailed,
+    Failure,
+    Servers,
+    Sticky,
+    retryable_503,
+    split_servers,
+)
 from ttci.infra.tls import tls_error
 from ttci.model.errors import TTError
 from ttci.wire.api import ErrorBody
@@ -78,7 +86,7 @@ class Joiner:
         r = self.session.post(
             url + path,
             json=body,
-            timeout=(5 if self.servers.many else 10, 10),
+            timeout=(MANY_CONNECT_S if self.servers.many else 10, 10),
             headers={"Authorization": auth},
             verify=self._verify,
         )

@@ -46,7 +46,7 @@ __all__ = [
 T = TypeVar("T")
 IDEMPOTENT = frozenset({"GET", "HEAD"})
 RETRYABLE_KINDS = frozenset({"DatabaseUnavailable"})  # error kinds a replica did nothing for
-MANY_CONNECT_S = 5.0  # connect timeout per URL when there are several: a dead one costs this
+MANY_CONNECT_S = 3.0  # connect timeout per URL when there are several: a dead one costs this
 _STICKY_KEEP = 32  # URL lists remembered in the cache file
 
 

@@ -13,6 +13,7 @@ from runner_executor.core.job import env_request as gitlab_env_request
 from ttci.model.cache import CacheScope, CacheSpec, check_cache_path, parse_cache
 from ttci.model.errors import BadInput
 from ttci.model.resources import Resources
+from ttci.scheduler.cache_metrics import cache_metrics, cache_rows
 from ttci.scheduler.caches import merge_caches
 from ttci.scheduler.planning.placement import Ask, HostView, place
 from ttci.wire.caches import newest_by_host, newest_holders, parse_cache_report
@@ -212,3 +213,12 @@ def test_github_cache_file_maps_repositories_to_caches() -> None:
     ):
         with pytest.raises(BadInput):
             parse_cache_file(bad)
+
+
+def test_the_admin_page_and_metrics_show_each_hosts_caches() -> None:
+    counts = {"caches": 2, "hits": 3, "misses": 1, "commits": 4, "evictions": 1}
+    hosts = [{"id": "h1", "caches": {**counts, "bytes": 10, "limit_bytes": 20}}, {"id": "h2"}]
+    assert cache_rows(hosts) == [{"host": "h1", **counts, "bytes": 10, "limit_bytes": 20}]
+    names = {m.name: m for m in cache_metrics([(h["id"], h) for h in hosts])}
+    assert names["ttci_host_cache_commits"].samples[0].value == 4
+    assert names["ttci_host_cache_limit_bytes"].samples[0].labels == {"host": "h1"}

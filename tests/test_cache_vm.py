@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,5 +152,8 @@ def test_host_over_its_limit_evicts_the_least_recently_used(
     info = client.get("/v1/hosts")[0]
     assert info["caches"]["evictions"] >= 1
     assert info["caches"]["bytes"] <= LIMIT_MIB << 20
+    metrics = urllib.request.urlopen(f"http://{stack.scheduler}/metrics", timeout=10).read()
+    for line in ('ttci_host_cache_evictions_total{host="local"}', "ttci_host_cache_bytes{"):
+        assert line in metrics.decode()
     sid = CacheScope("admin", "user:admin", "big-a").scope_id
     assert not list((stack.state_dir).rglob(f"caches/{sid}/*"))

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from ttci.infra.metrics_common import RESOURCE_UNITS, VM_STATES, BuildInfo, by_state
 from ttci.infra.sql import SqlStore
 from ttci.scheduler import admission_store as qs
+from ttci.scheduler.cache_metrics import cache_metrics
 from ttci.scheduler.hosts import stored_report
 from ttci.scheduler.warm_metrics import warm_metrics
 from ttci.wire.envs import ORIGIN_KINDS
@@ -116,6 +117,7 @@ class SchedulerCollector(Collector):
                     fams[what, suffix].add_metric([hid], value)
         yield from (up, drained, *fams.values())
         yield from warm_metrics(reports)
+        yield from cache_metrics(reports)
 
     def _jobs(self) -> Iterator[Metric]:
         started = CounterMetricFamily(

@@ -17,6 +17,7 @@ from ttci.infra.sql import SqlStore
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler import history
 from ttci.scheduler.admin import plots
+from ttci.scheduler.cache_metrics import cache_rows
 from ttci.scheduler.planning.admission import Quota, Usage
 
 __all__ = [
@@ -38,7 +39,8 @@ VM_COLS = "env, name, host, image, arch, state, cpus, memory_mib, accel, boot_s,
 
 def _clean_host(h: dict[str, Any]) -> dict[str, Any]:
     """A host for the page: its capacity, use and health; no token, no image or template list."""
-    out = {k: v for k, v in h.items() if "token" not in k.lower() and k not in ("images", "warm")}
+    hidden = ("images", "warm", "caches")
+    out = {k: v for k, v in h.items() if "token" not in k.lower() and k not in hidden}
     out["image_count"] = len(h.get("images", []))
     templates = (h.get("warm") or {}).get("templates", [])
     out["templates"] = sum(1 for t in templates if t.get("state") == "ready")
@@ -145,6 +147,7 @@ def snapshot(
     queue = queue_rows(store, waiting or [])
     # VMs per host from the scheduler's own records: current, unlike the host's last report.
     per_host = data.pop("vms_by_host")
+    caches = cache_rows(hosts)
     hosts = [{**_clean_host(h), "vms": per_host.get(h["id"], 0)} for h in hosts]
     jobs = history.recent(store, 50)
     alive = history.since(store, _iso(t_end - PLOT_WINDOW_S))
@@ -160,6 +163,7 @@ def snapshot(
         **data,
         "queue": queue,
         "quotas": quota_rows(store),
+        "caches": caches,
         "jobs": jobs,
         "plots": {
             "pool": plots.line_plot("vCPUs in use, last hour", pool, capacity),

@@ -186,6 +186,13 @@
     return `<td>cold <span class="muted">${esc(w.why || "")}</span></td>`;
   }
 
+  function cacheRows(caches) {
+    if (!caches.length) return `<tr><td colspan="7" class="muted">no host reports cache volumes</td></tr>`;
+    return caches.map((c) => `<tr><td>${esc(c.host)}</td><td>${num(c.caches)}</td>` +
+      `<td>${meter(c.bytes / 2 ** 20, c.limit_bytes / 2 ** 20)} MiB</td><td>${num(c.hits)}</td>` +
+      `<td>${num(c.misses)}</td><td>${num(c.commits)}</td><td>${num(c.evictions)}</td></tr>`).join("");
+  }
+
   function imageRows(images) {
     return images.map((i) => `<tr><td>${esc(i.name)}</td><td>${esc(i.arch)}</td>` +
       `<td>${esc(i.kernel)}</td><td>${esc((i.hosts || []).join(", "))}</td>${startCell(i.warm)}</tr>`).join("");
@@ -221,6 +228,7 @@
     draw("envs", s.envs, drawEnvs);
     draw("jobs", s.jobs, jobRows);
     draw("images", s.images, imageRows);
+    draw("caches", s.caches || [], cacheRows);
     draw("plot-pool", s.plots.pool, (svg) => svg);        // SVG built by the server, text escaped
     draw("plot-latency", s.plots.latency, (svg) => svg);
     refreshTimes();

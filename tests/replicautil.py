@@ -107,6 +107,18 @@ def stream_then_cut(lines: list[bytes]) -> Part:
     return play
 
 
+def stream_then_close(lines: list[bytes]) -> Part:
+    """An answer delimited by the connection's end (no length, not chunked): lines, then a
+    clean close, as a process that dies mid-stream may leave it."""
+
+    def play(c: socket.socket, method: str, path: str) -> None:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n")
+        c.sendall(b"Connection: close\r\n\r\n" + b"".join(lines))
+        c.shutdown(socket.SHUT_WR)
+
+    return play
+
+
 @dataclass
 class Standin:
     """A loopback HTTP server that plays `part` for every request and records (method,
@@ -176,11 +188,32 @@ def standin(part: Part) -> Iterator[Standin]:
 HAPROXY_CFG = Path(__file__).resolve().parent.parent / "docs" / "operator" / "haproxy.cfg"
 
 
+@dataclass
+class HostdProc:
+    proc: subprocess.Popen[bytes]
+    addr: str
+    token: str
+    state: Path
+
+    def vms(self) -> list[dict[str, object]]:
+        """hostd's own list of its VMs (what really runs there)."""
+        import requests
+
+        r = requests.get(
+            f"http://{self.addr}/v1/vms",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        out: list[dict[str, object]] = r.json()
+        return out
+
+
 def start_hostd(
     state: Path, join: str, *, cpu_total: float = 2, mem_total: int = 2048
-) -> tuple[subprocess.Popen[bytes], str]:
+) -> HostdProc:
     """A real hostd (private libvirtd, VMs without a way out) on loopback that joins the
-    scheduler(s) at `join` (ADDR:PORT[,ADDR:PORT...]); (process, its ADDR:PORT)."""
+    scheduler(s) at `join` (ADDR:PORT[,ADDR:PORT...])."""
     from tests.conftest import IMAGE_PATH
     from ttci.cli.allinone import _hostd_argv
 
@@ -196,8 +229,9 @@ def start_hostd(
         allow_outgoing=False,
     )
     argv += ["--join", join]
-    env = {**BASE_ENV, "TT_HOSTD_TOKEN": secrets.token_urlsafe(24), "TT_JOIN_TOKEN": JOIN}
-    return _spawn(argv, env, state / "hostd.log", "tt-hostd"), listen
+    token = secrets.token_urlsafe(24)
+    env = {**BASE_ENV, "TT_HOSTD_TOKEN": token, "TT_JOIN_TOKEN": JOIN}
+    return HostdProc(_spawn(argv, env, state / "hostd.log", "tt-hostd"), listen, token, state)
 
 
 def haproxy_cfg(listen: str, servers: list[str]) -> str:

@@ -26,6 +26,7 @@ from tests.replicautil import (
     dead_port,
     standin,
     start_scheduler,
+    stream_then_close,
     stream_then_cut,
 )
 from ttci.client import config
@@ -272,6 +273,16 @@ def test_a_run_stream_that_breaks_names_the_replica_and_is_not_sent_again() -> N
         # The user (or CI) runs it again: it goes to the other replica.
         again = list(exec_events(ClientConfig(f"{second.url},{first.url}", "t"), "e", CMD))
         assert again[-1].kind is EventKind.EXIT and second.seen == [("POST", "/v1/envs/e/run")]
+
+
+def test_a_run_stream_that_ends_before_the_command_did_is_a_broken_one() -> None:
+    half = [_line(ExecEvent.output(EventKind.STDOUT, b"half\n", vm="v"))]
+    with standin(stream_then_close(half)) as gone:
+        events = exec_events(ClientConfig(gone.url, "t"), "e", CMD)
+        assert next(events).data == b"half\n"
+        with pytest.raises(TTError, match=f"{gone.url} broke off the command's stream") as e:
+            next(events)
+        assert "may have run" in (e.value.hint or "")
 
 
 def test_a_replica_that_never_accepts_is_skipped_after_the_connect_timeout() -> None:

@@ -72,8 +72,8 @@ def balanced(tmp_path_factory: pytest.TempPathFactory, pg: PgCluster) -> Iterato
             replicas.append(s)
         dead = f"127.0.0.1:{dead_port()}"  # s3: a replica that is down from the start
         lb = stack.enter_context(haproxy(state, [r.addr for r in replicas] + [dead]))
-        hostd, _ = start_hostd(state / "host", lb)  # hostd joins through the balancer
-        stack.callback(stop, hostd, grace=30)
+        hostd = start_hostd(state / "host", lb)  # hostd joins through the balancer
+        stack.callback(stop, hostd.proc, grace=30)
         b = Balanced(lb, replicas)
         deadline = time.monotonic() + 60
         while not any(h["state"] == "up" for h in b.client().get("/v1/hosts")):

@@ -125,18 +125,32 @@ def exec_events(
                 status=503,
             ) from e
         raise
-    url = holder[0]
     try:
         if r.status >= 400:
             raise api_error(r.status, r.read(), r.reason)
-        try:
-            for line in r:
-                if line.strip():
-                    yield ExecEvent.from_dict(json.loads(line))
-        except (OSError, http.client.HTTPException) as e:
-            raise TTError(
-                f"the scheduler at {url} broke off the command's stream: {e}", hint=MAY_HAVE_RUN
-            ) from e
+        yield from _read(r, holder[0])
     finally:
         r.close()  # its socket: closing conn alone leaves it to the GC
         conn.close()
+
+
+def _read(r: http.client.HTTPResponse, url: str) -> Iterator[ExecEvent]:
+    """The stream's events; a stream that ends before every VM in it said how its command
+    ended (exit or error) broke off too: a replica that dies may close it cleanly."""
+    started: set[str] = set()  # VMs whose events came
+    ended: set[str] = set()  # VMs whose command's end came ("": the whole run's)
+    try:
+        for line in r:
+            if line.strip():
+                ev = ExecEvent.from_dict(json.loads(line))
+                (ended if ev.final else started).add(ev.vm)
+                yield ev
+    except (OSError, http.client.HTTPException) as e:
+        raise TTError(
+            f"the scheduler at {url} broke off the command's stream: {e}", hint=MAY_HAVE_RUN
+        ) from e
+    if not ended or (started - ended and "" not in ended):
+        raise TTError(
+            f"the scheduler at {url} broke off the command's stream before it ended",
+            hint=MAY_HAVE_RUN,
+        )

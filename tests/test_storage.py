@@ -160,6 +160,11 @@ def test_storage_settings_say_what_is_wrong(tmp_path: Path) -> None:
             ZfsBackend(f"{pool}/missing").check()
         assert f"zfs create -p {pool}/missing" in (e.value.hint or "")
         ZfsBackend(dataset).check()
+        ZfsBackend(dataset).claim("/var/lib/a")
+        ZfsBackend(dataset).claim("/var/lib/a")  # the same hostd, restarted
+        with pytest.raises(BadInput, match="belongs to the hostd with state dir /var/lib/a") as e:
+            ZfsBackend(dataset).claim("/var/lib/b")  # it would reap a's datasets
+        assert f"zfs inherit org.ttci:state {dataset}" in (e.value.hint or "")
     with pytest.raises(StorageError, match="not valid"):
         Volumes(Store(tmp_path / "h.db", Volumes.migrations()), Qcow2Backend()).image(
             "A B", tmp_path

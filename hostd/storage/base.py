@@ -57,6 +57,10 @@ class Backend(ABC):
     def check(self) -> None:  # noqa: B027 - nothing to check for most backends
         """Raise BadInput saying how to fix the host if this backend cannot work here."""
 
+    def claim(self, owner: str) -> None:  # noqa: B027 - only shared places need claiming
+        """Mark the backend's place as owner's (a hostd's state dir); BadInput if another
+        hostd's: it would reap what the other made."""
+
     @abstractmethod
     def import_image(self, name: str, source: Path) -> Path:
         """A frozen volume holding a copy of source (or source itself); returns its disk file."""

@@ -85,6 +85,18 @@ class ZfsBackend(Backend):
         # made after this as slaves (a private libvirtd's, hostd/vm/libvirtd.py).
         run(["mount", "--make-shared", mountpoint])
 
+    def claim(self, owner: str) -> None:
+        prop = "org.ttci:state"  # a user property: which hostd (state dir) owns the dataset
+        got = self._zfs("get", "-H", "-o", "value", prop, self.dataset).strip()
+        if got not in ("-", "", owner):
+            raise BadInput(
+                f"--storage zfs:{self.dataset} belongs to the hostd with state dir {got}",
+                hint=f"give each hostd a dataset of its own (zfs create -p {self.dataset}2), or, "
+                f"if that hostd is gone for good: zfs inherit {prop} {self.dataset}",
+            )
+        if got != owner:
+            self._zfs("set", f"{prop}={owner}", self.dataset)
+
     def _mnt(self, name: str) -> Path:
         if self._mountpoint is None:
             self.check()

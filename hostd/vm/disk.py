@@ -67,10 +67,12 @@ def dir_bytes(directory: Path, volumes: Volumes, template_id: str) -> int:
     return files + (volumes.size(template_volume(template_id)) if linked else 0)
 
 
-def open_volumes(store: Store, storage: str) -> Volumes:
-    """hostd's volumes on the backend --storage names, checked (BadInput says how to fix)."""
+def open_volumes(store: Store, storage: str, state_dir: Path) -> Volumes:
+    """hostd's volumes on the backend --storage names, checked and claimed for the hostd of
+    state_dir (BadInput says how to fix what is wrong)."""
     backend = make_backend(storage)
     backend.check()
+    backend.claim(str(state_dir.resolve()))
     return Volumes(store, backend)
 
 

@@ -111,7 +111,7 @@ class VMManager:
         self._agents: dict[str, AgentClient] = {}
         self._agent_lock = threading.Lock()
         self.net = NetManager(self.store, cfg.state_dir, cfg.net)
-        vols = self.volumes = open_volumes(self.store, cfg.storage)
+        vols = self.volumes = open_volumes(self.store, cfg.storage, cfg.state_dir)
         self.templates = Templates(
             self.store, cfg.template_root, cfg.host_id, engine, enabled=cfg.warm, volumes=vols
         )

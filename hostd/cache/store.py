@@ -155,7 +155,7 @@ class CacheStore:
             self._drop_clone(volume)
             raise
         log.info("cache %s (%s) cloned for VM %s", scope.key, "hit" if newest else "empty", vm)
-        return Clone(volume, path, mount)
+        return Clone(volume, dest if dest.exists() else path, mount)
 
     def _new_key(self, scope: CacheScope) -> dict[str, Any]:
         key = {

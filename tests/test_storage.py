@@ -72,6 +72,8 @@ def test_clones_are_copy_on_write_and_sources_outlive_their_clones(
     base = _image(tmp_path)
     img = vols.image("img-0123", base)
     assert vols.image("img-0123", base) == img  # imported once
+    copies = vols.used_bytes(("image",))  # what hostd adds to its used disk
+    assert copies > 0 if isinstance(vols.backend, ZfsBackend) else copies == 0  # qcow2: the file
     vm = vols.clone(img, "vm-a", kind="vm", owner="vm:a", dest=tmp_path / "a.qcow2", size_gib=2)
     assert (tmp_path / "a.qcow2").exists() and _pattern(tmp_path / "a.qcow2", 0xAA)
     assert _virtual_size(vm) == 2 << 30  # grown to the VM's disk size

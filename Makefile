@@ -12,8 +12,9 @@ APT_PACKAGES := \
 # systemd-analyze for the unit files (tests/test_units.py; nothing here runs systemd), PostgreSQL's
 # server for the throw-away clusters of tests/pgcluster.py (nothing runs it as a service), zfs-fuse
 # for real ZFS pools on files (tests/zfsutil.py; hosts with --storage zfs use kernel OpenZFS), haproxy
-# for the load-balancer example in front of scheduler replicas (tests/test_haproxy.py).
-TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd postgresql zfs-fuse haproxy
+# for the load-balancer example in front of scheduler replicas (tests/test_haproxy.py), btrfs-progs
+# for a btrfs on a file (the reflink storage backend's tests, tests/zfsutil.py).
+TEST_APT_PACKAGES := chromium openjdk-17-jre-headless systemd postgresql zfs-fuse haproxy btrfs-progs
 
 .PHONY: deps test-deps tools venv install demo test lint clean
 

@@ -1,9 +1,10 @@
-"""Storage backends: VM disks (and cache volumes) on qcow2 overlays vs ZFS clones.
+"""Storage backends: VM disks (and cache volumes) on qcow2 overlays, ZFS clones, reflink copies.
 
-    python -m bench.storage [--backends qcow2,zfs] [--runs 20] [--boots 3] [--json out.json]
+    python -m bench.storage [--backends qcow2,zfs,reflink] [--runs 20] [--boots 3] [--json F]
 
-Per backend, in a throw-away state directory (ZFS: a zfs-fuse pool on a sparse file, made and
-destroyed by tests/zfsutil.py; kernel OpenZFS hosts would be faster):
+Per backend, in a throw-away state directory (ZFS: a zfs-fuse pool on a sparse file; reflink: a
+btrfs on a loop-mounted file; both made and removed by tests/zfsutil.py; kernel OpenZFS would be
+faster than zfs-fuse):
 
 - VM disks (`vm_disk_*`): importing the image once (ZFS copies it into a dataset), then `--runs`
   VM disks made from it and destroyed, each timed (median), through hostd's own Volumes; and
@@ -39,7 +40,7 @@ from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
 from hostd.vm.schema import open_store
-from tests.zfsutil import zfs_pool
+from tests.zfsutil import btrfs_dir, zfs_pool
 from ttci.infra.log import setup_logging
 from ttci.model.resources import Resources
 from ttci.wire.envs import VMRequest
@@ -55,6 +56,9 @@ def storage(kind: str, tmp: Path) -> Iterator[str]:
     if kind == "zfs":
         with zfs_pool(tmp, size="8G") as dataset:
             yield f"zfs:{dataset}"
+    elif kind == "reflink":
+        with btrfs_dir(tmp, size="8G") as directory:
+            yield f"reflink:{directory}"
     else:
         yield kind
 
@@ -158,7 +162,7 @@ def run_backend(kind: str, args: argparse.Namespace, image: Image) -> dict[str, 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="qcow2,zfs", help="comma-separated: qcow2, zfs")
+    p.add_argument("--backends", default="qcow2,zfs,reflink", help="of qcow2, zfs, reflink")
     p.add_argument("--runs", type=int, default=20, help="VM disks made and destroyed (median)")
     p.add_argument("--boots", type=int, default=3, help="cold boots per backend (0: none)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")

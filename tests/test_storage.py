@@ -17,18 +17,25 @@ import pytest
 
 from hostd.storage.base import StorageError, parse_storage
 from hostd.storage.qcow2 import Qcow2Backend
+from hostd.storage.reflink import ReflinkBackend
 from hostd.storage.volumes import Volumes, make_backend
 from hostd.storage.zfs import ZfsBackend
-from tests.zfsutil import datasets, zfs_pool
+from tests.zfsutil import btrfs_dir, datasets, zfs_pool
 from ttci.infra.db import Store
 from ttci.model.errors import BadInput
 
 
-@pytest.fixture(params=["qcow2", "zfs"])
+@pytest.fixture(params=["qcow2", "zfs", "reflink"])
 def vols(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Volumes]:
     store = Store(tmp_path / "hostd.db", Volumes.migrations())
     if request.param == "qcow2":
         yield Volumes(store, Qcow2Backend())
+        return
+    if request.param == "reflink":
+        with btrfs_dir(tmp_path) as directory:
+            backend = make_backend(f"reflink:{directory}")
+            backend.check()
+            yield Volumes(store, backend)
         return
     with zfs_pool(tmp_path) as dataset:
         backend = make_backend(f"zfs:{dataset}")
@@ -73,7 +80,8 @@ def test_clones_are_copy_on_write_and_sources_outlive_their_clones(
     img = vols.image("img-0123", base)
     assert vols.image("img-0123", base) == img  # imported once
     copies = vols.used_bytes(("image",))  # what hostd adds to its used disk
-    assert copies > 0 if isinstance(vols.backend, ZfsBackend) else copies == 0  # qcow2: the file
+    copied = not isinstance(vols.backend, Qcow2Backend)  # qcow2 uses the image's own file
+    assert copies > 0 if copied else copies == 0
     vm = vols.clone(img, "vm-a", kind="vm", owner="vm:a", dest=tmp_path / "a.qcow2", size_gib=2)
     assert (tmp_path / "a.qcow2").exists() and _pattern(tmp_path / "a.qcow2", 0xAA)
     assert _virtual_size(vm) == 2 << 30  # grown to the VM's disk size
@@ -96,8 +104,9 @@ def test_clones_are_copy_on_write_and_sources_outlive_their_clones(
     assert vols.destroy("vm-a") and vols.destroy(img)
     assert vols.rows() == []
     assert base.exists() and _pattern(base, 0xAA)  # the image file is the catalogue's
+    assert vols.backend.names() == set()  # no dataset (ZFS), no file (reflink) left
     if isinstance(vols.backend, ZfsBackend):
-        assert datasets(vols.backend.dataset) == []
+        assert datasets(vols.backend.dataset) == []  # nor a snapshot
 
 
 def test_commit_makes_a_version_that_outlives_its_source(vols: Volumes, tmp_path: Path) -> None:
@@ -120,6 +129,7 @@ def test_commit_makes_a_version_that_outlives_its_source(vols: Volumes, tmp_path
     assert _pattern(v2, 0x11) and _pattern(v2, 0x22, "64k")
     assert _pattern(early, 0x11) is False or not early.exists()
     assert vols.destroy("cache-v2") and vols.rows() == []
+    assert vols.backend.names() == set()
     if isinstance(vols.backend, ZfsBackend):
         assert datasets(vols.backend.dataset) == []
 
@@ -133,13 +143,16 @@ def test_restart_reaps_half_made_orphaned_and_ownerless_volumes(
         vols.clone(img, f"vm-{n}", kind="vm", owner=f"vm:{n}", dest=tmp_path / f"{n}.qcow2",
                    size_gib=1)  # fmt: skip
     vols._record("vm-half", "vm", "vm:half", img, tmp_path / "half.qcow2")  # killed right here
-    orphan = isinstance(vols.backend, ZfsBackend)
-    if orphan:  # a dataset no row names (a crash between zfs clone and the row's update)
-        subprocess.run(["zfs", "create", f"{vols.backend.dataset}/vm-orphan"], check=True)  # type: ignore[attr-defined]
+    orphan = not isinstance(vols.backend, Qcow2Backend)  # qcow2: files live in their owners' dirs
+    if isinstance(vols.backend, ZfsBackend):  # no row names it: a crash before the row's update
+        subprocess.run(["zfs", "create", f"{vols.backend.dataset}/vm-orphan"], check=True)
+    elif isinstance(vols.backend, ReflinkBackend):
+        (vols.backend.root / "vm-orphan.qcow2").write_bytes(b"")
     counts = vols.reconcile({"vm": {"keep"}.__contains__, "image": {img}.__contains__})
     assert {r["name"] for r in vols.rows()} == {img, "vm-keep"}
     assert counts == {"volumes_cleaned": 2, "volumes_reaped": int(orphan)}
     assert _pattern(tmp_path / "keep.qcow2", 0xAA) and not (tmp_path / "gone.qcow2").exists()
+    assert vols.backend.names() == (set() if not orphan else {img, "vm-keep"})
     if isinstance(vols.backend, ZfsBackend):
         names = datasets(vols.backend.dataset)
         assert sorted(n.rsplit("/", 1)[1] for n in names) == [f"{img}", f"{img}@{img}", "vm-keep"]
@@ -167,6 +180,17 @@ def test_storage_settings_say_what_is_wrong(tmp_path: Path) -> None:
         with pytest.raises(BadInput, match="belongs to the hostd with state dir /var/lib/a") as e:
             ZfsBackend(dataset).claim("/var/lib/b")  # it would reap a's datasets
         assert f"zfs inherit org.ttci:state {dataset}" in (e.value.hint or "")
+    assert parse_storage("reflink:/srv/tt") == ("reflink", "/srv/tt")
+    with pytest.raises(BadInput, match="not an absolute directory"):
+        parse_storage("reflink:srv")
+    with pytest.raises(BadInput, match="cannot share blocks between copies") as e:
+        ReflinkBackend(str(tmp_path)).check()  # ext4: no reflinks
+    assert "btrfs" in (e.value.hint or "")
+    with btrfs_dir(tmp_path) as directory:
+        ReflinkBackend(str(directory)).check()
+        ReflinkBackend(str(directory)).claim("/var/lib/a")
+        with pytest.raises(BadInput, match="belongs to the hostd with state dir /var/lib/a"):
+            ReflinkBackend(str(directory)).claim("/var/lib/b")
     with pytest.raises(StorageError, match="not valid"):
         Volumes(Store(tmp_path / "h.db", Volumes.migrations()), Qcow2Backend()).image(
             "A B", tmp_path

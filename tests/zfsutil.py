@@ -1,10 +1,11 @@
-"""A real ZFS pool for tests: zfs-fuse (Debian's userspace ZFS; `make test-deps` installs it) on a
-sparse file in a temporary directory, with a unique name.
+"""Copy-on-write storage for tests. A real ZFS pool: zfs-fuse (Debian's userspace ZFS; `make
+test-deps` installs it) on a sparse file in a temporary directory, with a unique name.
 
 `zfs_pool` starts the zfs-fuse daemon when none runs (and stops it afterwards when it started it
 and no other test still holds a pool: a shared flock counts the users), creates the pool and a
 dataset `POOL/tt`, and destroys the pool whatever happens. Nothing is skipped: a host where
-zfs-fuse cannot run fails the test saying why.
+zfs-fuse cannot run fails the test saying why. A btrfs for reflink copies: `btrfs_dir` (a
+loop-mounted file system on a file; btrfs-progs from `make test-deps`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["datasets", "zfs_pool"]
+__all__ = ["btrfs_dir", "datasets", "zfs_pool"]
 
 LOCK = Path("/run/ttci-test-zfs-fuse.lock")
 PIDFILE = Path("/run/ttci-test-zfs-fuse.pid")
@@ -100,3 +101,25 @@ def zfs_pool(tmp: Path, size: str = "6G") -> Iterator[str]:
                     pass
                 else:
                     _stop_daemon(started)
+
+
+@contextlib.contextmanager
+def btrfs_dir(tmp: Path, size: str = "4G") -> Iterator[Path]:
+    """A fresh btrfs (reflink copies) on a sparse file under tmp, loop-mounted; yields a
+    directory in it for --storage reflink:DIR. Unmounted (the loop device freed) whatever
+    happens."""
+    assert Path("/dev/loop-control").exists(), "btrfs on a file needs loop devices (modprobe loop)"
+    image, mnt = tmp / f"btrfs-{uuid.uuid4().hex[:8]}.img", tmp / "btrfs"
+    _zfs("truncate", "-s", size, str(image))
+    _zfs("mkfs.btrfs", "-q", str(image))
+    mnt.mkdir()
+    _zfs("mount", "-o", "loop", str(image), str(mnt))
+    try:
+        (mnt / "tt").mkdir()
+        yield mnt / "tt"
+    finally:
+        for _ in range(20):
+            if _zfs("umount", str(mnt), check=False).returncode == 0:
+                break
+            time.sleep(0.5)
+        image.unlink(missing_ok=True)

@@ -15,13 +15,26 @@ state before it is made and decides when one may go. Every disk file is qcow2.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from ttci.infra.proc import run
 from ttci.model.errors import BadInput, TTError
 
-__all__ = ["DISK_FILE", "Backend", "StorageBusy", "StorageError", "check_name", "parse_storage"]
+__all__ = [
+    "DISK_FILE",
+    "Backend",
+    "StorageBusy",
+    "StorageError",
+    "check_name",
+    "grow_disk",
+    "link_disk",
+    "parse_storage",
+]
 
 DISK_FILE = "disk.qcow2"
 _NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,99}\Z")
@@ -100,7 +113,8 @@ class Backend(ABC):
 
 
 def parse_storage(text: str) -> tuple[str, str]:
-    """`qcow2` or `zfs:POOL/DATASET` -> (kind, argument), or BadInput saying what works."""
+    """`qcow2`, `zfs:POOL/DATASET` or `reflink:DIR` -> (kind, argument), or BadInput saying
+    what works."""
     kind, _, arg = text.strip().partition(":")
     if kind == "qcow2" and not arg:
         return "qcow2", ""
@@ -111,7 +125,28 @@ def parse_storage(text: str) -> tuple[str, str]:
                 hint="e.g. --storage zfs:tank/tt (a dataset of its own: TT owns what is in it)",
             )
         return "zfs", arg
+    if kind == "reflink":
+        if not arg.startswith("/"):
+            raise BadInput(
+                f"--storage {text!r}: {arg!r} is not an absolute directory",
+                hint="e.g. --storage reflink:/srv/tt (on btrfs, or XFS made with reflink=1)",
+            )
+        return "reflink", arg
     raise BadInput(
         f"--storage {text!r} is not a storage backend TT knows",
-        hint="use qcow2 (the default) or zfs:POOL/DATASET",
+        hint="use qcow2 (the default), zfs:POOL/DATASET or reflink:DIR",
     )
+
+
+def grow_disk(disk: Path, size_gib: int) -> None:
+    """Grow a cloned qcow2 disk to size_gib when that is more than its virtual size."""
+    info = json.loads(run(["qemu-img", "info", "--output=json", "-U", str(disk)]).stdout)
+    if size_gib << 30 > int(info["virtual-size"]):
+        run(["qemu-img", "resize", "-q", "-f", "qcow2", str(disk), f"{size_gib}G"])
+
+
+def link_disk(dest: Path, disk: Path) -> None:
+    """dest, where the owner looks for its disk, points at the volume's file elsewhere."""
+    with contextlib.suppress(FileNotFoundError):
+        dest.unlink()
+    os.symlink(disk, dest)

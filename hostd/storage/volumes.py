@@ -30,6 +30,7 @@ from hostd.storage.base import (
     parse_storage,
 )
 from hostd.storage.qcow2 import Qcow2Backend
+from hostd.storage.reflink import ReflinkBackend
 from hostd.storage.zfs import ZfsBackend
 from ttci.infra.db import Store, now
 from ttci.model.errors import TTError
@@ -47,9 +48,12 @@ log = logging.getLogger("hostd.storage.volumes")
 
 
 def make_backend(text: str) -> Backend:
-    """The backend `--storage` names (qcow2, zfs:POOL/DATASET); BadInput for anything else."""
+    """The backend `--storage` names (qcow2, zfs:POOL/DATASET, reflink:DIR); BadInput for
+    anything else."""
     kind, arg = parse_storage(text)
-    return ZfsBackend(arg) if kind == "zfs" else Qcow2Backend()
+    if kind == "zfs":
+        return ZfsBackend(arg)
+    return ReflinkBackend(arg) if kind == "reflink" else Qcow2Backend()
 
 
 def image_volume(digest: str) -> str:

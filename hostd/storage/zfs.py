@@ -14,14 +14,19 @@ not provide, and the commands work the same on kernel OpenZFS.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
-from hostd.storage.base import DISK_FILE, Backend, StorageBusy, StorageError
+from hostd.storage.base import (
+    DISK_FILE,
+    Backend,
+    StorageBusy,
+    StorageError,
+    grow_disk,
+    link_disk,
+)
 from ttci.infra.proc import need, run
 from ttci.model.errors import BadInput, CommandFailed
 
@@ -116,7 +121,7 @@ class ZfsBackend(Backend):
         self._zfs("create", self._ds(name))
         disk = self._mnt(name) / DISK_FILE
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{size_gib}G"])
-        _link(dest, disk)
+        link_disk(dest, disk)
         return disk
 
     def clone(self, source: str, source_path: Path, name: str, dest: Path, size_gib: int) -> Path:
@@ -126,8 +131,8 @@ class ZfsBackend(Backend):
             self._zfs("clone", self._snapshot_of(source), self._ds(name))
         disk = self._mnt(name) / DISK_FILE
         disk.chmod(0o644)  # a template's frozen file may be read-only; its clone is not
-        _grow(disk, size_gib)
-        _link(dest, disk)
+        grow_disk(disk, size_gib)
+        link_disk(dest, disk)
         return disk
 
     def _snapshot_of(self, source: str) -> str:
@@ -178,16 +183,3 @@ class ZfsBackend(Backend):
         out = self._zfs("list", "-H", "-o", "name", "-r", "-d", "1", self.dataset)
         prefix = self.dataset + "/"
         return {n.removeprefix(prefix) for n in out.split() if n.startswith(prefix)}
-
-
-def _grow(disk: Path, size_gib: int) -> None:
-    info = json.loads(run(["qemu-img", "info", "--output=json", "-U", str(disk)]).stdout)
-    if size_gib << 30 > int(info["virtual-size"]):
-        run(["qemu-img", "resize", "-q", "-f", "qcow2", str(disk), f"{size_gib}G"])
-
-
-def _link(dest: Path, disk: Path) -> None:
-    """dest, where the owner looks for its disk, points at the file inside the dataset."""
-    with contextlib.suppress(FileNotFoundError):
-        dest.unlink()
-    os.symlink(disk, dest)

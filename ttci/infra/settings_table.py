@@ -167,8 +167,9 @@ _ROWS = (
         "storage",
         TEXT,
         "qcow2",
-        "VM disks: qcow2 overlays, or zfs:POOL/DATASET (clones of each image's dataset)",
-        metavar="qcow2|zfs:POOL/DATASET",
+        "VM disks: qcow2 overlays, zfs:POOL/DATASET (clones of each image's dataset) or "
+        "reflink:DIR (reflink copies on btrfs/XFS)",
+        metavar="qcow2|zfs:POOL/DATASET|reflink:DIR",
     ),
     _hostd(
         "cache-size",

@@ -4,6 +4,8 @@ clone's domain XML, template keys, the metrics and the CLI's size words."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,9 @@ from hostd.builders.save_image import HEADER, MAGIC, SaveImageError, clone_xml, 
 from hostd.cli.image_cmd import parse_vm_size
 from hostd.images.catalogue import Image
 from hostd.service.metrics import HostMetrics
+from hostd.vm.spares import Spares, reap_parts
 from hostd.vm.templates import template_key
-from hostd.vm.warm import TemplateSpec, dns_servers
+from hostd.vm.warm import SAVE_FILE, TemplateSpec, claim_spare, dns_servers, spares
 from ttci.model.arch import Arch
 from ttci.model.errors import BadInput
 from ttci.model.manifest import FileEntry, Manifest
@@ -256,3 +259,30 @@ def test_x86_vms_have_a_generation_id_and_each_clone_its_own() -> None:
     with pytest.raises(SaveImageError, match="needs its own"):
         clone_xml(saved, **kw)
     assert ET.fromstring(clone_xml(SAVED, **kw)).find("genid") is None  # noqa: S314 - arm64 etc.
+
+
+def test_spare_copies_are_taken_once_each_and_get_the_clones_header(tmp_path: Path) -> None:
+    tpl, vms = tmp_path / "tpl", tmp_path / "vms"
+    tpl.mkdir()
+    vms.mkdir()
+    raw = _save_bytes(SAVED) + os.urandom(1 << 20)  # a stream of 1 MiB
+    (tpl / SAVE_FILE).write_bytes(raw)
+    header = parse_header(raw)
+    pool = Spares(keep=2)
+    pool.want(tpl)
+    deadline = time.monotonic() + 30
+    while len(spares(tpl)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(spares(tpl)) == 2 and pool.disk_bytes([tpl]) == 2 * len(raw)
+    got = []
+    for n in range(3):  # two take a spare; the third finds none (and copies instead)
+        dest = vms / f"vm{n}.save"
+        got.append(claim_spare(tpl, header, SAVED.replace("tpl-1", f"vm-{n}"), dest))
+        if got[-1]:
+            data = dest.read_bytes()
+            assert f"tt-h-vm-{n}" in parse_header(data).xml
+            assert data[header.stream_offset :] == raw[header.stream_offset :]
+    assert got == [True, True, False] and spares(tpl) == []
+    (tpl / "spare-dead.part").write_bytes(b"half")  # a killed hostd's
+    assert reap_parts(tmp_path) == 1 and not (tpl / "spare-dead.part").exists()
+    pool.stop()

@@ -36,6 +36,7 @@ from hostd.storage.volumes import Volumes, template_volume
 from hostd.vm.disk import dir_bytes, image_digest, image_source
 from hostd.vm.engine import Engine
 from hostd.vm.selftest import SELFTEST_TRIES, WAKE_TIMEOUT_S, selftest_once, target_of
+from hostd.vm.spares import Spares, reap_parts
 from hostd.vm.warm import (
     SAVE_FILE,
     TemplateError,
@@ -116,6 +117,7 @@ class Templates:
         self._stop = threading.Event()
         self._headers: dict[str, SaveHeader] = {}
         self._qemu: int | None = None
+        self.spares = Spares()  # save file copies ready for clones (hostd/vm/spares.py)
 
     # -- state -------------------------------------------------------------------------------
     def rows(self, where: str | None = None, args: list[Any] | None = None) -> list[dict[str, Any]]:
@@ -131,7 +133,9 @@ class Templates:
             self.store.db.table("templates").update(tid, fields)
 
     def disk_bytes(self) -> int:
-        return sum(int(r["bytes"] or 0) for r in self.rows() if r["state"] != "failed")
+        rows = [r for r in self.rows() if r["state"] != "failed"]
+        spare = self.spares.disk_bytes([Path(r["dir"]) for r in rows])
+        return spare + sum(int(r["bytes"] or 0) for r in rows)
 
     def _eng(self) -> Engine:
         if self.engine is None:
@@ -189,6 +193,7 @@ class Templates:
         with self._lock:
             if warm and pick.row is not None:
                 self.hits += 1
+                self.spares.want(Path(pick.row["dir"]))  # the next clone's copy
                 with self.store.lock:
                     self.store.db.execute(
                         "update templates set hits = hits + 1 where id = ?", [pick.row["id"]]
@@ -322,6 +327,7 @@ class Templates:
                     self._fail(row, e)
                 raise
             self._update(row["id"], state="ready")
+            self.spares.want(Path(row["dir"]))
             log.info("template %s of %s ready", row["id"], spec.image.name)
             self.collect()
             return self.rows("id = ?", [row["id"]])[0]
@@ -434,7 +440,7 @@ class Templates:
     # -- restart and shutdown ----------------------------------------------------------------
     def reconcile(self) -> dict[str, int]:
         """After a start: templates half made by a dead hostd go; so do files no row owns."""
-        counts = {"templates_cleaned": 0, "templates_reaped": 0}
+        counts = {"templates_cleaned": 0, "templates_reaped": reap_parts(self.root)}
         for r in self.rows("state = 'building'"):
             self._remove(r)
             counts["templates_cleaned"] += 1
@@ -455,6 +461,7 @@ class Templates:
         build step fails at once)."""
         self._stop.set()
         self._queue.put(None)
+        self.spares.stop()
         for r in self.rows("state = 'building'"):
             with contextlib.suppress(TTError):
                 self._eng().destroy(r["domain"])

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hostd.builders.domain_xml import DomainSpec
 from hostd.builders.save_image import SaveHeader, SaveImageError, clone_xml, parse_header
@@ -42,12 +42,15 @@ __all__ = [
     "TemplateError",
     "TemplateSpec",
     "WakeError",
+    "claim_spare",
     "copy_save",
     "dns_servers",
     "identity_for",
+    "make_spare",
     "make_template",
     "read_header",
     "restore_clone",
+    "spares",
     "vcpus_for",
     "wake",
 ]
@@ -191,19 +194,59 @@ def read_header(save: Path) -> SaveHeader:
 
 def copy_save(template_save: Path, header: SaveHeader, xml: str, dest: Path) -> None:
     """dest: the template's save file with xml in its header (the memory is copied in-kernel)."""
-    try:
-        head = header.with_xml(xml)
-    except SaveImageError as e:
-        raise TemplateError(str(e)) from e
-    size = template_save.stat().st_size
+    head = _head(header, xml)
     with open(template_save, "rb") as src, open(dest, "wb") as dst:
         dst.write(head)
-        offset = header.stream_offset
-        while offset < size:
-            n = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
-            if n == 0:
-                raise TemplateError(f"{template_save} shrank while it was copied")
-            offset += n
+        _send(src, dst, header.stream_offset, template_save)
+
+
+def _head(header: SaveHeader, xml: str) -> bytes:
+    try:
+        return header.with_xml(xml)
+    except SaveImageError as e:
+        raise TemplateError(str(e)) from e
+
+
+def _send(src: BinaryIO, dst: BinaryIO, offset: int, what: Path) -> None:
+    """src from offset on to dst's position, in-kernel."""
+    size = os.fstat(src.fileno()).st_size
+    while offset < size:
+        n = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
+        if n == 0:
+            raise TemplateError(f"{what} shrank while it was copied")
+        offset += n
+
+
+def make_spare(template_dir: Path) -> Path:
+    """One more whole copy of the template's save file (`spare-*.save`, written as `.part` and
+    renamed when complete), so a clone's restore need not wait for its copy: it takes a spare
+    and rewrites only the header (`claim_spare`)."""
+    part = template_dir / f"spare-{uuid.uuid4().hex[:12]}.part"
+    try:
+        with open(template_dir / SAVE_FILE, "rb") as src, open(part, "wb") as dst:
+            _send(src, dst, 0, template_dir / SAVE_FILE)
+        return part.rename(part.with_suffix(".save"))
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def spares(template_dir: Path) -> list[Path]:
+    return sorted(template_dir.glob("spare-*.save"))
+
+
+def claim_spare(template_dir: Path, header: SaveHeader, xml: str, dest: Path) -> bool:
+    """Move a spare copy of the template's save file to dest (an atomic rename: each spare goes
+    to one clone) and write xml into its header; False when no spare is left."""
+    head = _head(header, xml)
+    for spare in spares(template_dir):
+        try:
+            spare.rename(dest)
+        except OSError:  # another clone took it (or another filesystem: copy instead)
+            continue
+        with open(dest, "r+b") as f:
+            f.write(head)
+        return True
+    return False
 
 
 def restore_clone(  # noqa: PLR0917 - the template, the clone, and how its disk is made
@@ -237,7 +280,8 @@ def restore_clone(  # noqa: PLR0917 - the template, the clone, and how its disk 
         genid=dom.genid,
     )
     save = dom.directory / SAVE_FILE
-    copy_save(template_dir / SAVE_FILE, header, xml, save)
+    if not claim_spare(template_dir, header, xml, save):
+        copy_save(template_dir / SAVE_FILE, header, xml, save)
     t2 = time.monotonic()
     try:
         with _RESTORES:

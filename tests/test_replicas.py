@@ -9,22 +9,31 @@ the `run` on the killed replica fails saying so and succeeds when run again."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
-from tests.cloudutil import leftovers
+from tests.cloudutil import free_port, leftovers
 from tests.conftest import built_image
+from tests.github.payloads import deliver, job_event
+from tests.github.standin import StandIn
+from tests.github.util import RUN_SH, app_keys, serve_argv
 from tests.pgcluster import PgCluster
 from tests.replicautil import ADMIN, HostdProc, SchedulerProc, start_hostd, start_scheduler
 from ttci.client.config import ClientConfig
 from ttci.client.scheduler import Client
-from ttci.infra.proc import stop
+from ttci.infra.proc import BASE_ENV, stop
 from ttci.model.errors import ApiError, TTError
 from ttci.wire.commands import EventKind, ExecRequest
 from ttci.wire.envs import EnvRequest
@@ -216,3 +225,120 @@ def test_a_burst_over_three_replicas_survives_killing_the_lease_holder(fleet: Fl
         assert time.monotonic() < deadline, fleet.hostd.vms()
         time.sleep(1)
     print(f"killed replica {victim + 1}; burst done {time.monotonic() - t_kill:.1f} s later")
+
+
+# -- the GitHub service, two replicas on one database -------------------------------------------
+GH_SECRET = "replica-webhook-secret-51f0"
+REPO = "octo-org/replicas"
+AMD64 = ["self-hosted", "tt", "debian-12", "amd64"]
+
+
+@contextlib.contextmanager
+def github_pair(f: Fleet, state: Path, url: str, gh: StandIn) -> Iterator[list[str]]:
+    """Two `tt-github-webhooks serve` on one database, their scheduler config listing every
+    scheduler replica (a dead one too); yields their URLs; both stopped afterwards."""
+    private, _ = app_keys()
+    key = state / "app.pem"
+    key.write_text(private)
+    runner = state / "runner"
+    runner.mkdir()
+    (runner / "run.sh").write_bytes(RUN_SH.read_bytes())
+    (runner / "run.sh").chmod(0o755)
+    cfg = state / "tt.json"
+    cfg.write_text(json.dumps({"server": [r.addr for r in f.replicas], "token": ADMIN}))
+    cfg.chmod(0o600)
+    procs, urls = [], []
+    try:
+        for i in (1, 2):
+            port = free_port()
+            argv = serve_argv(
+                state / f"gh{i}", gh.url, key, port, "--push-runner", str(runner),
+                "--mem", "384", "--reconcile-interval", "2", "--runner-timeout", "120",
+                "--repo", REPO, "--database", url, "--tt-config", str(cfg),
+            )  # fmt: skip
+            env = {**BASE_ENV, "TT_GH_WEBHOOK_SECRET": GH_SECRET, "XDG_CACHE_HOME": str(state)}
+            log = (state / f"gh{i}.log").open("ab")
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+            log.close()
+            urls.append(f"http://127.0.0.1:{port}")
+        for u in urls:
+            wait_until(functools.partial(_up, u), 30, f"the GitHub service at {u}")
+        yield urls
+    finally:
+        for p in procs:
+            stop(p, grace=30)
+
+
+def _up(url: str) -> bool:
+    try:
+        return requests.get(url + "/healthz", timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+@pytest.mark.xfail(
+    reason="the GitHub reconciler runs on both replicas and takes a job the other replica is "
+    "provisioning for one cut short (webhooks/core/reconcile.py: PROVISIONING and not j.live, "
+    "live meaning a thread of this process): it deletes that ENV and retries, so GitHub "
+    "issues a second JIT runner (tt-ID-2). Until the reconciler holds a lease and asks "
+    "whether the provisioning replica lives. A race (most runs): not strict.",
+    strict=False,
+)
+def test_one_delivery_to_both_github_replicas_makes_one_job_and_one_runner(
+    fleet: Fleet, pg: PgCluster, tmp_path: Path
+) -> None:
+    _, public = app_keys()
+    gh = StandIn(app_id=31337, public_key=public).start()
+    gh.installations["octo-org"] = 4242
+    jid = 82000001
+    gh.add_job(REPO, jid, AMD64, "queued")
+    tt = fleet.client(0)  # the first may be dead (the burst test killed one): it fails over
+    try:
+        with pg.database() as url, github_pair(fleet, tmp_path, url, gh) as (a, b):
+            payload = job_event("queued", jid, AMD64, repo=REPO)
+            raw = json.dumps(payload, separators=(",", ":")).encode()
+            delivery = "5e1f0c3a-0000-4000-8000-000000000001"  # the same delivery, twice
+            with ThreadPoolExecutor(2) as pool:
+                answers = list(
+                    pool.map(
+                        lambda u: deliver(
+                            u + "/webhook", None, GH_SECRET.encode(), delivery=delivery, body=raw
+                        ),
+                        (a, b),
+                    )
+                )
+            accepted = [r for r in answers if r.status_code == 202]
+            dup = [r for r in answers if r.status_code != 202]
+            assert len(accepted) >= 1, [r.text for r in answers]  # the other: "already received"
+            assert all("already received" in r.json()["error"] for r in dup), [r.text for r in dup]
+
+            def job() -> dict[str, Any]:
+                jobs = requests.get(a + "/jobs", timeout=5).json()
+                return next((j for j in jobs if j["id"] == jid), {})
+
+            wait_until(lambda: job().get("state") == "started", 180, "the runner to start")
+            assert (
+                requests.get(b + "/jobs", timeout=5).json()
+                == requests.get(a + "/jobs", timeout=5).json()
+            )  # one job, seen alike by both replicas
+            ours = [n for n in gh.issued if str(jid) in n]
+            assert ours == [f"tt-{jid}-1"], gh.issued  # one JIT runner
+            assert len(gh.calls("actions/generate-runner-jitconfig-for-repo")) == 1
+            envs = [e["name"] for e in tt.get("/v1/envs") if str(jid) in e["name"]]
+            assert envs == [f"gh-{jid}-1"]  # one VM
+            gh.jobs[jid]["status"] = "completed"
+            done = job_event(
+                "completed", jid, AMD64, repo=REPO, runner_name=ours[0], conclusion="success"
+            )
+            deliver(b + "/webhook", done, GH_SECRET.encode())
+            wait_until(lambda: job().get("state") == "done", 90, "the job to end")
+            wait_until(lambda: not [e for e in tt.get("/v1/envs")], 60, "its ENV to go")
+    finally:
+        gh.stop()

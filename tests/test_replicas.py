@@ -342,3 +342,5 @@ def test_one_delivery_to_both_github_replicas_makes_one_job_and_one_runner(
             wait_until(lambda: not [e for e in tt.get("/v1/envs")], 60, "its ENV to go")
     finally:
         gh.stop()
+        for e in tt.get("/v1/envs"):  # whatever a failed run left (the services are gone)
+            tt.delete_env_wait(e["name"])

@@ -178,10 +178,20 @@ def cache_volumes(spec: str, state: Path, args: argparse.Namespace) -> dict[str,
     """Cache volumes on the backend: attach and commit on the host; the 300 MB job with VMs
     (unless --boots 0)."""
     state.mkdir(parents=True, exist_ok=True)
-    out = host_numbers(spec, state / "host", max(args.runs // 2, 3))
+    out = host_numbers(_own(spec, "ttch"), state / "host", max(args.runs // 2, 3))
     if args.boots:
-        out["jobs"] = job_numbers(spec, state / "vm", args.image_path, "qemu:debian-12:amd64")
+        image = "qemu:debian-12:amd64"
+        out["jobs"] = job_numbers(_own(spec, "ttcv"), state / "vm", args.image_path, image)
     return out
+
+
+def _own(spec: str, name: str) -> str:
+    """A dataset of its own on ZFS (a dataset belongs to one hostd state dir)."""
+    if not spec.startswith("zfs:"):
+        return spec
+    dataset = f"{spec.removeprefix('zfs:').split('/')[0]}/{name}"
+    subprocess.run(["zfs", "create", "-p", dataset], check=True, capture_output=True)
+    return f"zfs:{dataset}"
 
 
 def cache_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:

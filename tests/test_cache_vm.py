@@ -157,3 +157,27 @@ def test_host_over_its_limit_evicts_the_least_recently_used(
         assert line in metrics.decode()
     sid = CacheScope("admin", "user:admin", "big-a").scope_id
     assert not list((stack.state_dir).rglob(f"caches/{sid}/*"))
+
+
+def test_env_add_with_a_cache_commits_only_when_asked(
+    cloud: tuple[Stack, Path, Client], tmp_path: Path
+) -> None:
+    _, cfg, client = cloud
+    env = {**os.environ, "TT_CONFIG": str(cfg)}
+
+    def tt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([BIN / "tt", *args], capture_output=True, text=True, env=env)
+
+    bad = tt("env", "add", "c1", "--os-prefix", "debian-12:amd64", "--cache", "x:/etc/x")
+    assert bad.returncode != 0 and "inside the guest's system folder /etc" in bad.stderr
+    for n, commit in ((1, False), (2, True)):
+        add = tt("env", "add", f"c{n}", "--os-prefix", "debian-12:amd64", "--cache", "man:/srv/c")
+        assert add.returncode == 0, add.stderr
+        run = tt("env", "run", f"c{n}", "--cmd", f"ls /srv/c; echo {n} > /srv/c/n")
+        assert run.returncode == 0, run.stderr
+        assert "n" not in run.stdout.split()  # the first discarded: the second saw nothing
+        gone = tt("env", "del", f"c{n}", *(["--commit-cache"] if commit else []))
+        assert gone.returncode == 0, gone.stderr
+    listed = json.loads(tt("cache", "list", "--json").stdout)
+    assert [c["commits"] for c in listed if c["key"] == "man"] == [1]
+    client.delete_cache("man")

@@ -150,12 +150,29 @@ def test_restart_reaps_half_made_orphaned_and_ownerless_volumes(
         (vols.backend.root / "vm-orphan.qcow2").write_bytes(b"")
     counts = vols.reconcile({"vm": {"keep"}.__contains__, "image": {img}.__contains__})
     assert {r["name"] for r in vols.rows()} == {img, "vm-keep"}
-    assert counts == {"volumes_cleaned": 2, "volumes_reaped": int(orphan)}
+    assert counts == {"volumes_cleaned": 2, "volumes_reaped": int(orphan), "volumes_forgotten": 0}
     assert _pattern(tmp_path / "keep.qcow2", 0xAA) and not (tmp_path / "gone.qcow2").exists()
     assert vols.backend.names() == (set() if not orphan else {img, "vm-keep"})
     if isinstance(vols.backend, ZfsBackend):
         names = datasets(vols.backend.dataset)
         assert sorted(n.rsplit("/", 1)[1] for n in names) == [f"{img}", f"{img}@{img}", "vm-keep"]
+
+
+def test_a_volume_removed_by_hand_is_forgotten_and_made_again(
+    vols: Volumes, tmp_path: Path
+) -> None:
+    base = _image(tmp_path)
+    img = vols.image("img-0123", base)
+    if isinstance(vols.backend, ZfsBackend):
+        subprocess.run(["zfs", "destroy", "-r", f"{vols.backend.dataset}/{img}"], check=True)
+    elif isinstance(vols.backend, ReflinkBackend):
+        vols.path(img).unlink()
+    counts = vols.reconcile({"image": {img}.__contains__})
+    assert counts["volumes_forgotten"] == int(vols.backend.lists_volumes)
+    assert vols.image("img-0123", base) == img  # imported again
+    disk = vols.clone(img, "vm-a", kind="vm", owner="vm:a", dest=tmp_path / "a.qcow2", size_gib=1)
+    assert _pattern(disk, 0xAA)
+    assert vols.destroy("vm-a") and vols.destroy(img) and vols.backend.names() == set()
 
 
 def test_storage_settings_say_what_is_wrong(tmp_path: Path) -> None:
@@ -180,6 +197,8 @@ def test_storage_settings_say_what_is_wrong(tmp_path: Path) -> None:
         with pytest.raises(BadInput, match="belongs to the hostd with state dir /var/lib/a") as e:
             ZfsBackend(dataset).claim("/var/lib/b")  # it would reap a's datasets
         assert f"zfs inherit org.ttci:state {dataset}" in (e.value.hint or "")
+        ZfsBackend(dataset).release("/var/lib/a")  # a stopped with no VM left
+        ZfsBackend(dataset).claim("/var/lib/b")
     assert parse_storage("reflink:/srv/tt") == ("reflink", "/srv/tt")
     with pytest.raises(BadInput, match="not an absolute directory"):
         parse_storage("reflink:srv")

@@ -63,6 +63,7 @@ class Backend(ABC):
 
     kind: str = ""
     owns_imports: bool = True  # False: an imported image is the image's own file (not ours)
+    lists_volumes: bool = True  # names() is every volume it holds (qcow2: its files are elsewhere)
 
     def describe(self) -> str:
         return self.kind
@@ -73,6 +74,10 @@ class Backend(ABC):
     def claim(self, owner: str) -> None:  # noqa: B027 - only shared places need claiming
         """Mark the backend's place as owner's (a hostd's state dir); BadInput if another
         hostd's: it would reap what the other made."""
+
+    def release(self, owner: str) -> None:  # noqa: B027 - only shared places are claimed
+        """Undo owner's claim (a hostd stopped with no VM left); another hostd may then claim
+        the place (and reap what this one left in it)."""
 
     @abstractmethod
     def import_image(self, name: str, source: Path) -> Path:

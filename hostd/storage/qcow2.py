@@ -26,6 +26,7 @@ def create_overlay(base: Path, path: Path, size_gib: int | None = None) -> None:
 class Qcow2Backend(Backend):
     kind = "qcow2"
     owns_imports = False
+    lists_volumes = False
 
     def import_image(self, name: str, source: Path) -> Path:
         return source

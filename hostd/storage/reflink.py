@@ -63,6 +63,11 @@ class ReflinkBackend(Backend):
             )
         mark.write_text(owner + "\n")
 
+    def release(self, owner: str) -> None:
+        mark = self.root / _CLAIM
+        if mark.exists() and mark.read_text().strip() == owner:
+            mark.unlink()
+
     def _file(self, name: str) -> Path:
         return self.root / f"{name}.qcow2"
 

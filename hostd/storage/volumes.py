@@ -294,8 +294,8 @@ class Volumes:
     def reconcile(self, alive: Mapping[str, Callable[[str], bool]]) -> dict[str, int]:
         """After a start: volumes half made go; so do those whose owner is gone (alive: owner
         kind -> is this id still there; kinds not listed are kept) and what the backend holds
-        that no row names."""
-        counts = {"volumes_cleaned": 0, "volumes_reaped": 0}
+        that no row names; rows of volumes gone from the backend are forgotten."""
+        counts = {"volumes_cleaned": 0, "volumes_reaped": 0, "volumes_forgotten": 0}
         for row in self.rows():
             kind, _, oid = row["owner"].partition(":")
             dead = kind in alive and not alive[kind](oid)
@@ -303,8 +303,17 @@ class Volumes:
                 self._set(row["name"], state="doomed")
                 counts["volumes_cleaned"] += 1
         self.sweep()
+        held = self.backend.names()
+        for row in self.rows(
+            "state in ('ready', 'frozen') and backend = ?", [self.backend.describe()]
+        ):
+            if self.backend.lists_volumes and row["name"] not in held:  # removed by hand
+                log.warning("forgetting volume %s: it is gone", row["name"])
+                with self.store.lock:
+                    self.store.db.table("volumes").delete_where("name = ?", [row["name"]])
+                counts["volumes_forgotten"] += 1
         known = {r["name"] for r in self.rows()}
-        for name in self.backend.names() - known:
+        for name in held - known:
             log.warning("reaping volume %s that no state row owns", name)
             try:
                 self.backend.destroy(name, Path(), None)

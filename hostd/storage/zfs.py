@@ -33,6 +33,7 @@ from ttci.model.errors import BadInput, CommandFailed
 __all__ = ["ZfsBackend"]
 
 log = logging.getLogger("hostd.storage.zfs")
+_CLAIM = "org.ttci:state"  # a user property: which hostd (its state dir) owns the dataset
 _BUSY_TRIES = 50  # a dataset may be busy for a moment after its last file closes (FUSE)
 
 
@@ -91,7 +92,7 @@ class ZfsBackend(Backend):
         run(["mount", "--make-shared", mountpoint])
 
     def claim(self, owner: str) -> None:
-        prop = "org.ttci:state"  # a user property: which hostd (state dir) owns the dataset
+        prop = _CLAIM
         got = self._zfs("get", "-H", "-o", "value", prop, self.dataset).strip()
         if got not in ("-", "", owner):
             raise BadInput(
@@ -101,6 +102,11 @@ class ZfsBackend(Backend):
             )
         if got != owner:
             self._zfs("set", f"{prop}={owner}", self.dataset)
+
+    def release(self, owner: str) -> None:
+        got = self._zfs("get", "-H", "-o", "value", _CLAIM, self.dataset).strip()
+        if got == owner:
+            self._zfs("inherit", _CLAIM, self.dataset)
 
     def _mnt(self, name: str) -> Path:
         if self._mountpoint is None:

@@ -477,4 +477,5 @@ class VMManager:
                 if row["state"] != "lost":
                     self._reclaim(row["id"])
             self.net.teardown()
+            self.volumes.backend.release(str(self.cfg.state_dir.resolve()))  # no VM uses it
         self.engine.close()

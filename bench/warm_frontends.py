@@ -67,7 +67,6 @@ def _gitlab_job(runner: Runner, job_id: int, cold: bool) -> dict[str, Any]:
         "first_stage_s": first.seconds,
         "to_first_output_s": prepare.seconds + first.seconds,
         "job_s": total,
-        "started": "warm" if b"warm" in prepare.stdout + prepare.stderr else "?",
     }
 
 

@@ -272,3 +272,20 @@ def haproxy(state: Path, servers: list[str]) -> Iterator[str]:
         yield listen
     finally:
         stop(proc, grace=5)
+
+
+@contextlib.contextmanager
+def own_cache(path: Path) -> Iterator[None]:
+    """XDG_CACHE_HOME at path while the block runs: the clients' memory of which replica
+    answered (ttci/client/failover.py) stays in the test's directory."""
+    import os
+
+    was = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = was

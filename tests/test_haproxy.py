@@ -24,6 +24,7 @@ from tests.replicautil import (
     SchedulerProc,
     dead_port,
     haproxy,
+    own_cache,
     start_hostd,
     start_scheduler,
 )
@@ -64,6 +65,7 @@ def balanced(tmp_path_factory: pytest.TempPathFactory, pg: PgCluster) -> Iterato
     built_image("debian-12", "amd64")
     state = tmp_path_factory.mktemp("haproxy")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(own_cache(state / "cache"))
         url = stack.enter_context(pg.database())
         replicas = []
         for i in (1, 2):

@@ -125,7 +125,9 @@ def test_reconcile_after_a_crash_drops_clones_of_gone_vms(caches: CacheStore) ->
             {"volume": "cache-half", "scope_id": SCOPE.scope_id, "vm": "half", "mount": "/c",
              "created_at": 0.0}
         )  # fmt: skip
+    (caches.root / ".empty-16g.raw.tmp").write_bytes(b"cut short")
     assert caches.reconcile({"alive", "half"}) == 2
+    assert not list(caches.root.glob(".*.tmp"))
     assert [c["vm"] for c in caches.store.db.table("cache_clones").rows] == ["alive"]
     caches.release("alive", commit=False)
     assert len(caches.volumes.rows("kind = 'cache'")) == 1  # the committed version

@@ -320,6 +320,8 @@ class CacheStore:
                 self.volumes.destroy(vol["name"])
                 n += 1
         self.volumes.sweep()
+        for tmp in self.root.glob(".*.tmp"):  # an empty file system cut short (emptyfs.py)
+            tmp.unlink(missing_ok=True)
         for d in self.root.iterdir():
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()

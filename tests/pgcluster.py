@@ -87,7 +87,7 @@ class PgCluster:
         import psycopg
 
         with psycopg.connect(self.url(db), autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement.encode())
 
     @contextlib.contextmanager
     def database(self) -> Iterator[str]:

@@ -239,7 +239,7 @@ def test_a_stored_report_from_before_checks_breaks_nothing(
         sched.store.db.table("hosts").update(
             "h2", {"info": json.dumps({"images": "x", "total": {"cpus": "y"}, "state": "down"})}
         )
-    sched.pool._version += 1  # as any write does
+        sched.pool._bump()  # as any write does
     assert _hosts(api)["h2"]["state"] == "up" and "images" not in _hosts(api)["h2"]
     r = api.get("/v1/images", headers=_auth(alice))
     assert r.status_code == 200 and {i["name"]: i["hosts"] for i in r.json} == {IMAGE: ["h1"]}

@@ -291,7 +291,7 @@ def test_store_columns_and_migrations(tmp_path: Path) -> None:
 
     store = JobStore(tmp_path / "g.db")
     assert set(store.db.columns_of("jobs")) == JOB_COLUMNS
-    assert store.store.applied() == ["0001_jobs_deliveries", "0002_launched_at"]
+    assert store.store.applied() == ["0001_jobs_deliveries", "0002_launched_at", "0003_leases"]
     with pytest.raises(ValueError, match="unknown job columns"):
         store.update(1, **{"state; drop table jobs": "x"})
     store.store.close()

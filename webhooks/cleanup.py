@@ -22,7 +22,7 @@ from webhooks.core.jobs import (
 )
 from webhooks.core.labels import parse_labels
 from webhooks.github_api import GitHubError, RateLimited
-from webhooks.service_base import ServiceBase
+from webhooks.service_base import LEASE, ServiceBase
 
 __all__ = ["Cleanup"]
 
@@ -99,6 +99,8 @@ class Cleanup(ServiceBase):
     # -- reconciliation ----------------------------------------------------------------------
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.s.reconcile_interval_s):
+            if not self.leases.held(LEASE):  # another replica reconciles
+                continue
             try:
                 self.reconcile_once()
             except RateLimited as e:

@@ -33,7 +33,7 @@ from webhooks.core.queueing import (
 )
 from webhooks.github_api import GitHubError, JitRunner, RateLimited
 from webhooks.runner import STARTED_MARK, launch_request, tar_dir
-from webhooks.service_base import ServiceBase
+from webhooks.service_base import LEASE, ServiceBase
 
 __all__ = ["Provisioning"]
 
@@ -76,6 +76,8 @@ class Provisioning(ServiceBase):
         while not self._stop.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
+            if not self.leases.held(LEASE):  # another replica dispatches
+                continue
             try:
                 self.dispatch_once()
             except Exception:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ttci.client.scheduler import Client
+from ttci.infra.sql_leases import Leases
 from ttci.model.cache import CacheSpec
 from ttci.model.egress import EgressRule
 from webhooks.core.egress import RepoEgress
@@ -19,9 +20,10 @@ from webhooks.github_api import GitHubAPI
 from webhooks.metrics import Metrics
 from webhooks.store import JobStore
 
-__all__ = ["ServiceBase", "Settings", "utcnow"]
+__all__ = ["LEASE", "ServiceBase", "Settings", "utcnow"]
 
 log = logging.getLogger("webhooks")
+LEASE = "github"  # the dispatcher and the reconciler run on its holder only
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,12 @@ class ServiceBase:
         self._live_lock = threading.Lock()
         self._cleanup_locks: dict[int, threading.Lock] = {}
         self._threads: list[threading.Thread] = []
+        # Replicas on one database: the dispatcher and the reconciler run where this lease is.
+        self.leases = Leases(store.store, (LEASE,))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, reconcile_loop: bool = True) -> None:
+        self.leases.start()
         loops = [self._dispatch_loop] + ([self._reconcile_loop] if reconcile_loop else [])
         for fn in loops:
             t = threading.Thread(target=fn, name=fn.__name__, daemon=True)
@@ -74,6 +79,7 @@ class ServiceBase:
         self._wake.set()
         for t in self._threads:
             t.join(timeout=5)
+        self.leases.stop()
 
     def _spawn(self, fn: Callable[[int], None], jid: int) -> None:
         """A daemon thread per job task: a provisioning thread lives as long as its runner (it

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ttci.infra import sql_leases
 from ttci.infra.sql import Database, Migration, SqlStore
 from webhooks.core.jobs import ACTIVE, OPEN, Event, State, transition
 from webhooks.core.queueing import redeliverable
@@ -98,6 +99,7 @@ JOB_COLUMNS = {
 MIGRATIONS: list[Migration] = [
     ("0001_jobs_deliveries", _base),
     ("0002_launched_at", _launched_at),
+    ("0003_leases", sql_leases.create_table),  # replicas: one runs the loops (service_base)
 ]
 
 

@@ -177,6 +177,9 @@ class SqliteBackend:
         self._lock.acquire()
         try:
             self.conn.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
+        except sqlite3.ProgrammingError as e:  # closed: the service is stopping
+            self._lock.release()
+            raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
         except BaseException:
             self._lock.release()
             raise
@@ -307,6 +310,8 @@ class PostgresBackend:
     def begin(self, exclusive: bool = False) -> Conn:
         try:
             conn = self.pool.getconn()
+        except self._pool_mod.PoolClosed as e:  # the service is stopping
+            raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
         except self._pool_mod.PoolTimeout as e:
             raise DatabaseUnavailable(
                 f"no connection to the database {self.shown} within 30 s",

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ttci.infra.db import now
-from ttci.infra.sql import NotFoundError, SqlStore
+from ttci.infra.sql import DatabaseUnavailable, NotFoundError, SqlStore
+from ttci.infra.sql_leases import Leases
 from ttci.model.errors import TTError
 from ttci.model.resources import Resources
 from ttci.scheduler.hostd_client import HostdClient
@@ -24,10 +25,11 @@ from ttci.wire.envs import EnvEvent
 from ttci.wire.queue import QueueInfo
 from ttci.wire.warm import image_warmth
 
-__all__ = ["PARALLEL_CREATES", "EnvBusy", "EnvExists", "EnvNotFound", "SchedulerCore"]
+__all__ = ["LEASES", "PARALLEL_CREATES", "EnvBusy", "EnvExists", "EnvNotFound", "SchedulerCore"]
 
 log = logging.getLogger("ttci.scheduler")
 PARALLEL_CREATES = 8
+LEASES = ("reaper", "dispatcher", "hosts")  # the loops that run on one replica at a time
 
 
 class EnvNotFound(TTError):
@@ -72,8 +74,9 @@ class SchedulerCore:
             on_up=self._host_up,
         )
         self.users = Users(self.store, admin_token)
+        # The background loops run on one replica at a time (leases; started by serve).
+        self.leases = Leases(self.store, LEASES)
         self._stop = threading.Event()
-        self._place_lock = threading.Lock()
         # The admission queue (env_queue): the dispatcher's wake-up call, the last decision's
         # waiting requests, and the progress streams that watch an ENV.
         self._dispatch_wake = threading.Event()
@@ -81,6 +84,11 @@ class SchedulerCore:
         self._decided_at = 0.0
         self._watch_lock = threading.Lock()
         self._watchers: dict[str, list[queue.Queue[EnvEvent]]] = {}
+
+    def _placing(self) -> contextlib.AbstractContextManager[None]:
+        """Placement and the admission queue, one at a time across every replica (a mutex
+        of the database); taken before any `with self.store.lock:` of the thread."""
+        return self.store.mutex("place")
 
     def queue_info(self, name: str) -> QueueInfo | None:
         """Where a queued ENV stands (env_queue answers; None: not waiting)."""
@@ -153,13 +161,19 @@ class SchedulerCore:
         except TTError as e:
             log.warning("host %s is back but its VMs could not be listed: %s", host_id, e)
             return
-        with self.store.lock:
-            for v in self.store.db.table("vms").rows_where(
-                "host = ? and state = 'lost'", [host_id]
-            ):
-                if v["id"] in there:
-                    self.store.db.table("vms").update(v["id"], {"state": "running", "error": ""})
-                    log.info("VM %s on %s is back", v["name"], host_id)
+        try:
+            with self.store.lock:
+                for v in self.store.db.table("vms").rows_where(
+                    "host = ? and state = 'lost'", [host_id]
+                ):
+                    if v["id"] in there:
+                        self.store.db.table("vms").update(
+                            v["id"], {"state": "running", "error": ""}
+                        )
+                        log.info("VM %s on %s is back", v["name"], host_id)
+        except DatabaseUnavailable as e:  # its next heartbeat tries again
+            log.warning("host %s is back but its VMs could not be updated: %s", host_id, e)
+            return
         self.wake_dispatch()
 
     def _committed(self) -> dict[str, Resources]:

@@ -34,7 +34,7 @@ class EnvCreation(EnvViews):
     def plan_env(self, req: EnvRequest) -> dict[str, Any]:
         """Where the ENV's VMs would go now (nothing is created): `tt env add --dry-run`."""
         asks = self._asks(req)
-        with self._place_lock:
+        with self._placing():
             placement = place(asks, self.pool.views(self._committed()))
         per_host: dict[str, int] = {}
         for hid in placement.values():
@@ -147,7 +147,12 @@ class EnvCreation(EnvViews):
         )
         self.store.db.table("envs").update(
             req.name,
-            {"state": "creating", "expires_at": _after(req.life_s), "wait_s": round(wait_s, 3)},
+            {
+                "state": "creating",
+                "expires_at": _after(req.life_s),
+                "wait_s": round(wait_s, 3),
+                "worker": self.leases.holder,  # the replica that boots it (core.recover)
+            },
         )
 
     def _create_on_host(self, req: EnvRequest, user: User, v: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +185,7 @@ class EnvCreation(EnvViews):
                 v["arch"],
                 Resources(v["cpus"], v["memory_mib"], v["disk_gib"]),
             )
-            with self._place_lock:
+            with self._placing():
                 try:
                     again = place([ask], self.pool.views(self._committed()))[v["name"]]
                 except NoPlacement as np:

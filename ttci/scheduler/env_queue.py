@@ -85,7 +85,7 @@ class EnvQueue(EnvCreation):
         if why := feasibility(qr, self._whole_pool()):
             raise NoPlacement(why, hint="ask for fewer or smaller VMs, or add hosts")
         deadline = None if opts.max_wait_s is None else qr.enqueued_at + opts.max_wait_s
-        with self._place_lock, self.store.lock:
+        with self._placing(), self.store.lock:
             self._insert_env(req, user, project)
             qs.enqueue(self.store, qr, deadline)
         log.info("ENV %s queued (%d VMs, project %s)", req.name, qr.vm_count, project)
@@ -130,7 +130,7 @@ class EnvQueue(EnvCreation):
     # -- dispatching ----------------------------------------------------------------------
     def dispatch(self) -> set[str]:
         """Grant what can start now (booting each in a worker); the names granted."""
-        with self._place_lock:
+        with self._placing():
             waiting = qs.load_queue(self.store)
             if not waiting:
                 self._waiting = {}
@@ -178,7 +178,7 @@ class EnvQueue(EnvCreation):
         return True
 
     def _grant(self, r: QueuedRequest, placement: dict[str, str], now: float) -> None:
-        """Record the placed VMs and boot the ENV in a worker. Holds _place_lock."""
+        """Record the placed VMs and boot the ENV in a worker. Holds the place mutex."""
         with self.store.lock:
             row = self.store.db.table("envs").get(r.id)
             req = request_from_json(json.loads(row["request"]))
@@ -205,7 +205,7 @@ class EnvQueue(EnvCreation):
 
     def _unqueue(self, name: str) -> bool:
         """Take a queued ENV out of the queue and forget it; True if it was still queued."""
-        with self._place_lock:
+        with self._placing():
             return self._unqueue_locked(name)
 
     def _end_queued(self, name: str, err: TTError) -> None:
@@ -214,7 +214,7 @@ class EnvQueue(EnvCreation):
             self._publish(name, _error_event(err), final=True)
 
     def _unqueue_locked(self, name: str) -> bool:
-        """_unqueue for callers that already hold _place_lock."""
+        """_unqueue for callers that already hold the place mutex."""
         with self.store.lock:
             gone = qs.dequeue(self.store, name)
             if gone:
@@ -225,8 +225,12 @@ class EnvQueue(EnvCreation):
     def start_dispatcher(self) -> None:
         def loop() -> None:
             while not self._stop.is_set():
-                self._dispatch_wake.wait(TICK_S)
+                woken = self._dispatch_wake.wait(TICK_S)
                 self._dispatch_wake.clear()
+                # This replica's own events (an ENV deleted here, a request queued here) are
+                # looked at here; the periodic pass runs on the dispatcher lease's holder only.
+                if not woken and not self.leases.held("dispatcher"):
+                    continue
                 try:
                     self.dispatch()
                 except Exception:  # the dispatcher must survive anything

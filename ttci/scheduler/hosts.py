@@ -1,8 +1,8 @@
 """The pool of hosts: static ones (`--server-set`) and ones that register with a join token.
 
-Registered hosts heartbeat; a host not heard from for `timeout` seconds is marked down and its
-VMs lost. Static hosts are polled. Host records live in the scheduler's SQLite state, so a
-restarted scheduler knows its pool at once.
+Registered hosts heartbeat (to any replica); a host not heard from for `timeout` seconds (by
+the wall clock) is marked down and its VMs lost. Static hosts are polled. Host records live in
+the scheduler's database, so a restarted scheduler (or another replica) knows its pool at once.
 
 Identity: a registered host's id is bound to the token it first registered with (the one the
 scheduler sends it). Registering the id again needs that token (or, to change it, the old one as
@@ -148,7 +148,8 @@ class HostPool:
         self.on_down = on_down or (lambda hid, why: None)
         self.on_up = on_up or (lambda hid: None)
         self._clients: dict[str, HostdClient] = {}
-        self._version = 0  # bumped by every write: the public lists are cached per version
+        # Every write bumps the hosts counter in the database (in its transaction), so each
+        # replica rebuilds its cached public lists after any replica changed a host.
         self._cache: dict[bool, tuple[int, list[dict[str, Any]]]] = {}
         self._clients_lock = threading.Lock()
         with store.lock:
@@ -166,6 +167,14 @@ class HostPool:
                     },
                     pk="id",
                 )
+
+    def _bump(self) -> None:
+        """A host record changes (the caller holds the store's lock)."""
+        self.store.db.execute("update counters set n = n + 1 where name = 'hosts'")
+
+    def _version(self) -> int:
+        row = self.store.db.execute("select n from counters where name = 'hosts'").fetchone()
+        return int(row[0]) if row else 0
 
     def _exists(self, hid: str) -> bool:
         return bool(self.store.db.table("hosts").count_where("id = ?", [hid]))
@@ -197,10 +206,10 @@ class HostPool:
         rebuilt only after a host record changed."""
         with self.store.lock:
             version, cached = self._cache.get(admin, (-1, []))
-            if version != self._version:
-                version = self._version
+            now = self._version()
+            if version != now:
                 cached = [self.public(r, admin=admin) for r in self.rows()]
-                self._cache[admin] = (version, cached)
+                self._cache[admin] = (now, cached)
             return cached
 
     @staticmethod
@@ -232,7 +241,7 @@ class HostPool:
             was = self.store.db.table("hosts").get(reg.id) if self._exists(reg.id) else None
             if was is not None:
                 self._check_claim(reg, was)
-            self._version += 1
+            self._bump()
             self.store.db.table("hosts").upsert(
                 {
                     "id": reg.id,
@@ -241,7 +250,7 @@ class HostPool:
                     "token": reg.token,
                     "state": "unhealthy" if problem else "up",
                     "last_seen": now(),
-                    "seen_mono": time.monotonic(),
+                    "seen_at": time.time(),
                     "info": json.dumps(report) if not problem else (was or {}).get("info", "{}"),
                     "error": problem,
                     "drained": was["drained"] if was else 0,
@@ -305,13 +314,13 @@ class HostPool:
     def _seen(self, hid: str, info: dict[str, Any], was: str) -> None:
         """The host answered with its current (checked) report."""
         with self.store.lock:
-            self._version += 1
+            self._bump()
             self.store.db.table("hosts").update(
                 hid,
                 {
                     "state": "up",
                     "last_seen": now(),
-                    "seen_mono": time.monotonic(),
+                    "seen_at": time.time(),
                     "info": json.dumps(info),
                     "error": "",
                 },
@@ -324,13 +333,13 @@ class HostPool:
         """The host answers but its report is malformed: out of placement, VMs untouched."""
         with self.store.lock:
             was = self.store.db.table("hosts").get(hid)["state"]
-            self._version += 1
+            self._bump()
             self.store.db.table("hosts").update(
                 hid,
                 {
                     "state": "unhealthy",
                     "last_seen": now(),
-                    "seen_mono": time.monotonic(),
+                    "seen_at": time.time(),
                     "error": why,
                 },
             )
@@ -340,7 +349,7 @@ class HostPool:
     def set_drain(self, hid: str, drained: bool) -> dict[str, Any]:
         self.row(hid)
         with self.store.lock:
-            self._version += 1
+            self._bump()
             self.store.db.table("hosts").update(hid, {"drained": int(drained)})
         log.info("host %s %s", hid, "drained" if drained else "undrained")
         return self.public(self.row(hid))
@@ -352,7 +361,7 @@ class HostPool:
         if row["kind"] == "static":
             raise HostRefused(f"host {hid} is static", hint="remove it from --server-set")
         with self.store.lock:
-            self._version += 1
+            self._bump()
             self.store.db.table("hosts").delete(hid)
         log.info("host %s forgotten", hid)
 
@@ -388,9 +397,9 @@ class HostPool:
             list(pool.map(one, sorted(hids)))
 
     def check_timeouts(self) -> None:
-        limit = time.monotonic() - self.timeout
+        limit = time.time() - self.timeout
         for row in self.rows():
-            stale = (row.get("seen_mono") or 0) < limit
+            stale = (row.get("seen_at") or 0) < limit
             alive = row["state"] in ("up", "unhealthy")
             if row["kind"] == "registered" and alive and stale:
                 self._mark_down(hid=row["id"], why=f"no heartbeat for {self.timeout:g} s")
@@ -401,7 +410,7 @@ class HostPool:
     def _mark_down(self, hid: str, why: str) -> None:
         was = self.row(hid)["state"]
         with self.store.lock:
-            self._version += 1
+            self._bump()
             self.store.db.table("hosts").update(hid, {"state": "down", "error": why})
         if was != "down":
             log.warning("host %s is down: %s", hid, why)

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from ttci.infra.metrics_common import RESOURCE_UNITS, VM_STATES, BuildInfo, by_state
 from ttci.infra.sql import SqlStore
+from ttci.infra.sql_leases import Leases
 from ttci.scheduler import admission_store as qs
 from ttci.scheduler.cache_metrics import cache_metrics
 from ttci.scheduler.hosts import stored_report
@@ -41,6 +42,7 @@ __all__ = [
     "START_BUCKETS",
     "UNDECIDED",
     "WAIT_BUCKETS",
+    "LeaseCollector",
     "SchedulerCollector",
     "Waiting",
     "scheduler_registry",
@@ -216,10 +218,31 @@ class SchedulerCollector(Collector):
         return hist
 
 
-def scheduler_registry(store: SqlStore, waiting: Waiting | None = None) -> CollectorRegistry:
+class LeaseCollector(Collector):
+    """ttci_lease_held{name}: 1 on the replica that runs that background loop now."""
+
+    def __init__(self, leases: Leases) -> None:
+        self.leases = leases
+
+    def collect(self) -> Iterator[Metric]:
+        held = GaugeMetricFamily(
+            "ttci_lease_held",
+            "1 if this scheduler replica holds the lease (runs that background loop)",
+            labels=["name"],
+        )
+        for name in self.leases.names:
+            held.add_metric([name], 1 if self.leases.held(name) else 0)
+        yield held
+
+
+def scheduler_registry(
+    store: SqlStore, waiting: Waiting | None = None, leases: Leases | None = None
+) -> CollectorRegistry:
     """The scheduler's metrics; `waiting` gives what blocks each queued ENV (the dispatcher's
     last decision); without it every queued request counts as undecided."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(SchedulerCollector(store, waiting))
+    if leases is not None:
+        reg.register(LeaseCollector(leases))
     reg.register(BuildInfo("tt-scheduler"))
     return reg

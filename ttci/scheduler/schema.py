@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ttci.infra import sql_leases
 from ttci.infra.sql import Database, Migration
 from ttci.scheduler import history
 
@@ -105,6 +106,21 @@ def _user_service(db: Database) -> None:
     db.table("users").add_column("service", str, not_null_default="")
 
 
+def _replicas(db: Database) -> None:
+    # Several scheduler processes on one database (docs/operator/database.md): heartbeats by
+    # the wall clock (seen_mono was one process's monotonic clock), the replica that creates or
+    # deletes an ENV (a dead one's are taken back), leases, admin sessions and settings shared.
+    db.table("hosts").add_column("seen_at", float, not_null_default=0.0)
+    db.table("envs").add_column("worker", str, not_null_default="")
+    sql_leases.create_table(db)
+    db.table("admin_sessions").create(
+        {"id": str, "token_sha256": str, "expires_at": float}, pk="id"
+    )
+    db.table("meta").create({"name": str, "value": str}, pk="name")
+    db.table("counters").create({"name": str, "n": int}, pk="name")
+    db.table("counters").insert({"name": "hosts", "n": 0})
+
+
 MIGRATIONS: list[Migration] = [
     ("0001_base", _base),
     ("0002_guest_boot_s", _guest_boot),
@@ -117,4 +133,5 @@ MIGRATIONS: list[Migration] = [
     ("0008_admission", _admission),
     ("0009_job_wait", _job_wait),
     ("0010_user_service", _user_service),
+    ("0011_replicas", _replicas),
 ]

@@ -1,6 +1,7 @@
 """The scheduler's logic: hosts, the image catalogue, ENVs and their VMs, lifetimes.
 
-State lives in SQLite (sqlite-utils, named migrations), so a restarted scheduler loses nothing.
+State lives in a database (SQLite, or PostgreSQL shared by replicas: ttci/infra/sql.py), so a
+restarted scheduler loses nothing and any replica can answer any request.
 An ENV is created all or nothing: if any VM fails, the ones already made are deleted again.
 The class is assembled from one part per concern: core (state, hosts, rows), env_views (reads),
 env_create (placement and boot), env_queue (the admission queue), env_exec (commands and
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ttci.infra.db import now
@@ -34,19 +36,15 @@ class Scheduler(EnvQueue, EnvExec, Caches):
         versions (else they are discarded)."""
         if self._env_row(name, user)["state"] == "queued" and self.cancel_queued(name, user):
             return {"name": name, "deleted": True, "was": "queued"}
-        with self.store.lock:  # check and claim at once: two deletes never race
+        with self.store.lock:  # check and claim at once: two deletes (any replicas) never race
             row = self._env_row(name, user)
-            if row["state"] == "creating":
-                raise EnvBusy(
-                    f"ENV {name} is still being created",
-                    hint="wait for `tt env add` to finish, then delete it",
-                )
-            if row["state"] == "deleting":
-                raise EnvBusy(
-                    f"ENV {name} is already being deleted",
-                    hint="it is gone in a moment; see `tt env list`",
-                )
-            self.store.db.table("envs").update(name, {"state": "deleting"})
+            claimed = self.store.db.execute(
+                "update envs set state = 'deleting', worker = ? where name = ? "
+                "and state not in ('creating', 'deleting', 'queued')",
+                [self.leases.holder, name],
+            ).rowcount
+            if not claimed:
+                _refuse_delete(name, self._env_row(name, user)["state"])
         problems = self._drop_vms(name, commit_cache)
         if problems:
             self._mark_failed(name, "; ".join(problems))
@@ -72,15 +70,23 @@ class Scheduler(EnvQueue, EnvExec, Caches):
         return self.show_env(name, user)
 
     def recover(self) -> None:
-        """After a restart: ENVs whose creation was cut short are taken back by the reaper."""
+        """ENVs whose creation or deletion was cut short (their replica died, or this
+        scheduler restarted) are taken back by the reaper; those of live replicas are left."""
+        alive = self.leases.live_replicas() | {self.leases.holder}
         with self.store.lock:
-            names = [
-                r["name"]
-                for r in self.store.db.table("envs").rows_where("state in ('creating', 'deleting')")
-            ]
-        for name in names:
-            log.warning("ENV %s was left half-done by a restart; the reaper takes it back", name)
-            self._mark_failed(name, "interrupted by a scheduler restart")
+            rows = self.store.db.table("envs").rows_where(
+                "state in ('creating', 'deleting')", select="name, worker"
+            )
+        for r in rows:
+            if r["worker"] in alive:
+                continue
+            log.warning(
+                "ENV %s was left half-done by a stopped scheduler; the reaper takes it back",
+                r["name"],
+            )
+            self._mark_failed(
+                r["name"], "interrupted: the scheduler creating or deleting it stopped"
+            )
 
     # -- lifetimes ---------------------------------------------------------------------------
     def reap_expired(self) -> list[str]:
@@ -103,31 +109,50 @@ class Scheduler(EnvQueue, EnvExec, Caches):
         return done
 
     def start_reaper(self, interval: float = 5.0) -> None:
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    self.reap_expired()
-                except Exception:  # the reaper must survive anything
-                    log.exception("reaper failed")
+        """Expired ENVs are deleted, and half-done ones of dead replicas taken back (by the
+        replica holding the reaper lease)."""
 
-        threading.Thread(target=loop, name="reaper", daemon=True).start()
+        def once() -> None:
+            self.recover()
+            self.reap_expired()
+
+        self._loop("reaper", interval, once)
 
     def start_monitor(self, interval: float = 2.0) -> None:
         """Poll static hosts and notice registered hosts whose heartbeats stopped."""
+        self._loop("hosts", interval, self.refresh_hosts)
+
+    def _loop(self, lease: str, interval: float, fn: Callable[[], object]) -> None:
+        """Run fn every interval seconds while this replica holds the lease."""
 
         def loop() -> None:
             while not self._stop.wait(interval):
+                if not self.leases.held(lease):
+                    continue
                 try:
-                    self.refresh_hosts()
-                except Exception:  # the monitor must survive anything
-                    log.exception("host monitor failed")
+                    fn()
+                except Exception:  # the loop must survive anything
+                    log.exception("%s loop failed", lease)
 
-        threading.Thread(target=loop, name="host-monitor", daemon=True).start()
+        threading.Thread(target=loop, name=lease, daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.leases.stop()
 
     def close(self) -> None:
         """Stop, and close the database (its pool, for PostgreSQL)."""
         self.stop()
         self.store.close()
+
+
+def _refuse_delete(name: str, state: str) -> None:
+    """Why an ENV cannot be deleted now (another delete, or its creation, is under way)."""
+    if state == "deleting":
+        raise EnvBusy(
+            f"ENV {name} is already being deleted", hint="it is gone in a moment; see `tt env list`"
+        )
+    raise EnvBusy(
+        f"ENV {name} is still being created" if state == "creating" else f"ENV {name} is {state}",
+        hint="wait for `tt env add` to finish, then delete it",
+    )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ttci.infra.db import now
-from ttci.infra.sql import SqlStore
+from ttci.infra.sql import IntegrityError, SqlStore
 from ttci.model.errors import BadInput, TTError
 
 __all__ = [
@@ -124,18 +124,22 @@ class Users:
                 f"service {service[:40]!r} is unknown", hint=f"one of {', '.join(SERVICES)}"
             )
         token = "ttu_" + secrets.token_urlsafe(24)
-        with self.store.lock:
-            if self.store.db.table("users").count_where("name = ?", [name]):
-                raise UserExists(f"user {name} exists", hint="`tt user del` it first")
-            self.store.db.table("users").insert(
-                {
-                    "name": name,
-                    "admin": int(admin),
-                    "token_sha256": digest(token),
-                    "created_at": now(),
-                    "service": service,
-                }
-            )
+        exists = UserExists(f"user {name} exists", hint="`tt user del` it first")
+        try:
+            with self.store.lock:
+                if self.store.db.table("users").count_where("name = ?", [name]):
+                    raise exists
+                self.store.db.table("users").insert(
+                    {
+                        "name": name,
+                        "admin": int(admin),
+                        "token_sha256": digest(token),
+                        "created_at": now(),
+                        "service": service,
+                    }
+                )
+        except IntegrityError:  # another replica added it at the same moment
+            raise exists from None
         return {"name": name, "admin": admin, "service": service, "token": token}
 
     def list(self) -> list[dict[str, Any]]:

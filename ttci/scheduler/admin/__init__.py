@@ -39,6 +39,7 @@ def mount(
         scheduler_registry(
             scheduler.store,
             lambda: {w["env"]: w["blocked_by"] for w in scheduler.list_queue(_METRICS_USER)},
+            getattr(scheduler, "leases", None),
         )
     )
     # Mounted beside the API app, so neither its bearer auth nor its error handlers apply.

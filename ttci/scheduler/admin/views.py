@@ -2,7 +2,8 @@
 
 A separate Flask app (mounted at /admin by `ttci.scheduler.admin.mount`) so browser sessions
 and CSRF never mix with the bearer-token API. Sessions live on the server (a random id in a signed,
-HttpOnly, SameSite=Strict cookie): logging out really ends them, and no token is ever stored
+HttpOnly, SameSite=Strict cookie; kept in the database, admin/sessions.py, so any replica serves
+them): logging out really ends them, and no token is ever stored
 in the cookie or rendered on a page. A session keeps only its token's digest, and every request
 checks it against the user store again: deleting the user (or its admin right) ends the session.
 Failed logins are counted per client address (users.LoginThrottle): past a few, the address is
@@ -15,9 +16,6 @@ import datetime as dt
 import functools
 import logging
 import math
-import secrets
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +38,10 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WResponse
 
 from ttci.infra.http_server import read_body, strict_loads
+from ttci.infra.sql import DatabaseUnavailable
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admission_store as qs
+from ttci.scheduler.admin.sessions import SESSION_S, Recheck, Sessions, secret_key
 from ttci.scheduler.admin.state import snapshot
 from ttci.scheduler.core import EnvBusy
 from ttci.scheduler.users import LoginThrottle, digest
@@ -69,47 +69,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("ttci.scheduler.admin")
-SESSION_S = 8 * 3600
 MAX_LIFE_S = 30 * 86400  # parse_duration's limit
 MAX_BODY = 64 * 1024  # an action's JSON body
 Resolve = Callable[[str], Any]  # token -> user (with .name, .admin) or None
-Recheck = Callable[[str], Any]  # the token's SHA-256 digest (hex) -> the user now, or None
 
 bp = Blueprint("admin", __name__, template_folder="templates", static_folder="static")
-
-
-class Sessions:
-    """Server-side admin sessions: id -> (the token's digest, expiry); never the token."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_id: dict[str, tuple[str, float]] = {}
-
-    def start(self, token_sha256: str) -> str:
-        sid = secrets.token_urlsafe(32)
-        with self._lock:
-            now = time.monotonic()
-            self._by_id = {k: v for k, v in self._by_id.items() if v[1] > now}
-            self._by_id[sid] = (token_sha256, now + SESSION_S)
-        return sid
-
-    def user(self, sid: str | None, recheck: Recheck) -> Any:
-        """The session's user as the user store has it now; None (and the session ends) when
-        the session expired or its user is gone or no admin any more."""
-        with self._lock:
-            entry = self._by_id.get(sid or "")
-        if not entry or entry[1] <= time.monotonic():
-            return None
-        user = recheck(entry[0])
-        if user is None or not user.admin:
-            log.warning("admin session ended: its user is gone or no longer an admin")
-            self.end(sid)
-            return None
-        return user
-
-    def end(self, sid: str | None) -> None:
-        with self._lock:
-            self._by_id.pop(sid or "", None)
 
 
 def _sessions() -> Sessions:
@@ -328,7 +292,7 @@ def create_admin_app(scheduler: Any, resolve: Resolve, recheck: Recheck | None =
     user of a token digest now (default: the scheduler's user store)."""
     app = Flask("ttci.scheduler.admin")
     app.config.update(
-        SECRET_KEY=secrets.token_bytes(32),
+        SECRET_KEY=secret_key(scheduler.store),  # the same on every replica
         SESSION_COOKIE_NAME="tt_admin",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
@@ -337,7 +301,7 @@ def create_admin_app(scheduler: Any, resolve: Resolve, recheck: Recheck | None =
         SCHEDULER=scheduler,
         ADMIN_RESOLVE=resolve,
         ADMIN_RECHECK=recheck or scheduler.users.resolve_digest,
-        ADMIN_SESSIONS=Sessions(),
+        ADMIN_SESSIONS=Sessions(scheduler.store),
         ADMIN_THROTTLE=LoginThrottle(),
     )
     CSRFProtect(app)
@@ -355,7 +319,8 @@ def create_admin_app(scheduler: Any, resolve: Resolve, recheck: Recheck | None =
 
     @app.errorhandler(TTError)
     def _tt_error(e: TTError) -> tuple[Response, int]:
-        return _error(400 if isinstance(e, BadInput) else 500, e.message, e.hint)
+        status = 503 if isinstance(e, DatabaseUnavailable) else 500  # 503: retry (a failover)
+        return _error(400 if isinstance(e, BadInput) else status, e.message, e.hint)
 
     @app.errorhandler(Exception)
     def _bug(e: Exception) -> Any:

@@ -21,6 +21,7 @@ from ttci.infra.http_server import (
     query_int,
     read_body,
 )
+from ttci.infra.sql import DatabaseUnavailable
 from ttci.model.errors import BadInput, TTError
 from ttci.scheduler import admin
 from ttci.scheduler import admission_store as qs
@@ -400,6 +401,7 @@ def create_app(scheduler: Scheduler, max_files: int = MAX_PUSH_BYTES) -> Flask:
             UserExists: 409,
             UserNotFound: 404,
             HostUnreachable: 503,
+            DatabaseUnavailable: 503,  # retryable: a failover (docs/operator/database.md)
             HostdError: 502,
             BadInput: 400,
         },

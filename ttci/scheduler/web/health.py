@@ -1,6 +1,6 @@
 """The scheduler's readiness checks (GET /readyz, ttci/infra/health.py): its database takes
-writes. How many hosts are up is shown, never a failure: with no host up the scheduler still
-takes requests (they wait in the admission queue)."""
+writes. How many hosts are up, and which replica holds each background loop's lease, are shown,
+never a failure: with no host up the scheduler still takes requests (they wait in the queue)."""
 
 from __future__ import annotations
 
@@ -17,4 +17,18 @@ def scheduler_checks(scheduler: Scheduler) -> dict[str, Check]:
         up = sum(1 for (state,) in rows if state == "up")
         return f"{up} of {len(rows)} up"
 
-    return {"database": lambda: store_writable(scheduler.store), "hosts": hosts}
+    def leases() -> str:
+        """Which replica runs each background loop (a detail, never a failure)."""
+        held = scheduler.leases.holders()
+        parts = [
+            f"{n}: {'this replica' if h['mine'] else h['holder']}"
+            + ("" if h["live"] else " (expired)")
+            for n, h in sorted(held.items())
+        ]
+        return "; ".join(parts) or "none taken yet"
+
+    return {
+        "database": lambda: store_writable(scheduler.store),
+        "hosts": hosts,
+        "leases": leases,
+    }

@@ -65,6 +65,7 @@ def serve(
         connection_limit=1000,  # CI plugins, the admin page and streams hold connections
         idle_timeout=3600,
     )
+    scheduler.leases.start()  # before recover: this replica is alive, its ENVs its own
     scheduler.recover()
     scheduler.refresh_hosts()
     scheduler.start_reaper()

@@ -1,0 +1,199 @@
+"""Two real tt-scheduler processes on one throw-away PostgreSQL (tests/pgcluster.py): what one
+replica writes the other serves (users, admin sessions), the background loops run on exactly
+one of them, and when that one is SIGKILLed the other takes its leases over within seconds
+(the time itself is measured by bench/scheduler.py, not asserted here). Also: the leases and
+the place mutex on the layer itself, with concurrent holders."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.cloudutil import free_port
+from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
+from ttci.infra.proc import BASE_ENV, stop
+from ttci.infra.sql import SqlStore
+from ttci.infra.sql_leases import Leases, create_table
+
+ADMIN = "admin-" + secrets.token_urlsafe(16)
+JOIN = "join-" + secrets.token_urlsafe(16)
+LOOPS = ("dispatcher", "hosts", "reaper")
+
+
+@dataclass
+class Replica:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def held(self) -> set[str]:
+        """The leases this replica says (in /metrics) it holds; empty if it does not answer."""
+        try:
+            text = requests.get(self.url + "/metrics", timeout=2).text
+        except requests.RequestException:
+            return set()
+        return set(re.findall(r'ttci_lease_held\{name="(\w+)"\} 1\.0', text))
+
+
+def _start(state: Path, database: str) -> Replica:
+    port = free_port()
+    argv = [
+        *python_main("ttci.scheduler.web.serve"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--state-dir",
+        str(state),
+        "--database",
+        database,
+    ]
+    env = {**BASE_ENV, "TT_ADMIN_TOKEN": ADMIN, "TT_JOIN_TOKEN": JOIN}
+    state.mkdir(parents=True, exist_ok=True)
+    proc = _spawn(argv, env, state / f"scheduler-{port}.log", "tt-scheduler")
+    return Replica(f"http://127.0.0.1:{port}", proc)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, pg_url: str) -> Iterator[list[Replica]]:
+    started: list[Replica] = []
+    try:
+        # Started together: both migrate the empty database at once (one does, one waits).
+        threads = [
+            threading.Thread(target=lambda i=i: started.append(_start(tmp_path / f"r{i}", pg_url)))
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(started) == 2, "a replica did not start (see its log under tmp_path)"
+        yield started
+    finally:
+        for r in started:
+            if r.proc.poll() is None:
+                stop(r.proc, grace=STOP_GRACE_S)
+    for log in tmp_path.glob("r*/scheduler-*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), log
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_either_replica_serves_what_the_other_wrote(replicas: list[Replica]) -> None:
+    a, b = replicas
+    r = requests.post(a.url + "/v1/users", json={"name": "alice"}, headers=_auth(ADMIN), timeout=10)
+    assert r.status_code == 201, r.text
+    alice = r.json()["token"]
+    r = requests.get(b.url + "/v1/status", headers=_auth(alice), timeout=10)
+    assert r.status_code == 200, r.text
+    again = requests.post(
+        b.url + "/v1/users", json={"name": "alice"}, headers=_auth(ADMIN), timeout=10
+    )
+    assert again.status_code == 409 and "exists" in again.json()["error"]
+    # An admin page session started on one replica is accepted by the other, and ends on both.
+    with requests.Session() as browser:
+        form = browser.get(a.url + "/admin/login", timeout=10).text
+        field = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert field, "the login form carries its CSRF token"
+        page = browser.post(
+            b.url + "/admin/login",  # the form from one replica is taken by the other
+            data={"token": ADMIN, "csrf_token": field.group(1)},
+            timeout=10,
+        )
+        assert page.status_code == 200 and page.url.endswith("/admin/"), page.url
+        cookies = {k: v or "" for k, v in browser.cookies.get_dict().items()}
+        state = requests.get(a.url + "/admin/api/state", cookies=cookies, timeout=10)
+        assert state.status_code == 200, state.text
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+        assert csrf, "the admin page carries its CSRF token"
+        out = requests.post(
+            b.url + "/admin/logout",
+            cookies=cookies,
+            headers={"X-CSRFToken": csrf.group(1)},
+            data={"csrf_token": csrf.group(1)},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert out.status_code == 302, out.text
+        gone = requests.get(a.url + "/admin/api/state", cookies=cookies, timeout=10)
+        assert gone.status_code == 401
+
+
+def test_the_loops_move_to_the_other_replica_when_their_holder_is_killed(
+    replicas: list[Replica],
+) -> None:
+    a, b = replicas
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and a.held() | b.held() != set(LOOPS):
+        time.sleep(0.2)
+    held = {r.url: r.held() for r in replicas}
+    assert held[a.url] | held[b.url] == set(LOOPS) and not held[a.url] & held[b.url], held
+    victim, survivor = (a, b) if held[a.url] else (b, a)
+    stop(victim.proc, grace=0)  # SIGKILL: it renews nothing more
+    killed = time.monotonic()
+    while time.monotonic() - killed < 15 and survivor.held() != set(LOOPS):
+        time.sleep(0.2)
+    assert survivor.held() == set(LOOPS), "the survivor did not take the loops over"
+    ready = requests.get(survivor.url + "/readyz", timeout=10).json()
+    assert ready["checks"]["leases"]["detail"].count("this replica") == len(LOOPS), ready
+
+
+def test_a_lease_has_one_holder_and_an_expired_one_is_taken(pg_url: str, tmp_path: Path) -> None:
+    stores = [SqlStore(pg_url, [("0001_leases", create_table)]) for _ in range(3)]
+    try:
+        keepers = [Leases(s, ("x",), ttl=1.0) for s in stores]
+        rounds = [threading.Thread(target=k.tick) for k in keepers for _ in range(3)]
+        for t in rounds:
+            t.start()
+        for t in rounds:
+            t.join()
+        holders = [k for k in keepers if k.held("x")]
+        assert len(holders) == 1
+        winner = holders[0]
+        time.sleep(1.2)  # the winner renews nothing: its lease expires
+        other = next(k for k in keepers if k is not winner)
+        other.tick()
+        assert other.held("x") and not winner.held("x")
+        assert other.holders()["x"]["holder"] == other.holder
+        winner.tick()  # the old holder comes back: it does not take it again
+        assert not winner.held("x")
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_the_place_mutex_excludes_across_processes_connections(pg_url: str) -> None:
+    """store.mutex is held per database, not per process: two stores (as two replicas) never
+    run the section at once."""
+    stores = [SqlStore(pg_url, []) for _ in range(2)]
+    inside: list[int] = []
+    overlap: list[bool] = []
+
+    def work(s: SqlStore) -> None:
+        for _ in range(20):
+            with s.mutex("place"):
+                inside.append(1)
+                overlap.append(len(inside) > 1)
+                time.sleep(0.002)
+                inside.pop()
+
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(overlap) == 40 and not any(overlap)
+    finally:
+        for s in stores:
+            with contextlib.suppress(Exception):
+                s.close()

@@ -128,22 +128,32 @@ def in_process(live: str, runs: int) -> list[tuple[str, list[float], str]]:
 
 
 def fresh_process(live: str, runs: int, cache: Path) -> list[tuple[str, list[float], str]]:
-    env = {**os.environ, "TT_TOKEN": ADMIN, "XDG_CACHE_HOME": str(cache), "TT_CONFIG": "/none"}
+    """`tt status` as a new process each time, the three cases interleaved (the machine's
+    load hits them alike): the live URL alone; a refused URL first with an empty cache (a
+    new cache directory each time); the same list once the cache file names the live URL."""
+    listed = f"{_dead()},{live}"
 
-    def tt_status(server: str) -> None:
+    def tt_status(server: str, cache_dir: Path) -> float:
+        env = {**os.environ, "TT_TOKEN": ADMIN, "TT_SERVER": server, "TT_CONFIG": "/none"}
+        t0 = time.monotonic()
         subprocess.run(
             [BIN / "tt", "status", "--json"],
-            env={**env, "TT_SERVER": server},
+            env={**env, "XDG_CACHE_HOME": str(cache_dir)},
             check=True,
             capture_output=True,
         )
+        return time.monotonic() - t0
 
-    listed = f"{_dead()},{live}"
-    first = timed(lambda: tt_status(listed), 1)  # no cache file yet
+    tt_status(listed, cache / "warm")  # the cache file now names the live URL
+    alone, first, cached = [], [], []
+    for i in range(runs):
+        alone.append(tt_status(live, cache / "alone"))
+        first.append(tt_status(listed, cache / f"new-{i}"))
+        cached.append(tt_status(listed, cache / "warm"))
     return [
-        ("tt status: live URL only", timed(lambda: tt_status(live), runs), "process"),
-        ("tt status: refused first, first process", first, "process"),
-        ("tt status: refused first, cache file", timed(lambda: tt_status(listed), runs), "process"),
+        ("tt status: live URL only", alone, "process"),
+        ("tt status: refused first, no cache file", first, "process"),
+        ("tt status: refused first, cache file", cached, "process"),
     ]
 
 
@@ -156,7 +166,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, scheduler(Path(tmp)) as live:
         os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
         rows = in_process(live, args.runs)
-        rows += fresh_process(live, max(3, args.runs // 4), Path(tmp) / "pcache")
+        rows += fresh_process(live, max(5, args.runs // 2), Path(tmp) / "pcache")
     baseline = {
         "status": median(rows[0][1]),
         "run": median(rows[4][1]),

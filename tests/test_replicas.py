@@ -291,14 +291,6 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.3)
 
 
-@pytest.mark.xfail(
-    reason="the GitHub reconciler runs on both replicas and takes a job the other replica is "
-    "provisioning for one cut short (webhooks/core/reconcile.py: PROVISIONING and not j.live, "
-    "live meaning a thread of this process): it deletes that ENV and retries, so GitHub "
-    "issues a second JIT runner (tt-ID-2). Until the reconciler holds a lease and asks "
-    "whether the provisioning replica lives. A race (seen in 1 of 3 runs): not strict.",
-    strict=False,
-)
 def test_one_delivery_to_both_github_replicas_makes_one_job_and_one_runner(
     fleet: Fleet, pg: PgCluster, tmp_path: Path
 ) -> None:

@@ -285,6 +285,13 @@ def test_a_run_stream_that_ends_before_the_command_did_is_a_broken_one() -> None
         assert "may have run" in (e.value.hint or "")
 
 
+def test_a_get_that_breaks_off_names_the_replica() -> None:
+    with standin(stream_then_cut([b'[{"vm": "v", "data": "'])) as gone:
+        with pytest.raises(TTError, match=f"scheduler at {gone.url} broke off its answer") as e:
+            Client(ClientConfig(f"{_dead()},{gone.url}", "t")).get_files("e", "/x")
+        assert "any replica will do" in (e.value.hint or "")
+
+
 def test_a_replica_that_never_accepts_is_skipped_after_the_connect_timeout() -> None:
     """A full accept queue: the kernel drops the SYNs, as for a machine that is off."""
     hung = socket.socket()

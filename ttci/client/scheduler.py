@@ -265,7 +265,11 @@ class Client:
                         hint="ask for less, or raise TT_MAX_FILES (e.g. TT_MAX_FILES=4G)",
                     )
         except requests.RequestException as e:
-            raise TTError(f"the scheduler's answer broke off: {e}") from e
+            where = next((u for u in self.cfg.urls if r.url.startswith(u)), r.url)
+            raise TTError(
+                f"the scheduler at {where} broke off its answer: {e}",
+                hint=f"get the files again (`tt env get {name} ...`): any replica will do",
+            ) from e
         finally:
             r.close()
         out: list[dict[str, Any]] = json.loads(body)

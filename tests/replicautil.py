@@ -68,6 +68,30 @@ def start_scheduler(
     return SchedulerProc(port, state, proc)
 
 
+@contextlib.contextmanager
+def never_accepts() -> Iterator[str]:
+    """ADDR:PORT of a socket whose accept queue is full: the kernel drops new SYNs, as for a
+    machine that is off, so a client waits for its connect timeout."""
+    import time
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(0)
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(3):  # fill the backlog (its size is backlog + 1 here)
+            f = socket.socket()
+            fillers.append(f)
+            f.setblocking(False)
+            f.connect_ex(hung.getsockname())
+        time.sleep(0.2)
+        yield f"127.0.0.1:{hung.getsockname()[1]}"
+    finally:
+        for f in fillers:
+            f.close()
+        hung.close()
+
+
 # -- the stand-in ------------------------------------------------------------------------------
 Part = Callable[[socket.socket, str, str], None]  # (connection, method, path): plays one answer
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.replicautil import (
     answer,
     cut_before_answer,
     dead_port,
+    never_accepts,
     standin,
     start_scheduler,
     stream_then_close,
@@ -293,29 +293,12 @@ def test_a_get_that_breaks_off_names_the_replica() -> None:
 
 
 def test_a_replica_that_never_accepts_is_skipped_after_the_connect_timeout() -> None:
-    """A full accept queue: the kernel drops the SYNs, as for a machine that is off."""
-    hung = socket.socket()
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(0)
-    fillers = []
-    try:
-        for _ in range(3):  # fill the backlog (its size is backlog + 1 here)
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(hung.getsockname())
-            fillers.append(f)
-        time.sleep(0.2)
-        body = b"".join([_line(ExecEvent.exit(ExitStatus(0)))])
-        with standin(answer(200, body)) as live:
-            url = f"http://127.0.0.1:{hung.getsockname()[1]}"
-            t0 = time.monotonic()
-            out = list(exec_events(ClientConfig(f"{url},{live.url}", "t"), "e", CMD, 1.0))
-            took = time.monotonic() - t0
-        assert out[-1].kind is EventKind.EXIT and 0.9 < took < 5
-    finally:
-        for f in fillers:
-            f.close()
-        hung.close()
+    body = _line(ExecEvent.exit(ExitStatus(0)))
+    with never_accepts() as off, standin(answer(200, body)) as live:
+        t0 = time.monotonic()
+        out = list(exec_events(ClientConfig(f"{off},{live.url}", "t"), "e", CMD, 1.0))
+        took = time.monotonic() - t0
+    assert out[-1].kind is EventKind.EXIT and 0.9 < took < 5
 
 
 def test_the_gitlab_stage_runs_on_the_live_replica(

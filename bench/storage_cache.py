@@ -147,6 +147,7 @@ def one_job(mgr: VMManager, image: str, cached: bool, blob: bytes, lock: str) ->
 
 def job_numbers(spec: str, state: Path, image_path: Path, image: str) -> dict[str, Any]:
     blob, lock = deps_tarball()
+    make_backend(spec).check()  # ZFS: its mounts shared before the private libvirtd starts
     libvirtd = PrivateLibvirtd(state / "libvirt")
     libvirtd.start()
     cfg = HostConfig(

@@ -22,6 +22,7 @@ import pytest
 
 from tests.cloudutil import BIN, small_cloud
 from tests.conftest import built_image
+from tests.gitlab.harness import Job, Runner
 from ttci.cli.allinone import Stack
 from ttci.client import config
 from ttci.client.scheduler import Client
@@ -181,3 +182,28 @@ def test_env_add_with_a_cache_commits_only_when_asked(
     listed = json.loads(tt("cache", "list", "--json").stdout)
     assert [c["commits"] for c in listed if c["key"] == "man"] == [1]
     client.delete_cache("man")
+
+
+def test_gitlab_tt_cache_commits_successful_jobs_per_project(
+    cloud: tuple[Stack, Path, Client],
+) -> None:
+    _, cfg, client = cloud
+    runner = Runner(
+        [str(BIN / "tt-gitlab-executor"), "--memory", "384"],
+        env={"TT_CONFIG": str(cfg)},
+        prepare_retry_delay=0,
+    )
+    jv = {"TT_OS": "debian-12", "TT_ARCH": "amd64", "TT_CACHE": "gl:/cache"}
+
+    def job(n: int, script: str, project: str = "group/app") -> str:
+        r = runner.run_job(Job(n, [script], variables=jv, project_path=project))
+        return r.status + "\n" + r.text()
+
+    assert job(301, "test ! -e /cache/x && echo 1 > /cache/x").startswith("success")
+    assert job(302, "echo bad > /cache/y; cat /cache/x; exit 4").startswith("failed")
+    seen = job(303, 'echo "files:$(ls -m /cache)."')
+    assert seen.startswith("success") and "files:lost+found, x." in seen  # no y: 302 failed
+    other = job(304, "test ! -e /cache/x", project="group/other")  # another project's own
+    assert other.startswith("success"), other
+    mine = {c["project"]: c["commits"] for c in client.caches() if c["key"] == "gl"}
+    assert mine == {"gitlab:group/app": 2, "gitlab:group/other": 1}

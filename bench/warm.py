@@ -36,7 +36,8 @@ from hostd.vm.accel import choose_accel
 from hostd.vm.engine import Engine
 from hostd.vm.libvirtd import PrivateLibvirtd, become_subreaper
 from hostd.vm.manager import HostConfig, VMManager
-from hostd.vm.warm import TemplateSpec, vcpus_for
+from hostd.vm.spares import SPARES
+from hostd.vm.warm import TemplateSpec, spares, vcpus_for
 from ttci.infra.log import setup_logging
 from ttci.model.errors import TTError
 from ttci.model.resources import Resources
@@ -101,6 +102,45 @@ def env_of_four(mgr: VMManager, image: Image, warm: bool) -> tuple[float, str]:
     return took, ",".join(sorted(r["start"] for _, r in results))
 
 
+def use_spares(mgr: VMManager, on: bool) -> None:
+    """Spare save file copies on (the default: kept full, waited for here) or off (every clone
+    copies its template's save file, as before hostd/vm/spares.py)."""
+    dirs = [Path(r["dir"]) for r in mgr.templates.rows("state = 'ready'")]
+    mgr.templates.spares.keep = SPARES if on else 0
+    while not on and mgr.templates.spares.busy():  # a copy under way would become a spare
+        time.sleep(0.05)
+    for d in dirs:
+        if on:
+            mgr.templates.spares.want(d)
+        else:
+            for f in spares(d):
+                f.unlink(missing_ok=True)
+    deadline = time.monotonic() + 120
+    while on and time.monotonic() < deadline and any(len(spares(d)) < SPARES for d in dirs):
+        time.sleep(0.1)
+
+
+def spares_before_after(mgr: VMManager, image: Image, runs: int) -> dict[str, Any]:
+    """amd64 warm starts, one and four at once, with a copy per clone (before) and with spare
+    copies (now), alternated."""
+    mgr.templates.enabled = True
+    out: dict[str, Any] = {"one": {"copy": [], "spare": []}, "four": {"copy": [], "spare": []}}
+    for _ in range(runs):
+        for on in (False, True):
+            use_spares(mgr, on)
+            took, row = start_vm(mgr, "bench", image)
+            mgr.delete(row["id"])
+            out["one"]["spare" if on else "copy"].append(round(took, 3))
+    for _ in range(3):
+        for on in (False, True):
+            use_spares(mgr, on)
+            out["four"]["spare" if on else "copy"].append(
+                round(env_of_four(mgr, image, True)[0], 3)
+            )
+    use_spares(mgr, True)
+    return out
+
+
 def pick_images(image_path: Path, only: list[str] | None) -> list[Image]:
     by_name = {i.name: i for i in scan(image_path)[0]}
     seen, out = set(), []
@@ -154,6 +194,7 @@ def run_bench(mgr: VMManager, images: list[Image], runs: int) -> dict[str, Any]:
                 "runs_s": [round(t, 3) for t, _ in runs4],
                 "starts": "; ".join(sorted({h for _, h in runs4})),
             }
+        result["spares"] = spares_before_after(mgr, amd64[0], runs)
     print_table(
         f"cold boot vs warm start to the first agent answer (median of {runs}, {MEMORY_MIB} MiB)",
         ["arch", "restore self-test", "cold", "warm", "ratio (target 10x)", "warm runs started"],
@@ -173,6 +214,21 @@ def run_bench(mgr: VMManager, images: list[Image], runs: int) -> dict[str, Any]:
                 ]
             ],
         )
+        sp = result.get("spares")
+        if sp:
+            print_table(
+                "amd64 warm start: a save file copy per clone (before) vs spare copies (now)",
+                ["", "copy per clone", "spare copies", "ratio"],
+                [
+                    [
+                        label,
+                        f"{median(sp[k]['copy']):.2f} s",
+                        f"{median(sp[k]['spare']):.2f} s",
+                        f"{median(sp[k]['copy']) / median(sp[k]['spare']):.2f}x",
+                    ]
+                    for k, label in (("one", "one VM"), ("four", "4-VM ENV"))
+                ],
+            )
     return result
 
 

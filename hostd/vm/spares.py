@@ -47,6 +47,11 @@ class Spares:
                 self._worker = threading.Thread(target=self._work, name="spares", daemon=True)
                 self._worker.start()
 
+    def busy(self) -> bool:
+        """Whether copies are wanted or being made now."""
+        with self._lock:
+            return bool(self._pending)
+
     def disk_bytes(self, template_dirs: list[Path]) -> int:
         """Disk the spares of these templates take now."""
         total = 0

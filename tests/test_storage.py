@@ -101,7 +101,10 @@ def test_clones_are_copy_on_write_and_sources_outlive_their_clones(
     assert vols.destroy("vm-b") is True
     assert vols.get("tpl-t") is None and vols.get("vm-b") is None  # swept with its last clone
     assert not (tmp_path / "b.qcow2").exists() and not (tmp_path / "t.qcow2").exists()
-    assert vols.destroy("vm-a") and vols.destroy(img)
+    assert vols.destroy(img) is False  # vm-a still uses it: doomed
+    assert vols.image("img-0123", base) == img  # wanted again before it went: it stays
+    assert vols.destroy("vm-a") and vols.get(img)["state"] == "frozen"  # type: ignore[index]
+    assert vols.destroy(img)
     assert vols.rows() == []
     assert base.exists() and _pattern(base, 0xAA)  # the image file is the catalogue's
     assert vols.backend.names() == set()  # no dataset (ZFS), no file (reflink) left

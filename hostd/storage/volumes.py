@@ -177,9 +177,11 @@ class Volumes:
         returns its name."""
         with self._import_lock:
             row = self.get(name)
-            if row is not None and row["state"] == "frozen":
+            if row is not None and row["state"] in ("frozen", "doomed"):
+                if row["state"] == "doomed":  # wanted again before it went: it stays
+                    self._set(name, state="frozen")
                 return name
-            if row is not None:  # half made, or doomed and now wanted again
+            if row is not None:  # half made
                 self._destroy_row(row)
             self._record(name, "image", f"image:{name}", "", None)
             self._made(name, lambda: self.backend.import_image(name, source), "frozen")

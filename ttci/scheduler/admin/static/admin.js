@@ -60,7 +60,8 @@
         `<td title="${esc(h.accel_why || "")}">${esc(h.accel || "?")}</td><td>${esc(h.machine || "?")}</td>` +
         `<td>${meter(u.cpus, t.cpus)}</td><td>${meter(u.memory_mib, t.memory_mib)}</td>` +
         `<td>${meter(u.disk_gib, t.disk_gib)}</td><td>${esc(h.vms ?? 0)}</td>` +
-        `<td>${esc(h.image_count ?? 0)}</td><td>${btn}</td></tr>`;
+        `<td>${esc(h.image_count ?? 0)}</td><td title="ready snapshot templates: VMs start warm">${esc(h.templates ?? 0)}</td>` +
+        `<td>${btn}</td></tr>`;
     }).join("");
   }
 

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PG_BIN", "PgCluster", "pg_cluster"]
+import requests
+
+__all__ = ["PG_BIN", "PgCluster", "leases_held", "pg_cluster"]
 
 PG_BIN = Path(os.environ.get("TT_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 _names = itertools.count()
@@ -111,3 +114,12 @@ def pg_cluster() -> Iterator[PgCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def leases_held(url: str) -> set[str]:
+    """The leases a scheduler replica says (in its /metrics) it holds; none if it is silent."""
+    try:
+        text = requests.get(url + "/metrics", timeout=2).text
+    except requests.RequestException:
+        return set()
+    return set(re.findall(r'ttci_lease_held\{name="(\w+)"\} 1\.0', text))

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from tests.cloudutil import free_port
+from tests.pgcluster import leases_held
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 from ttci.infra.sql import SqlStore
@@ -36,12 +37,7 @@ class Replica:
     proc: subprocess.Popen[bytes]
 
     def held(self) -> set[str]:
-        """The leases this replica says (in /metrics) it holds; empty if it does not answer."""
-        try:
-            text = requests.get(self.url + "/metrics", timeout=2).text
-        except requests.RequestException:
-            return set()
-        return set(re.findall(r'ttci_lease_held\{name="(\w+)"\} 1\.0', text))
+        return leases_held(self.url)
 
 
 def _start(state: Path, database: str) -> Replica:

@@ -33,6 +33,7 @@ from ttci.infra.sql_backends import (
 )
 
 __all__ = [
+    "ANALYZE_AFTER",
     "Database",
     "DatabaseUnavailable",
     "IntegrityError",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 Migration = tuple[str, Callable[["Database"], None]]
+ANALYZE_AFTER = 1000  # rows inserted at once after which PostgreSQL's statistics are refreshed
 _TYPES = {
     "sqlite": {str: "TEXT", int: "INTEGER", float: "FLOAT"},  # as sqlite-utils made them
     "postgresql": {str: "TEXT", int: "BIGINT", float: "DOUBLE PRECISION"},
@@ -98,8 +100,10 @@ class Database:
 
     # -- statements --------------------------------------------------------------------------
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
-        with self.transaction() as conn:
-            return self.backend.run(conn, sql, params)
+        tx = self._tx
+        if tx.depth:
+            return self.backend.run(tx.conn, sql, params)
+        return self.backend.run_alone(sql, params)  # one statement: atomic by itself
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self.transaction() as conn:
@@ -234,8 +238,12 @@ class Table:
         )
         if len(records) == 1:
             self.db.execute(sql, [records[0][c] for c in cols])
-        else:
-            self.db.executemany(sql, ([r[c] for c in cols] for r in records))
+            return
+        self.db.executemany(sql, ([r[c] for c in cols] for r in records))
+        if len(records) >= ANALYZE_AFTER and self.db.dialect == "postgresql":
+            # Fresh statistics now, not at autovacuum's next round: without them PostgreSQL
+            # sorts a 10,000-VM ENV for every page of it (10 ms instead of 0.3).
+            self.db.execute(f"analyze {_q(self.name)}")
 
     def upsert(self, record: dict[str, Any], pk: str | tuple[str, ...]) -> None:
         """Insert the row, or update the given columns of the row with its key."""

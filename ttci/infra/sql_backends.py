@@ -79,6 +79,7 @@ class Backend(Protocol):
     def begin(self, exclusive: bool = False) -> Conn: ...
     def end(self, conn: Conn, commit: bool) -> None: ...
     def run(self, conn: Conn, sql: str, params: Sequence[Any]) -> Result: ...
+    def run_alone(self, sql: str, params: Sequence[Any]) -> Result: ...
     def run_many(self, conn: Conn, sql: str, rows: list[Sequence[Any]]) -> None: ...
     def table_names(self, db: Database) -> list[str]: ...
     def columns_of(self, db: Database, table: str) -> list[str]: ...
@@ -204,6 +205,10 @@ class SqliteBackend:
         except sqlite3.IntegrityError as e:
             raise IntegrityError(f"the database refused the write: {e}") from e
 
+    def run_alone(self, sql: str, params: Sequence[Any]) -> Result:
+        with self._lock:  # autocommit: the statement is its own transaction
+            return self.run(self.conn, sql, params)
+
     def run_many(self, conn: Conn, sql: str, rows: list[Sequence[Any]]) -> None:
         try:
             conn.executemany(sql, rows)
@@ -261,6 +266,7 @@ class PostgresBackend:
         self.shown = mask_url(url)
         self.namespace = namespace
         kwargs: dict[str, Any] = {
+            "autocommit": True,  # a lone statement is one round trip; begin() opens a transaction
             "application_name": f"tt-{namespace}",
             "options": f"-c search_path={namespace}",
         }
@@ -308,8 +314,26 @@ class PostgresBackend:
             ) from e
 
     def begin(self, exclusive: bool = False) -> Conn:
+        conn = self._getconn()
+        conn.autocommit = False  # psycopg sends BEGIN before the first statement
+        if exclusive:
+            try:
+                with self._errors():
+                    conn.execute("select pg_advisory_xact_lock(%s)", [lock_key("migrate")])
+            except BaseException:
+                self._putconn(conn)
+                raise
+        return conn
+
+    def _putconn(self, conn: Conn) -> None:
+        with contextlib.suppress(Exception):  # a broken connection: the pool drops it
+            conn.rollback()
+            conn.autocommit = True
+        self.pool.putconn(conn)
+
+    def _getconn(self) -> Conn:
         try:
-            conn = self.pool.getconn()
+            return self.pool.getconn()
         except self._pool_mod.PoolClosed as e:  # the service is stopping
             raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
         except self._pool_mod.PoolTimeout as e:
@@ -317,21 +341,13 @@ class PostgresBackend:
                 f"no connection to the database {self.shown} within 30 s",
                 hint="retry in a moment; the database may be failing over or overloaded",
             ) from e
-        if exclusive:
-            try:
-                with self._errors():
-                    conn.execute("select pg_advisory_xact_lock(%s)", [lock_key("migrate")])
-            except BaseException:
-                self.pool.putconn(conn)
-                raise
-        return conn
 
     def end(self, conn: Conn, commit: bool) -> None:
         try:
             with self._errors():
                 conn.commit() if commit else conn.rollback()
         finally:
-            self.pool.putconn(conn)
+            self._putconn(conn)
 
     def _translate(self, sql: str) -> str:
         out = self._sql.get(sql)
@@ -342,6 +358,13 @@ class PostgresBackend:
     def run(self, conn: Conn, sql: str, params: Sequence[Any]) -> Result:
         with self._errors():
             return _result(conn.execute(self._translate(sql), params or None))
+
+    def run_alone(self, sql: str, params: Sequence[Any]) -> Result:
+        conn = self._getconn()  # autocommit: the statement is its own transaction
+        try:
+            return self.run(conn, sql, params)
+        finally:
+            self.pool.putconn(conn)
 
     def run_many(self, conn: Conn, sql: str, rows: list[Sequence[Any]]) -> None:
         with self._errors(), conn.cursor() as cur:
@@ -375,18 +398,16 @@ class PostgresBackend:
     @contextlib.contextmanager
     def mutex(self, name: str) -> Iterator[None]:
         with self._mutexes.get(name):  # one waiter per process holds a connection
-            conn = self.begin()
+            conn = self._getconn()  # autocommit: the lock is the session's, no transaction
             key = lock_key(name)
             try:
                 with self._errors():
                     conn.execute("select pg_advisory_lock(%s)", [key])
-                    conn.commit()  # the lock is the session's: no transaction stays open
                 yield
             finally:
                 try:
                     with self._errors():
                         conn.execute("select pg_advisory_unlock(%s)", [key])
-                        conn.commit()
                 finally:
                     self.pool.putconn(conn)
 

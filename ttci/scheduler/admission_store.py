@@ -13,7 +13,7 @@ from typing import Any
 
 from ttci.infra.sql import SqlStore
 from ttci.model.errors import BadInput
-from ttci.scheduler.planning.admission import InUse, QueuedRequest, Quota, Quotas
+from ttci.scheduler.planning.admission import InUse, QueuedRequest, Quota, Quotas, Waiting
 
 __all__ = [
     "SCOPES",
@@ -26,6 +26,8 @@ __all__ = [
     "parse_quota",
     "remove_quota",
     "set_quota",
+    "share_decision",
+    "shared_decision",
 ]
 
 SCOPES = ("user", "project", "kind")
@@ -141,3 +143,23 @@ def remove_quota(store: SqlStore, scope: str, name: str) -> bool:
             "delete from quotas where scope = ? and name = ?", [scope, name]
         ).rowcount
     return bool(n)
+
+
+def share_decision(store: SqlStore, at: float, waiting: list[Waiting]) -> None:
+    """The dispatcher's last decision (positions, what blocks each request), for the other
+    replicas' queue views and progress streams."""
+    value = json.dumps({"at": at, "waiting": [w.to_dict() for w in waiting]})
+    store.db.execute(
+        "insert into meta (name, value) values ('queue_decision', ?) "
+        "on conflict (name) do update set value = excluded.value",
+        [value],
+    )
+
+
+def shared_decision(store: SqlStore) -> tuple[float, list[Waiting]] | None:
+    """(when, the waiting requests) of the last decision any replica shared, or None."""
+    row = store.db.execute("select value from meta where name = 'queue_decision'").fetchone()
+    if row is None:
+        return None
+    d = json.loads(row[0])
+    return float(d["at"]), [Waiting.from_dict(w) for w in d["waiting"]]

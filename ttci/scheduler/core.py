@@ -83,6 +83,9 @@ class SchedulerCore:
         self._waiting: dict[str, Waiting] = {}
         self._decided_at = 0.0
         self._watch_lock = threading.Lock()
+        # A stream also polls its ENV's row: with replicas, another one may grant and boot it
+        # (its events stay there), so the poll is what tells this one's watchers.
+        self._watch_poll_s = 1.0 if self.store.dialect == "sqlite" else 0.25
         self._watchers: dict[str, list[queue.Queue[EnvEvent]]] = {}
 
     def _placing(self) -> contextlib.AbstractContextManager[None]:
@@ -116,7 +119,9 @@ class SchedulerCore:
             "select count(*) from hosts where state = 'up'",
             "select count(*) from hosts",
             f"select count(*) from ({sub}) e",  # noqa: S608
-            f"select count(*) from vms where env in ({sub})",  # noqa: S608
+            f"select count(*) from vms where env in ({sub})"  # noqa: S608
+            if where
+            else "select count(*) from vms",
         )
         sql = "select " + ", ".join(f"({c})" for c in counts)
         row = self.store.db.execute(sql, args * 2).fetchone()
@@ -187,15 +192,13 @@ class SchedulerCore:
 
     # -- ENV and VM rows ---------------------------------------------------------------------
     def _env_row(self, name: str, user: User) -> dict[str, Any]:
-        with self.store.lock:
-            rows = list(self.store.db.table("envs").rows_where("name = ?", [name]))
+        rows = self.store.db.table("envs").rows_where("name = ?", [name])
         if not rows or (rows[0]["owner"] != user.name and not user.admin):
             raise EnvNotFound(f"no ENV named {name!r}", hint="see `tt env list`")
         return rows[0]
 
     def _vm_rows(self, env: str) -> list[dict[str, Any]]:
-        with self.store.lock:
-            return list(self.store.db.table("vms").rows_where("env = ?", [env], order_by="name"))
+        return self.store.db.table("vms").rows_where("env = ?", [env], order_by="name")
 
     def _set_vm(self, vm_id: str, **fields: Any) -> None:
         with self.store.lock, contextlib.suppress(NotFoundError):

@@ -157,6 +157,7 @@ class EnvQueue(EnvCreation):
             before = self._waiting
             self._waiting = {w.id: w for w in decision.waiting if w.blocked_by != IMPOSSIBLE}
             self._decided_at = now
+            self._share(before)
         for w in decision.waiting:
             if w.blocked_by == IMPOSSIBLE:
                 self._end_queued(w.id, QueuedRefused(w.detail, hint="add hosts with its image"))
@@ -293,7 +294,7 @@ class EnvQueue(EnvCreation):
         last_sent = 0.0
         while True:
             with contextlib.suppress(queue.Empty):
-                ev = q.get(timeout=1.0)
+                ev = q.get(timeout=self._watch_poll_s)
                 yield ev
                 last_sent = time.monotonic()
                 if ev.final:
@@ -311,6 +312,7 @@ class EnvQueue(EnvCreation):
                 yield _error_event(TTError(f"ENV {name} failed: {row['error']}"))
                 return
             if state == "queued" and time.monotonic() - last_sent >= REPORT_EVERY_S:
+                self._refresh_waiting()
                 w = self._waiting.get(name)
                 if w is not None:
                     yield EnvEvent("queued", queue=self._info(w))
@@ -341,18 +343,38 @@ class EnvQueue(EnvCreation):
         raise TTError(f"ENV {req.name}: its progress ended without a result")
 
     # -- views and cancelling ---------------------------------------------------------------
+    def _share(self, before: dict[str, Waiting]) -> None:
+        """Tell the other replicas what the decision says, when it changed (one process on
+        SQLite: nobody to tell)."""
+        now = self._waiting
+        if self.store.dialect == "sqlite" or (
+            before.keys() == now.keys() and not any(_changed(before[k], w) for k, w in now.items())
+        ):
+            return
+        qs.share_decision(self.store, self._decided_at, list(now.values()))
+
+    def _refresh_waiting(self) -> None:
+        """Take another replica's decision when it is newer than this one's."""
+        if self.store.dialect == "sqlite":
+            return
+        shared = qs.shared_decision(self.store)
+        if shared is not None and shared[0] > self._decided_at:
+            self._decided_at, self._waiting = shared[0], {w.id: w for w in shared[1]}
+
     def _info(self, w: Waiting) -> QueueInfo:
         """The decision's view of a request, its wait counted up to now."""
         waited = w.waited_s + max(0.0, time.time() - self._decided_at)
         return QueueInfo(w.position, w.blocked_by, w.detail, w.needs, w.vms, waited, w.reserved)
 
     def queue_info(self, name: str) -> QueueInfo | None:
+        self._refresh_waiting()
         w = self._waiting.get(name)
         return None if w is None else self._info(w)
 
     def list_queue(self, user: User) -> list[dict[str, Any]]:
         """The waiting requests in line order (a user sees their own; an admin all)."""
         rows = {r.id: r for r in qs.load_queue(self.store)}
+        self._refresh_waiting()
         out = []
         for w in sorted(self._waiting.values(), key=lambda w: w.position):
             r = rows.get(w.id)

@@ -29,13 +29,16 @@ class EnvViews(SchedulerCore):
         "error",
     )
 
-    def env_json(self, row: dict[str, Any], vms: bool = True) -> dict[str, Any]:
+    def env_json(
+        self, row: dict[str, Any], vms: bool = True, counts: dict[str, int] | None = None
+    ) -> dict[str, Any]:
+        """counts: the ENV's VMs by state, when the caller read them already (list_envs)."""
         out = {
             k: row[k]
             for k in ("name", "owner", "os_prefix", "state", "created_at", "expires_at", "error")
         }
         out["origin"] = json.loads(row.get("origin") or '{"kind": "cli"}')
-        with self.store.lock:
+        if counts is None:
             counts = dict(
                 self.store.db.execute(
                     "select state, count(*) from vms where env = ? group by state", [row["name"]]
@@ -60,13 +63,10 @@ class EnvViews(SchedulerCore):
     def page_vms(self, name: str, user: User, offset: int, limit: int) -> dict[str, Any]:
         """One page of a (possibly huge) ENV's VMs, in name order."""
         self._env_row(name, user)
-        with self.store.lock:
-            rows = list(
-                self.store.db.table("vms").rows_where(
-                    "env = ?", [name], order_by="name", offset=offset, limit=limit
-                )
-            )
-            total = self.store.db.table("vms").count_where("env = ?", [name])
+        rows = self.store.db.table("vms").rows_where(
+            "env = ?", [name], order_by="name", offset=offset, limit=limit
+        )
+        total = self.store.db.table("vms").count_where("env = ?", [name])
         nxt = offset + len(rows)
         return {
             "env": name,
@@ -87,14 +87,22 @@ class EnvViews(SchedulerCore):
             offset = page["next_offset"]
 
     def list_envs(self, user: User, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        with self.store.lock:
-            where, args = ("1=1", []) if user.admin else ("owner = ?", [user.name])
-            rows = list(
-                self.store.db.table("envs").rows_where(
-                    where, args, order_by="created_at, name", offset=offset, limit=limit
-                )
+        where, args = ("1=1", []) if user.admin else ("owner = ?", [user.name])
+        with self.store.lock:  # the page and its VM counts in one transaction
+            rows = self.store.db.table("envs").rows_where(
+                where, args, order_by="created_at, name", offset=offset, limit=limit
             )
-        return [self.env_json(r, vms=False) for r in rows]
+            counts: dict[str, dict[str, int]] = {r["name"]: {} for r in rows}
+            if rows:
+                page = f"select name from envs where {where} order by created_at, name"  # noqa: S608
+                grouped = self.store.db.execute(
+                    f"select env, state, count(*) from vms where env in ({page} "  # noqa: S608
+                    f"limit {int(limit)} offset {int(offset)}) group by env, state",
+                    args,
+                ).fetchall()
+                for env, state, n in grouped:
+                    counts[env][state] = int(n)
+        return [self.env_json(r, vms=False, counts=counts[r["name"]]) for r in rows]
 
     def show_env(self, name: str, user: User, vms: bool = True) -> dict[str, Any]:
         row = self._env_row(name, user)

@@ -181,15 +181,13 @@ class HostPool:
 
     # -- records -----------------------------------------------------------------------------
     def row(self, hid: str) -> dict[str, Any]:
-        with self.store.lock:
-            rows = list(self.store.db.table("hosts").rows_where("id = ?", [hid]))
+        rows = self.store.db.table("hosts").rows_where("id = ?", [hid])
         if not rows:
             raise HostNotFound(f"no host {hid!r} in the pool", hint="see `tt status --server`")
         return rows[0]
 
     def rows(self) -> list[dict[str, Any]]:
-        with self.store.lock:
-            return list(self.store.db.table("hosts").rows_where(order_by="id"))
+        return self.store.db.table("hosts").rows_where(order_by="id")
 
     def client(self, hid: str) -> HostdClient:
         row = self.row(hid)
@@ -204,13 +202,12 @@ class HostPool:
     def public_all(self, admin: bool = True) -> list[dict[str, Any]]:
         """Every host as the API shows it (to an admin, or without addresses to anyone else);
         rebuilt only after a host record changed."""
-        with self.store.lock:
-            version, cached = self._cache.get(admin, (-1, []))
-            now = self._version()
-            if version != now:
-                cached = [self.public(r, admin=admin) for r in self.rows()]
-                self._cache[admin] = (now, cached)
-            return cached
+        version, cached = self._cache.get(admin, (-1, []))
+        now = self._version()  # rows read after it are at least as new
+        if version != now:
+            cached = [self.public(r, admin=admin) for r in self.rows()]
+            self._cache[admin] = (now, cached)
+        return cached
 
     @staticmethod
     def public(row: dict[str, Any], admin: bool = True) -> dict[str, Any]:

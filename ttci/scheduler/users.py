@@ -105,8 +105,7 @@ class Users:
             return None
         if self._admin_digest and hmac.compare_digest(token_sha256, self._admin_digest):
             return User("admin", admin=True)
-        with self.store.lock:
-            rows = list(self.store.db.table("users").rows_where("token_sha256 = ?", [token_sha256]))
+        rows = self.store.db.table("users").rows_where("token_sha256 = ?", [token_sha256])
         if not rows:
             return None
         r = rows[0]

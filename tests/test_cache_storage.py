@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostd.cache.store import CacheStore, migrations
+from hostd.cache.store import MAX_CHAIN, CacheStore, migrations
 from hostd.storage.qcow2 import Qcow2Backend
 from hostd.storage.volumes import Volumes, make_backend
 from tests.zfsutil import zfs_pool
@@ -76,10 +76,22 @@ def test_a_version_is_cloned_committed_and_the_later_commit_wins(caches: CacheSt
     assert [(r["version"], r["hits"], r["misses"], r["commits"]) for r in caches.listing()] == [
         (3, 3, 1, 3)
     ]
-    # only the newest version remains; no clone, no older version (ZFS: no dataset either)
-    assert [v["name"] for v in caches.volumes.rows("kind = 'cache'")] == [b.volume]
+    # only the newest version is live; no clone (on qcow2 the versions under it stay, doomed,
+    # until a commit flattens the chain; on ZFS they are gone, datasets too)
+    live = [v["name"] for v in caches.volumes.rows("kind = 'cache' and state != 'doomed'")]
+    assert live == [b.volume]
     names = caches.volumes.backend.names()
     assert {n for n in names if n.startswith("cache-")} <= {b.volume}
+
+
+def test_the_chain_under_a_clone_stays_short(caches: CacheStore) -> None:
+    for n in range(2 * MAX_CHAIN + 1):
+        _write(caches, f"vm{n}", 0x10 + n, commit=True, at=f"{n}G")
+        assert len(caches.volumes.rows("kind = 'cache'")) <= MAX_CHAIN
+    clone = caches.checkout("last", SCOPE, "/cache")
+    for n in range(2 * MAX_CHAIN + 1):  # every version's writes, through the chain
+        assert _io(clone.path, f"read -P {0x10 + n} {n}G 64k")
+    caches.release("last", commit=False)
 
 
 def test_a_discarded_clone_never_shows_and_projects_never_share(caches: CacheStore) -> None:

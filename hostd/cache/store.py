@@ -2,9 +2,11 @@
 
 A cache (scope: owner, project, key) has at most one newest version, a frozen storage volume
 (hostd/storage: a qcow2 file, or a ZFS snapshot). A job's VM gets a writable clone of it (or,
-the first time, a new volume holding an empty ext4); when the job succeeds the clone is
-committed (frozen, no longer depending on its source) and becomes the newest version: last
-writer wins, and every concurrent job has its own clone. A failed job's clone is destroyed.
+the first time, a new volume holding an empty ext4); when the job succeeds the clone becomes
+the newest version: last writer wins, and every concurrent job has its own clone. A failed
+job's clone is destroyed. On qcow2 a version is frozen as an overlay on the one before it (a
+commit copies nothing) until MAX_CHAIN versions are stacked, then committed into a standalone
+file (the chain under a clone stays short); ZFS commits every version (snapshot, promote).
 
 Rows first: a clone's row (`cache_clones`) is written before its volume, and every volume is
 recorded by hostd/storage/volumes.py before it is made, so `reconcile` after a crash or restart
@@ -29,10 +31,11 @@ from ttci.infra.db import Store, private_dir
 from ttci.model.cache import CacheScope
 from ttci.model.errors import TTError
 
-__all__ = ["VOLUME_GIB", "CacheStore", "Clone", "Volumes", "migrations"]
+__all__ = ["MAX_CHAIN", "VOLUME_GIB", "CacheStore", "Clone", "Volumes", "migrations"]
 
 log = logging.getLogger("hostd.cache")
 VOLUME_GIB = 16  # a cache's virtual size (sparse: only what jobs write takes room)
+MAX_CHAIN = 4  # qcow2: versions a clone may sit on before a commit flattens them into one
 
 
 def migrations() -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
@@ -66,6 +69,8 @@ class Volumes(Protocol):
     """What the caches use of hostd/storage/volumes.py::Volumes (the VM manager passes it in:
     both folders are on one floor)."""
 
+    @property
+    def kind(self) -> str: ...
     def get(self, name: str) -> dict[str, Any] | None: ...
     def rows(
         self, where: str | None = None, args: list[Any] | None = None
@@ -76,6 +81,7 @@ class Volumes(Protocol):
     def create_empty(
         self, name: str, *, kind: str, owner: str, dest: Path, size_gib: int
     ) -> Path: ...
+    def freeze(self, name: str) -> None: ...
     def commit(self, name: str) -> None: ...
     def destroy(self, name: str) -> bool: ...
     def size(self, name: str) -> int: ...
@@ -198,7 +204,10 @@ class CacheStore:
         vol = self.volumes.get(volume)
         if self._key(sid) is None or vol is None or vol["state"] != "ready":
             return False  # deleted (tt cache del) while the job ran, or never made
-        self.volumes.commit(volume)
+        if self.volumes.kind == "qcow2" and self._depth(volume) < MAX_CHAIN:
+            self.volumes.freeze(volume)  # an overlay on the versions before it: no copy
+        else:
+            self.volumes.commit(volume)  # qcow2: copies the chain into it; ZFS: promotes
         with self.store.lock:
             key = self._key(sid)
             if key is None:
@@ -219,6 +228,13 @@ class CacheStore:
         log.info("cache %s: version %d committed from VM %s", key["key"], key["version"] + 1,
                  row["vm"])  # fmt: skip
         return True
+
+    def _depth(self, volume: str) -> int:
+        """How many volumes it sits on (its sources, back to one that depends on none)."""
+        depth, row = 0, self.volumes.get(volume)
+        while row is not None and row["source"]:
+            depth, row = depth + 1, self.volumes.get(row["source"])
+        return depth
 
     # -- eviction and deletion ---------------------------------------------------------------
     def _volumes_of(self, sid: str) -> list[dict[str, Any]]:

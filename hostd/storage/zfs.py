@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = ["ZfsBackend"]
 
 log = logging.getLogger("hostd.storage.zfs")
 _CLAIM = "org.ttci:state"  # a user property: which hostd (its state dir) owns the dataset
+_MOUNT_WAIT_S = 30.0
 _BUSY_TRIES = 50  # a dataset may be busy for a moment after its last file closes (FUSE)
 
 
@@ -114,10 +116,24 @@ class ZfsBackend(Backend):
         assert self._mountpoint is not None  # noqa: S101 - check() set it or raised
         return self._mountpoint / name
 
+    def _mounted(self, name: str) -> Path:
+        """The new dataset's mountpoint once it is mounted: a file written before would land in
+        the directory under it and be hidden (zfs-fuse may mount after create returns)."""
+        mnt = self._mnt(name)
+        deadline = time.monotonic() + _MOUNT_WAIT_S
+        while not os.path.ismount(mnt):
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"ZFS dataset {self._ds(name)} is not mounted at {mnt}",
+                    hint=f"check `zfs get mounted,mountpoint {self._ds(name)}`",
+                )
+            time.sleep(0.01)
+        return mnt
+
     # -- make --------------------------------------------------------------------------------
     def import_image(self, name: str, source: Path) -> Path:
         self._zfs("create", self._ds(name))
-        disk = self._mnt(name) / DISK_FILE
+        disk = self._mounted(name) / DISK_FILE
         shutil.copyfile(source, disk)
         disk.chmod(0o644)
         self.freeze(name, disk)
@@ -125,7 +141,7 @@ class ZfsBackend(Backend):
 
     def create_empty(self, name: str, dest: Path, size_gib: int) -> Path:
         self._zfs("create", self._ds(name))
-        disk = self._mnt(name) / DISK_FILE
+        disk = self._mounted(name) / DISK_FILE
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{size_gib}G"])
         link_disk(dest, disk)
         return disk
@@ -135,7 +151,7 @@ class ZfsBackend(Backend):
         got = run(["zfs", "clone", snap, self._ds(name)], check=False)
         if got.returncode:  # a promote moved the snapshot to a newer version's dataset
             self._zfs("clone", self._snapshot_of(source), self._ds(name))
-        disk = self._mnt(name) / DISK_FILE
+        disk = self._mounted(name) / DISK_FILE
         disk.chmod(0o644)  # a template's frozen file may be read-only; its clone is not
         grow_disk(disk, size_gib)
         link_disk(dest, disk)

@@ -195,6 +195,8 @@ def test_storage_settings_say_what_is_wrong(tmp_path: Path) -> None:
             ZfsBackend(f"{pool}/missing").check()
         assert f"zfs create -p {pool}/missing" in (e.value.hint or "")
         ZfsBackend(dataset).check()
+        mnt = tmp_path / f"{pool}-mnt" / "tt"  # where tests/zfsutil.py mounts it
+        assert mnt.stat().st_mode & 0o777 == 0o700  # VM disks: no other local user reads them
         ZfsBackend(dataset).claim("/var/lib/a")
         ZfsBackend(dataset).claim("/var/lib/a")  # the same hostd, restarted
         with pytest.raises(BadInput, match="belongs to the hostd with state dir /var/lib/a") as e:
@@ -210,6 +212,7 @@ def test_storage_settings_say_what_is_wrong(tmp_path: Path) -> None:
     assert "btrfs" in (e.value.hint or "")
     with btrfs_dir(tmp_path) as directory:
         ReflinkBackend(str(directory)).check()
+        assert directory.stat().st_mode & 0o777 == 0o700
         ReflinkBackend(str(directory)).claim("/var/lib/a")
         with pytest.raises(BadInput, match="belongs to the hostd with state dir /var/lib/a"):
             ReflinkBackend(str(directory)).claim("/var/lib/b")

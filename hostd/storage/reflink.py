@@ -38,6 +38,7 @@ class ReflinkBackend(Backend):
                 f"--storage reflink:{self.root}: no such directory",
                 hint=f"mkdir -p {self.root} on a btrfs (or XFS reflink=1) file system",
             )
+        self.root.chmod(0o700)  # VM disks hold jobs' data: root's only, as hostd's state dir
         probe = self.root / f".probe-{uuid.uuid4().hex[:8]}"
         try:
             probe.write_bytes(b"tt")

@@ -89,6 +89,7 @@ class ZfsBackend(Backend):
                 f"{self.dataset}",
             )
         self._mountpoint = Path(mountpoint)
+        os.chmod(mountpoint, 0o700)  # VM disks hold jobs' data: root's only, as hostd's state dir
         # Shared: the datasets mounted under it from now on also appear in mount namespaces
         # made after this as slaves (a private libvirtd's, hostd/vm/libvirtd.py).
         run(["mount", "--make-shared", mountpoint])

@@ -29,7 +29,7 @@ from runner_executor.core import job as gitlab_job
 from tests.admin_fake import fake_scheduler
 from tests.cloudutil import free_port
 from tests.test_images_pure import _manifest
-from ttci.cli import env_cmd, env_files, job_output
+from ttci.cli import cache_cmd, env_cmd, env_files, job_output
 from ttci.cli.job_plan import Outcome, parse_targets
 from ttci.cli.main import main, make_parser
 from ttci.cli.size_args import vm_size
@@ -321,7 +321,7 @@ class _Files:
 
         return [{"vm": "a", "ok": True, "data": base64.b64encode(self.tar).decode()}]
 
-    def delete_env(self, name: str) -> dict[str, Any]:
+    def delete_env(self, name: str, commit_cache: bool = False) -> dict[str, Any]:
         return {"name": name}
 
 
@@ -331,6 +331,7 @@ def test_files_and_del_print_only_json(
     c = _Files()
     monkeypatch.setattr(env_files, "_client", lambda: c)
     monkeypatch.setattr(env_cmd, "_client", lambda: c)
+    monkeypatch.setattr(cache_cmd, "_client", lambda: c)  # tt env del lives there
     (tmp_path / "src").write_text("x")
     pushed = _json_only(
         capsys, "env", "push", "e", str(tmp_path / "src"), "/root", "--json", code=1

@@ -28,6 +28,10 @@ CACHE_HELP = (
 )
 
 
+def _client() -> Client:
+    return Client(config.load())
+
+
 def add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", metavar="KEY:/path", help=CACHE_HELP)
 
@@ -52,7 +56,7 @@ def register_env_del(es: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def cmd_env_del(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    Client(config.load()).delete_env(args.name, commit_cache=args.commit_cache)
+    _client().delete_env(args.name, commit_cache=args.commit_cache)
     took = time.monotonic() - t0
     if args.json:
         print(json.dumps({"name": args.name, "deleted": True, "seconds": round(took, 3)}))
@@ -93,7 +97,7 @@ def _when(t: float) -> str:
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
-    rows = Client(config.load()).caches()
+    rows = _client().caches()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -116,7 +120,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_del(args: argparse.Namespace) -> int:
-    out = Client(config.load()).delete_cache(args.key, args.project, args.owner)
+    out = _client().delete_cache(args.key, args.project, args.owner)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

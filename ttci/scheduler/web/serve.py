@@ -64,6 +64,7 @@ def serve(
         threads=256,
         connection_limit=1000,  # CI plugins, the admin page and streams hold connections
         idle_timeout=3600,
+        engine="cheroot",  # many short concurrent reads: see ttci/infra/web_server.py
     )
     scheduler.leases.start()  # before recover: this replica is alive, its ENVs its own
     scheduler.recover()

@@ -2,7 +2,9 @@
 replica writes the other serves (users, admin sessions), the background loops run on exactly
 one of them, and when that one is SIGKILLed the other takes its leases over within seconds
 (the time itself is measured by bench/scheduler.py, not asserted here). Also: the leases and
-the place mutex on the layer itself, with concurrent holders."""
+the place mutex on the layer itself, with concurrent holders, and a burst of ENV requests to two
+schedulers on one database against a small stand-in host: no VM placed past its capacity, each
+request granted once."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
+from flask import Flask, Response, jsonify, request
+from werkzeug.serving import make_server
 
 from tests.cloudutil import free_port
 from tests.pgcluster import leases_held
@@ -25,6 +30,11 @@ from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 from ttci.infra.sql import SqlStore
 from ttci.infra.sql_leases import Leases, create_table
+from ttci.scheduler.service import Scheduler
+from ttci.scheduler.users import User
+from ttci.wire.api import API_VERSION
+from ttci.wire.envs import EnvRequest
+from ttci.wire.hosts import HostRegistration
 
 ADMIN = "admin-" + secrets.token_urlsafe(16)
 JOIN = "join-" + secrets.token_urlsafe(16)
@@ -193,3 +203,101 @@ def test_the_place_mutex_excludes_across_processes_connections(pg_url: str) -> N
         for s in stores:
             with contextlib.suppress(Exception):
                 s.close()
+
+
+@dataclass
+class Host:
+    """A hostd stand-in of 4 CPUs that creates and deletes VMs at once, counting them."""
+
+    url: str = ""
+    created: list[str] = field(default_factory=list)
+    alive: set[str] = field(default_factory=set)
+    most: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+CAPACITY = {"cpus": 4, "memory_mib": 8192, "disk_gib": 100}
+HOST_INFO = {
+    "api": API_VERSION,
+    "total": CAPACITY,
+    "free": CAPACITY,  # it never says less: what the schedulers committed is what limits them
+    "images": [{"name": "qemu:debian-12:amd64", "disk_gib": 4}],
+}
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    h = Host()
+    app = Flask("hostd-stand-in")
+    app.add_url_rule("/v1/host", "host", lambda: jsonify(HOST_INFO))
+    app.add_url_rule("/v1/vms", "vms", lambda: jsonify([]))
+
+    @app.post("/v1/vms")
+    def create() -> tuple[Response, int]:
+        vm_id = request.get_json()["id"]
+        with h.lock:
+            h.created.append(vm_id)
+            h.alive.add(vm_id)
+            h.most = max(h.most, len(h.alive))
+        return jsonify({"id": vm_id, "state": "running", "boot_s": 0.0, "accel": "tcg"}), 201
+
+    @app.delete("/v1/vms/<vm_id>")
+    def delete(vm_id: str) -> tuple[str, int]:
+        with h.lock:
+            h.alive.discard(vm_id)
+        return "", 204
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    h.url = f"http://127.0.0.1:{server.server_port}"
+    yield h
+    server.shutdown()
+    t.join()
+
+
+def test_two_replicas_never_place_past_the_capacity_and_grant_each_request_once(
+    tmp_path: Path, pg_url: str, host: Host
+) -> None:
+    """A burst of 1-CPU ENVs on a 4-CPU host, submitted to two schedulers on one database at
+    once: never more than 4 VMs at a time, every request granted exactly once as capacity frees."""
+    reps = [
+        Scheduler(tmp_path / f"s{i}", {}, admin_token=ADMIN, join_token=JOIN, database=pg_url)
+        for i in range(2)
+    ]
+    try:
+        reg = {"api": API_VERSION, "id": "h1", "url": host.url, "token": "h" * 20}
+        reps[0].pool.register(HostRegistration.from_dict({**reg, "info": HOST_INFO}))
+        for s in reps:
+            s.leases.start()
+            s.start_dispatcher()
+        alice = User("alice", admin=False)
+        names = [f"burst-{i}" for i in range(12)]
+        body = {"os_prefix": "debian-12:amd64", "cpus": 1, "memory_mib": 256}
+        with ThreadPoolExecutor(12) as pool:  # all at once, half to each replica
+            list(
+                pool.map(
+                    lambda i: reps[i % 2].submit_env(
+                        EnvRequest.from_dict({**body, "name": names[i]}), alice
+                    ),
+                    range(12),
+                )
+            )
+        ready: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(ready) < 12 and time.monotonic() < deadline:
+            states = {e["name"]: e["state"] for e in reps[0].list_envs(alice)}
+            assert (
+                list(states.values()).count("ready") + list(states.values()).count("creating") <= 4
+            ), states
+            for name, state in states.items():
+                if state == "ready" and name not in ready:
+                    ready.append(name)
+                    reps[len(ready) % 2].delete_env(name, alice)  # frees room on either replica
+            time.sleep(0.05)
+        assert sorted(ready) == sorted(names)
+        assert len(host.created) == 12 and len(set(host.created)) == 12  # each granted once
+        assert host.most <= 4 and not host.alive
+    finally:
+        for s in reps:
+            s.close()

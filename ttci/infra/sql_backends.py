@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "POOL_MAX",
+    "POOL_MIN",
     "Backend",
     "Conn",
     "DatabaseUnavailable",
@@ -44,6 +45,7 @@ __all__ = [
 log = logging.getLogger("ttci.infra.sql")
 Conn = Any  # a sqlite3.Connection or a psycopg.Connection
 POOL_MAX = 32  # PostgreSQL connections per process (the scheduler serves 256 threads)
+POOL_MIN = 4
 
 
 class DatabaseUnavailable(TTError):
@@ -274,7 +276,7 @@ class PostgresBackend:
             kwargs["password"] = password_file.read_text().strip()
         self.pool = psycopg_pool.ConnectionPool(
             url,
-            min_size=1,
+            min_size=POOL_MIN,  # opened at start: a burst does not wait for new connections
             max_size=POOL_MAX,
             kwargs=kwargs,
             configure=_configure,

@@ -618,7 +618,7 @@ class _Scheduler:
         self.results.append(result.result)
         return {}
 
-    def delete_env_wait(self, name: str, wait: float) -> bool:
+    def delete_env_wait(self, name: str, wait: float, commit_cache: bool = False) -> bool:
         return True
 
 

@@ -101,7 +101,9 @@ class FakeTT:
     def _free(self) -> int:
         return self.capacity - sum(1 for e in self.envs.values() if e.state == "ready")
 
-    def delete_env_wait(self, name: str, wait_s: float = 300.0, poll_s: float = 1.0) -> bool:
+    def delete_env_wait(
+        self, name: str, wait_s: float = 300.0, poll_s: float = 1.0, commit_cache: bool = False
+    ) -> bool:
         with self.cond:
             env = self.envs.get(name)
             if env is None or env.state == "gone":

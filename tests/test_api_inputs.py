@@ -166,8 +166,19 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.fixture(scope="module", params=["sqlite", "pg"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The real scheduler's --database for this module: SQLite (its state dir), or a fresh
+    database of the session's throw-away PostgreSQL (tests/pgcluster.py)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    with request.getfixturevalue("pg").database() as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+def cloud(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Cloud]:
     state = tmp_path_factory.mktemp("inputs")
     standin_port, port = free_port(), free_port()
     standin = _standin_hostd(standin_port)
@@ -179,6 +190,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         str(state),
         "--host-timeout",
         "3600",
+        *(["--database", database_url] if database_url else []),
     ]
     env = {**BASE_ENV, "TT_ADMIN_TOKEN": ADMIN, "TT_JOIN_TOKEN": JOIN}
     proc = _spawn(argv, env, state / "scheduler.log", "tt-scheduler")

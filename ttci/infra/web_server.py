@@ -41,6 +41,7 @@ log = logging.getLogger("ttci.infra.web_server")
 HANDSHAKE_TIMEOUT_S = 10  # a TLS client must finish its handshake within this
 TLS_IO_TIMEOUT_S = 60  # one blocked read/write on a TLS connection; idle keep-alive lifetime
 _STOP_WAIT_S = 1  # stopping waits this long for requests in flight (waitress: not at all)
+_DRAIN_MAX = 64 << 10  # unread body bytes a kept-alive connection may read past the answer
 _PLAIN_ANSWER = json.dumps(
     {
         "error": "this port serves HTTPS; the request came as plain HTTP",
@@ -61,7 +62,22 @@ class _LazyTLS(BuiltinSSLAdapter):
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), {}
 
 
-class _TLSConnection(cheroot_server.HTTPConnection):
+class _RefusingRequest(cheroot_server.HTTPRequest):
+    """An answer sent before most of a big body was read (a push refused unread) closes the
+    connection: cheroot would otherwise read the rest of the body into memory at once to keep
+    the connection alive (a 300 MB refused push: +127 MiB)."""
+
+    def send_headers(self) -> None:
+        if getattr(self.rfile, "remaining", 0) > _DRAIN_MAX:
+            self.close_connection = True
+        super().send_headers()
+
+
+class _PlainConnection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = _RefusingRequest
+
+
+class _TLSConnection(_PlainConnection):
     """A connection whose first request first completes the handshake, in the worker thread."""
 
     _handshaken = False
@@ -206,6 +222,7 @@ def _cheroot(
     )
     srv.max_request_header_size = 262144  # waitress's limits (cheroot's default: none)
     srv.max_request_body_size = 1 << 30
+    srv.ConnectionClass = _PlainConnection
     if tls is not None:
         srv.ssl_adapter = _LazyTLS(tls)
         srv.ConnectionClass = _TLSConnection

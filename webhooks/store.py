@@ -103,6 +103,10 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
+_STATE = "select state from jobs where id = ?"
+_STATE_FOR_UPDATE = _STATE + " for update"
+
+
 class JobStore:
     """Jobs and deliveries; every method is one transaction (`batch` groups several)."""
 
@@ -196,8 +200,11 @@ class JobStore:
         """Apply a state-machine event; fields are written only when the state changes, except
         the ones GitHub reports (gh_status, took_runner, conclusion), which are always kept.
         Returns (old state, new state or None if nothing changed)."""
+        # PostgreSQL: lock the row until the transaction ends, so two threads (or replicas)
+        # applying events to one job cannot both read the old state and lose one update.
+        sql = _STATE_FOR_UPDATE if self.db.dialect == "postgresql" else _STATE
         with self._tx():
-            row = self.db.execute("select state from jobs where id = ?", [job_id]).fetchone()
+            row = self.db.execute(sql, [job_id]).fetchone()
             old = State(row[0]) if row else None
             new = transition(old, event)
             keep = {

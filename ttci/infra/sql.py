@@ -326,6 +326,17 @@ class SqlStore:
         `with store.lock:` of the same thread, never inside one."""
         return self.backend.mutex(name)
 
+    def notify(self, channel: str, payload: str) -> None:
+        """Tell every process listening on channel (PostgreSQL's NOTIFY, sent at the commit
+        of the current transaction; SQLite has one process: nobody to tell)."""
+        if self.dialect == "postgresql":
+            self.db.execute("select pg_notify(?, ?)", [channel, payload])
+
+    def listen(self, channel: str, fn: Callable[[str], None]) -> None:
+        """Call fn(payload) for each notification on channel, in a thread of its own (until
+        close); nothing on SQLite."""
+        self.backend.listen(channel, fn)
+
     def applied(self) -> list[str]:
         return [r["name"] for r in self.db.table("_migrations").rows]
 

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -87,6 +87,7 @@ class Backend(Protocol):
     def columns_of(self, db: Database, table: str) -> list[str]: ...
     def primary_key(self, db: Database, table: str) -> tuple[str, ...]: ...
     def mutex(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+    def listen(self, channel: str, fn: Callable[[str], None]) -> None: ...
     def migrate(self, db: Database, migrations: list[Migration]) -> None: ...
     def close(self) -> None: ...
 
@@ -238,6 +239,9 @@ class SqliteBackend:
         with self._mutexes.get(name):
             yield
 
+    def listen(self, channel: str, fn: Callable[[str], None]) -> None:
+        """One process: its own events reach its watchers directly."""
+
     def migrate(self, db: Database, migrations: list[Migration]) -> None:
         with db.transaction(exclusive=True):  # BEGIN IMMEDIATE: one process migrates
             _migrate(db, migrations)
@@ -293,6 +297,8 @@ class PostgresBackend:
                 hint="is PostgreSQL up and the URL (user, host, port, database) right? "
                 "The server's log says why it refused",
             ) from e
+        self._url, self._kwargs = url, kwargs
+        self._closed = threading.Event()
         self._sql: dict[str, str] = {}
         self._mutexes = _Mutexes()
         self._pks: dict[str, tuple[str, ...]] = {}
@@ -413,12 +419,32 @@ class PostgresBackend:
                 finally:
                     self.pool.putconn(conn)
 
+    def listen(self, channel: str, fn: Callable[[str], None]) -> None:
+        """LISTEN on a connection of its own (reconnecting after a failover) until close."""
+
+        def loop() -> None:
+            while not self._closed.is_set():
+                try:
+                    with self._pg.connect(self._url, **self._kwargs) as conn:
+                        conn.execute(f'LISTEN "{channel}"')
+                        while not self._closed.is_set():
+                            for n in conn.notifies(timeout=1.0):
+                                fn(n.payload)
+                except self._pg.Error as e:
+                    log.warning("listening on %s: %s; again in 1 s", self.shown, e)
+                    self._closed.wait(1.0)
+                except Exception:  # the listener must survive what fn raises
+                    log.exception("a %s notification failed", channel)
+
+        threading.Thread(target=loop, name=f"listen-{channel}", daemon=True).start()
+
     def migrate(self, db: Database, migrations: list[Migration]) -> None:
         with db.transaction(exclusive=True):  # pg_advisory_xact_lock: one replica migrates
             db.execute(f'create schema if not exists "{self.namespace}"')
             _migrate(db, migrations)
 
     def close(self) -> None:
+        self._closed.set()
         self.pool.close()
 
 

@@ -86,7 +86,8 @@ class SchedulerCore:
         # A stream also polls its ENV's row: with replicas, another one may grant and boot it
         # (its events stay there), so the poll is what tells this one's watchers.
         self._watch_poll_s = 1.0 if self.store.dialect == "sqlite" else 0.25
-        self._watchers: dict[str, list[queue.Queue[EnvEvent]]] = {}
+        # None in a watcher's queue: a poke (another replica changed the ENV: look at its row).
+        self._watchers: dict[str, list[queue.Queue[EnvEvent | None]]] = {}
 
     def _placing(self) -> contextlib.AbstractContextManager[None]:
         """Placement and the admission queue, one at a time across every replica (a mutex

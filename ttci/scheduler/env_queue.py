@@ -48,6 +48,7 @@ log = logging.getLogger("ttci.scheduler.queue")
 TICK_S = 0.5  # the dispatcher looks at least this often while requests wait
 REPORT_EVERY_S = 5.0  # a watcher hears its position at least this often
 WAIT = WaitOptions()  # the default: wait as long as it takes
+NOTIFY_CHANNEL = "ttci_env"  # PostgreSQL: an ENV's name when it was granted, ready or failed
 
 
 class QueueTimeout(TTError):
@@ -238,6 +239,7 @@ class EnvQueue(EnvCreation):
                     log.exception("dispatcher failed")
 
         threading.Thread(target=loop, name="dispatcher", daemon=True).start()
+        self.store.listen(NOTIFY_CHANNEL, self._poke)
 
     # -- watching ---------------------------------------------------------------------------
     def _publish(self, name: str, ev: EnvEvent, final: bool = False) -> None:
@@ -247,6 +249,16 @@ class EnvQueue(EnvCreation):
                     q.put_nowait(ev)
             if final:
                 self._watchers.pop(name, None)
+        if ev.kind in ("granted", "ready", "error"):  # watchers on other replicas look now
+            with contextlib.suppress(TTError):
+                self.store.notify(NOTIFY_CHANNEL, name)
+
+    def _poke(self, name: str) -> None:
+        """Another replica changed the ENV: its watchers here read its row now."""
+        with self._watch_lock:
+            for q in self._watchers.get(name, []):
+                with contextlib.suppress(queue.Full):
+                    q.put_nowait(None)
 
     def submit_and_watch(
         self, req: EnvRequest, user: User, opts: WaitOptions = WAIT
@@ -268,19 +280,19 @@ class EnvQueue(EnvCreation):
         self._env_row(name, user)
         return self._watching(name, user, self._subscribe(name), replay=True)
 
-    def _subscribe(self, name: str) -> queue.Queue[EnvEvent]:
-        q: queue.Queue[EnvEvent] = queue.Queue(maxsize=10_000)
+    def _subscribe(self, name: str) -> queue.Queue[EnvEvent | None]:
+        q: queue.Queue[EnvEvent | None] = queue.Queue(maxsize=10_000)
         with self._watch_lock:
             self._watchers.setdefault(name, []).append(q)
         return q
 
-    def _unsubscribe(self, name: str, q: queue.Queue[EnvEvent]) -> None:
+    def _unsubscribe(self, name: str, q: queue.Queue[EnvEvent | None]) -> None:
         with self._watch_lock:
             if q in self._watchers.get(name, []):
                 self._watchers[name].remove(q)
 
     def _watching(
-        self, name: str, user: User, q: queue.Queue[EnvEvent], replay: bool
+        self, name: str, user: User, q: queue.Queue[EnvEvent | None], replay: bool
     ) -> Iterator[EnvEvent]:
         try:
             if replay and self._state_of(name, user) in ("creating", "ready"):
@@ -290,11 +302,14 @@ class EnvQueue(EnvCreation):
         finally:
             self._unsubscribe(name, q)
 
-    def _follow(self, name: str, user: User, q: queue.Queue[EnvEvent]) -> Iterator[EnvEvent]:
+    def _follow(self, name: str, user: User, q: queue.Queue[EnvEvent | None]) -> Iterator[EnvEvent]:
         last_sent = 0.0
         while True:
-            with contextlib.suppress(queue.Empty):
+            try:
                 ev = q.get(timeout=self._watch_poll_s)
+            except queue.Empty:
+                ev = None  # no news: its row says how it stands
+            if ev is not None:
                 yield ev
                 last_sent = time.monotonic()
                 if ev.final:
@@ -408,7 +423,7 @@ class EnvQueue(EnvCreation):
         return gone
 
 
-def _last_words(name: str, q: queue.Queue[EnvEvent]) -> Iterator[EnvEvent]:
+def _last_words(name: str, q: queue.Queue[EnvEvent | None]) -> Iterator[EnvEvent]:
     """An ENV whose rows are gone: its final event if one comes within a second (a cancel or
     a max_wait removes the rows first, then publishes why), else that it is gone."""
     deadline = time.monotonic() + 1.0
@@ -417,6 +432,8 @@ def _last_words(name: str, q: queue.Queue[EnvEvent]) -> Iterator[EnvEvent]:
             ev = q.get(timeout=left)
         except queue.Empty:
             break
+        if ev is None:  # a poke: the final event, if any, is on the replica that had it
+            continue
         yield ev
         if ev.final:
             return

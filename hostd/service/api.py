@@ -30,6 +30,7 @@ from ttci.infra.http_server import (
     install_errors,
     json_body,
     ndjson,
+    query_bool,
 )
 from ttci.model.errors import AgentError, BadInput, BootError, TTError
 from ttci.model.resources import validate_vm_size
@@ -180,7 +181,7 @@ def get_vm(vm_id: str) -> Response:
 @bp.delete("/vms/<vm_id>")
 def delete_vm(vm_id: str) -> tuple[str, int]:
     """?commit_cache=1: the job succeeded; the VM's cache clone becomes its newest version."""
-    _mgr().delete(vm_id, commit_cache=request.args.get("commit_cache") in ("1", "true"))
+    _mgr().delete(vm_id, commit_cache=query_bool("commit_cache"))
     return "", 204
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "json_body",
     "json_too_deep",
     "ndjson",
+    "query_bool",
     "query_int",
     "read_body",
     "strict_loads",
@@ -263,6 +264,19 @@ def query_int(name: str, default: int, lo: int, hi: int) -> int:
             f"{name}={raw[:40]!r} is not an integer in {lo}..{hi}", hint=f"e.g. ?{name}={default}"
         )
     return int(raw)
+
+
+_TRUE, _FALSE = ("1", "true"), ("0", "false")
+
+
+def query_bool(name: str) -> bool:
+    """A yes/no query parameter: 1/true or 0/false (absent: false), or BadInput."""
+    raw = request.args.get(name)
+    if raw is None or raw in _FALSE:
+        return False
+    if raw in _TRUE:
+        return True
+    raise BadInput(f"{name}={raw[:40]!r} is not 1, true, 0 or false", hint=f"e.g. ?{name}=1")
 
 
 def ndjson(events: Iterator[dict[str, Any]]) -> Response:

@@ -188,7 +188,7 @@ def _env_item_paths() -> dict[str, Spec]:
                 "delete_env",
                 "Delete an ENV (or take it out of the queue).",
                 {200: {"type": "object"}},
-                (401, 404, 409, 502, 503),
+                (400, 401, 404, 409, 502, 503),
                 params=(COMMIT_CACHE,),
             ),
             "parameters": name,

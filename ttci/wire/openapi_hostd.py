@@ -152,7 +152,7 @@ def _vm_paths() -> dict[str, Spec]:
                 "delete_vm",
                 "Destroy a VM (committing or discarding its cache clone).",
                 {204: None},
-                (*_VM_ERRORS, 503),
+                (400, *_VM_ERRORS, 503),
                 params=(COMMIT_CACHE,),
             ),
             "parameters": vm_id,

@@ -18,6 +18,7 @@ from ttci.infra.http_server import (
     install_errors,
     json_body,
     ndjson,
+    query_bool,
     query_int,
     read_body,
 )
@@ -319,7 +320,7 @@ def show_env(name: str) -> Response:
 @bp.delete("/envs/<name>")
 def delete_env(name: str) -> Response:
     """?commit_cache=1: the job succeeded; its cache clones become the newest versions."""
-    commit = request.args.get("commit_cache") in ("1", "true")
+    commit = query_bool("commit_cache")
     return jsonify(_s().delete_env(name, _user(), commit_cache=commit))
 
 

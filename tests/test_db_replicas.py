@@ -28,7 +28,7 @@ from tests.cloudutil import free_port
 from tests.pgcluster import leases_held
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
-from ttci.infra.sql import SqlStore
+from ttci.infra.sql import SqlStore, mask_url
 from ttci.infra.sql_leases import Leases, create_table
 from ttci.scheduler.service import Scheduler
 from ttci.scheduler.users import User
@@ -301,3 +301,11 @@ def test_two_replicas_never_place_past_the_capacity_and_grant_each_request_once(
     finally:
         for s in reps:
             s.close()
+
+
+def test_a_database_url_is_shown_without_its_password() -> None:
+    assert mask_url("postgresql://tt:s3cret@db1:5433/ttci?sslmode=require") == (
+        "postgresql://tt:***@db1:5433/ttci?sslmode=require"
+    )
+    assert "s3cret" not in mask_url("postgresql://tt@db1/ttci?password=s3cret&sslmode=require")
+    assert mask_url("postgresql://tt@db1/ttci") == "postgresql://tt@db1/ttci"

@@ -200,16 +200,15 @@ def _warn_plain(name: str, host: str) -> None:
         )
 
 
-def _cheroot(
+def _cheroot_server(  # noqa: PLR0917 - _cheroot's own arguments
     app: Callable[..., Any],
     host: str,
     port: int,
-    *,
     name: str,
     tls: TLSFiles | None,
     threads: int,
-    timeout: float = TLS_IO_TIMEOUT_S,
-) -> WebServer:
+    timeout: float,
+) -> cheroot_wsgi.Server:
     srv = cheroot_wsgi.Server(
         (host, port),
         app,
@@ -226,6 +225,20 @@ def _cheroot(
     if tls is not None:
         srv.ssl_adapter = _LazyTLS(tls)
         srv.ConnectionClass = _TLSConnection
+    return srv
+
+
+def _cheroot(
+    app: Callable[..., Any],
+    host: str,
+    port: int,
+    *,
+    name: str,
+    tls: TLSFiles | None,
+    threads: int,
+    timeout: float = TLS_IO_TIMEOUT_S,
+) -> WebServer:
+    srv = _cheroot_server(app, host, port, name, tls, threads, timeout)
     # Threads inherit daemon-ness from the thread that starts them: prepare (the workers) and
     # serve (the accept loop) run in daemon threads, so cheroot's threads are daemons too.
     failed: list[BaseException] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import shutil
 import subprocess
 import threading
 import time
@@ -30,6 +31,9 @@ from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 from ttci.infra.sql import SqlStore, mask_url
 from ttci.infra.sql_leases import Leases, create_table
+from ttci.model.errors import TTError
+from ttci.scheduler import admission_store as qs
+from ttci.scheduler import history
 from ttci.scheduler.service import Scheduler
 from ttci.scheduler.users import User
 from ttci.wire.api import API_VERSION
@@ -39,6 +43,7 @@ from ttci.wire.hosts import HostRegistration
 ADMIN = "admin-" + secrets.token_urlsafe(16)
 JOIN = "join-" + secrets.token_urlsafe(16)
 LOOPS = ("dispatcher", "hosts", "reaper")
+DATA = Path(__file__).parent / "data"
 
 
 @dataclass
@@ -309,3 +314,30 @@ def test_a_database_url_is_shown_without_its_password() -> None:
     )
     assert "s3cret" not in mask_url("postgresql://tt@db1/ttci?password=s3cret&sslmode=require")
     assert mask_url("postgresql://tt@db1/ttci") == "postgresql://tt@db1/ttci"
+
+
+def test_a_state_file_of_the_previous_release_keeps_working(tmp_path: Path) -> None:
+    """tests/data/scheduler-0.1.db was made by the release before the database layer (its
+    sqlite-utils schema and migrations, a host, a user, a ready ENV with its VM and job, a
+    quota): the new layer migrates it once and serves every row."""
+    shutil.copy(DATA / "scheduler-0.1.db", tmp_path / "scheduler.db")
+    s = Scheduler(tmp_path, {}, admin_token=ADMIN, host_timeout=3600)
+    try:
+        assert s.store.applied()[-2:] == ["0010_user_service", "0011_replicas"]
+        alice = s.users.resolve("ttu_old-alice-token")
+        assert alice is not None and alice.name == "alice"
+        env = s.show_env("old-env", alice)
+        assert env["state"] == "ready" and [v["name"] for v in env["vms"]] == ["vm-0"]
+        assert [h["id"] for h in s.hosts()] == ["h1"]
+        assert history.recent(s.store)[0]["env"] == "old-env"
+        assert qs.load_quotas(s.store).users["alice"].vms == 5
+        with pytest.raises(TTError, match="could not be deleted"):  # its host is gone
+            s.delete_env("old-env", alice)
+        assert s.show_env("old-env", alice)["state"] == "failed"  # left for the reaper
+    finally:
+        s.close()
+    again = Scheduler(tmp_path, {}, admin_token=ADMIN, host_timeout=3600)  # migrated once
+    try:
+        assert again.store.applied().count("0011_replicas") == 1
+    finally:
+        again.close()

@@ -163,13 +163,7 @@ def make_server(
         _warn_plain(name, host)
         return _cheroot(app, host, port, name=name, tls=None, threads=threads, timeout=idle_timeout)
     if tls is None:
-        if not _loopback(host):
-            log.warning(
-                "%s serves plain HTTP on %s: tokens cross the network unencrypted "
-                "(give it --tls-cert and --tls-key)",
-                name,
-                host,
-            )
+        _warn_plain(name, host)
         srv = waitress.create_server(
             app,
             host=host,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.cloudutil import free_port
+from tests.pgcluster import leases_held
 from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
 from ttci.infra.proc import BASE_ENV, stop
 
@@ -42,6 +43,10 @@ class SchedulerProc:
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def held(self) -> set[str]:
+        """The leases this replica holds (its /readyz says)."""
+        return leases_held(self.url)
 
     def kill(self) -> None:
         """SIGKILL: the replica dies mid-whatever, as a crashed machine's would."""

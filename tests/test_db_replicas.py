@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-import secrets
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,10 +23,8 @@ import requests
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
 
-from tests.cloudutil import free_port
-from tests.pgcluster import leases_held
-from ttci.cli.allinone import STOP_GRACE_S, _spawn, python_main
-from ttci.infra.proc import BASE_ENV, stop
+from tests.replicautil import ADMIN, JOIN, SchedulerProc, start_scheduler
+from ttci.infra.proc import stop
 from ttci.infra.sql import SqlStore, mask_url
 from ttci.infra.sql_leases import Leases, create_table
 from ttci.model.errors import TTError
@@ -40,45 +36,21 @@ from ttci.wire.api import API_VERSION
 from ttci.wire.envs import EnvRequest
 from ttci.wire.hosts import HostRegistration
 
-ADMIN = "admin-" + secrets.token_urlsafe(16)
-JOIN = "join-" + secrets.token_urlsafe(16)
 LOOPS = ("dispatcher", "hosts", "reaper")
 DATA = Path(__file__).parent / "data"
 
 
-@dataclass
-class Replica:
-    url: str
-    proc: subprocess.Popen[bytes]
-
-    def held(self) -> set[str]:
-        return leases_held(self.url)
-
-
-def _start(state: Path, database: str) -> Replica:
-    port = free_port()
-    argv = [
-        *python_main("ttci.scheduler.web.serve"),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--state-dir",
-        str(state),
-        "--database",
-        database,
-    ]
-    env = {**BASE_ENV, "TT_ADMIN_TOKEN": ADMIN, "TT_JOIN_TOKEN": JOIN}
-    state.mkdir(parents=True, exist_ok=True)
-    proc = _spawn(argv, env, state / f"scheduler-{port}.log", "tt-scheduler")
-    return Replica(f"http://127.0.0.1:{port}", proc)
-
-
 @pytest.fixture
-def replicas(tmp_path: Path, pg_url: str) -> Iterator[list[Replica]]:
-    started: list[Replica] = []
+def replicas(tmp_path: Path, pg_url: str) -> Iterator[list[SchedulerProc]]:
+    started: list[SchedulerProc] = []
     try:
         # Started together: both migrate the empty database at once (one does, one waits).
         threads = [
-            threading.Thread(target=lambda i=i: started.append(_start(tmp_path / f"r{i}", pg_url)))
+            threading.Thread(
+                target=lambda i=i: started.append(
+                    start_scheduler(tmp_path / f"r{i}", "--database", pg_url)
+                )
+            )
             for i in range(2)
         ]
         for t in threads:
@@ -89,8 +61,7 @@ def replicas(tmp_path: Path, pg_url: str) -> Iterator[list[Replica]]:
         yield started
     finally:
         for r in started:
-            if r.proc.poll() is None:
-                stop(r.proc, grace=STOP_GRACE_S)
+            r.stop()
     for log in tmp_path.glob("r*/scheduler-*.log"):
         assert "Traceback" not in log.read_text(errors="replace"), log
 
@@ -99,7 +70,7 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_either_replica_serves_what_the_other_wrote(replicas: list[Replica]) -> None:
+def test_either_replica_serves_what_the_other_wrote(replicas: list[SchedulerProc]) -> None:
     a, b = replicas
     r = requests.post(a.url + "/v1/users", json={"name": "alice"}, headers=_auth(ADMIN), timeout=10)
     assert r.status_code == 201, r.text
@@ -140,7 +111,7 @@ def test_either_replica_serves_what_the_other_wrote(replicas: list[Replica]) -> 
 
 
 def test_the_loops_move_to_the_other_replica_when_their_holder_is_killed(
-    replicas: list[Replica],
+    replicas: list[SchedulerProc],
 ) -> None:
     a, b = replicas
     deadline = time.monotonic() + 10

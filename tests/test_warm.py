@@ -245,12 +245,24 @@ def test_rebuild_and_prune(tmp_path: Path, amd64: Image) -> None:
 
 
 def test_an_arch_whose_restore_fails_boots_cold_and_says_why(host: VMManager) -> None:
-    """ppc64el guests hang after a restore on QEMU 7.2 (nearly always: the self-test, or at
-    worst the first VM's restore, finds out); its VMs then boot cold and say why."""
+    """Once the restore self-test of an (architecture, QEMU, accelerator) has failed, its VMs
+    boot cold and say why. QEMU 7.2 restores ppc64el guests nearly never on these machines, so
+    the self-test usually fails by itself; where this host's QEMU does restore them, the
+    template's saved stream is cut short and the self-test run again: its restores then fail
+    for real."""
     mgr = host
     ppc = built_image("debian-12", "ppc64el")
-    with contextlib.suppress(TemplateError):
-        mgr.templates.make(_spec(mgr, ppc))  # raises when the self-test fails
+    try:
+        tpl = mgr.templates.make(_spec(mgr, ppc))
+    except TemplateError:
+        pass  # the self-test failed: the usual ppc64el on QEMU 7.2
+    else:
+        with open(Path(str(tpl["dir"])) / SAVE_FILE, "r+b") as f:
+            f.truncate(mgr.templates.header(tpl).stream_offset + 4096)
+        with mgr.templates.store.lock:
+            mgr.templates.store.db.execute("delete from restore_tests where arch = 'ppc64el'")
+        with pytest.raises(TemplateError, match="restore self-test failed: 0/1 restores woke"):
+            mgr.templates._self_test_once(tpl)
     rows = []
     for n in range(3):
         row = _vm(mgr, f"p{n}", "wp", ppc)

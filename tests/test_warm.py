@@ -10,7 +10,6 @@ deleted images; an architecture whose restore fails (ppc64el on QEMU 7.2) boots 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil

@@ -1,5 +1,5 @@
-"""The two backends of ttci/infra/sql.py: SQLite (one connection under a lock, the secrets-at-rest
-rules of ttci/infra/db.py) and PostgreSQL (psycopg 3 with a connection pool).
+"""The two backends of ttci/infra/sql.py: SQLite (ttci/infra/sql_sqlite.py) and PostgreSQL
+(psycopg 3 with a connection pool), and what they share.
 
 Each turns its driver's errors into ours: a key taken twice is IntegrityError; a database that
 cannot be reached, went read-only (a standby after a failover) or cut the connection is
@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import sqlite3
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ttci.infra.db import PRIVATE_FILE, now, private_dir, private_files
+from ttci.infra.db import now
 from ttci.model.errors import BadInput, TTError
 
 if TYPE_CHECKING:
@@ -34,12 +32,14 @@ __all__ = [
     "Conn",
     "DatabaseUnavailable",
     "IntegrityError",
+    "Mutexes",
     "PostgresBackend",
     "Result",
-    "SqliteBackend",
     "lock_key",
     "mask_url",
+    "migrate_all",
     "open_backend",
+    "result_of",
 ]
 
 log = logging.getLogger("ttci.infra.sql")
@@ -108,6 +108,8 @@ def open_backend(
             f"database {mask_url(text)!r} is neither a SQLite file nor a postgresql:// URL",
             hint="e.g. /var/lib/ttci/state/scheduler/scheduler.db or postgresql://tt@db/ttci",
         )
+    from ttci.infra.sql_sqlite import SqliteBackend  # noqa: PLC0415 - it imports this module
+
     return SqliteBackend(Path(text), fast_commit)
 
 
@@ -131,13 +133,13 @@ class Result:
         return [dict(zip(cols, r, strict=True)) for r in self.rows]
 
 
-def _result(cur: Any) -> Result:
+def result_of(cur: Any) -> Result:
     if cur.description is None:
         return Result(rowcount=cur.rowcount)
     return Result(list(cur.fetchall()), [d[0] for d in cur.description], cur.rowcount)
 
 
-def _migrate(db: Database, migrations: list[Migration]) -> None:
+def migrate_all(db: Database, migrations: list[Migration]) -> None:
     """Apply what is missing, in one transaction the backend made exclusive."""
     table = db.table("_migrations")
     if not table.exists():
@@ -150,7 +152,9 @@ def _migrate(db: Database, migrations: list[Migration]) -> None:
             log.info("database migration %s applied", name)
 
 
-class _Mutexes:
+class Mutexes:
+    """Named in-process locks (SQLite's mutex; PostgreSQL's, before its advisory lock)."""
+
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -158,97 +162,6 @@ class _Mutexes:
     def get(self, name: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
-
-
-class SqliteBackend:
-    dialect = "sqlite"
-
-    def __init__(self, path: Path, fast_commit: bool = False) -> None:
-        private_dir(path.parent)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))  # never born 0644
-        private_files(path)  # and its WAL files, before SQLite copies the mode to new ones
-        self.conn = sqlite3.connect(path, check_same_thread=False, timeout=10, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        if fast_commit:
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-        private_files(path)
-        self.shown = str(path)
-        self._lock = threading.RLock()
-        self._mutexes = _Mutexes()
-        self._pks: dict[str, tuple[str, ...]] = {}
-
-    def begin(self, exclusive: bool = False) -> Conn:
-        self._lock.acquire()
-        try:
-            self.conn.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
-        except sqlite3.ProgrammingError as e:  # closed: the service is stopping
-            self._lock.release()
-            raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
-        except BaseException:
-            self._lock.release()
-            raise
-        return self.conn
-
-    def end(self, conn: Conn, commit: bool) -> None:
-        try:
-            if commit:
-                try:
-                    conn.execute("COMMIT")
-                except sqlite3.Error:
-                    conn.execute("ROLLBACK")
-                    raise
-            else:
-                conn.execute("ROLLBACK")
-        finally:
-            self._lock.release()
-
-    def run(self, conn: Conn, sql: str, params: Sequence[Any]) -> Result:
-        try:
-            return _result(conn.execute(sql, params))
-        except sqlite3.IntegrityError as e:
-            raise IntegrityError(f"the database refused the write: {e}") from e
-
-    def run_alone(self, sql: str, params: Sequence[Any]) -> Result:
-        with self._lock:  # autocommit: the statement is its own transaction
-            return self.run(self.conn, sql, params)
-
-    def run_many(self, conn: Conn, sql: str, rows: list[Sequence[Any]]) -> None:
-        try:
-            conn.executemany(sql, rows)
-        except sqlite3.IntegrityError as e:
-            raise IntegrityError(f"the database refused the write: {e}") from e
-
-    def table_names(self, db: Database) -> list[str]:
-        rows = db.execute("select name from sqlite_master where type = 'table'").fetchall()
-        return [r[0] for r in rows]
-
-    def columns_of(self, db: Database, table: str) -> list[str]:
-        return [r[1] for r in db.execute(f"pragma table_info({table!r})").fetchall()]
-
-    def primary_key(self, db: Database, table: str) -> tuple[str, ...]:
-        if table not in self._pks:
-            info = db.execute(f"pragma table_info({table!r})").fetchall()
-            keys = tuple(r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
-            if not keys:
-                return ("rowid",)
-            self._pks[table] = keys
-        return self._pks[table]
-
-    @contextlib.contextmanager
-    def mutex(self, name: str) -> Iterator[None]:
-        with self._mutexes.get(name):
-            yield
-
-    def listen(self, channel: str, fn: Callable[[str], None]) -> None:
-        """One process: its own events reach its watchers directly."""
-
-    def migrate(self, db: Database, migrations: list[Migration]) -> None:
-        with db.transaction(exclusive=True):  # BEGIN IMMEDIATE: one process migrates
-            _migrate(db, migrations)
-
-    def close(self) -> None:
-        with self._lock:
-            self.conn.close()
 
 
 def _load_psycopg() -> tuple[Any, Any]:
@@ -300,7 +213,7 @@ class PostgresBackend:
         self._url, self._kwargs = url, kwargs
         self._closed = threading.Event()
         self._sql: dict[str, str] = {}
-        self._mutexes = _Mutexes()
+        self._mutexes = Mutexes()
         self._pks: dict[str, tuple[str, ...]] = {}
 
     @contextlib.contextmanager
@@ -365,7 +278,7 @@ class PostgresBackend:
 
     def run(self, conn: Conn, sql: str, params: Sequence[Any]) -> Result:
         with self._errors():
-            return _result(conn.execute(self._translate(sql), params or None))
+            return result_of(conn.execute(self._translate(sql), params or None))
 
     def run_alone(self, sql: str, params: Sequence[Any]) -> Result:
         conn = self._getconn()  # autocommit: the statement is its own transaction
@@ -441,7 +354,7 @@ class PostgresBackend:
     def migrate(self, db: Database, migrations: list[Migration]) -> None:
         with db.transaction(exclusive=True):  # pg_advisory_xact_lock: one replica migrates
             db.execute(f'create schema if not exists "{self.namespace}"')
-            _migrate(db, migrations)
+            migrate_all(db, migrations)
 
     def close(self) -> None:
         self._closed.set()

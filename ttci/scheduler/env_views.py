@@ -63,8 +63,8 @@ class EnvViews(SchedulerCore):
     def page_vms(self, name: str, user: User, offset: int, limit: int) -> dict[str, Any]:
         """One page of a (possibly huge) ENV's VMs, in name order."""
         self._env_row(name, user)
-        rows = self.store.db.table("vms").rows_where(
-            "env = ?", [name], order_by="name", offset=offset, limit=limit
+        rows = self.store.db.table("vms").rows_packed(
+            (*self.VM_KEYS, "net"), "env = ?", [name], order_by="name", limit=limit, offset=offset
         )
         total = self.store.db.table("vms").count_where("env = ?", [name])
         nxt = offset + len(rows)

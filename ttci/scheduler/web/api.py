@@ -197,7 +197,8 @@ def status() -> Response:
 @bp.get("/hosts")
 def hosts() -> Response:
     """The pool; host addresses only for admins."""
-    return jsonify(_s().pool.public_all(admin=_user().admin))
+    body = _s().pool.public_body(_user().admin, current_app.json.dumps)
+    return Response(body, mimetype="application/json")
 
 
 @bp.get("/images")

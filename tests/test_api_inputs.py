@@ -21,6 +21,7 @@ import os
 import secrets
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,6 +332,39 @@ def test_deep_nesting_and_broken_json_are_400(
         headers={"Content-Type": "application/json"},
     )
     assert r.status_code == 413
+
+
+def test_vm_pages_say_what_the_stream_says(cloud: Cloud) -> None:
+    """A page of VMs (SQLite writes it as JSON itself) and the NDJSON stream (read as rows)
+    describe every VM the same way, in name order, with the totals and next offsets right."""
+    body = _env_body(name="pages", os_prefix="debian-12", dup_each=3, memory_mib=256)
+    assert cloud.call("alice", "POST", "/v1/envs", json=body).status_code == 201
+    base = "/v1/envs/pages/vms"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            lines = cloud.call("alice", "GET", f"{base}?stream=1").text.splitlines()
+            stream = [json.loads(x) for x in lines]
+            if len(stream) == 6 and all(v["state"] == "running" for v in stream):
+                break
+            assert time.monotonic() < deadline, stream
+            time.sleep(0.2)
+        first = cloud.call("alice", "GET", f"{base}?limit=4").json()
+        rest = cloud.call("alice", "GET", f"{base}?limit=4&offset=4").json()
+        assert (first["env"], first["total"], first["offset"], first["next_offset"]) == (
+            "pages",
+            6,
+            0,
+            4,
+        )
+        assert (rest["total"], rest["offset"], rest["next_offset"]) == (6, 4, None)
+        assert first["vms"] + rest["vms"] == stream
+        assert [v["name"] for v in stream] == sorted(v["name"] for v in stream)
+        assert {"name", "image", "host", "state", "cpus", "ip", "ports", "error"} <= set(stream[0])
+        assert cloud.call("alice", "GET", f"{base}?offset=6").json()["vms"] == []
+        assert cloud.call("bob", "GET", base).status_code == 404  # not bob's
+    finally:
+        cloud.call("alice", "DELETE", "/v1/envs/pages")
 
 
 @pytest.mark.parametrize(

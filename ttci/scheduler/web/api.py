@@ -310,7 +310,8 @@ def env_vms(name: str) -> Response:
         s.show_env(name, user, vms=False)
         return ndjson(s.iter_vms(name, user))
     offset, limit = _page()
-    return jsonify(s.page_vms(name, user, offset, limit))
+    body = s.page_vms_body(name, user, offset, limit, current_app.json.dumps)
+    return Response(body, mimetype="application/json")
 
 
 @bp.get("/envs/<name>")

@@ -2,6 +2,7 @@
 an unchanged image is not rebuilt) with the build cache in TT_TEST_CACHE_DIR."""
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,15 @@ CACHE_DIR = Path(os.environ.get("TT_TEST_CACHE_DIR", "/var/cache/ttci"))
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
     setup_logging()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _interruptible() -> None:
+    """A suite started in the background of a non-interactive shell (`make test &`) inherits
+    SIGINT ignored (POSIX), and so would every `tt` it starts: the tests that press Ctrl-C on
+    `tt job run` need Python's own SIGINT handler here, so their children start with SIGINT
+    at its default (a handler is reset on exec; an ignored signal stays ignored)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def built_image(release: str, arch: str, profile: str = "agent") -> Image:

@@ -104,3 +104,20 @@ def test_a_read_after_close_is_database_unavailable(tmp_path: Path, database: st
         s.db.table("vms").count_where()
     with pytest.raises(DatabaseUnavailable):
         s.db.table("vms").rows_packed(("name",), "env = ?", ["e"])
+
+
+def test_a_snapshot_sees_one_state_and_blocks_no_writer(store: SqlStore) -> None:
+    db = store.db
+    db.table("vms").insert({"name": "a", "env": "e", "cpus": 1.0, "memory_mib": 512})
+    with db.snapshot():
+        before = db.table("vms").count_where()
+        writer = threading.Thread(
+            target=lambda: db.table("vms").insert(
+                {"name": "b", "env": "e", "cpus": 1.0, "memory_mib": 512}
+            )
+        )
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive(), "a writer waited for a reader's snapshot"
+        assert db.table("vms").count_where() == before == 1  # the write came after it began
+    assert db.table("vms").count_where() == 2

@@ -96,6 +96,23 @@ class Database:
             tx.conn, tx.depth = None, 0
             self.backend.end(conn, commit=ok)
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Several reads in one read-only transaction, without the writers' lock (SQLite: on
+        this thread's reader). Inside a transaction: that transaction."""
+        tx = self._tx
+        if tx.depth:
+            with self.transaction():
+                yield
+            return
+        conn = self.backend.begin_read()
+        tx.conn, tx.depth = conn, 1
+        try:
+            yield
+        finally:
+            tx.conn, tx.depth = None, 0
+            self.backend.end(conn, commit=False)
+
     def in_transaction(self) -> bool:
         return bool(self._tx.depth)
 

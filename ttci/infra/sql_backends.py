@@ -79,6 +79,7 @@ class Backend(Protocol):
     shown: str
 
     def begin(self, exclusive: bool = False) -> Conn: ...
+    def begin_read(self) -> Conn: ...
     def end(self, conn: Conn, commit: bool) -> None: ...
     def run(self, conn: Conn, sql: str, params: Sequence[Any]) -> Result: ...
     def run_alone(self, sql: str, params: Sequence[Any]) -> Result: ...
@@ -246,10 +247,24 @@ class PostgresBackend:
                 raise
         return conn
 
+    def begin_read(self) -> Conn:
+        """A READ ONLY, REPEATABLE READ transaction: all its statements see one snapshot
+        (PostgreSQL's readers never wait for its writers)."""
+        conn = self._getconn()
+        try:
+            conn.autocommit = False
+            conn.isolation_level = self._pg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+        except BaseException:
+            self._putconn(conn)
+            raise
+        return conn
+
     def _putconn(self, conn: Conn) -> None:
         with contextlib.suppress(Exception):  # a broken connection: the pool drops it
             conn.rollback()
             conn.autocommit = True
+            conn.isolation_level = conn.read_only = None
         self.pool.putconn(conn)
 
     def _getconn(self) -> Conn:

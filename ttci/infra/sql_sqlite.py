@@ -116,7 +116,21 @@ class SqliteBackend:
             raise
         return self.conn
 
+    def begin_read(self) -> Conn:
+        """A read-only transaction on this thread's reader: one committed state for all its
+        statements, without the writer's lock."""
+        try:
+            conn = self._readers.conn()
+            conn.execute("BEGIN")
+        except sqlite3.ProgrammingError as e:  # closed: the service is stopping
+            raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
+        return conn
+
     def end(self, conn: Conn, commit: bool) -> None:
+        if conn is not self.conn:  # a reader's (begin_read): nothing to keep, no lock held
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return
         try:
             if commit:
                 try:

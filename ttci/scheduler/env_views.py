@@ -122,7 +122,7 @@ class EnvViews(SchedulerCore):
 
     def list_envs(self, user: User, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         where, args = ("1=1", []) if user.admin else ("owner = ?", [user.name])
-        with self.store.lock:  # the page and its VM counts in one transaction
+        with self.store.db.snapshot():  # the page and its VM counts from one state
             rows = self.store.db.table("envs").rows_where(
                 where, args, order_by="created_at, name", offset=offset, limit=limit
             )

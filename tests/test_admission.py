@@ -7,6 +7,7 @@ scheduler asks `next_to_place` and starts what it grants.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -366,6 +367,10 @@ def test_project_keys() -> None:
 def test_values_round_trip_through_json() -> None:
     r = req("x", vms=2, prio=3, t=1.25)
     assert QueuedRequest.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    # a queued request read back from the database keeps its VMs' cache (placement prefers it)
+    cached = dataclasses.replace(r, asks=tuple(dataclasses.replace(a, cache="c1") for a in r.asks))
+    back = QueuedRequest.from_dict(json.loads(json.dumps(cached.to_dict())))
+    assert back == cached and {a.cache for a in back.asks} == {"c1"}
     q = Quotas(
         users={"a": Quota(vms=2)},
         projects={"gitlab:g/p": Quota(cpus=1.5, priority=2)},

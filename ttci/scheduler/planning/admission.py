@@ -67,7 +67,8 @@ def project_key(origin: Mapping[str, str], owner: str) -> str:
 
 def _ask(d: Mapping[str, Any]) -> Ask:
     need = Resources.from_dict(dict(d.get("need", {})))
-    return Ask(key=str(d["key"]), image=str(d["image"]), arch=str(d["arch"]), need=need)
+    cache = str(d.get("cache", ""))  # placement prefers the host holding its newest version
+    return Ask(str(d["key"]), str(d["image"]), str(d["arch"]), need, cache)
 
 
 def _sum(rs: Iterable[Resources]) -> Resources:

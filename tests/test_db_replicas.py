@@ -34,7 +34,7 @@ from ttci.scheduler.service import Scheduler
 from ttci.scheduler.users import User
 from ttci.wire.api import API_VERSION
 from ttci.wire.envs import EnvRequest
-from ttci.wire.hosts import HostRegistration
+from ttci.wire.hosts import Heartbeat, HostRegistration
 
 LOOPS = ("dispatcher", "hosts", "reaper")
 DATA = Path(__file__).parent / "data"
@@ -277,6 +277,38 @@ def test_two_replicas_never_place_past_the_capacity_and_grant_each_request_once(
     finally:
         for s in reps:
             s.close()
+
+
+def test_an_env_asked_while_the_only_host_is_briefly_down_waits_for_it(
+    tmp_path: Path, database: str, host: Host
+) -> None:
+    """The host missed its heartbeats: a request for its image queues (it is not refused as
+    matching no image) and is granted and booted once the host reports again."""
+    s = Scheduler(
+        tmp_path, {}, admin_token=ADMIN, join_token=JOIN, host_timeout=1.0, database=database
+    )
+    try:
+        token = "h" * 20
+        reg = {"api": API_VERSION, "id": "h1", "url": host.url, "token": token}
+        s.pool.register(HostRegistration.from_dict({**reg, "info": HOST_INFO}))
+        time.sleep(1.3)
+        alice = User("alice", admin=False)
+        req = EnvRequest.from_dict({"name": "later", "os_prefix": "debian-12:amd64", "cpus": 1})
+        s.submit_env(req, alice)
+        assert s.pool.row("h1")["state"] == "down"
+        assert s.show_env("later", alice, vms=False)["state"] == "queued"
+        assert host.created == []
+        s.pool.heartbeat(Heartbeat("h1", info=HOST_INFO), token)
+        s.dispatch()
+        deadline = time.monotonic() + 30
+        while s.show_env("later", alice, vms=False)["state"] != "ready":
+            assert time.monotonic() < deadline, s.show_env("later", alice, vms=False)
+            time.sleep(0.05)
+        assert len(host.created) == 1
+        s.delete_env("later", alice)
+        assert not host.alive
+    finally:
+        s.close()
 
 
 def test_a_database_url_is_shown_without_its_password() -> None:

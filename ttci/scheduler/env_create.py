@@ -12,7 +12,7 @@ from typing import Any
 
 from ttci.infra.db import now
 from ttci.model.cache import CacheScope
-from ttci.model.errors import TTError
+from ttci.model.errors import BadInput, TTError
 from ttci.model.naming import ImageName
 from ttci.model.resources import Resources
 from ttci.scheduler import history
@@ -47,10 +47,7 @@ class EnvCreation(EnvViews):
         hosts = self.hosts()
         if not any(h["state"] == "up" for h in hosts):
             hosts = self.refresh_hosts()
-        images = sorted(
-            {i["name"] for h in hosts if h["state"] == "up" for i in h.get("images", [])}
-        )
-        wanted = vm_names(req, images)
+        wanted = self._wanted(req, hosts)
         sizes = {i["name"]: i.get("disk_gib", 4) for h in hosts for i in h.get("images", [])}
         cache = ""
         if req.cache and user:
@@ -66,6 +63,21 @@ class EnvCreation(EnvViews):
             )
             for name, image in wanted
         ]
+
+    @staticmethod
+    def _wanted(req: EnvRequest, hosts: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        """The ENV's VMs (name, image) from the images of the hosts that are up; if none of
+        those matches, from those of hosts that missed their heartbeats too: such a host may
+        come back (the queue waits for it), so a job asked for while the only host with its
+        image is briefly down waits instead of failing as matching no image."""
+        up = sorted({i["name"] for h in hosts if h["state"] == "up" for i in h.get("images", [])})
+        try:
+            return vm_names(req, up)
+        except BadInput:
+            known = {i["name"] for h in hosts if h["state"] == "down" for i in h.get("images", [])}
+            if not known - set(up):
+                raise
+            return vm_names(req, sorted(known | set(up)))
 
     def boot_env(
         self, req: EnvRequest, user: User, progress: Callable[[VmUp], None] | None = None

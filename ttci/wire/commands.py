@@ -1,6 +1,6 @@
 """Commands in VMs over HTTP: the exec request and the NDJSON event stream that answers it. Pure.
 
-The same request goes from a client to the scheduler (`POST /v1/envs/NAME/exec`, with `vms` to
+The same request goes from a client to the scheduler (`POST /v1/envs/NAME/run`, with `vms` to
 pick some of the ENV's VMs) and from the scheduler to hostd (`POST /v1/vms/ID/exec`). The answer
 is one JSON event per line: `start` (hostd only), `stdout`/`stderr` with base64 `data`, then
 `exit` (an ExitStatus) or `error`; the scheduler tags each with the VM's name (`vm`).

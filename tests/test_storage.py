@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,13 +162,25 @@ def test_restart_reaps_half_made_orphaned_and_ownerless_volumes(
         assert sorted(n.rsplit("/", 1)[1] for n in names) == [f"{img}", f"{img}@{img}", "vm-keep"]
 
 
+def _destroy_by_hand(dataset: str) -> None:
+    """`zfs destroy -rf` as an operator would run it: zfs-fuse may call a dataset busy for a
+    moment after its last file closed, so try again for up to 10 s."""
+    for _ in range(100):
+        r = subprocess.run(["zfs", "destroy", "-rf", dataset], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        assert "busy" in r.stderr, r.stderr
+        time.sleep(0.1)
+    raise AssertionError(f"{dataset} stayed busy: {r.stderr}")
+
+
 def test_a_volume_removed_by_hand_is_forgotten_and_made_again(
     vols: Volumes, tmp_path: Path
 ) -> None:
     base = _image(tmp_path)
     img = vols.image("img-0123", base)
     if isinstance(vols.backend, ZfsBackend):
-        subprocess.run(["zfs", "destroy", "-r", f"{vols.backend.dataset}/{img}"], check=True)
+        _destroy_by_hand(f"{vols.backend.dataset}/{img}")
     elif isinstance(vols.backend, ReflinkBackend):
         vols.path(img).unlink()
     counts = vols.reconcile({"image": {img}.__contains__})

@@ -150,8 +150,8 @@ class HostPool:
         self._clients: dict[str, HostdClient] = {}
         # Every write bumps the hosts counter in the database (in its transaction), so each
         # replica rebuilds its cached public lists after any replica changed a host.
-        self._cache: dict[bool, tuple[int, list[dict[str, Any]]]] = {}
-        self._bodies: dict[bool, tuple[int, bytes]] = {}  # the same lists, as JSON
+        # Per admin or not: (hosts version, the public list, the list as JSON once asked for).
+        self._cache: dict[bool, tuple[int, list[dict[str, Any]], bytes | None]] = {}
         self._clients_lock = threading.Lock()
         with store.lock:
             for hid, (url, _) in static.items():
@@ -203,22 +203,24 @@ class HostPool:
     def public_all(self, admin: bool = True) -> list[dict[str, Any]]:
         """Every host as the API shows it (to an admin, or without addresses to anyone else);
         rebuilt only after a host record changed."""
-        version, cached = self._cache.get(admin, (-1, []))
-        now = self._version()  # rows read after it are at least as new
-        if version != now:
-            cached = [self.public(r, admin=admin) for r in self.rows()]
-            self._cache[admin] = (now, cached)
-        return cached
+        return self._public(admin)[1]
 
     def public_body(self, admin: bool, dumps: Callable[[Any], str]) -> bytes:
         """public_all encoded by dumps, encoded again only after a host record changed: a
         hundred hosts' reports are the API's largest frequent read."""
-        now = self._version()
-        version, body = self._bodies.get(admin, (-1, b""))
-        if version != now:
-            body = dumps(self.public_all(admin)).encode() + b"\n"
-            self._bodies[admin] = (now, body)
+        version, hosts, body = self._public(admin)
+        if body is None:
+            body = dumps(hosts).encode() + b"\n"
+            self._cache[admin] = (version, hosts, body)
         return body
+
+    def _public(self, admin: bool) -> tuple[int, list[dict[str, Any]], bytes | None]:
+        now = self._version()  # rows read after it are at least as new
+        entry = self._cache.get(admin)
+        if entry is None or entry[0] != now:
+            entry = (now, [self.public(r, admin=admin) for r in self.rows()], None)
+            self._cache[admin] = entry
+        return entry
 
     @staticmethod
     def public(row: dict[str, Any], admin: bool = True) -> dict[str, Any]:

@@ -5,12 +5,17 @@
 - rows_packed (one step for a whole page on SQLite) gives exactly what rows_where gives: the
   same rows in the same order with the same values and types, quotes, NULLs and non-ASCII text
   included, and nothing for an empty page.
-- After the store is closed, a read is a clear DatabaseUnavailable, never a driver error.
+- After the store is closed, a read is a clear DatabaseUnavailable, never a driver error; and
+  closing it while other threads are in the middle of reads ends those reads the same way (on
+  SQLite, closing a reader another thread was stepping crashed the whole process: a scheduler's
+  background thread reading while the service stopped).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +126,55 @@ def test_a_snapshot_sees_one_state_and_blocks_no_writer(store: SqlStore) -> None
         assert not writer.is_alive(), "a writer waited for a reader's snapshot"
         assert db.table("vms").count_where() == before == 1  # the write came after it began
     assert db.table("vms").count_where() == 2
+
+
+_CLOSE_WHILE_READING = """
+import sys, threading, time
+from pathlib import Path
+from ttci.infra.sql import DatabaseUnavailable, SqlStore
+sys.path.insert(0, "tests")
+from test_sql_reads import MIGRATIONS
+
+target, rounds = sys.argv[1], int(sys.argv[2])
+for n in range(rounds):
+    store = SqlStore(target if "://" in target else Path(target) / f"{n}.db", MIGRATIONS,
+                     namespace="ttci_close_test")
+    vms = store.db.table("vms")
+    if not vms.count_where():
+        vms.insert_all([{"name": f"v{i}", "env": "e", "cpus": 1.0, "memory_mib": 512,
+                         "error": "x" * 200} for i in range(300)])
+    odd = []
+    def read():
+        while True:
+            try:
+                store.db.execute("select * from vms").fetchall()
+            except DatabaseUnavailable:
+                return
+            except Exception as e:
+                odd.append(repr(e))
+                return
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for t in readers:
+        t.start()
+    time.sleep(0.02)
+    store.close()
+    for t in readers:
+        t.join(30)
+    assert not any(t.is_alive() for t in readers), "a reader still runs after close"
+    assert not odd, odd
+print("closed", rounds, "times")
+"""
+
+
+def test_closing_while_threads_read_ends_their_reads_cleanly(tmp_path: Path, database: str) -> None:
+    rounds = 60
+    script = [sys.executable, "-X", "faulthandler", "-c", _CLOSE_WHILE_READING]
+    done = subprocess.run(
+        [*script, database or str(tmp_path), str(rounds)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    assert done.stdout.strip() == f"closed {rounds} times"

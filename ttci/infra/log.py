@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["CONTEXT_KEYS", "JsonFormatter", "MaskingFormatter", "mask", "setup_logging", "step"]
 
@@ -63,8 +64,22 @@ class JsonFormatter(logging.Formatter):
         return mask(json.dumps(out, ensure_ascii=False))
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record comes (not the stream of the moment it
+    was made): a daemon thread still logging after its caller swapped or closed stderr (a test
+    harness capturing it, say) writes to the live one instead of failing on a closed file."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        """StreamHandler sets it; the live sys.stderr is always used."""
+
+
 def setup_logging(verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if os.environ.get("TT_LOG_FORMAT", "text") == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -39,7 +39,11 @@ __all__ = ["SqliteBackend"]
 
 
 class _ReaderConn(sqlite3.Connection):
-    """A read-only connection (a subclass: sqlite3.Connection itself takes no weak reference)."""
+    """A read-only connection (a subclass: sqlite3.Connection itself takes no weak reference),
+    with the lock its thread holds while it uses it: close() takes that lock first, because
+    closing a connection while another thread steps one of its statements crashes the process."""
+
+    guard: threading.Lock
 
 
 class _Readers:
@@ -57,7 +61,8 @@ class _Readers:
         self._guard = threading.Lock()
         self._closed = False
 
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> _ReaderConn:
+        """This thread's reader; hold its `guard` while using it."""
         conn: _ReaderConn | None = getattr(self._local, "conn", None)
         if conn is None:
             with self._guard:
@@ -70,16 +75,24 @@ class _Readers:
                     check_same_thread=False,  # close() runs on another thread
                     factory=_ReaderConn,
                 )
+                conn.guard = threading.Lock()
                 conn.execute("PRAGMA query_only=ON")
                 self._all.add(conn)
             self._local.conn = conn
         return conn
 
     def close(self) -> None:
+        """Close every reader once its thread is done with it (a reader still busy after 10 s
+        is left to close with its thread)."""
         with self._guard:
             self._closed = True
-            for conn in list(self._all):
-                conn.close()
+            busy = list(self._all)
+        for conn in busy:
+            if conn.guard.acquire(timeout=10):
+                try:
+                    conn.close()
+                finally:
+                    conn.guard.release()
 
 
 def _is_read(sql: str) -> bool:
@@ -121,15 +134,25 @@ class SqliteBackend:
         statements, without the writer's lock."""
         try:
             conn = self._readers.conn()
-            conn.execute("BEGIN")
         except sqlite3.ProgrammingError as e:  # closed: the service is stopping
             raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
+        conn.guard.acquire()  # released by end()
+        try:
+            conn.execute("BEGIN")
+        except BaseException as e:
+            conn.guard.release()
+            if isinstance(e, sqlite3.ProgrammingError):  # closed: the service is stopping
+                raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
+            raise
         return conn
 
     def end(self, conn: Conn, commit: bool) -> None:
-        if conn is not self.conn:  # a reader's (begin_read): nothing to keep, no lock held
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+        if isinstance(conn, _ReaderConn):  # a reader's (begin_read): nothing to keep
+            try:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            finally:
+                conn.guard.release()
             return
         try:
             if commit:
@@ -152,7 +175,9 @@ class SqliteBackend:
     def run_alone(self, sql: str, params: Sequence[Any]) -> Result:
         if _is_read(sql):
             try:
-                return self.run(self._readers.conn(), sql, params)
+                reader = self._readers.conn()
+                with reader.guard:
+                    return self.run(reader, sql, params)
             except sqlite3.ProgrammingError as e:  # closed: the service is stopping
                 raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
         with self._lock:  # autocommit: the statement is its own transaction

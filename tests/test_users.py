@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import re
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, Response, jsonify, request
+from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
+from tests.standin_hostd import instant_hostd
 from ttci.scheduler.service import Scheduler
 from ttci.scheduler.users import LoginThrottle, User, check_env_name, reserved_for
 from ttci.scheduler.web.api import create_app
@@ -38,22 +37,8 @@ def _auth(token: str) -> dict[str, str]:
 @pytest.fixture
 def stand_in() -> Iterator[str]:
     """A hostd stand-in that creates and deletes VMs at once (nothing is booted)."""
-    app = Flask("hostd-stand-in")
-    app.add_url_rule("/v1/host", "host", lambda: jsonify(INFO))
-    app.add_url_rule("/v1/vms", "vms", lambda: jsonify([]))
-    app.add_url_rule("/v1/vms/<vm_id>", "delete", lambda vm_id: ("", 204), methods=["DELETE"])
-
-    @app.post("/v1/vms")
-    def create() -> tuple[Response, int]:
-        vm = {"id": request.get_json()["id"], "state": "running", "boot_s": 0.0, "accel": "tcg"}
-        return jsonify(vm), 201
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    t.join()
+    with instant_hostd(INFO) as url:
+        yield url
 
 
 @pytest.fixture
@@ -147,7 +132,7 @@ def _csrf(html: str) -> str:
 
 
 def _admin_app(api: FlaskClient) -> Flask:
-    app: Flask = api.application.wsgi_app.mounts["/admin"].__self__  # type: ignore[attr-defined]
+    app: Flask = api.application.wsgi_app.next.mounts["/admin"].__self__  # type: ignore[attr-defined]
     return app
 
 

@@ -34,6 +34,7 @@ from ttci.scheduler.planning.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
 from ttci.scheduler.users import NameReserved, User, UserExists, UserNotFound
 from ttci.scheduler.web import images_api
+from ttci.scheduler.web.fast_reads import FastReads
 from ttci.scheduler.web.health import scheduler_checks
 from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
@@ -426,4 +427,5 @@ def create_app(scheduler: Scheduler, max_files: int = MAX_PUSH_BYTES) -> Flask:
         """This API as an OpenAPI 3.1 description (open, like /v1/health)."""
         return jsonify(description)
 
+    app.wsgi_app = FastReads(app, scheduler, MAX_OFFSET)  # type: ignore[method-assign]
     return app

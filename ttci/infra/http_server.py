@@ -31,6 +31,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_NUMBER_CHARS",
     "BodyTooLarge",
+    "bearer_of",
     "bearer_ok",
     "bearer_token",
     "body_chunks",
@@ -65,7 +66,12 @@ def error_response(status: int, message: str, hint: str | None = None, kind: str
 
 def bearer_token() -> str:
     """The token of this request's `Authorization: Bearer TOKEN` header ("" without one)."""
-    return request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    return bearer_of(request.headers.get("Authorization", ""))
+
+
+def bearer_of(header: str) -> str:
+    """The token of an `Authorization: Bearer TOKEN` header's value ("" for an empty one)."""
+    return header.removeprefix("Bearer ").strip()
 
 
 def bearer_ok(want: str) -> bool:

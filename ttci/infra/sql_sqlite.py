@@ -117,13 +117,19 @@ class SqliteBackend:
         self._mutexes = Mutexes()
         self._pks: dict[str, tuple[str, ...]] = {}
 
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[None]:
+        """A closed connection's error as ours: the service is stopping."""
+        try:
+            yield
+        except sqlite3.ProgrammingError as e:
+            raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
+
     def begin(self, exclusive: bool = False) -> Conn:
         self._lock.acquire()
         try:
-            self.conn.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
-        except sqlite3.ProgrammingError as e:  # closed: the service is stopping
-            self._lock.release()
-            raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
+            with self._open():
+                self.conn.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
         except BaseException:
             self._lock.release()
             raise
@@ -132,17 +138,14 @@ class SqliteBackend:
     def begin_read(self) -> Conn:
         """A read-only transaction on this thread's reader: one committed state for all its
         statements, without the writer's lock."""
-        try:
+        with self._open():
             conn = self._readers.conn()
-        except sqlite3.ProgrammingError as e:  # closed: the service is stopping
-            raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
         conn.guard.acquire()  # released by end()
         try:
-            conn.execute("BEGIN")
-        except BaseException as e:
+            with self._open():
+                conn.execute("BEGIN")
+        except BaseException:
             conn.guard.release()
-            if isinstance(e, sqlite3.ProgrammingError):  # closed: the service is stopping
-                raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
             raise
         return conn
 
@@ -174,12 +177,10 @@ class SqliteBackend:
 
     def run_alone(self, sql: str, params: Sequence[Any]) -> Result:
         if _is_read(sql):
-            try:
+            with self._open():
                 reader = self._readers.conn()
                 with reader.guard:
                     return self.run(reader, sql, params)
-            except sqlite3.ProgrammingError as e:  # closed: the service is stopping
-                raise DatabaseUnavailable(f"the database {self.shown} is closed") from e
         with self._lock:  # autocommit: the statement is its own transaction
             return self.run(self.conn, sql, params)
 

@@ -248,7 +248,7 @@ def _cheroot(
     tls: TLSFiles | None,
     threads: int,
     timeout: float = TLS_IO_TIMEOUT_S,
-    keep_alive: int = 100,
+    keep_alive: int,
 ) -> WebServer:
     srv = _cheroot_server(app, host, port, name, tls, threads, timeout, keep_alive)
     # Threads inherit daemon-ness from the thread that starts them: prepare (the workers) and

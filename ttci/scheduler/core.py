@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ttci import __version__
 from ttci.infra.db import now
 from ttci.infra.sql import DatabaseUnavailable, NotFoundError, SqlStore
 from ttci.infra.sql_leases import Leases
@@ -21,6 +22,7 @@ from ttci.scheduler.hosts import HostPool
 from ttci.scheduler.planning.admission import Waiting
 from ttci.scheduler.schema import MIGRATIONS
 from ttci.scheduler.users import User, Users
+from ttci.wire.api import API_VERSION
 from ttci.wire.envs import EnvEvent
 from ttci.wire.queue import QueueInfo
 from ttci.wire.warm import image_warmth
@@ -111,6 +113,11 @@ class SchedulerCore:
 
     def hosts(self) -> list[dict[str, Any]]:
         return self.pool.public_all()
+
+    def status(self, user: User) -> dict[str, Any]:
+        """GET /v1/status: versions, who asks, and counts() for them."""
+        head = {"version": __version__, "api": API_VERSION, "user": user.name, "admin": user.admin}
+        return {**head, **self.counts(user)}
 
     def counts(self, user: User) -> dict[str, int]:
         """Hosts, ENVs and VMs (the user's own, or all for an admin) by SQL, for /v1/status."""

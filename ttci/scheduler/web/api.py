@@ -34,9 +34,8 @@ from ttci.scheduler.planning.placement import NoPlacement
 from ttci.scheduler.service import EnvBusy, EnvExists, EnvNotFound, Scheduler
 from ttci.scheduler.users import NameReserved, User, UserExists, UserNotFound
 from ttci.scheduler.web import images_api
-from ttci.scheduler.web.fast_reads import FastReads
+from ttci.scheduler.web.fast_reads import MAX_LIMIT, MAX_OFFSET, FastReads
 from ttci.scheduler.web.health import scheduler_checks
-from ttci.wire.api import API_VERSION
 from ttci.wire.commands import ExecRequest
 from ttci.wire.envs import EnvEvent, EnvRequest, parse_duration
 from ttci.wire.hosts import Heartbeat, HostRegistration
@@ -76,7 +75,6 @@ __all__ = [
 
 bp = Blueprint("scheduler", __name__, url_prefix="/v1")
 MAX_PUSH_BYTES = 1 << 30  # a push's tar, a get's per VM (waitress takes no larger body either)
-MAX_OFFSET = 1 << 31  # paging: far past any list, and SQLite takes it
 # The only routes without a user's token (the host routes check the join token themselves).
 OPEN_ROUTES = (
     ("GET", "/v1/health"),
@@ -183,16 +181,7 @@ def delete_user(name: str) -> Response:
 
 @bp.get("/status")
 def status() -> Response:
-    s, user = _s(), _user()
-    return jsonify(
-        {
-            "version": __version__,
-            "api": API_VERSION,
-            "user": user.name,
-            "admin": user.admin,
-            **s.counts(user),
-        }
-    )
+    return jsonify(_s().status(_user()))
 
 
 @bp.get("/hosts")
@@ -290,9 +279,9 @@ def delete_quota(scope: str, name: str) -> Response:
 
 
 def _page() -> tuple[int, int]:
-    """?offset= (0..MAX_OFFSET) and ?limit= (1..; more than 10,000 reads as 10,000)."""
+    """?offset= (0..MAX_OFFSET) and ?limit= (1..; more than MAX_LIMIT reads as MAX_LIMIT)."""
     offset = query_int("offset", 0, 0, MAX_OFFSET)
-    return offset, min(query_int("limit", 1000, 1, MAX_OFFSET), 10_000)
+    return offset, min(query_int("limit", 1000, 1, MAX_OFFSET), MAX_LIMIT)
 
 
 def _guest_path(key: str, hint: str) -> str:
@@ -427,5 +416,5 @@ def create_app(scheduler: Scheduler, max_files: int = MAX_PUSH_BYTES) -> Flask:
         """This API as an OpenAPI 3.1 description (open, like /v1/health)."""
         return jsonify(description)
 
-    app.wsgi_app = FastReads(app, scheduler, MAX_OFFSET)  # type: ignore[method-assign]
+    app.wsgi_app = FastReads(app, scheduler)  # type: ignore[method-assign]
     return app

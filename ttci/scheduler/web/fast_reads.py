@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ttci import __version__
-from ttci.wire.api import API_VERSION
+from ttci.infra.http_server import bearer_of
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -28,17 +27,21 @@ if TYPE_CHECKING:
     from ttci.scheduler.service import Scheduler
     from ttci.scheduler.users import User
 
-__all__ = ["FastReads", "parse_page"]
+__all__ = ["MAX_LIMIT", "MAX_OFFSET", "FastReads", "parse_page"]
 
+MAX_OFFSET = 1 << 31  # paging: far past any list, and SQLite takes it
+MAX_LIMIT = 10_000  # a larger ?limit= reads as this
 _ENVS = "/v1/envs/"
 _VMS = "/vms"
 _MAX_DIGITS = 10  # MAX_OFFSET (2**31) has 10
+Read = Callable[["User"], bytes]
 
 
-def parse_page(query: str, max_offset: int) -> tuple[int, int] | None:
+def parse_page(query: str, max_offset: int = MAX_OFFSET) -> tuple[int, int] | None:
     """(offset, limit) from a query string of at most `offset=N` and `limit=N` (plain decimal,
-    each once), as the API's _page reads them (limit 1.., more than 10,000 reads as 10,000;
-    offset 0..max_offset); None for anything else (Flask then answers it, errors included)."""
+    each once), as the API's _page reads them (limit 1.., more than MAX_LIMIT reads as
+    MAX_LIMIT; offset 0..max_offset); None for anything else (Flask then answers it, errors
+    included)."""
     got: dict[str, int] = {}
     for part in query.split("&") if query else ():
         key, eq, value = part.partition("=")
@@ -55,22 +58,19 @@ def parse_page(query: str, max_offset: int) -> tuple[int, int] | None:
     offset, limit = got.get("offset", 0), got.get("limit", 1000)
     if offset > max_offset or not 1 <= limit <= max_offset:
         return None
-    return offset, min(limit, 10_000)
+    return offset, min(limit, MAX_LIMIT)
 
 
 class FastReads:
     """WSGI middleware in front of the scheduler's Flask app (see the module's docstring)."""
 
-    def __init__(self, app: Flask, scheduler: Scheduler, max_offset: int) -> None:
+    def __init__(self, app: Flask, scheduler: Scheduler) -> None:
         self.next: WSGIApplication = app.wsgi_app
         self.s = scheduler
-        self.max_offset = max_offset
         self.dumps: Callable[..., str] = app.json.dumps
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("REQUEST_METHOD") == "GET" and environ.get("PATH_INFO", "").startswith(
-            "/v1/"
-        ):
+        if environ.get("REQUEST_METHOD") == "GET":
             try:
                 body = self._answer(environ)
             except Exception:  # Flask answers it again, with the right error
@@ -88,32 +88,27 @@ class FastReads:
         return (self.dumps(obj, separators=(",", ":")) + "\n").encode()
 
     def _answer(self, environ: WSGIEnvironment) -> bytes | None:
-        user = self._user(environ)
-        if user is None:
+        """The read's body, or None for Flask; the token is looked up only for our four reads."""
+        read = self._route(environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+        if read is None:
             return None
-        path, query = environ["PATH_INFO"], environ.get("QUERY_STRING", "")
+        token = bearer_of(environ.get("HTTP_AUTHORIZATION", ""))
+        user: User | None = self.s.users.resolve(token) if token else None
+        return None if user is None else read(user)
+
+    def _route(self, path: str, query: str) -> Read | None:
         if path == "/v1/status" and not query:
-            counts = self.s.counts(user)
-            head = {"version": __version__, "api": API_VERSION, "user": user.name}
-            return self._json({**head, "admin": user.admin, **counts})
+            return lambda user: self._json(self.s.status(user))
         if path == "/v1/hosts" and not query:
-            return self.s.pool.public_body(user.admin, self.dumps)
-        page = parse_page(query, self.max_offset)
+            return lambda user: self.s.pool.public_body(user.admin, self.dumps)
+        if path != "/v1/envs" and not (path.startswith(_ENVS) and path.endswith(_VMS)):
+            return None
+        page = parse_page(query)
         if page is None:
             return None
         if path == "/v1/envs":
-            return self._json(self.s.list_envs(user, *page))
-        if path.startswith(_ENVS) and path.endswith(_VMS):
-            name = path[len(_ENVS) : -len(_VMS)]
-            if name and name.isascii() and "/" not in name:  # else Flask decodes it
-                return self.s.page_vms_body(name, user, *page, self.dumps)
-        return None
-
-    def _user(self, environ: WSGIEnvironment) -> User | None:
-        """The user of the request's bearer token, as the API's auth finds it (None: Flask
-        answers, a 401 among others)."""
-        token = environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
-        if not token:
+            return lambda user: self._json(self.s.list_envs(user, *page))
+        name = path[len(_ENVS) : -len(_VMS)]
+        if not name or not name.isascii() or "/" in name:  # else Flask decodes it
             return None
-        user: User | None = self.s.users.resolve(token)
-        return user
+        return lambda user: self.s.page_vms_body(name, user, *page, self.dumps)
